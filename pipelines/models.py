@@ -1,0 +1,34 @@
+"""Which checkpoint a run uses: the user's, or the project's tiny random one.
+
+The tiny checkpoint is built offline on first use and cached on disk; after
+that it is an ordinary Hugging Face directory and goes through exactly the
+same loading path as a real Gemma 4 checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Optional
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    path: str  # local directory the engine loads
+    model_id: str  # written to rows; part of incremental-run keys
+    is_random: bool  # the tiny random-weight checkpoint
+
+
+def resolve_model(model: Optional[str], model_id: Optional[str], tiny_preset: str) -> ModelChoice:
+    if model is None:
+        from pipelines.tiny_checkpoint import ensure_checkpoint
+
+        path = ensure_checkpoint(tiny_preset)
+        return ModelChoice(path=str(path), model_id=model_id or f"tiny-random-gemma4/{path.name}", is_random=True)
+    if model.startswith("gs://"):
+        raise ValueError("--model gs://... is not supported yet: copy the checkpoint to a local directory")
+    if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--model {model!r} is not a Hugging Face checkpoint directory (no config.json)")
+    return ModelChoice(path=os.path.abspath(model), model_id=model_id or model.rstrip("/"), is_random=False)

@@ -1,0 +1,173 @@
+"""Pipeline options: the user-facing configuration, in one place.
+
+Beam parses these beside its own options (runner, workers, ...), so one
+command line configures both, and Dataflow shows them in the job page.
+`JobConfig.from_options` turns them into the typed settings each stage takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import uuid
+from typing import Any, Mapping, Optional, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import engine_profiles
+from schemas.records import RunInfo
+from transforms.decode import DecodeLimits
+from transforms.engine import EngineSettings
+from transforms.prompts import DEFAULT_TASKS, PROMPT_VERSION, TASKS, TaskSpec, parse_task_list, with_max_tokens
+
+_DEFAULT_LIMITS = DecodeLimits()
+
+
+class VisionBatchOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        group = parser.add_argument_group("vision batch")
+        group.add_argument(
+            "--input", dest="input", action="append",
+            help="Glob of input files (local path or gs:// URI); repeat for several. Images and PDFs.",
+        )
+        group.add_argument("--output", help="Output location: results/, errors/ and run_summary.json go under it.")
+        group.add_argument(
+            "--tasks", default=",".join(DEFAULT_TASKS),
+            help=f"Comma-separated subset of {','.join(TASKS)} (default: all).",
+        )
+        group.add_argument(
+            "--model", default=None,
+            help="Hugging Face-format Gemma 4 checkpoint directory. Default: the project's tiny "
+                 "random-weight checkpoint (outputs are random; for tests and demos only).",
+        )
+        group.add_argument(
+            "--model_id", default=None,
+            help="Model name written to every row and used in incremental-run keys (default: --model as given).",
+        )
+        group.add_argument(
+            "--tiny_preset", default="tiny-dense", choices=["tiny-dense", "tiny-moe"],
+            help="Which tiny checkpoint the default model uses.",
+        )
+        group.add_argument(
+            "--engine_profile", default="cpu-tiny", choices=sorted(engine_profiles.PROFILES),
+            help="Named vLLM engine profile (see pipelines/engine_profiles.py).",
+        )
+        group.add_argument(
+            "--engine_arg", dest="engine_arg", action="append", default=None, metavar="KEY=VALUE",
+            help="Override one vLLM engine argument of the profile; VALUE is JSON or a plain string. Repeatable.",
+        )
+        group.add_argument("--max_in_flight", type=int, default=None, help="Override the profile's in-flight request limit.")
+        group.add_argument(
+            "--vision_tokens", type=int, default=None,
+            help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's.",
+        )
+        group.add_argument(
+            "--max_tokens", dest="max_tokens", action="append", default=None, metavar="TASK=N",
+            help="Override a task's output token limit, e.g. ocr=512. Repeatable.",
+        )
+        group.add_argument("--pdf_dpi", type=float, default=_DEFAULT_LIMITS.pdf_dpi, help="PDF render resolution.")
+        group.add_argument(
+            "--pages_per_unit", type=int, default=_DEFAULT_LIMITS.pages_per_unit,
+            help="Pages of one document decoded together before fanning out.",
+        )
+        group.add_argument("--max_pages", type=int, default=_DEFAULT_LIMITS.max_pages, help="Documents with more pages become an error row.")
+        group.add_argument("--max_file_bytes", type=int, default=_DEFAULT_LIMITS.max_file_bytes, help="Larger files become an error row.")
+        group.add_argument(
+            "--max_image_pixels", type=int, default=_DEFAULT_LIMITS.max_image_pixels,
+            help="Images/pages with more pixels become an error row (decompression-bomb guard).",
+        )
+        group.add_argument(
+            "--max_image_side", type=int, default=_DEFAULT_LIMITS.max_side,
+            help="Images are downscaled to this longest side before the engine.",
+        )
+        group.add_argument("--run_id", default=None, help="Run identifier written to every row (default: UTC time + random suffix).")
+
+
+def parse_key_values(pairs: Optional[Sequence[str]], what: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def parse_json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def new_run_id() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Typed settings for every stage, resolved once at launch."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tasks: tuple[TaskSpec, ...]
+    engine: EngineSettings
+    limits: DecodeLimits
+    run: RunInfo
+    model_is_random: bool
+
+    @staticmethod
+    def from_options(options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool) -> "JobConfig":
+        opts = options.view_as(VisionBatchOptions)
+        if not opts.input:
+            raise ValueError("--input is required (a glob of images/PDFs; repeat for several)")
+        if not opts.output:
+            raise ValueError("--output is required")
+        max_tokens = {k: int(v) for k, v in parse_key_values(opts.max_tokens, "--max_tokens").items()}
+        unknown = sorted(set(max_tokens) - set(TASKS))
+        if unknown:
+            raise ValueError(f"--max_tokens names unknown task(s) {unknown}")
+        tasks = tuple(with_max_tokens(TASKS[name], max_tokens) for name in parse_task_list(opts.tasks))
+        profile = engine_profiles.resolve(
+            opts.engine_profile,
+            {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()},
+        )
+        engine = EngineSettings(
+            model_path=model_path,
+            engine_args=profile.engine_args,
+            max_in_flight=opts.max_in_flight or profile.max_in_flight,
+            structured_output=profile.structured_output,
+            vision_tokens=opts.vision_tokens or profile.vision_tokens,
+        )
+        limits = DecodeLimits(
+            pdf_dpi=opts.pdf_dpi,
+            pages_per_unit=opts.pages_per_unit,
+            max_pages=opts.max_pages,
+            max_file_bytes=opts.max_file_bytes,
+            max_image_pixels=opts.max_image_pixels,
+            max_side=opts.max_image_side,
+        )
+        run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=PROMPT_VERSION)
+        return JobConfig(
+            inputs=tuple(opts.input),
+            output=opts.output.rstrip("/"),
+            tasks=tasks,
+            engine=engine,
+            limits=limits,
+            run=run,
+            model_is_random=model_is_random,
+        )
+
+    def summary_fields(self) -> Mapping[str, Any]:
+        return {
+            "inputs": list(self.inputs),
+            "output": self.output,
+            "tasks": [t.name for t in self.tasks],
+            "max_tokens": {t.name: t.max_tokens for t in self.tasks},
+            "engine_args": dict(self.engine.engine_args),
+            "max_in_flight": self.engine.max_in_flight,
+            "vision_tokens": self.engine.vision_tokens,
+            "structured_output": self.engine.structured_output,
+            "decode_limits": dataclasses.asdict(self.limits),
+        }

@@ -1,0 +1,118 @@
+"""Batch OCR, captions and object detection over images and PDFs with Gemma 4 on vLLM.
+
+    python -m pipelines.vision_batch --input 'data/scans/**' --output out/run1 \
+        [--tasks ocr,caption,detect] [--model DIR] [Beam options]
+
+Graph (one stage per module under transforms/):
+
+    MatchInputs -> PlanUnits -> Reshuffle -> DecodeUnits -> RunTasks -> ParseCompletions -> results/*.parquet
+         \\______________\\_________________________\\____________\\______________\\_______-> errors/*.parquet
+
+Every input item ends as result rows (one per task) or error rows, and
+run_summary.json accounts for both.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.models import resolve_model
+from pipelines.options import JobConfig, VisionBatchOptions
+from pipelines.runner import make_runner
+from pipelines.summary import RANDOM_MODEL_WARNING, build_summary, collect_metrics, write_json, written_files
+from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+from transforms import decode, engine, parse, sources
+from transforms.sinks import WriteTable, to_error_row
+
+_LOG = logging.getLogger("vision_batch")
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
+    """Attach the whole graph for `config` to `pipeline`."""
+    files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(config.inputs)
+    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits)).with_outputs(
+        decode.ERRORS_TAG, main="units"
+    )
+    decoded = (
+        planned.units
+        # Fan page ranges out across workers: without it every page of a long
+        # PDF is rendered and inferred by the worker that planned it.
+        | "FanOutUnits" >> beam.Reshuffle()
+        | "DecodeUnits" >> beam.ParDo(decode.DecodeUnits(config.limits)).with_outputs(decode.ERRORS_TAG, main="items")
+    )
+    completed = decoded.items | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks)).with_outputs(
+        engine.ERRORS_TAG, main="completions"
+    )
+    parsed = completed.completions | "Parse" >> beam.ParDo(
+        parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
+    ).with_outputs(parse.ERRORS_TAG, main="rows")
+
+    parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA)
+    (
+        (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[engine.ERRORS_TAG], parsed[parse.ERRORS_TAG])
+        | "AllErrors" >> beam.Flatten()
+        | "ErrorRows" >> beam.Map(to_error_row, config.run)
+        | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA)
+    )
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the job to completion and return the run summary (also written to OUT/run_summary.json)."""
+    options = PipelineOptions(argv)
+    opts = options.view_as(VisionBatchOptions)
+    model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
+    config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
+    if model.is_random:
+        _LOG.warning("=" * 72)
+        _LOG.warning(RANDOM_MODEL_WARNING)
+        _LOG.warning("=" * 72)
+    _LOG.info("run %s: %s -> %s, tasks %s, model %s", config.run.run_id, list(config.inputs), config.output,
+              [t.name for t in config.tasks], config.run.model_id)
+
+    pipeline = beam.Pipeline(runner=make_runner(options), options=options)
+    build_pipeline(pipeline, config)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    finished = datetime.datetime.now(datetime.timezone.utc)
+
+    counters, distributions = collect_metrics(result)
+    summary = build_summary(
+        config,
+        counters,
+        distributions,
+        written_files(config.output, "results"),
+        written_files(config.output, "errors"),
+        started,
+        finished,
+        str(state),
+        options.get_all_options(drop_default=True),
+        model.path,
+    )
+    write_json(f"{config.output}/run_summary.json", summary)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run(argv)
+    counts = summary["counts"]
+    output = summary["config"]["output"]
+    print(
+        f"\nrun {summary['run_id']} {summary['state']} in {summary['wall_time_s']} s: "
+        f"{counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows "
+        f"(balanced: {summary['accounting']['balanced']})\n"
+        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/run_summary.json"
+    )
+    if "warning" in summary:
+        print(f"\nWARNING: {summary['warning']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The two Parquet tables the pipeline writes, and the pure functions that build their rows.
+
+Designed for the people who query them (pyarrow, DuckDB, BigQuery external
+tables): flat scalar columns for filtering and joining, one nested list of
+boxes, explicit types (no "object" columns), UTC timestamps. README.md
+documents every column; `tests/test_tables.py` round-trips both schemas.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+
+from schemas.records import Detection, ErrorRecord, ItemRef, RunInfo, TaskCompletion
+
+
+def _box(value_type: pa.DataType) -> pa.StructType:
+    return pa.struct([("ymin", value_type), ("xmin", value_type), ("ymax", value_type), ("xmax", value_type)])
+
+
+DETECTION_TYPE = pa.struct(
+    [
+        ("label", pa.string()),
+        ("box_1000", _box(pa.int32())),  # as the model emits it, 0-1000, after clipping and corner repair
+        ("box", _box(pa.float32())),  # 0-1 fractions of width/height
+        ("box_px", _box(pa.int32())),  # pixels of the source image (after EXIF orientation)
+    ]
+)
+
+_ITEM_FIELDS = [
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("page", pa.int32()),
+    pa.field("member", pa.string()),
+    pa.field("content_hash", pa.string()),
+]
+
+_RUN_FIELDS = [
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("prompt_version", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+]
+
+RESULTS_SCHEMA = pa.schema(
+    _ITEM_FIELDS
+    + [
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("detections", pa.list_(DETECTION_TYPE)),
+        pa.field("finish_reason", pa.string()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("generated_tokens", pa.int32()),
+        pa.field("cached_tokens", pa.int32()),
+        pa.field("latency_ms", pa.float64()),
+    ]
+    + _RUN_FIELDS
+)
+
+ERRORS_SCHEMA = pa.schema(
+    _ITEM_FIELDS
+    + [
+        pa.field("task", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("raw_output", pa.string()),
+    ]
+    + _RUN_FIELDS
+)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _item_columns(ref: ItemRef, content_hash: Optional[str]) -> dict[str, Any]:
+    return {
+        "item_id": ref.item_id,
+        "source_uri": ref.source_uri,
+        "page": ref.page,
+        "member": ref.member,
+        "content_hash": content_hash,
+    }
+
+
+def _run_columns(run: RunInfo) -> dict[str, Any]:
+    return {
+        "model_id": run.model_id,
+        "prompt_version": run.prompt_version,
+        "run_id": run.run_id,
+        "created_at": _now(),
+    }
+
+
+def _detection_row(d: Detection) -> dict[str, Any]:
+    def as_box(values: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(("ymin", "xmin", "ymax", "xmax"), values))
+
+    return {"label": d.label, "box_1000": as_box(d.box_1000), "box": as_box(d.box_norm), "box_px": as_box(d.box_px)}
+
+
+def result_row(
+    completion: TaskCompletion, run: RunInfo, detections: Optional[Sequence[Detection]] = None
+) -> dict[str, Any]:
+    """A results-table row; `detections` is None for tasks that don't produce boxes."""
+    info = completion.info
+    row = _item_columns(info.ref, info.content_hash)
+    row.update(
+        width=info.width,
+        height=info.height,
+        task=completion.task,
+        text=completion.text,
+        detections=None if detections is None else [_detection_row(d) for d in detections],
+        finish_reason=completion.finish_reason,
+        truncated=completion.finish_reason == "length",
+        prompt_tokens=completion.prompt_tokens,
+        generated_tokens=completion.generated_tokens,
+        cached_tokens=completion.cached_tokens,
+        latency_ms=round(completion.latency_s * 1000.0, 3),
+    )
+    row.update(_run_columns(run))
+    return row
+
+
+def error_row(error: ErrorRecord, run: RunInfo) -> dict[str, Any]:
+    row = _item_columns(error.ref, error.content_hash)
+    row.update(
+        task=error.task,
+        stage=error.stage,
+        error_type=error.error_type,
+        message=error.message,
+        raw_output=error.raw_output,
+    )
+    row.update(_run_columns(run))
+    return row

