@@ -100,6 +100,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One INFO line per string type hint in our (postponed-annotation) DoFns: noise.
+    logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     summary = run(argv)
     counts = summary["counts"]
     output = summary["config"]["output"]

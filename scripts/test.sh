@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then run the whole test suite (real vLLM engine on
+# CPU, real Beam runner, real Parquet). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest "$@"

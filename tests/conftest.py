@@ -1,0 +1,39 @@
+"""Session-wide fixtures: a private checkpoint cache and one shared pipeline run.
+
+One vLLM engine serves every pipeline run of the session (the engine
+registry in transforms.engine keys engines by settings), so tests add runs,
+not engine start-ups.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data" / "samples"
+
+# Small output budgets: tests check structure and accounting, not the random model's text.
+SMALL_OUTPUTS = ["--max_tokens", "ocr=24", "--max_tokens", "caption=12", "--max_tokens", "detect=48"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Build the tiny checkpoint into a fresh cache, as on a new machine."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["VISION_BATCH_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(private_model_cache: pathlib.Path) -> pathlib.Path:
+    from pipelines.tiny_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint("tiny-dense")
+
+
+def copy_samples(target: pathlib.Path) -> list[pathlib.Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    return [pathlib.Path(shutil.copy(path, target)) for path in sorted(SAMPLES.iterdir())]
