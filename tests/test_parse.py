@@ -71,3 +71,9 @@ def test_truncated_output_keeps_complete_boxes():
 def test_truncated_output_without_a_list_is_an_error():
     with pytest.raises(DetectionParseError, match="no JSON list"):
         parse_detections("The image shows", 10, 10, truncated=True)
+
+
+def test_raw_control_characters_in_labels_are_accepted():
+    # Constrained decoding (xgrammar) emits them unescaped inside strings.
+    [d] = parse_detections('[{"box_2d": [1, 2, 3, 4], "label": "a\tb\x01"}]', 10, 10)
+    assert d.label == "a\tb\x01"

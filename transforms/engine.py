@@ -146,14 +146,24 @@ class VisionEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
         )
 
-    def submit(self, image: Image.Image, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
-        """Queue all tasks of one image as one admission; blocks while the engine is full."""
+    def submit(self, image: Image.Image, image_key: str, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
+        """Queue all tasks of one image as one admission; blocks while the engine is full.
+
+        `image_key` must identify the image's pixels uniquely: vLLM uses it
+        instead of hashing the pixels for every task, as the multimodal part
+        of prefix-cache keys. Equal keys for different images would make one
+        image's answers come from another's KV.
+        """
         if self._failure is not None:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
         mm_kwargs = {"max_soft_tokens": self.settings.vision_tokens} if self.settings.vision_tokens else None
         group = []
         for spec in specs:
-            prompt: dict[str, Any] = {"prompt": self.prompt_for(spec), "multi_modal_data": {"image": image}}
+            prompt: dict[str, Any] = {
+                "prompt": self.prompt_for(spec),
+                "multi_modal_data": {"image": image},
+                "multi_modal_uuids": {"image": [f"{image_key}:{self.settings.vision_tokens or 'default'}"]},
+            }
             if mm_kwargs:
                 prompt["mm_processor_kwargs"] = mm_kwargs
             group.append(
@@ -274,6 +284,11 @@ class _Pending:
     timestamp: Any
 
 
+def image_key(item: ImageItem) -> str:
+    """Source content hash + decoded size: decoding is deterministic, so this names the pixels."""
+    return f"{item.info.content_hash}:{item.image.width}x{item.image.height}"
+
+
 class RunTasks(beam.DoFn):
     """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`)."""
 
@@ -293,7 +308,7 @@ class RunTasks(beam.DoFn):
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
         assert self._engine is not None
-        futures = self._engine.submit(item.image, self._specs)
+        futures = self._engine.submit(item.image, image_key(item), self._specs)
         metrics.count("tasks_submitted", len(futures))
         for spec, future in zip(self._specs, futures):
             self._pending.append(_Pending(item.info, spec.name, future, window, timestamp))
