@@ -11,12 +11,16 @@ import logging
 import os
 from typing import Optional
 
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.model_staging import is_remote
+
 _LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelChoice:
-    path: str  # local directory the engine loads
+    path: str  # local directory, or gs:// URI that workers stage to local disk
     model_id: str  # written to rows; part of incremental-run keys
     is_random: bool  # the tiny random-weight checkpoint
 
@@ -27,8 +31,12 @@ def resolve_model(model: Optional[str], model_id: Optional[str], tiny_preset: st
 
         path = ensure_checkpoint(tiny_preset)
         return ModelChoice(path=str(path), model_id=model_id or f"tiny-random-gemma4/{path.name}", is_random=True)
-    if model.startswith("gs://"):
-        raise ValueError("--model gs://... is not supported yet: copy the checkpoint to a local directory")
+    if is_remote(model):
+        # Workers copy it to local disk once each (transforms/model_staging.py); check it now,
+        # so a wrong path fails at launch rather than on every worker.
+        if not FileSystems.exists(model.rstrip("/") + "/config.json"):
+            raise ValueError(f"--model {model!r} holds no config.json: not a Hugging Face checkpoint")
+        return ModelChoice(path=model.rstrip("/"), model_id=model_id or model.rstrip("/"), is_random=False)
     if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"--model {model!r} is not a Hugging Face checkpoint directory (no config.json)")
     return ModelChoice(path=os.path.abspath(model), model_id=model_id or model.rstrip("/"), is_random=False)

@@ -19,6 +19,7 @@ from schemas.records import RunInfo
 from transforms.decode import DecodeLimits
 from transforms.engine import EngineSettings
 from transforms.prompts import DEFAULT_TASKS, PROMPT_VERSION, TASKS, TaskSpec, parse_task_list, with_max_tokens
+from transforms.shards import ShardSettings
 
 _DEFAULT_LIMITS = DecodeLimits()
 
@@ -31,7 +32,30 @@ class VisionBatchOptions(PipelineOptions):
             "--input", dest="input", action="append",
             help="Glob of input files (local path or gs:// URI); repeat for several. Images and PDFs.",
         )
+        group.add_argument(
+            "--manifest", dest="manifest", action="append", default=None,
+            help="File listing inputs, one URI per entry: text (one per line), CSV or Parquet "
+                 "(column --manifest_column). Relative entries are relative to the manifest. Repeatable.",
+        )
+        group.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
         group.add_argument("--output", help="Output location: results/, errors/ and run_summary.json go under it.")
+        group.add_argument(
+            "--incremental_from", dest="incremental_from", action="append", default=None,
+            help="Earlier output location; (content, task, model, prompt version) pairs it already answered "
+                 "are skipped. Repeatable. Locations without results are ignored.",
+        )
+        group.add_argument(
+            "--parquet_id_column", default=ShardSettings.parquet_id_column,
+            help="Parquet shards: column naming each row (default: row number when absent).",
+        )
+        group.add_argument(
+            "--parquet_bytes_column", default=ShardSettings.parquet_bytes_column,
+            help="Parquet shards: column holding the image/PDF bytes (binary, or a struct with a 'bytes' field).",
+        )
+        group.add_argument(
+            "--parquet_passthrough_columns", default="",
+            help="Parquet shards: comma-separated columns copied into each row's metadata JSON.",
+        )
         group.add_argument(
             "--tasks", default=",".join(DEFAULT_TASKS),
             help=f"Comma-separated subset of {','.join(TASKS)} (default: all).",
@@ -110,6 +134,10 @@ class JobConfig:
     """Typed settings for every stage, resolved once at launch."""
 
     inputs: tuple[str, ...]
+    manifests: tuple[str, ...]
+    manifest_column: str
+    incremental_from: tuple[str, ...]
+    shards: ShardSettings
     output: str
     tasks: tuple[TaskSpec, ...]
     engine: EngineSettings
@@ -120,8 +148,8 @@ class JobConfig:
     @staticmethod
     def from_options(options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool) -> "JobConfig":
         opts = options.view_as(VisionBatchOptions)
-        if not opts.input:
-            raise ValueError("--input is required (a glob of images/PDFs; repeat for several)")
+        if not opts.input and not opts.manifest:
+            raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
         if not opts.output:
             raise ValueError("--output is required")
         max_tokens = {k: int(v) for k, v in parse_key_values(opts.max_tokens, "--max_tokens").items()}
@@ -149,8 +177,17 @@ class JobConfig:
             max_side=opts.max_image_side,
         )
         run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=PROMPT_VERSION)
+        shards = ShardSettings(
+            parquet_id_column=opts.parquet_id_column,
+            parquet_bytes_column=opts.parquet_bytes_column,
+            parquet_passthrough=tuple(c.strip() for c in opts.parquet_passthrough_columns.split(",") if c.strip()),
+        )
         return JobConfig(
-            inputs=tuple(opts.input),
+            inputs=tuple(opts.input or ()),
+            manifests=tuple(opts.manifest or ()),
+            manifest_column=opts.manifest_column,
+            incremental_from=tuple(location.rstrip("/") for location in opts.incremental_from or ()),
+            shards=shards,
             output=opts.output.rstrip("/"),
             tasks=tasks,
             engine=engine,
@@ -162,6 +199,8 @@ class JobConfig:
     def summary_fields(self) -> Mapping[str, Any]:
         return {
             "inputs": list(self.inputs),
+            "manifests": list(self.manifests),
+            "incremental_from": list(self.incremental_from),
             "output": self.output,
             "tasks": [t.name for t in self.tasks],
             "max_tokens": {t.name: t.max_tokens for t in self.tasks},
@@ -170,4 +209,5 @@ class JobConfig:
             "vision_tokens": self.engine.vision_tokens,
             "structured_output": self.engine.structured_output,
             "decode_limits": dataclasses.asdict(self.limits),
+            "shards": dataclasses.asdict(self.shards),
         }

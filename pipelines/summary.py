@@ -84,6 +84,7 @@ def build_summary(
     model_path: str,
 ) -> dict[str, Any]:
     tasks_per_item = len(config.tasks)
+    skipped_tasks = counters.get("skipped_tasks", 0)
     errors_by_stage = {
         key[len("error_rows_"):]: value for key, value in sorted(counters.items()) if key.startswith("error_rows_")
     }
@@ -116,15 +117,20 @@ def build_summary(
             "result_rows": result_rows,
             "error_rows": error_rows,
             "error_rows_by_stage": errors_by_stage,
+            "shards": counters.get("shards", 0),
+            "skipped_items": counters.get("skipped_items", 0),
+            "skipped_tasks": counters.get("skipped_tasks", 0),
             "truncated_outputs": counters.get("truncated_outputs", 0),
             "detections": counters.get("detections", 0),
         },
         "accounting": {
-            # Every input item is decoded (then yields one row per task) or fails before the engine (one row).
+            # Every input item is decoded (then yields one row per task not answered by an
+            # earlier run) or fails before the engine (one row).
             "items_in": items_ok + item_errors,
-            "task_rows_expected": items_ok * tasks_per_item,
+            "task_rows_expected": items_ok * tasks_per_item - skipped_tasks,
             "task_rows_written": result_rows + task_errors,
-            "balanced": result_rows + task_errors == items_ok * tasks_per_item
+            "skipped_tasks": skipped_tasks,
+            "balanced": result_rows + task_errors == items_ok * tasks_per_item - skipped_tasks
             and error_rows == item_errors + task_errors,
         },
         "tokens": {

@@ -5,8 +5,8 @@
 
 Graph (one stage per module under transforms/):
 
-    MatchInputs -> PlanUnits -> Reshuffle -> DecodeUnits -> RunTasks -> ParseCompletions -> results/*.parquet
-         \\______________\\_________________________\\____________\\______________\\_______-> errors/*.parquet
+    MatchInputs -> PlanUnits -> Reshuffle -> DecodeUnits -> SelectTasks -> RunTasks -> ParseCompletions -> results/
+         \\______________\\_________________________\\___________________________\\______________\\_________-> errors/
 
 Every input item ends as result rows (one per task) or error rows, and
 run_summary.json accounts for both.
@@ -26,7 +26,7 @@ from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
 from pipelines.summary import RANDOM_MODEL_WARNING, build_summary, collect_metrics, write_json, written_files
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, engine, parse, sources
+from transforms import decode, engine, incremental, parse, sources
 from transforms.sinks import WriteTable, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
@@ -34,18 +34,26 @@ _LOG = logging.getLogger("vision_batch")
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
-    files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(config.inputs)
-    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits)).with_outputs(
+    files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
+        config.inputs, config.manifests, config.manifest_column
+    )
+    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards)).with_outputs(
         decode.ERRORS_TAG, main="units"
     )
     decoded = (
         planned.units
-        # Fan page ranges out across workers: without it every page of a long
-        # PDF is rendered and inferred by the worker that planned it.
+        # Fan page ranges, row groups and tar members out across workers: without
+        # it every page of a long PDF is rendered and inferred by the worker that planned it.
         | "FanOutUnits" >> beam.Reshuffle()
-        | "DecodeUnits" >> beam.ParDo(decode.DecodeUnits(config.limits)).with_outputs(decode.ERRORS_TAG, main="items")
+        | "DecodeUnits" >> beam.ParDo(decode.DecodeUnits(config.limits, config.shards)).with_outputs(
+            decode.ERRORS_TAG, main="items"
+        )
     )
-    completed = decoded.items | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks)).with_outputs(
+    done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run)
+    selected = decoded.items | "SelectTasks" >> beam.ParDo(
+        incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
+    )
+    completed = selected | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks)).with_outputs(
         engine.ERRORS_TAG, main="completions"
     )
     parsed = completed.completions | "Parse" >> beam.ParDo(

@@ -23,18 +23,23 @@ class SourceFile:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeUnit:
-    """A slice of a source file that one worker decodes.
+    """A slice of a source that one worker decodes.
 
-    Multi-page sources (PDF, multi-frame TIFF) are cut into page ranges so a
-    2,000-page PDF fans out over many workers after a reshuffle instead of
-    being rendered by one worker serially.
+    Multi-page sources (PDF, multi-frame TIFF) are cut into page ranges and
+    Parquet shards into row-group ranges, so a 2,000-page PDF fans out over
+    many workers after a reshuffle instead of being decoded by one worker
+    serially. Tar members travel as `payload` bytes: a tar can only be read
+    front to back, so its reader streams members out to other workers.
     """
 
     uri: str
-    kind: str  # "image" or "pdf"
-    first_page: int  # 0-based, inclusive
+    kind: str  # "image" | "pdf" (page range of a file) | "parquet" (row groups) | "member" (payload bytes)
+    first_page: int  # 0-based, inclusive (row group for "parquet")
     end_page: int  # 0-based, exclusive
     page_count: int  # pages in the whole source; 1 for single-frame images
+    member: Optional[str] = None  # shard member key ("member" units)
+    payload: Optional[bytes] = None  # the member's bytes ("member" units)
+    metadata: Optional[str] = None  # JSON carried to the rows (tar sidecars)
 
     @property
     def is_paged(self) -> bool:
@@ -71,7 +76,8 @@ class ItemInfo:
     ref: ItemRef
     width: int  # pixels of the source image after EXIF orientation (or rendered page)
     height: int
-    content_hash: str  # sha256 hex of the item's own bytes (file, or file + page)
+    content_hash: str  # sha256 hex of the item's own bytes (file or member, + page for pages)
+    metadata: Optional[str] = None  # JSON from the shard (tar sidecar, Parquet pass-through columns)
 
 
 @dataclasses.dataclass
@@ -80,6 +86,7 @@ class ImageItem:
 
     info: ItemInfo
     image: Image.Image  # RGB; possibly downscaled from info.width x info.height
+    tasks: tuple[str, ...] = ()  # tasks still to run (set by the incremental stage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +119,7 @@ class ErrorRecord:
     task: Optional[str] = None
     content_hash: Optional[str] = None
     raw_output: Optional[str] = None
+    metadata: Optional[str] = None
 
     @staticmethod
     def from_exception(ref: ItemRef, stage: str, exc: BaseException, **kwargs: Any) -> "ErrorRecord":

@@ -34,6 +34,7 @@ _ITEM_FIELDS = [
     pa.field("page", pa.int32()),
     pa.field("member", pa.string()),
     pa.field("content_hash", pa.string()),
+    pa.field("metadata", pa.string()),  # JSON text: tar sidecar or Parquet pass-through columns
 ]
 
 _RUN_FIELDS = [
@@ -78,13 +79,14 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _item_columns(ref: ItemRef, content_hash: Optional[str]) -> dict[str, Any]:
+def _item_columns(ref: ItemRef, content_hash: Optional[str], metadata: Optional[str]) -> dict[str, Any]:
     return {
         "item_id": ref.item_id,
         "source_uri": ref.source_uri,
         "page": ref.page,
         "member": ref.member,
         "content_hash": content_hash,
+        "metadata": metadata,
     }
 
 
@@ -109,7 +111,7 @@ def result_row(
 ) -> dict[str, Any]:
     """A results-table row; `detections` is None for tasks that don't produce boxes."""
     info = completion.info
-    row = _item_columns(info.ref, info.content_hash)
+    row = _item_columns(info.ref, info.content_hash, info.metadata)
     row.update(
         width=info.width,
         height=info.height,
@@ -128,7 +130,7 @@ def result_row(
 
 
 def error_row(error: ErrorRecord, run: RunInfo) -> dict[str, Any]:
-    row = _item_columns(error.ref, error.content_hash)
+    row = _item_columns(error.ref, error.content_hash, error.metadata)
     row.update(
         task=error.task,
         stage=error.stage,

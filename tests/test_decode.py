@@ -7,6 +7,7 @@ from PIL import Image
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
 from transforms.decode import DecodeError, DecodeLimits, DecodeUnits, PlanUnits, decode_image_frame, to_rgb
+from transforms.shards import ShardSettings
 
 
 def write(path, data: bytes) -> str:
@@ -32,9 +33,9 @@ def run_file(path: str, limits: DecodeLimits = DecodeLimits()):
     import os
 
     outputs = []
-    for unit_or_error in PlanUnits(limits).process(SourceFile(path, os.path.getsize(path))):
+    for unit_or_error in PlanUnits(limits, ShardSettings()).process(SourceFile(path, os.path.getsize(path))):
         if isinstance(unit_or_error, DecodeUnit):
-            outputs.extend(DecodeUnits(limits).process(unit_or_error))
+            outputs.extend(DecodeUnits(limits, ShardSettings()).process(unit_or_error))
         else:
             outputs.append(unit_or_error)
     items = [o for o in outputs if isinstance(o, ImageItem)]
@@ -51,7 +52,7 @@ def test_pdf_is_recognised_by_content_not_extension(tmp_path):
 
 def test_long_pdf_is_cut_into_page_ranges(tmp_path):
     path = write(tmp_path / "long.pdf", pdf_bytes(5))
-    units = list(PlanUnits(DecodeLimits(pages_per_unit=2)).process(SourceFile(path, 1)))
+    units = list(PlanUnits(DecodeLimits(pages_per_unit=2), ShardSettings()).process(SourceFile(path, 1)))
     assert [(u.first_page, u.end_page) for u in units] == [(0, 2), (2, 4), (4, 5)]
     assert {u.page_count for u in units} == {5}
 

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import threading
+import zlib
 from typing import Callable, Iterator, Optional
 
 import apache_beam as beam
@@ -25,11 +26,15 @@ from PIL import Image, ImageOps
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, ItemInfo, ItemRef, SourceFile
 from transforms import metrics
+from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 ERRORS_TAG = "errors"
 
 _PDF_MAGIC = b"%PDF-"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PARQUET_MAGIC = b"PAR1"
+_GZIP_MAGIC = b"\x1f\x8b"
+HEAD_BYTES = 4096  # enough to sniff every format, including a gzip-compressed tar header
 # PDFium is not thread-safe: concurrent renders in one process corrupt memory.
 _PDFIUM_LOCK = threading.Lock()
 
@@ -61,13 +66,36 @@ def read_bytes(uri: str, limit: int) -> bytes:
     return data
 
 
+def _is_tar(head: bytes) -> bool:
+    if head[:2] == _GZIP_MAGIC:
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head, 1024)
+        except zlib.error:
+            return False
+    return head[257:262] == b"ustar"
+
+
 def sniff_kind(head: bytes) -> str:
-    """"pdf", "tiff" or "image" from the leading bytes; extensions lie."""
+    """"pdf", "tiff", "tar", "parquet" or "image" from the leading bytes; extensions lie."""
     if _PDF_MAGIC in head[:1024]:
         return "pdf"
     if head[:4] in _TIFF_MAGICS:
         return "tiff"
+    if head[:4] == _PARQUET_MAGIC:
+        return "parquet"
+    if _is_tar(head):
+        return "tar"
     return "image"
+
+
+def page_count(data: bytes, kind: str, limits: DecodeLimits) -> int:
+    """Pages of a PDF or frames of a TIFF, refusing empty and over-long documents."""
+    pages = pdf_page_count(data) if kind == "pdf" else image_frame_count(data)
+    if pages < 1:
+        raise DecodeError("document has no pages")
+    if pages > limits.max_pages:
+        raise DecodeError(f"document has {pages} pages, over the max_pages limit of {limits.max_pages}")
+    return pages
 
 
 def pdf_page_count(data: bytes) -> int:
@@ -86,32 +114,20 @@ def image_frame_count(data: bytes) -> int:
         return getattr(image, "n_frames", 1)
 
 
-def read_head(uri: str, size: int = 1024) -> bytes:
+def read_head(uri: str, size: int = HEAD_BYTES) -> bytes:
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return handle.read(size)
 
 
-def plan_units(source: SourceFile, head: bytes, load: Callable[[], bytes], limits: DecodeLimits) -> list[DecodeUnit]:
-    """Cut one source file into DecodeUnits of at most `pages_per_unit` pages.
+def plan_file_units(source: SourceFile, kind: str, load: Callable[[], bytes], limits: DecodeLimits) -> list[DecodeUnit]:
+    """Cut an image or document file into DecodeUnits of at most `pages_per_unit` pages.
 
     Only paged formats are read whole here (to count pages); a plain image
-    costs one 1 KiB read.
+    costs no read beyond the sniffed head.
     """
-    if source.size_bytes > limits.max_file_bytes:
-        raise DecodeError(f"file is {source.size_bytes} bytes, over the max_file_bytes limit of {limits.max_file_bytes}")
-    if not head:
-        raise DecodeError("file is empty")
-    kind = sniff_kind(head)
-    if kind == "pdf":
-        pages = pdf_page_count(load())
-    elif kind == "tiff":
-        pages = image_frame_count(load())
-    else:
+    if kind not in ("pdf", "tiff"):
         return [DecodeUnit(uri=source.uri, kind="image", first_page=0, end_page=1, page_count=1)]
-    if pages < 1:
-        raise DecodeError("document has no pages")
-    if pages > limits.max_pages:
-        raise DecodeError(f"document has {pages} pages, over the max_pages limit of {limits.max_pages}")
+    pages = page_count(load(), kind, limits)
     unit_kind = "pdf" if kind == "pdf" else "image"
     step = max(1, limits.pages_per_unit)
     return [
@@ -190,69 +206,157 @@ def render_pdf_page(data: bytes, page_index: int, limits: DecodeLimits) -> Image
     return to_rgb(rendered)
 
 
-def item_hash(file_sha256: str, unit: DecodeUnit, page: int) -> str:
-    """Content hash of one item: the file's own hash, or file hash + page for paged sources."""
-    if not unit.is_paged:
-        return file_sha256
-    return hashlib.sha256(f"{file_sha256}#page={page}".encode()).hexdigest()
+def item_hash(source_sha256: str, page: Optional[int]) -> str:
+    """Content hash of one item: its source's own hash, or source hash + page for pages."""
+    if page is None:
+        return source_sha256
+    return hashlib.sha256(f"{source_sha256}#page={page}".encode()).hexdigest()
+
+
+def _error(ref: ItemRef, stage: str, exc: BaseException, **kwargs: object) -> pvalue.TaggedOutput:
+    metrics.count(f"errors_{stage}")
+    return pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ref, stage, exc, **kwargs))  # type: ignore[arg-type]
+
+
+class MissingImage(DecodeError):
+    """A shard member or row that holds no image."""
 
 
 class PlanUnits(beam.DoFn):
-    """SourceFile -> DecodeUnit per page range; unreadable or refused files -> ErrorRecord."""
+    """SourceFile -> DecodeUnits (page ranges, row groups, tar members); refused files -> ErrorRecord."""
 
-    def __init__(self, limits: DecodeLimits):
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
         self._limits = limits
+        self._shards = shards
 
     def process(self, source: SourceFile) -> Iterator[object]:
+        ref = ItemRef.make(source.uri)
         try:
-            units = plan_units(
-                source,
-                read_head(source.uri),
-                lambda: read_bytes(source.uri, self._limits.max_file_bytes),
-                self._limits,
-            )
+            head = read_head(source.uri)
+            if not head:
+                raise DecodeError("file is empty")
+            kind = sniff_kind(head)
+            # Shards are streamed or read by row group, so the whole-file size limit applies to other files only.
+            if kind == "tar":
+                yield from self._tar_members(source)
+                return
+            if kind == "parquet":
+                units = self._parquet_units(source)
+            elif source.size_bytes > self._limits.max_file_bytes:
+                raise DecodeError(
+                    f"file is {source.size_bytes} bytes, over the max_file_bytes limit of {self._limits.max_file_bytes}"
+                )
+            else:
+                units = plan_file_units(source, kind, lambda: read_bytes(source.uri, self._limits.max_file_bytes), self._limits)
         except Exception as exc:  # noqa: BLE001 - any failure of one file becomes its error row
-            metrics.count("errors_plan")
-            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(source.uri), "plan", exc))
+            yield _error(ref, "plan", exc)
             return
         metrics.count("decode_units", len(units))
         yield from units
 
+    def _parquet_units(self, source: SourceFile) -> list[DecodeUnit]:
+        with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            groups = parquet_row_groups(handle, self._shards)
+        metrics.count("shards")
+        return [DecodeUnit(uri=source.uri, kind="parquet", first_page=g, end_page=g + 1, page_count=groups) for g in range(groups)]
+
+    def _tar_members(self, source: SourceFile) -> Iterator[object]:
+        metrics.count("shards")
+        with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+            try:
+                for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
+                    ref = ItemRef.make(source.uri, member=sample.key)
+                    if sample.image is None:
+                        yield _error(
+                            ref,
+                            "plan",
+                            MissingImage(
+                                f"sample has no image member (members: {', '.join(sample.member_names)}; "
+                                f"images over max_file_bytes are not read)"
+                            ),
+                            metadata=sample.metadata,
+                        )
+                        continue
+                    metrics.count("decode_units")
+                    yield DecodeUnit(
+                        uri=source.uri, kind="member", first_page=0, end_page=1, page_count=1,
+                        member=sample.key, payload=sample.image, metadata=sample.metadata,
+                    )
+            except TruncatedShard as exc:
+                yield _error(ItemRef.make(source.uri), "plan", exc)
+
 
 class DecodeUnits(beam.DoFn):
-    """DecodeUnit -> ImageItem per page; a page that fails -> ErrorRecord for that page only."""
+    """DecodeUnit -> ImageItem per page; a page, member or row that fails -> ErrorRecord for it only."""
 
-    def __init__(self, limits: DecodeLimits):
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
         self._limits = limits
+        self._shards = shards
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
+        if unit.kind == "member":
+            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata)
+        elif unit.kind == "parquet":
+            yield from self._parquet_items(unit)
+        else:
+            yield from self._file_items(unit)
+
+    def _file_items(self, unit: DecodeUnit) -> Iterator[object]:
+        pages = range(unit.first_page, unit.end_page)
         try:
             data = read_bytes(unit.uri, self._limits.max_file_bytes)
         except Exception as exc:  # noqa: BLE001
-            for page in range(unit.first_page, unit.end_page):
-                yield self._error(unit, page, exc)
+            for page in pages:
+                yield _error(ItemRef.make(unit.uri, page=page if unit.is_paged else None), "decode", exc)
             return
-        file_sha256 = hashlib.sha256(data).hexdigest()
-        for page in range(unit.first_page, unit.end_page):
+        yield from self._items(data, unit.kind, unit.uri, None, None, pages if unit.is_paged else None)
+
+    def _payload_items(self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str]) -> Iterator[object]:
+        """All pages of an in-memory payload (tar member or Parquet cell)."""
+        kind = sniff_kind(data[:HEAD_BYTES])
+        pages = None
+        if kind in ("pdf", "tiff"):
             try:
-                image = self._decode_page(data, unit, page)
+                count = page_count(data, kind, self._limits)
             except Exception as exc:  # noqa: BLE001
-                yield self._error(unit, page, exc, item_hash(file_sha256, unit, page))
+                yield _error(ItemRef.make(uri, member=member), "decode", exc, metadata=metadata,
+                             content_hash=hashlib.sha256(data).hexdigest())
+                return
+            pages = range(count) if count > 1 or kind == "pdf" else None
+        yield from self._items(data, "pdf" if kind == "pdf" else "image", uri, member, metadata, pages)
+
+    def _parquet_items(self, unit: DecodeUnit) -> Iterator[object]:
+        try:
+            with FileSystems.open(unit.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                rows = list(iter_parquet_rows(handle, unit.first_page, self._shards))
+        except Exception as exc:  # noqa: BLE001
+            yield _error(ItemRef.make(unit.uri), "decode", DecodeError(f"row group {unit.first_page}: {exc}"))
+            return
+        for row in rows:
+            if not row.image:
+                yield _error(ItemRef.make(unit.uri, member=row.member), "decode",
+                             MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
+                             metadata=row.metadata)
                 continue
-            ref = ItemRef.make(unit.uri, page=page if unit.is_paged else None)
-            info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=item_hash(file_sha256, unit, page))
+            yield from self._payload_items(row.image, unit.uri, row.member, row.metadata)
+
+    def _items(
+        self, data: bytes, kind: str, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range]
+    ) -> Iterator[object]:
+        source_sha256 = hashlib.sha256(data).hexdigest()
+        for page in pages if pages is not None else [None]:
+            ref = ItemRef.make(uri, page=page, member=member)
+            content_hash = item_hash(source_sha256, page)
+            try:
+                if kind == "pdf":
+                    image = render_pdf_page(data, page or 0, self._limits)
+                else:
+                    image = decode_image_frame(data, page or 0, self._limits)
+            except Exception as exc:  # noqa: BLE001
+                yield _error(ref, "decode", exc, content_hash=content_hash, metadata=metadata)
+                continue
             metrics.count("items")
-            if unit.is_paged:
+            if page is not None:
                 metrics.count("pages")
+            info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
             yield ImageItem(info=info, image=_fit(image, self._limits.max_side))
-
-    def _decode_page(self, data: bytes, unit: DecodeUnit, page: int) -> Image.Image:
-        if unit.kind == "pdf":
-            return render_pdf_page(data, page, self._limits)
-        return decode_image_frame(data, page, self._limits)
-
-    @staticmethod
-    def _error(unit: DecodeUnit, page: int, exc: BaseException, content_hash: Optional[str] = None) -> pvalue.TaggedOutput:
-        metrics.count("errors_decode")
-        ref = ItemRef.make(unit.uri, page=page if unit.is_paged else None)
-        return pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ref, "decode", exc, content_hash=content_hash))

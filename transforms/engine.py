@@ -35,6 +35,7 @@ from PIL import Image
 
 from schemas.records import ErrorRecord, ImageItem, ItemInfo, TaskCompletion
 from transforms import metrics
+from transforms.model_staging import stage_checkpoint
 from transforms.prompts import TaskSpec, render_prompts, sampling_kwargs
 
 ERRORS_TAG = "errors"
@@ -45,7 +46,7 @@ _LOG = logging.getLogger(__name__)
 class EngineSettings:
     """Everything needed to build the engine and its requests (resolved from a profile + options)."""
 
-    model_path: str  # local directory of a Hugging Face-format checkpoint
+    model_path: str  # Hugging Face-format checkpoint: local directory or gs:// URI (staged once per worker)
     engine_args: Mapping[str, Any]  # passed to vllm.EngineArgs
     max_in_flight: int  # back-pressure: requests admitted but not finished, per process
     structured_output: bool  # constrain detection JSON with a schema (not available on TPU)
@@ -108,7 +109,8 @@ class VisionEngine:
 
         self.settings = settings
         started = time.monotonic()
-        self._engine = LLMEngine.from_engine_args(EngineArgs(model=settings.model_path, **settings.engine_args))
+        local_model = stage_checkpoint(settings.model_path)
+        self._engine = LLMEngine.from_engine_args(EngineArgs(model=local_model, **settings.engine_args))
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
         tokenizer = self._engine.get_tokenizer()
         self._apply_chat_template = lambda messages: tokenizer.apply_chat_template(
@@ -294,7 +296,7 @@ class RunTasks(beam.DoFn):
 
     def __init__(self, settings: EngineSettings, specs: Sequence[TaskSpec]):
         self._settings = settings
-        self._specs = list(specs)
+        self._specs = {spec.name: spec for spec in specs}
         self._engine: Optional[VisionEngine] = None
         self._pending: Deque[_Pending] = collections.deque()
 
@@ -308,9 +310,10 @@ class RunTasks(beam.DoFn):
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
         assert self._engine is not None
-        futures = self._engine.submit(item.image, image_key(item), self._specs)
+        specs = [self._specs[name] for name in item.tasks] if item.tasks else list(self._specs.values())
+        futures = self._engine.submit(item.image, image_key(item), specs)
         metrics.count("tasks_submitted", len(futures))
-        for spec, future in zip(self._specs, futures):
+        for spec, future in zip(specs, futures):
             self._pending.append(_Pending(item.info, spec.name, future, window, timestamp))
         yield from self._emit(wait=False)
 

@@ -1,17 +1,21 @@
-"""Sources stage: input globs -> one SourceFile per distinct matched object.
+"""Sources stage: input globs and manifests -> one SourceFile per distinct matched object.
 
 Matching goes through Beam's FileSystems, so local paths and gs:// URIs (and
 any other registered filesystem) behave the same. A pattern that matches
-nothing is an error row, not a silent empty run: a typo in a nightly job's
-input path must show up in its counts.
+nothing, or a manifest entry that doesn't exist, is an error row, not a
+silent empty run: a typo in a nightly job's input path must show up in its
+counts.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
@@ -38,10 +42,22 @@ def match_pattern(pattern: str) -> list[SourceFile]:
     return sorted(files, key=lambda f: f.uri)
 
 
+def stat_literal(uri: str) -> list[SourceFile]:
+    """The one file a manifest names, taken literally (`[`, `?` and `*` are legal in object names)."""
+    try:
+        meta = FileSystems.get_filesystem(uri).metadata(uri)
+    except Exception:  # noqa: BLE001 - BeamIOError/FileNotFoundError/IOError by filesystem: all mean "not there"
+        return []
+    return [] if _is_directory(meta.path) else [SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes)]
+
+
 class _MatchPattern(beam.DoFn):
-    def process(self, pattern: str) -> Iterator[object]:
+    """(pattern, literal) -> SourceFiles; literal entries come from manifests."""
+
+    def process(self, entry: tuple[str, bool]) -> Iterator[object]:
+        pattern, literal = entry
         try:
-            files = match_pattern(pattern)
+            files = stat_literal(pattern) if literal else match_pattern(pattern)
         except Exception as exc:  # noqa: BLE001 - e.g. a bucket that doesn't exist
             metrics.count("errors_match")
             yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(pattern), "match", exc))
@@ -50,10 +66,76 @@ class _MatchPattern(beam.DoFn):
             metrics.count("errors_match")
             yield pvalue.TaggedOutput(
                 ERRORS_TAG,
-                ErrorRecord(ref=ItemRef.make(pattern), stage="match", error_type="NoMatch", message="pattern matched no files"),
+                ErrorRecord(
+                    ref=ItemRef.make(pattern),
+                    stage="match",
+                    error_type="NotFound" if literal else "NoMatch",
+                    message="manifest entry does not exist" if literal else "pattern matched no files",
+                ),
             )
             return
         yield from files
+
+
+def _resolve(entry: str, manifest_dir: str) -> str:
+    """Manifest entries may be relative to the manifest's own location."""
+    if "://" in entry or os.path.isabs(entry):
+        return entry
+    return FileSystems.join(manifest_dir, entry)
+
+
+def _csv_entries(handle: IO[bytes], column: str) -> Iterator[str]:
+    reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
+    header = next(reader, None)
+    if header is None:
+        return
+    if column in header:
+        index = header.index(column)
+    else:
+        index = 0
+        yield header[0]  # no header row: the first line is an entry
+    for row in reader:
+        if len(row) > index:
+            yield row[index]
+
+
+def _parquet_entries(handle: IO[bytes], column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(handle)
+    if column not in parquet.schema_arrow.names:
+        raise ValueError(f"manifest has no column {column!r} (--manifest_column); columns: {parquet.schema_arrow.names}")
+    for batch in parquet.iter_batches(columns=[column]):
+        yield from (value for value in batch.column(0).to_pylist() if value)
+
+
+def manifest_entries(uri: str, column: str = "uri") -> Iterator[str]:
+    """URIs listed by a manifest: Parquet (`column`), CSV (`column` or the first column) or text (one per line)."""
+    manifest_dir = FileSystems.split(uri)[0]
+    lower = uri.lower()
+    with FileSystems.open(uri, compression_type=CompressionTypes.AUTO) as handle:
+        if lower.endswith(".parquet"):
+            entries: Iterable[str] = _parquet_entries(handle, column)
+        elif lower.endswith(".csv") or lower.endswith(".csv.gz"):
+            entries = _csv_entries(handle, column)
+        else:
+            entries = (line.decode("utf-8").strip() for line in handle)
+        for entry in entries:
+            entry = entry.strip()
+            if entry and not entry.startswith("#"):
+                yield _resolve(entry, manifest_dir)
+
+
+class _ReadManifest(beam.DoFn):
+    def __init__(self, column: str):
+        self._column = column
+
+    def process(self, uri: str) -> Iterator[object]:
+        try:
+            yield from manifest_entries(uri, self._column)
+        except Exception as exc:  # noqa: BLE001 - an unreadable manifest is an error row, not a failed job
+            metrics.count("errors_match")
+            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(uri), "match", exc))
 
 
 def _first(uri_and_files: tuple[str, Iterable[SourceFile]]) -> SourceFile:
@@ -61,23 +143,33 @@ def _first(uri_and_files: tuple[str, Iterable[SourceFile]]) -> SourceFile:
 
 
 class MatchInputs(beam.PTransform):
-    """Globs -> SourceFile (main output) and ErrorRecord (`errors`).
+    """Globs and manifests -> SourceFile (main output) and ErrorRecord (`errors`).
 
     Files matched by several overlapping globs are processed once. The
     group-by-URI also redistributes files across workers, so one worker
     doesn't match and then decode an entire bucket listing.
     """
 
-    def __init__(self, patterns: Sequence[str]):
+    def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (), manifest_column: str = "uri"):
         super().__init__()
         self._patterns = list(patterns)
+        self._manifests = list(manifests)
+        self._manifest_column = manifest_column
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> pvalue.DoOutputsTuple:
-        matched = (
+    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
+        listed = (
             pbegin
-            | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> beam.ParDo(_MatchPattern()).with_outputs(ERRORS_TAG, main="files")
+            | "Manifests" >> beam.Create(self._manifests)
+            | "ReadManifests" >> beam.ParDo(_ReadManifest(self._manifest_column)).with_outputs(ERRORS_TAG, main="uris")
         )
+        patterns = (
+            (
+                pbegin | "Patterns" >> beam.Create([(pattern, False) for pattern in self._patterns]),
+                listed.uris | "Literal" >> beam.Map(lambda uri: (uri, True)) | "FanOutListed" >> beam.Reshuffle(),
+            )
+            | "AllPatterns" >> beam.Flatten()
+        )
+        matched = patterns | "Match" >> beam.ParDo(_MatchPattern()).with_outputs(ERRORS_TAG, main="files")
         files = (
             matched.files
             | "KeyByUri" >> beam.Map(lambda f: (f.uri, f))
@@ -85,7 +177,8 @@ class MatchInputs(beam.PTransform):
             | "OnePerUri" >> beam.Map(_first)
             | "CountFiles" >> beam.Map(_counted)
         )
-        return files, matched[ERRORS_TAG]
+        errors = (matched[ERRORS_TAG], listed[ERRORS_TAG]) | "MatchErrors" >> beam.Flatten()
+        return files, errors
 
 
 def _counted(source: SourceFile) -> SourceFile:
