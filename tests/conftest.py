@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 
+from tests.gcs_emulator import gcs  # noqa: F401 - session fixture: a real local GCS server
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 
@@ -37,3 +39,10 @@ def tiny_checkpoint(private_model_cache: pathlib.Path) -> pathlib.Path:
 def copy_samples(target: pathlib.Path) -> list[pathlib.Path]:
     target.mkdir(parents=True, exist_ok=True)
     return [pathlib.Path(shutil.copy(path, target)) for path in sorted(SAMPLES.iterdir())]
+
+
+def run_pipeline(*args: str) -> dict:
+    """Run the job in-process (sharing the session's engine) with small output budgets."""
+    from pipelines import vision_batch
+
+    return vision_batch.run([*args, *SMALL_OUTPUTS])
