@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from pipelines import vision_batch
-from tests.conftest import SMALL_OUTPUTS, copy_samples
+
+from tests.conftest import copy_samples, run_pipeline
 
 
 def test_a_request_the_engine_rejects_fails_only_its_own_task(tmp_path, private_model_cache):
@@ -12,9 +12,9 @@ def test_a_request_the_engine_rejects_fails_only_its_own_task(tmp_path, private_
     copy_samples(inputs)
     # With a 256-token context the OCR and detect prompts (~280-300 tokens with the
     # image) are too long for the engine; the shorter caption prompt fits.
-    summary = vision_batch.run(
-        ["--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--output", str(tmp_path / "out"),
-         "--engine_arg", "max_model_len=256", *SMALL_OUTPUTS]
+    summary = run_pipeline(
+        "--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--output", str(tmp_path / "out"),
+         "--engine_arg", "max_model_len=256"
     )
     results = pq.read_table(tmp_path / "out" / "results").to_pylist()
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
@@ -28,8 +28,8 @@ def test_a_request_the_engine_rejects_fails_only_its_own_task(tmp_path, private_
 def test_moe_checkpoint_runs_through_the_same_path(tmp_path, private_model_cache):
     inputs = tmp_path / "in"
     copy_samples(inputs)
-    summary = vision_batch.run(
-        ["--input", f"{inputs}/report.pdf", "--output", str(tmp_path / "out"), "--tiny_preset", "tiny-moe", *SMALL_OUTPUTS]
+    summary = run_pipeline(
+        "--input", f"{inputs}/report.pdf", "--output", str(tmp_path / "out"), "--tiny_preset", "tiny-moe"
     )
     assert "tiny-moe" in summary["model"]["id"]
     assert summary["counts"]["result_rows"] == 3 * 3 and summary["accounting"]["balanced"]

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import vision_batch
+
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from tests.conftest import SMALL_OUTPUTS, copy_samples
+from tests.conftest import copy_samples, run_pipeline
 from transforms.prompts import DEFAULT_TASKS, TASKS, render_prompts
 
 SAMPLE_ITEMS = {  # item id suffix -> pages; data/samples holds 5 files, 8 items
@@ -46,8 +46,8 @@ def sample_run(tmp_path_factory, private_model_cache):
         (inputs / "bad" / name).write_bytes(data)
     (inputs / "bad" / "truncated.png").write_bytes(truncated_png())
     out = tmp_path_factory.mktemp("out") / "run"
-    summary = vision_batch.run(
-        ["--input", f"{inputs}/good/*", "--input", f"{inputs}/bad/*", "--output", str(out), *SMALL_OUTPUTS]
+    summary = run_pipeline(
+        "--input", f"{inputs}/good/*", "--input", f"{inputs}/bad/*", "--output", str(out)
     )
     return summary, out, inputs
 
@@ -162,9 +162,9 @@ def test_tasks_of_an_image_reuse_its_prefix_and_images_never_share(sample_run, t
 def test_task_subset(tmp_path, private_model_cache):
     inputs = tmp_path / "in"
     copy_samples(inputs)
-    summary = vision_batch.run(
-        ["--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--output", str(tmp_path / "out"),
-         "--tasks", "caption", *SMALL_OUTPUTS]
+    summary = run_pipeline(
+        "--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--output", str(tmp_path / "out"),
+         "--tasks", "caption"
     )
     rows = read(tmp_path / "out", "results").to_pylist()
     assert [r["task"] for r in rows] == ["caption", "caption"]
@@ -174,9 +174,9 @@ def test_task_subset(tmp_path, private_model_cache):
 def test_missing_input_pattern_is_an_error_row(tmp_path, private_model_cache):
     inputs = tmp_path / "in"
     copy_samples(inputs)
-    summary = vision_batch.run(
-        ["--input", f"{inputs}/receipt.png", "--input", f"{tmp_path}/nowhere/*.png",
-         "--output", str(tmp_path / "out"), "--tasks", "ocr", *SMALL_OUTPUTS]
+    summary = run_pipeline(
+        "--input", f"{inputs}/receipt.png", "--input", f"{tmp_path}/nowhere/*.png",
+         "--output", str(tmp_path / "out"), "--tasks", "ocr"
     )
     [error] = read(tmp_path / "out", "errors").to_pylist()
     assert (error["stage"], error["error_type"]) == ("match", "NoMatch")
