@@ -40,6 +40,11 @@ class VisionBatchOptions(PipelineOptions):
         group.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
         group.add_argument("--output", help="Output location: results/, errors/ and run_summary.json go under it.")
         group.add_argument(
+            "--num_output_shards", type=int, default=0,
+            help="Files per output table; 0 lets the runner write one per bundle. Set it for large runs "
+                 "whose downstream readers prefer a fixed file count (aim for 100 MB - 1 GB per file).",
+        )
+        group.add_argument(
             "--incremental_from", dest="incremental_from", action="append", default=None,
             help="Earlier output location; (content, task, model, prompt version) pairs it already answered "
                  "are skipped. Repeatable. Locations without results are ignored.",
@@ -139,6 +144,7 @@ class JobConfig:
     incremental_from: tuple[str, ...]
     shards: ShardSettings
     output: str
+    num_output_shards: int
     tasks: tuple[TaskSpec, ...]
     engine: EngineSettings
     limits: DecodeLimits
@@ -189,6 +195,7 @@ class JobConfig:
             incremental_from=tuple(location.rstrip("/") for location in opts.incremental_from or ()),
             shards=shards,
             output=opts.output.rstrip("/"),
+            num_output_shards=opts.num_output_shards,
             tasks=tasks,
             engine=engine,
             limits=limits,

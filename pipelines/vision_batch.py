@@ -60,12 +60,12 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
     ).with_outputs(parse.ERRORS_TAG, main="rows")
 
-    parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA)
+    parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA, config.num_output_shards)
     (
         (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[engine.ERRORS_TAG], parsed[parse.ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(to_error_row, config.run)
-        | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA)
+        | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA, config.num_output_shards)
     )
 
 

@@ -164,10 +164,11 @@ def test_task_subset(tmp_path, private_model_cache):
     copy_samples(inputs)
     summary = run_pipeline(
         "--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--output", str(tmp_path / "out"),
-         "--tasks", "caption"
+         "--tasks", "caption", "--num_output_shards", "2"
     )
     rows = read(tmp_path / "out", "results").to_pylist()
     assert [r["task"] for r in rows] == ["caption", "caption"]
+    assert len(summary["outputs"]["results"]) == 2 and len(summary["outputs"]["errors"]) == 2
     assert summary["counts"]["tasks_per_item"] == 1 and summary["accounting"]["balanced"]
 
 

@@ -27,11 +27,12 @@ def table_prefix(output: str, table: str) -> str:
 class WriteTable(beam.PTransform):
     """Dict rows matching `schema` -> zstd Parquet files `OUT/<table>/part-*.parquet`."""
 
-    def __init__(self, output: str, table: str, schema: pa.Schema):
+    def __init__(self, output: str, table: str, schema: pa.Schema, num_shards: int = 0):
         super().__init__()
         self._output = output
         self._table = table
         self._schema = schema
+        self._num_shards = num_shards
 
     def expand(self, rows: beam.PCollection) -> Any:
         table = self._table
@@ -47,6 +48,7 @@ class WriteTable(beam.PTransform):
                 # Standard LIST layout ("element"), which BigQuery and Spark expect for nested lists.
                 use_compliant_nested_type=True,
                 file_name_suffix=".parquet",
+                num_shards=self._num_shards,  # 0: one file per bundle, chosen by the runner
             )
         )
 
