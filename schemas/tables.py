@@ -58,6 +58,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("generated_tokens", pa.int32()),
         pa.field("cached_tokens", pa.int32()),
         pa.field("latency_ms", pa.float64()),
+        pa.field("attempts", pa.int32()),
     ]
     + _RUN_FIELDS
 )
@@ -124,6 +125,7 @@ def result_row(
         generated_tokens=completion.generated_tokens,
         cached_tokens=completion.cached_tokens,
         latency_ms=round(completion.latency_s * 1000.0, 3),
+        attempts=completion.attempts,
     )
     row.update(_run_columns(run))
     return row

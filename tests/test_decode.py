@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
-from transforms.decode import DecodeError, DecodeLimits, DecodeUnits, PlanUnits, decode_image_frame, to_rgb
+from transforms.decode import ImageTooLarge, DecodeLimits, DecodeUnits, PlanUnits, decode_image_frame, to_rgb
 from transforms.shards import ShardSettings
 
 
@@ -89,7 +89,7 @@ def test_truncated_png_is_a_decode_error(tmp_path):
 
 def test_decompression_bomb_is_refused_before_loading_pixels():
     data = png_bytes(Image.new("1", (5000, 5000)))
-    with pytest.raises(DecodeError, match="max_image_pixels"):
+    with pytest.raises(ImageTooLarge, match="max_image_pixels"):
         decode_image_frame(data, 0, DecodeLimits(max_image_pixels=1_000_000))
 
 

@@ -52,7 +52,35 @@ class DecodeLimits:
 
 
 class DecodeError(ValueError):
-    """Input that is readable but not acceptable (empty, too big, unsupported)."""
+    """Input that is readable but not acceptable; the subclass name is the row's error_type."""
+
+
+class EmptyFile(DecodeError):
+    pass
+
+
+class FileTooLarge(DecodeError):
+    pass
+
+
+class ImageTooLarge(DecodeError):
+    """Over max_image_pixels: the decompression-bomb guard."""
+
+
+class TooManyPages(DecodeError):
+    pass
+
+
+class NoPages(DecodeError):
+    pass
+
+
+class MissingImage(DecodeError):
+    """A shard member or row that holds no image."""
+
+
+class EmptyShard(DecodeError):
+    pass
 
 
 def read_bytes(uri: str, limit: int) -> bytes:
@@ -60,9 +88,9 @@ def read_bytes(uri: str, limit: int) -> bytes:
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise DecodeError(f"file is larger than the {limit}-byte limit (max_file_bytes)")
+        raise FileTooLarge(f"file is larger than the {limit}-byte limit (max_file_bytes)")
     if not data:
-        raise DecodeError("file is empty")
+        raise EmptyFile("file is empty")
     return data
 
 
@@ -92,9 +120,9 @@ def page_count(data: bytes, kind: str, limits: DecodeLimits) -> int:
     """Pages of a PDF or frames of a TIFF, refusing empty and over-long documents."""
     pages = pdf_page_count(data) if kind == "pdf" else image_frame_count(data)
     if pages < 1:
-        raise DecodeError("document has no pages")
+        raise NoPages("document has no pages")
     if pages > limits.max_pages:
-        raise DecodeError(f"document has {pages} pages, over the max_pages limit of {limits.max_pages}")
+        raise TooManyPages(f"document has {pages} pages, over the max_pages limit of {limits.max_pages}")
     return pages
 
 
@@ -172,7 +200,7 @@ def decode_image_frame(data: bytes, frame: int, limits: DecodeLimits) -> Image.I
     image = Image.open(io.BytesIO(data))
     width, height = image.size
     if width * height > limits.max_image_pixels:
-        raise DecodeError(
+        raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels, over the max_image_pixels limit "
             f"of {limits.max_image_pixels} (decompression-bomb guard)"
         )
@@ -218,10 +246,6 @@ def _error(ref: ItemRef, stage: str, exc: BaseException, **kwargs: object) -> pv
     return pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ref, stage, exc, **kwargs))  # type: ignore[arg-type]
 
 
-class MissingImage(DecodeError):
-    """A shard member or row that holds no image."""
-
-
 class PlanUnits(beam.DoFn):
     """SourceFile -> DecodeUnits (page ranges, row groups, tar members); refused files -> ErrorRecord."""
 
@@ -234,7 +258,7 @@ class PlanUnits(beam.DoFn):
         try:
             head = read_head(source.uri)
             if not head:
-                raise DecodeError("file is empty")
+                raise EmptyFile("file is empty")
             kind = sniff_kind(head)
             # Shards are streamed or read by row group, so the whole-file size limit applies to other files only.
             if kind == "tar":
@@ -243,7 +267,7 @@ class PlanUnits(beam.DoFn):
             if kind == "parquet":
                 units = self._parquet_units(source)
             elif source.size_bytes > self._limits.max_file_bytes:
-                raise DecodeError(
+                raise FileTooLarge(
                     f"file is {source.size_bytes} bytes, over the max_file_bytes limit of {self._limits.max_file_bytes}"
                 )
             else:
@@ -252,19 +276,23 @@ class PlanUnits(beam.DoFn):
             yield _error(ref, "plan", exc)
             return
         metrics.count("decode_units", len(units))
+        metrics.count("items_planned", sum(unit.end_page - unit.first_page for unit in units if unit.kind != "parquet"))
         yield from units
 
     def _parquet_units(self, source: SourceFile) -> list[DecodeUnit]:
         with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            groups = parquet_row_groups(handle, self._shards)
+            rows = parquet_row_groups(handle, self._shards)
         metrics.count("shards")
-        return [DecodeUnit(uri=source.uri, kind="parquet", first_page=g, end_page=g + 1, page_count=groups) for g in range(groups)]
+        metrics.count("items_planned", sum(rows))
+        return [DecodeUnit(uri=source.uri, kind="parquet", first_page=g, end_page=g + 1, page_count=len(rows)) for g in range(len(rows))]
 
     def _tar_members(self, source: SourceFile) -> Iterator[object]:
         metrics.count("shards")
+        samples = 0
         with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
             try:
                 for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
+                    samples += 1
                     ref = ItemRef.make(source.uri, member=sample.key)
                     if sample.image is None:
                         yield _error(
@@ -278,12 +306,16 @@ class PlanUnits(beam.DoFn):
                         )
                         continue
                     metrics.count("decode_units")
+                    metrics.count("items_planned")
                     yield DecodeUnit(
                         uri=source.uri, kind="member", first_page=0, end_page=1, page_count=1,
                         member=sample.key, payload=sample.image, metadata=sample.metadata,
                     )
             except TruncatedShard as exc:
                 yield _error(ItemRef.make(source.uri), "plan", exc)
+                return
+        if not samples:
+            yield _error(ItemRef.make(source.uri), "plan", EmptyShard("tar shard holds no files"))
 
 
 class DecodeUnits(beam.DoFn):

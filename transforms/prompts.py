@@ -45,6 +45,17 @@ DETECTION_JSON_SCHEMA: Mapping[str, Any] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class RetryRung:
+    """One step of a task's retry ladder: how the re-asked request differs."""
+
+    temperature: float
+    instruction: Optional[str] = None  # replaces the task's instruction when set
+
+    def apply(self, spec: "TaskSpec") -> "TaskSpec":
+        return dataclasses.replace(spec, temperature=self.temperature, instruction=self.instruction or spec.instruction)
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """What one task asks and how its answer is sampled."""
 
@@ -54,6 +65,7 @@ class TaskSpec:
     temperature: float
     json_schema: Optional[Mapping[str, Any]] = None  # constrain output where the engine supports it
     produces_boxes: bool = False
+    retries: tuple[RetryRung, ...] = ()  # re-asks when the answer fails validation, in order
 
 
 TASKS: Mapping[str, TaskSpec] = {
@@ -83,6 +95,19 @@ TASKS: Mapping[str, TaskSpec] = {
         temperature=0.0,  # greedy: boxes must be reproducible
         json_schema=DETECTION_JSON_SCHEMA,
         produces_boxes=True,
+        retries=(
+            # Greedy decoding repeats the same malformed answer; sampling escapes it.
+            RetryRung(temperature=0.7),
+            # Then spell the format out and go back to greedy.
+            RetryRung(
+                temperature=0.0,
+                instruction=(
+                    "Detect the objects in the image. Reply with ONLY a JSON array and nothing else: "
+                    '[{"box_2d": [ymin, xmin, ymax, xmax], "label": "name"}], integers 0-1000, '
+                    "ymin < ymax, xmin < xmax. Reply [] if there is nothing."
+                ),
+            ),
+        ),
     ),
 }
 

@@ -101,8 +101,8 @@ def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[TarSa
         yield _sample(key, members)  # type: ignore[arg-type]
 
 
-def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> int:
-    """Row groups of a Parquet shard, after checking it has the image column."""
+def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> list[int]:
+    """Rows in each row group of a Parquet shard, after checking it has the image column."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(handle)
@@ -111,7 +111,7 @@ def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> int:
         raise ValueError(
             f"Parquet shard has no column {settings.parquet_bytes_column!r} (--parquet_bytes_column); columns: {names}"
         )
-    return parquet.num_row_groups
+    return [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ class WriteTable(beam.PTransform):
         table = self._table
         return (
             rows
-            | "Count" >> beam.Map(_counted, f"{table}_rows")
+            | "Count" >> beam.Map(_counted, f"rows_written_{table}")
             | "WriteParquet" >> beam.io.WriteToParquet(
                 table_prefix(self._output, table),
                 schema=self._schema,
@@ -60,4 +60,5 @@ def _counted(row: dict, counter: str) -> dict:
 
 def to_error_row(error: ErrorRecord, run: RunInfo) -> dict:
     metrics.count(f"error_rows_{error.stage}")
+    metrics.count(f"error_type_{error.error_type}")
     return error_row(error, run)
