@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import re
 import threading
 import zlib
 from typing import Callable, Iterator, Optional
@@ -22,7 +23,7 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, ItemInfo, ItemRef, SourceFile
 from transforms import metrics
@@ -83,6 +84,43 @@ class EmptyShard(DecodeError):
     pass
 
 
+class EncryptedPdf(DecodeError):
+    pass
+
+
+class UnsupportedFormat(DecodeError):
+    pass
+
+
+class TruncatedImage(DecodeError):
+    pass
+
+
+class UnreadablePdf(DecodeError):
+    pass
+
+
+_ZERO_PAGE_TREE = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+0\b|/Count\s+0\b[^>]*?/Type\s*/Pages\b")
+
+
+def open_pdf(data: bytes):  # -> pypdfium2.PdfDocument
+    """Open a PDF, turning PDFium's error codes into a reason a person can act on.
+
+    PDFium refuses documents whose page tree is empty with the same codes as
+    damaged ones (even "incorrect password"), so those cases are told apart here.
+    """
+    import pypdfium2 as pdfium
+
+    try:
+        return pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        if b"/Encrypt" in data:
+            raise EncryptedPdf(f"PDF is password-protected ({exc})") from exc
+        if _ZERO_PAGE_TREE.search(data):
+            raise NoPages(f"PDF has an empty page tree ({exc})") from exc
+        raise UnreadablePdf(f"PDF is damaged or not a PDF ({exc})") from exc
+
+
 def read_bytes(uri: str, limit: int) -> bytes:
     """Whole object as bytes, refusing objects over `limit` (no transparent gunzip)."""
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
@@ -95,6 +133,8 @@ def read_bytes(uri: str, limit: int) -> bytes:
 
 
 def _is_tar(head: bytes) -> bool:
+    if len(head) >= 1024 and not head[:1024].strip(b"\0"):
+        return True  # an empty archive: only the two zero end-of-archive blocks
     if head[:2] == _GZIP_MAGIC:
         try:
             head = zlib.decompressobj(wbits=31).decompress(head, 1024)
@@ -127,10 +167,8 @@ def page_count(data: bytes, kind: str, limits: DecodeLimits) -> int:
 
 
 def pdf_page_count(data: bytes) -> int:
-    import pypdfium2 as pdfium
-
     with _PDFIUM_LOCK:
-        document = pdfium.PdfDocument(data)
+        document = open_pdf(data)
         try:
             return len(document)
         finally:
@@ -197,7 +235,14 @@ def _fit(image: Image.Image, max_side: int) -> Image.Image:
 
 def decode_image_frame(data: bytes, frame: int, limits: DecodeLimits) -> Image.Image:
     """One frame of an image file, EXIF-oriented, RGB, size-checked before pixels are loaded."""
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own guard, above ours
+        raise ImageTooLarge(f"{exc} (max_image_pixels is {limits.max_image_pixels})") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedFormat(
+            f"not an image, PDF, tar or Parquet shard this pipeline reads; first bytes: {data[:16]!r}"
+        ) from exc
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise ImageTooLarge(
@@ -206,16 +251,19 @@ def decode_image_frame(data: bytes, frame: int, limits: DecodeLimits) -> Image.I
         )
     if frame:
         image.seek(frame)
-    image.load()
+    try:
+        image.load()
+    except OSError as exc:
+        if "truncated" in str(exc):
+            raise TruncatedImage(str(exc)) from exc
+        raise
     return to_rgb(ImageOps.exif_transpose(image))
 
 
 def render_pdf_page(data: bytes, page_index: int, limits: DecodeLimits) -> Image.Image:
     """One PDF page rendered at `pdf_dpi`, lowered if the page would exceed `max_image_pixels`."""
-    import pypdfium2 as pdfium
-
     with _PDFIUM_LOCK:
-        document = pdfium.PdfDocument(data)
+        document = open_pdf(data)
         try:
             page = document[page_index]
             try:

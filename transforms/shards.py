@@ -40,6 +40,10 @@ class TruncatedShard(ValueError):
     """The shard ended or broke before its end-of-archive marker."""
 
 
+class MissingColumn(ValueError):
+    """A Parquet shard without the configured image column."""
+
+
 def split_key(name: str) -> tuple[str, str]:
     """WebDataset convention: key = path up to the first dot of the basename; the rest is the extension."""
     directory, base = posixpath.split(name)
@@ -108,7 +112,7 @@ def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> list[int]:
     parquet = pq.ParquetFile(handle)
     names = parquet.schema_arrow.names
     if settings.parquet_bytes_column not in names:
-        raise ValueError(
+        raise MissingColumn(
             f"Parquet shard has no column {settings.parquet_bytes_column!r} (--parquet_bytes_column); columns: {names}"
         )
     return [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
