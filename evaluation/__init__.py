@@ -1,0 +1,1 @@
+"""Quality evaluation: reference sets, OCR baselines, scoring and reports (docs/evaluation.md)."""

@@ -1,0 +1,177 @@
+"""Join a run's results with the reference set and score every task that has references.
+
+An item with a reference but no result row (an error row, a crash, a
+missing page) scores as an empty answer and is counted as missing: a run
+must not look better by failing on its hardest pages.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from evaluation.metrics import (
+    AveragePrecision,
+    LabeledBox,
+    TextErrors,
+    caption_chrf,
+    detection_scores,
+    normalize_text,
+    text_errors,
+    total_text_errors,
+)
+from evaluation.runs import RunResults, claim_key
+from schemas.references import BOX_KEYS, ReferenceItem
+
+
+@dataclasses.dataclass(frozen=True)
+class OcrItem:
+    item_id: str
+    errors: TextErrors
+    missing: bool  # no ocr result row: scored as an empty transcription
+    truncated: bool  # the model hit its token limit (raise --max_tokens ocr=...)
+    reference: str
+    hypothesis: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectItem:
+    item_id: str
+    ap: AveragePrecision
+    reference_boxes: int
+    predicted_boxes: int
+    missing: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionItem:
+    item_id: str
+    chrf: float
+    missing: bool
+    reference: str  # the first reference caption, for the report
+    hypothesis: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunScores:
+    """One run scored against one reference set: overall figures and the per-item rows behind them."""
+
+    run: RunResults
+    ocr: Optional[TextErrors]  # corpus totals; None when no item has a reference text
+    ocr_items: tuple[OcrItem, ...]
+    detection: Optional[AveragePrecision]
+    detect_items: tuple[DetectItem, ...]
+    caption_chrf: Optional[float]  # mean of per-item chrF
+    caption_items: tuple[CaptionItem, ...]
+    matched_items: int  # reference items with at least one result row
+    extra_items: int  # items in the results that no reference covers
+
+
+Answer = tuple[ReferenceItem, Optional[Mapping[str, Any]]]  # a reference and the run's row for it (None: missing)
+
+
+def _answers(run: RunResults, references: Mapping[str, ReferenceItem], task: str,
+             has_reference: Callable[[ReferenceItem], bool]) -> list[Answer]:
+    """The items `task` is scored on; none when the run never attempted the task."""
+    if task not in run.tasks:
+        return []
+    return [(ref, run.rows.get((key, task))) for key, ref in references.items() if has_reference(ref)]
+
+
+def _text(row: Optional[Mapping[str, Any]]) -> str:
+    return (row or {}).get("text") or ""
+
+
+def _score_ocr(answers: list[Answer]) -> tuple[OcrItem, ...]:
+    return tuple(
+        OcrItem(
+            item_id=reference.ref.item_id,
+            errors=text_errors(reference.text or "", _text(row)),
+            missing=row is None,
+            truncated=bool(row and row["truncated"]),
+            reference=reference.text or "",
+            hypothesis=_text(row),
+        )
+        for reference, row in answers
+    )
+
+
+def _predicted_boxes(row: Optional[Mapping[str, Any]]) -> tuple[LabeledBox, ...]:
+    detections = (row or {}).get("detections") or ()
+    return tuple(
+        LabeledBox(label=d["label"] or "", box=tuple(d["box"][k] for k in BOX_KEYS))  # type: ignore[arg-type]
+        for d in detections
+    )
+
+
+def _score_detection(answers: list[Answer], match_labels: bool) -> tuple[Optional[AveragePrecision], tuple[DetectItem, ...]]:
+    if not answers:
+        return None, ()
+    truth = {ref.ref.item_id: tuple(LabeledBox(b.label, b.box) for b in ref.boxes or ()) for ref, _ in answers}
+    predicted = {ref.ref.item_id: _predicted_boxes(row) for ref, row in answers}
+    scores = detection_scores(truth, predicted, match_labels=match_labels)
+    items = tuple(
+        DetectItem(
+            item_id=ref.ref.item_id,
+            ap=scores.per_item[ref.ref.item_id],
+            reference_boxes=len(truth[ref.ref.item_id]),
+            predicted_boxes=len(predicted[ref.ref.item_id]),
+            missing=row is None,
+        )
+        for ref, row in answers
+    )
+    return scores.overall, items
+
+
+def _score_captions(answers: list[Answer]) -> tuple[CaptionItem, ...]:
+    return tuple(
+        CaptionItem(
+            item_id=reference.ref.item_id,
+            chrf=caption_chrf(_text(row), reference.captions or ()),
+            missing=row is None,
+            reference=(reference.captions or ("",))[0],
+            hypothesis=_text(row),
+        )
+        for reference, row in answers
+    )
+
+
+def _has_text(reference: ReferenceItem) -> bool:
+    # An empty reference text has no error rate: OCR is not scored for the item.
+    return reference.text is not None and bool(normalize_text(reference.text))
+
+
+def keyed_references(references: Sequence[ReferenceItem], match: str) -> dict[str, ReferenceItem]:
+    owners: dict[str, str] = {}
+    return {claim_key(owners, item.ref, match): item for item in references}
+
+
+def score_run(
+    run: RunResults, references: Mapping[str, ReferenceItem], match_labels: bool = True
+) -> RunScores:
+    """Score `run` against references keyed as by `keyed_references` (the same match mode as the run).
+
+    Only tasks the run attempted are scored; the others stay None/empty.
+    """
+    answered = {key for key, _ in run.rows}
+    matched = len(answered & references.keys())
+    if answered and not matched:
+        raise ValueError(
+            f"none of the {len(answered)} items in {run.location} has a reference; if the references were "
+            "built from other paths (local copies vs gs://), use --match name"
+        )
+    ocr_items = _score_ocr(_answers(run, references, "ocr", _has_text))
+    detection, detect_items = _score_detection(
+        _answers(run, references, "detect", lambda r: r.boxes is not None), match_labels
+    )
+    caption_items = _score_captions(_answers(run, references, "caption", lambda r: bool(r.captions)))
+    return RunScores(
+        run=run,
+        ocr=total_text_errors(item.errors for item in ocr_items),
+        ocr_items=ocr_items,
+        detection=detection,
+        detect_items=detect_items,
+        caption_chrf=sum(i.chrf for i in caption_items) / len(caption_items) if caption_items else None,
+        caption_items=caption_items,
+        matched_items=matched,
+        extra_items=len(answered - references.keys()),
+    )

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the evaluation and report tests use: Tesseract
+# (an OCR baseline) with its English model, DejaVu fonts (render-text
+# references and test PDFs), and Chromium (renders the run report headless).
+# Idempotent and quiet when nothing is missing: apt is not
+# touched at all then (no `apt-get update`, which is slow and needs the
+# network), so scripts/test.sh can call it unconditionally.
+set -euo pipefail
+
+PACKAGES=(tesseract-ocr tesseract-ocr-eng fonts-dejavu-core chromium)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  SUDO=(sudo)
+fi
+echo "[setup-system] installing ${missing[*]}" >&2
+"${SUDO[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "[setup-system] done" >&2
