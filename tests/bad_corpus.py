@@ -11,13 +11,12 @@ import gzip
 import io
 import json
 import pathlib
-import tarfile
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
+
+from tests.shard_data import encode, parquet_bytes, tar_bytes
 
 EXIF_ORIENTATION = 0x0112
 
@@ -27,12 +26,6 @@ class Case:
     path: str  # relative to the corpus root
     ok_items: int  # items expected in the results
     errors: tuple[tuple[str, str], ...] = ()  # (stage, error_type) rows expected for this file
-
-
-def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def _noise(size: tuple[int, int], seed: int) -> Image.Image:
@@ -76,51 +69,35 @@ def _encrypted_pdf() -> bytes:
     return bytes(pdf.output())
 
 
-def _tar(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def _parquet(columns: dict) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
-    return buffer.getvalue()
-
-
 def _exif_rotated() -> bytes:
     image = Image.new("RGB", (300, 100), "white")
     exif = image.getexif()
     exif[EXIF_ORIENTATION] = 6
-    return _save(image, "JPEG", exif=exif)
+    return encode(image, "JPEG", exif=exif)
 
 
 def _palette_alpha() -> bytes:
     image = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
     image.paste((200, 30, 30, 255), (10, 10, 40, 30))
-    return _save(image.convert("P"), "PNG", transparency=0)
+    return encode(image.convert("P"), "PNG", transparency=0)
 
 
 def _animated_gif() -> bytes:
     frames = [Image.new("P", (40, 30), color) for color in (1, 2, 3)]
-    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
 def _multipage_tiff() -> bytes:
     pages = [Image.new("L", (80, 60), shade) for shade in (0, 128, 255)]
-    return _save(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    return encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
 
 
 def _png(color=(20, 120, 220), size=(64, 48)) -> bytes:
-    return _save(Image.new("RGB", size, color), "PNG")
+    return encode(Image.new("RGB", size, color), "PNG")
 
 
-JPEG = _save(_noise((120, 90), 1), "JPEG", quality=90)
-PNG_NOISE = _save(_noise((96, 72), 2), "PNG")
+JPEG = encode(_noise((120, 90), 1), "JPEG", quality=90)
+PNG_NOISE = encode(_noise((96, 72), 2), "PNG")
 SAMPLE_JSON = json.dumps({"caption": "a blue square"}).encode()
 
 BUILDERS: dict[str, Callable[[], bytes]] = {
@@ -130,18 +107,18 @@ BUILDERS: dict[str, Callable[[], bytes]] = {
     "png_named.jpg": _png,
     "drawing.svg": lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="5" height="5"/></svg>',
     "photo.heic": lambda: b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
-    "bomb.png": lambda: _save(Image.new("1", (20000, 20000)), "PNG"),  # past PIL's own guard
-    "bomb_below_pil_limit.png": lambda: _save(Image.new("1", (9000, 9000)), "PNG"),  # 81 M pixels: ours only
+    "bomb.png": lambda: encode(Image.new("1", (20000, 20000)), "PNG"),  # past PIL's own guard
+    "bomb_below_pil_limit.png": lambda: encode(Image.new("1", (9000, 9000)), "PNG"),  # 81 M pixels: ours only
     "one_pixel.png": lambda: _png(size=(1, 1)),
     "strip.png": lambda: _png(size=(20000, 200)),
-    "sixteen_bit.png": lambda: _save(Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20), "PNG"),
-    "cmyk.jpg": lambda: _save(Image.new("CMYK", (64, 48), (0, 100, 200, 0)), "JPEG"),
+    "sixteen_bit.png": lambda: encode(Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20), "PNG"),
+    "cmyk.jpg": lambda: encode(Image.new("CMYK", (64, 48), (0, 100, 200, 0)), "JPEG"),
     "palette_alpha.png": _palette_alpha,
-    "la.png": lambda: _save(Image.new("LA", (64, 48), (90, 128)), "PNG"),
+    "la.png": lambda: encode(Image.new("LA", (64, 48), (90, 128)), "PNG"),
     "animated.gif": _animated_gif,
     "exif_rotated.jpg": _exif_rotated,
     "multipage.tiff": _multipage_tiff,
-    "scan.bmp": lambda: _save(Image.new("RGB", (50, 40), "green"), "BMP"),
+    "scan.bmp": lambda: encode(Image.new("RGB", (50, 40), "green"), "BMP"),
     "pdf_named.png": lambda: _pdf(2),
     "corrupt.pdf": lambda: b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF",
     "encrypted.pdf": _encrypted_pdf,
@@ -152,17 +129,17 @@ BUILDERS: dict[str, Callable[[], bytes]] = {
     "dir with space/ünïcødé name.png": lambda: _png((1, 2, 3)),
     "dups/first.png": lambda: _png((7, 7, 7)),
     "dups/second copy.png": lambda: _png((7, 7, 7)),
-    "shards/missing_image.tar": lambda: _tar([
+    "shards/missing_image.tar": lambda: tar_bytes([
         ("s/a.png", _png((1, 1, 1))), ("s/a.json", SAMPLE_JSON), ("s/b.json", SAMPLE_JSON), ("s/c.png", _png((2, 2, 2))),
     ]),
-    "shards/non_image.tar": lambda: _tar([
+    "shards/non_image.tar": lambda: tar_bytes([
         ("s/a.png", _png((3, 3, 3))), ("s/a.bin", b"\x00\x01"), ("s/b.bin", b"\x02\x03"),
     ]),
-    "shards/truncated.tar": lambda: _tar([("s/a.png", _png((4, 4, 4))), ("s/b.png", PNG_NOISE)])[:1024 + 512 + 300],
-    "shards/truncated.tar.gz": lambda: _tar([("s/a.png", PNG_NOISE), ("s/b.png", PNG_NOISE)], "w:gz")[:400],
-    "shards/empty.tar": lambda: _tar([]),
-    "shards/null_bytes.parquet": lambda: _parquet({"id": ["r1", "r2"], "image": [_png((5, 5, 5)), None]}),
-    "shards/no_image_column.parquet": lambda: _parquet({"id": ["r1"], "picture": [_png()]}),
+    "shards/truncated.tar": lambda: tar_bytes([("s/a.png", _png((4, 4, 4))), ("s/b.png", PNG_NOISE)])[:1024 + 512 + 300],
+    "shards/truncated.tar.gz": lambda: tar_bytes([("s/a.png", PNG_NOISE), ("s/b.png", PNG_NOISE)], "w:gz")[:400],
+    "shards/empty.tar": lambda: tar_bytes([]),
+    "shards/null_bytes.parquet": lambda: parquet_bytes({"id": ["r1", "r2"], "image": [_png((5, 5, 5)), None]}),
+    "shards/no_image_column.parquet": lambda: parquet_bytes({"id": ["r1"], "picture": [_png()]}),
 }
 
 MAX_PAGES = 1000  # the corpus runs with --max_pages 1000, so the 2000-page PDF is refused

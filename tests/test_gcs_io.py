@@ -1,56 +1,21 @@
 """Production I/O against a real local GCS server: gs:// in and out, shards, manifests, weights, incremental runs."""
 from __future__ import annotations
 
-import io
 import json
-import pathlib
 import shutil
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 import pipelines.options
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import SAMPLES, run_pipeline
 from tests.gcs_emulator import BUCKET
+from tests.shard_data import write_parquet_shard, write_tar
 from transforms.model_staging import MARKER, stage_checkpoint
 
 ROOT = f"gs://{BUCKET}"
-
-
-def image_bytes(color: tuple[int, int, int], size=(96, 64), fmt="PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
-def write_tar(path: pathlib.Path, mode: str = "w") -> None:
-    """3 samples with an image each (json / txt sidecars) and a 4th with no image."""
-    with tarfile.open(path, mode) as archive:
-        add_member(archive, "shard/000001.jpg", image_bytes((200, 10, 10), fmt="JPEG"))
-        add_member(archive, "shard/000001.json", json.dumps({"source": "camera-1", "tags": ["a"]}).encode())
-        add_member(archive, "shard/000002.png", image_bytes((10, 200, 10)))
-        add_member(archive, "shard/000002.txt", b"a green square")
-        add_member(archive, "shard/000003.webp", image_bytes((10, 10, 200), fmt="WEBP"))
-        add_member(archive, "shard/000004.json", b'{"orphan": true}')
-
-
-def write_parquet_shard(path: pathlib.Path) -> None:
-    table = pa.table({
-        "id": ["p-1", "p-2", "p-3"],
-        "image": [image_bytes((250, 250, 0)), image_bytes((0, 250, 250)), None],
-        "license": ["cc-by", "cc0", "cc0"],
-    })
-    pq.write_table(table, path, row_group_size=2)
 
 
 @pytest.fixture(scope="module")

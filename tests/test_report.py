@@ -28,7 +28,7 @@ from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, 
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
-from tests.test_gcs_io import write_parquet_shard, write_tar
+from tests.shard_data import write_parquet_shard, write_tar
 from transforms.decode import DecodeLimits
 from transforms.shards import ShardSettings
 
