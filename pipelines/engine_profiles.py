@@ -2,7 +2,7 @@
 
 A profile is chosen with `--engine_profile`; single arguments are overridden
 with `--engine_arg KEY=VALUE`. Nothing else in the project sets engine
-arguments. TPU profiles join these when the Dataflow launcher lands.
+arguments. The TPU profiles are what the Dataflow launch profiles (launch/profiles.py) run.
 """
 from __future__ import annotations
 
@@ -66,6 +66,88 @@ PROFILES: Mapping[str, EngineProfile] = {
         max_in_flight=96,
         structured_output=True,
         vision_tokens=None,
+    ),
+    # Gemma 4 26B-A4B (MoE: 128 experts, top-8; ~25.2 B parameters, ~3.8 B active) on vllm-tpu 0.32.
+    # The launch profiles in launch/profiles.py pair these with Dataflow TPU workers. Not yet run by
+    # this project on Dataflow: every value below comes from FIELD-NOTES or arithmetic, as commented.
+    # Not offered: E4B on one v6e chip (fits, but upstream marks it untested/failing) and any v5e
+    # profile (26B-A4B fails to start on v5e: tpu-inference#2453); see launch/profiles.py.
+    "tpu-v6e-4-gemma4-26b-a4b": EngineProfile(
+        name="tpu-v6e-4-gemma4-26b-a4b",
+        description="vllm-tpu on one v6e-4 slice (4 chips, 2x2): Gemma 4 26B-A4B, fp8 weights and KV, TP4.",
+        engine_args={
+            # 26B-A4B needs >= 4 v6e chips (FIELD-NOTES, Trillium recipe); shard it over all 4 chips of the host.
+            "tensor_parallel_size": 4,
+            # JAX drives every chip of the host from one process (vLLM itself picks "uni" on TPU under
+            # SPMD, vllm/config/parallel.py), and only one process may open the TPU (/dev/vfio/0 busy).
+            "distributed_executor_backend": "uni",
+            # fp8 weights (FIELD-NOTES: the recipe-verified 26B-A4B setup): ~25 GB instead of ~50 GB in
+            # 4 x 32 GB HBM, and fewer bytes read per decode step (decode is memory-bound).
+            "quantization": "fp8",
+            # fp8 KV (same source): twice the sequences per HBM byte.
+            "kv_cache_dtype": "fp8",
+            # Activations and the (unquantised) embeddings/vision tower stay bf16, the TPU's native matmul type.
+            "dtype": "bfloat16",
+            # Required for images on vllm-tpu: an image's tokens are never split across steps (FIELD-NOTES).
+            "disable_chunked_mm_input": True,
+            # >= the largest image (280 soft tokens at the TPU vision budget) plus its prompt, with room
+            # for several prefills per step; every extra token bucket costs XLA compile time at start-up.
+            "max_num_batched_tokens": 2048,
+            # vllm-tpu's KV block size (FIELD-NOTES). Only whole blocks are shared: a follow-up task of an
+            # image reuses floor((system + image tokens) / 256) blocks of the first task's prefix.
+            "block_size": 256,
+            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV (works on TPU).
+            "enable_prefix_caching": True,
+            # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048).
+            "max_model_len": 4096,
+            # Decode is memory-bound, so a large batch amortises each step's weight reads. fp8 KV of one
+            # 4,096-token sequence is at most ~150 MB (K and V of 25 sliding layers capped at their
+            # 1,024-token window x 8 heads x 256, plus 5 global layers x 2 heads x 512): 256 of them
+            # (~38 GB) fit beside ~27 GB of weights in 4 x 32 GB.
+            "max_num_seqs": 256,
+            # No multimodal processor cache (same measured reason as cpu-tiny: a rejected request
+            # desynchronises it and fails the image's other tasks).
+            "mm_processor_cache_gb": 0,
+            # One image per prompt; no audio/video inputs: skips their profiling and memory.
+            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
+            # Reproducible sampling across reruns.
+            "seed": 0,
+        },
+        # 1.5 x max_num_seqs (as on CPU): the batch stays full while Beam decodes the next images.
+        max_in_flight=384,
+        # No structured output on TPU for Gemma 4 (FIELD-NOTES): detection JSON is parsed and repaired.
+        structured_output=False,
+        # 280 is Gemma 4's default budget; larger per-request budgets look truncated on TPU (FIELD-NOTES).
+        vision_tokens=280,
+    ),
+    "tpu-v6e-8-gemma4-26b-a4b": EngineProfile(
+        name="tpu-v6e-8-gemma4-26b-a4b",
+        description="vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 26B-A4B, fp8 weights and KV, TP8. "
+                    "Unverified upstream: the recipes verify 26B-A4B on 4 chips; their 8-chip example is the 31B.",
+        engine_args={
+            # All 8 chips of the host: 16 query / 8 KV heads shard evenly; the 2 global KV heads replicate.
+            "tensor_parallel_size": 8,
+            # Same reasons as tpu-v6e-4-gemma4-26b-a4b for every argument from here to max_num_seqs.
+            "distributed_executor_backend": "uni",
+            "quantization": "fp8",
+            "kv_cache_dtype": "fp8",
+            "dtype": "bfloat16",
+            "disable_chunked_mm_input": True,
+            # Twice the v6e-4 value: twice the chips share each step's prefill work.
+            "max_num_batched_tokens": 4096,
+            "block_size": 256,
+            "enable_prefix_caching": True,
+            "max_model_len": 4096,
+            # Same ~150 MB per sequence as on v6e-4 with twice the HBM (8 x 32 GB): twice the batch.
+            "max_num_seqs": 512,
+            "mm_processor_cache_gb": 0,
+            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
+            "seed": 0,
+        },
+        # 1.5 x max_num_seqs, as for v6e-4.
+        max_in_flight=768,
+        structured_output=False,
+        vision_tokens=280,
     ),
 }
 

@@ -1,0 +1,191 @@
+"""A launch profile + deployment + the user's pipeline options -> the full Dataflow job settings.
+
+Two renderings of the same settings: Beam command-line options (direct
+submission, `--dry-run`) and a `flexTemplates:launch` request body
+(flex template runs, the nightly schedule). Both come from `JobSettings`,
+so a scheduled run and a manual one cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import re
+from typing import Any, Optional, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from launch.deployment import Deployment
+from launch.profiles import LaunchProfile, check_engine_fits
+from pipelines import engine_profiles
+from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values
+
+# One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy), and one
+# engine per process serves all harness threads (FIELD-NOTES).
+SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
+# Beam's --autoscaling_algorithm values and their Dataflow API names (flex template environment).
+AUTOSCALING_API_NAMES = {"THROUGHPUT_BASED": "AUTOSCALING_ALGORITHM_BASIC", "NONE": "AUTOSCALING_ALGORITHM_NONE"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """How many TPU workers, and whether Dataflow may change the count."""
+
+    initial: int
+    maximum: int
+    autoscaling: str  # a key of AUTOSCALING_API_NAMES
+
+    @staticmethod
+    def batch(maximum: int) -> "Workers":
+        # Start with one worker and let Dataflow add more while there is backlog: incremental
+        # nightly runs often have little new work, and every TPU worker costs ~10+ minutes to start.
+        return Workers(initial=1, maximum=maximum, autoscaling="THROUGHPUT_BASED")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+    """Everything Dataflow needs besides the pipeline's own options."""
+
+    job_name: str
+    project: str
+    region: str
+    temp_location: str
+    zone: Optional[str]
+    service_account: Optional[str]
+    machine_type: str
+    service_options: tuple[str, ...]  # --dataflow_service_options (worker_accelerator=...)
+    experiments: tuple[str, ...]
+    harness_threads: int
+    disk_size_gb: int
+    workers: Workers
+    sdk_container_image: str
+
+    def beam_args(self) -> list[str]:
+        """Beam/Dataflow command-line options, in the form PipelineOptions parses."""
+        args = [
+            "--runner=DataflowRunner",
+            f"--project={self.project}",
+            f"--region={self.region}",
+            f"--temp_location={self.temp_location}",
+            f"--job_name={self.job_name}",
+            f"--worker_machine_type={self.machine_type}",
+            *(f"--dataflow_service_options={option}" for option in self.service_options),
+            *(f"--experiments={experiment}" for experiment in self.experiments),
+            f"--number_of_worker_harness_threads={self.harness_threads}",
+            f"--disk_size_gb={self.disk_size_gb}",
+            f"--num_workers={self.workers.initial}",
+            f"--max_num_workers={self.workers.maximum}",
+            f"--autoscaling_algorithm={self.workers.autoscaling}",
+            f"--sdk_container_image={self.sdk_container_image}",
+            # The worker image already holds this package and its dependencies: stage nothing.
+            "--sdk_location=container",
+        ]
+        if self.zone:
+            args.append(f"--worker_zone={self.zone}")
+        if self.service_account:
+            args.append(f"--service_account_email={self.service_account}")
+        return args
+
+    def flex_environment(self) -> dict[str, Any]:
+        """`FlexTemplateRuntimeEnvironment` (REST JSON). Service options travel as experiments there."""
+        environment: dict[str, Any] = {
+            "tempLocation": self.temp_location,
+            "machineType": self.machine_type,
+            "additionalExperiments": [*self.service_options, *self.experiments],
+            "diskSizeGb": self.disk_size_gb,
+            "numWorkers": self.workers.initial,
+            "maxWorkers": self.workers.maximum,
+            "autoscalingAlgorithm": AUTOSCALING_API_NAMES[self.workers.autoscaling],
+            "sdkContainerImage": self.sdk_container_image,
+            "additionalPipelineOptions": [
+                f"number_of_worker_harness_threads={self.harness_threads}",
+                "sdk_location=container",
+            ],
+        }
+        if self.zone:
+            environment["workerZone"] = self.zone
+        if self.service_account:
+            environment["serviceAccountEmail"] = self.service_account
+        return environment
+
+
+def job_settings(profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str) -> JobSettings:
+    return JobSettings(
+        job_name=job_name,
+        project=deployment.project,
+        region=deployment.region,
+        temp_location=deployment.temp_location,
+        zone=deployment.zone,
+        service_account=deployment.service_account_email,
+        machine_type=profile.slice.machine_type,
+        service_options=(profile.slice.service_option(),),
+        experiments=(SINGLE_PROCESS_EXPERIMENT,),
+        harness_threads=profile.harness_threads,
+        disk_size_gb=profile.disk_size_gb,
+        workers=workers,
+        sdk_container_image=deployment.worker_image(profile),
+    )
+
+
+def timestamped_job_name(profile: LaunchProfile, now: datetime.datetime, purpose: str) -> str:
+    """Dataflow job names: lower-case letters, digits and hyphens, starting with a letter."""
+    return f"vision-batch-{purpose}-{profile.name}-{now:%Y%m%d-%H%M%S}"
+
+
+def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> engine_profiles.EngineProfile:
+    """The engine profile the workers will run (the user's --engine_arg/--vision_tokens applied), checked for TPU."""
+    opts = PipelineOptions(list(pipeline_args)).view_as(VisionBatchOptions)
+    if opts.engine_profile != profile.engine_profile:
+        raise ValueError(
+            f"--engine_profile {opts.engine_profile} does not belong to launch profile {profile.name} "
+            f"(which runs {profile.engine_profile}); choose the TPU shape with --profile"
+        )
+    overrides = {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()}
+    engine = engine_profiles.resolve(profile.engine_profile, overrides)
+    engine = dataclasses.replace(engine, vision_tokens=opts.vision_tokens or engine.vision_tokens)
+    check_engine_fits(profile.slice, engine)
+    return engine
+
+
+def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engine_profiles.EngineProfile) -> str:
+    """`<root>/<image tag>/<engine profile>-<hash of engine arguments>`.
+
+    XLA programs depend on the software in the image and on every shape
+    the engine arguments fix (batch tokens, sequences, lengths, block size,
+    TP, dtypes, image budget). A new directory per combination keeps caches
+    from piling up in one place and makes a stale one easy to delete; JAX
+    also keys each entry by its program, so a shared directory is never wrong.
+    """
+    image_ref = deployment.worker_image(profile)
+    version = image_ref.rsplit("@", 1)[1] if "@" in image_ref else image_ref.rsplit(":", 1)[-1]
+    fingerprint = json.dumps(
+        {"engine_args": engine.engine_args, "vision_tokens": engine.vision_tokens}, sort_keys=True, default=str
+    )
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    return f"{deployment.xla_cache_root()}/{re.sub(r'[^A-Za-z0-9._-]', '_', version)}/{engine.name}-{digest}"
+
+
+def profile_pipeline_args(profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]) -> list[str]:
+    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, cache)."""
+    base = [f"--engine_profile={profile.engine_profile}", *user_args]
+    engine = effective_engine(profile, base)
+    return [*base, f"--vision_tokens={engine.vision_tokens}", f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One job, ready to render as Beam options or as a flex template launch."""
+
+    settings: JobSettings
+    pipeline_args: tuple[str, ...]  # VisionBatchOptions (and any other pipeline options the user passed)
+
+    def dataflow_args(self) -> list[str]:
+        return [*self.settings.beam_args(), *self.pipeline_args]
+
+
+def plan_launch(
+    profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str, user_args: Sequence[str]
+) -> Launch:
+    settings = job_settings(profile, deployment, workers, job_name)
+    return Launch(settings, tuple(profile_pipeline_args(profile, deployment, user_args)))

@@ -1,0 +1,199 @@
+"""Capacity and cost planner for a batch on Dataflow TPU workers.
+
+    python -m launch.plan --items 100000 [--pages-per-item 3] [--tasks ocr,caption,detect] \\
+        [--profile tpu-v6e-4] [--workers 8] [--output-tokens ocr=1200] [--cold-cache]
+
+Prints the roofline (lower bound) and a realistic estimate side by side:
+tokens and FLOPs per image, seconds per image per worker, worker-hours,
+wall time for the worker count, chip-hours and on-demand cost; then every
+assumption with its source. The realistic column uses the pipeline
+efficiency and prefix reuse measured by the benchmarks
+(benchmarks/results.json) when that file has them, stated defaults when not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+from launch.capacity import EngineShape, Efficiency, Estimate, Hardware, TaskLoad, Workload, estimates
+from launch.model_shapes import SHAPES
+from launch.profiles import PROFILES, LaunchProfile, get_profile
+from launch.tpu import PRICES_AS_OF
+from pipelines import engine_profiles
+from pipelines.options import parse_key_values
+from transforms.prompts import DEFAULT_TASKS, SYSTEM_PROMPT, TASKS, parse_task_list
+
+RESULTS_FILE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"
+
+# Prompt length estimates: Google's tokenizer is not available offline.
+CHARS_PER_TOKEN = 4.0  # English text with Gemma's 262k-token vocabulary (rule of thumb, not measured)
+TEMPLATE_TOKENS_BEFORE_IMAGE = 8  # <bos>, <|turn>system, <turn|>, <|turn>user and their newlines (FIELD-NOTES layout)
+IMAGE_DELIMITER_TOKENS = 2  # <|image> before and <image|> after the soft tokens
+TEMPLATE_TOKENS_AFTER_INSTRUCTION = 6  # <turn|>, <|turn>model and their newlines
+# Expected answer lengths (the max_tokens limits are far higher). ocr: a half-filled page (a dense A4
+# page is ~1,000-1,500 tokens, transforms/prompts.py); caption: one or two sentences; detect: ~10 boxes
+# at ~14 tokens per box (transforms/prompts.py). Override per workload with --output-tokens.
+EXPECTED_OUTPUT_TOKENS = {"ocr": 800, "caption": 40, "detect": 150}
+# Realistic-estimate defaults (assumed, not measured on TPU here): MFU of well-batched TPU prefill and
+# vision encoding; decode reaching 70% of HBM bandwidth; pipeline/raw-engine throughput when the
+# benchmarks have not measured it (their CPU runs measure the real ratio for this pipeline).
+DEFAULT_MFU = 0.40
+DEFAULT_HBM_EFFICIENCY = 0.70
+DEFAULT_PIPELINE_EFFICIENCY = 0.80
+# Worker start-up: image pull, checkpoint staging (~52 GB), engine load and loading cached XLA
+# programs (assumed); a cold cache adds the compile (FIELD-NOTES: ~30 min for 26B/31B).
+WARM_STARTUP_MIN = 10.0
+COLD_COMPILE_MIN = 30.0
+
+
+def measured(path: pathlib.Path) -> dict[str, float]:
+    """pipeline_efficiency and prefix_reuse_ratio from the benchmark results, where present and sane."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    found = {}
+    for key, upper in (("pipeline_efficiency", 1.0), ("prefix_reuse_ratio", 1.0)):
+        value = data.get(key) if isinstance(data, Mapping) else None
+        if isinstance(value, (int, float)) and 0 < value <= upper:
+            found[key] = float(value)
+    return found
+
+
+def text_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def workload(items: int, pages_per_item: float, tasks: Sequence[str], vision_tokens: int, outputs: Mapping[str, int]) -> Workload:
+    missing = [t for t in tasks if t not in outputs]
+    if missing:
+        raise ValueError(f"no expected output length for task(s) {missing}: give --output-tokens TASK=N")
+    shared = TEMPLATE_TOKENS_BEFORE_IMAGE + text_tokens(SYSTEM_PROMPT) + vision_tokens + IMAGE_DELIMITER_TOKENS
+    loads = tuple(
+        TaskLoad(t, text_tokens(TASKS[t].instruction) + TEMPLATE_TOKENS_AFTER_INSTRUCTION, outputs[t]) for t in tasks
+    )
+    return Workload(images=items * pages_per_item, tasks=loads, shared_prefix_tokens=shared)
+
+
+def engine_shape(profile: LaunchProfile, vision_tokens: Optional[int]) -> EngineShape:
+    engine = engine_profiles.resolve(profile.engine_profile)
+    args = engine.engine_args
+    return EngineShape(
+        max_num_seqs=args["max_num_seqs"],
+        block_size=args["block_size"],
+        weight_bytes=1 if args.get("quantization") == "fp8" else 2,
+        kv_bytes=1 if args.get("kv_cache_dtype") == "fp8" else 2,
+        vision_tokens=vision_tokens or engine.vision_tokens,
+    )
+
+
+def _rows(pair: Sequence[Estimate], workers: int) -> list[tuple[str, Any, Any]]:
+    roof, real = pair
+    return [
+        ("prompt tokens computed / image", roof.work.prefill_tokens, real.work.prefill_tokens),
+        ("prompt tokens from prefix cache / image", roof.work.cached_tokens, real.work.cached_tokens),
+        ("decode steps / image (all tasks)", roof.work.decode_tokens, real.work.decode_tokens),
+        ("decode batch (sequences)", roof.work.batch, real.work.batch),
+        ("TFLOP / image (vision + prefill + decode)", roof.work.flops / 1e12, real.work.flops / 1e12),
+        ("decode HBM GB read / image", roof.work.hbm_bytes / 1e9, real.work.hbm_bytes / 1e9),
+        ("seconds / image / worker", roof.seconds_per_image, real.seconds_per_image),
+        ("images / hour / worker", 3600 / roof.seconds_per_image, 3600 / real.seconds_per_image),
+        ("worker-hours (work only)", roof.worker_hours, real.worker_hours),
+        (f"wall hours with {workers} workers", roof.wall_hours, real.wall_hours),
+        ("chip-hours", roof.chip_hours, real.chip_hours),
+        ("cost, USD on-demand", roof.cost_usd, real.cost_usd),
+    ]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def report(args: argparse.Namespace) -> str:
+    profile = get_profile(args.profile)
+    shape = SHAPES[profile.model]
+    engine = engine_shape(profile, args.vision_tokens)
+    outputs = {**EXPECTED_OUTPUT_TOKENS, **{k: int(v) for k, v in parse_key_values(args.output_tokens, "--output-tokens").items()}}
+    tasks = parse_task_list(args.tasks)
+    load = workload(args.items, args.pages_per_item, tasks, engine.vision_tokens, outputs)
+    found = measured(args.results)
+    startup_min = WARM_STARTUP_MIN + (COLD_COMPILE_MIN if args.cold_cache else 0.0)
+    realistic = Efficiency(
+        mfu=args.mfu,
+        hbm_efficiency=args.hbm_efficiency,
+        pipeline_efficiency=found.get("pipeline_efficiency", DEFAULT_PIPELINE_EFFICIENCY),
+        prefix_reuse_ratio=found.get("prefix_reuse_ratio"),
+        startup_s=startup_min * 60,
+        overlap=False,
+    )
+    chip = profile.slice.generation
+    price = args.price_per_chip_hour or chip.price_per_chip_hour
+    workers = args.workers or profile.max_workers
+    pair = estimates(shape, engine, Hardware(chip, profile.slice.chips), load, realistic, workers, price)
+
+    lines = [
+        f"{args.items:,} items x {args.pages_per_item:g} pages/item = {load.images:,.0f} images; tasks {','.join(tasks)}; "
+        f"{profile.name}: {profile.slice.chips} x {chip.name} per worker ({profile.slice.machine_type}), {workers} workers",
+        "",
+        f"{'':44}{'roofline':>14}{'realistic':>14}",
+    ]
+    lines += [f"{label:44}{_number(a):>14}{_number(b):>14}" for label, a, b in _rows(pair, workers)]
+    source = f"measured, {args.results}" if "pipeline_efficiency" in found else f"default: no measurement in {args.results}"
+    reuse = (
+        f"{found['prefix_reuse_ratio']:.2f} of the shareable prefix (measured, {args.results}), capped at whole "
+        f"{engine.block_size}-token blocks" if "prefix_reuse_ratio" in found
+        else f"every whole {engine.block_size}-token block of the shared prefix (default: not measured)"
+    )
+    lines += [
+        "",
+        "Assumptions",
+        f"- model {shape.name}: {shape.total_params / 1e9:.1f} B parameters, {shape.active_params / 1e9:.2f} B active per "
+        f"token, vision tower {shape.vision_params / 1e9:.2f} B (config.json arithmetic, launch/model_shapes.py)",
+        f"- chip {chip.name}: {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak (no fp8 matmul peak is published for v6e: fp8 weights count as bf16 matmuls), "
+        f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / 1e9:.0f} GB HBM (Cloud TPU {chip.name} docs)",
+        f"- price ${price:.2f} per chip-hour on-demand ({'--price-per-chip-hour' if args.price_per_chip_hour else PRICES_AS_OF}); "
+        "TPU only: Dataflow's worker vCPU, memory, disk and shuffle are extra",
+        f"- engine {profile.engine_profile}: {'fp8' if engine.weight_bytes == 1 else 'bf16'} linear weights "
+        f"(embeddings, vision in bf16), {'fp8' if engine.kv_bytes == 1 else 'bf16'} KV with K and V cached, decode batch "
+        f"= max_num_seqs {engine.max_num_seqs} unless HBM holds fewer sequences, MoE routing uniform",
+        f"- per image: {engine.vision_tokens} soft tokens ({engine.vision_tokens * shape.vision_pooling ** 2} vision patches, "
+        f"encoded once), shared prefix {load.shared_prefix_tokens} tokens; prompt text at {CHARS_PER_TOKEN:g} chars/token",
+        "- per task (suffix prompt tokens, expected output tokens): "
+        + ", ".join(f"{t.name} ({t.suffix_tokens}, {t.output_tokens})" for t in load.tasks),
+        f"- prefix reuse: {reuse}",
+        f"- realistic: MFU {args.mfu:.2f}, decode at {args.hbm_efficiency:.2f} of HBM bandwidth, compute and memory "
+        f"not overlapped, pipeline efficiency {realistic.pipeline_efficiency:.2f} ({source})",
+        f"- start-up per worker {startup_min:g} min ({'cold XLA cache' if args.cold_cache else 'warm XLA cache'}); "
+        "images spread evenly over workers",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.plan", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--items", type=int, required=True, help="documents or images")
+    parser.add_argument("--pages-per-item", type=float, default=1.0, help="average pages per item (PDF/TIFF)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    parser.add_argument("--profile", default="tpu-v6e-4", choices=sorted(PROFILES))
+    parser.add_argument("--workers", type=int, default=None, help="worker count (default: the profile's max_workers)")
+    parser.add_argument("--output-tokens", action="append", default=None, metavar="TASK=N", help="expected answer length")
+    parser.add_argument("--vision-tokens", type=int, default=None, help="image budget (default: the engine profile's)")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU)
+    parser.add_argument("--hbm-efficiency", type=float, default=DEFAULT_HBM_EFFICIENCY)
+    parser.add_argument("--price-per-chip-hour", type=float, default=None)
+    parser.add_argument("--cold-cache", action="store_true", help="workers compile (no warm XLA cache)")
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS_FILE, help="benchmark results JSON")
+    print(report(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

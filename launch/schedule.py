@@ -1,0 +1,135 @@
+"""Nightly schedule: a Cloud Scheduler job that launches the flex template every night.
+
+    python -m launch.schedule --profile tpu-v6e-4 --input 'gs://BUCKET/incoming/**' \\
+        --output_root gs://BUCKET/nightly --model gs://BUCKET/models/gemma-4-26B-A4B-it \\
+        --project PROJECT --region us-east5 --zone us-east5-b --temp_location gs://BUCKET/tmp \\
+        --scheduler_service_account launcher@PROJECT.iam.gserviceaccount.com \\
+        [--schedule '0 2 * * *'] [--time_zone Etc/UTC] [--write DIR] [more pipeline options]
+
+Each night's job writes to OUTPUT_ROOT/{date} (the launcher expands {date}
+to the UTC date) and, with --incremental_from OUTPUT_ROOT/*, skips every
+(content, task, model, prompt version) an earlier night already answered:
+only new or changed inputs reach the TPUs. The job name is fixed, and
+Dataflow refuses a job named like one still running in the region, so a
+slow night never overlaps the next.
+
+Prints (and with --write, writes DIR/nightly-PROFILE.json) the
+`flexTemplates:launch` body that Cloud Scheduler posts, then the gcloud
+commands that grant the scheduler's service account its roles and create
+the job. launch/composer_dag.py launches the same body from Composer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any, Optional, Sequence
+
+from launch import flex_launch, run_dataflow
+from launch.deployment import Deployment, add_deployment_args, deployment_from_args
+from launch.job import Workers, plan_launch
+from launch.profiles import PROFILES, LaunchProfile, get_profile
+from launch.run_dataflow import DATE_PLACEHOLDER
+from launch.shell import command_text
+
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def scheduler_job_name(profile: LaunchProfile) -> str:
+    return f"vision-batch-nightly-{profile.name}"
+
+
+def nightly_body(
+    profile: LaunchProfile, deployment: Deployment, input_glob: str, output_root: str, model: str, extra: Sequence[str]
+) -> dict[str, Any]:
+    """The launch body; its pipeline options are first built into a graph offline, like any submit."""
+    root = output_root.rstrip("/")
+    user_args = [
+        f"--input={input_glob}",
+        f"--output={root}/{DATE_PLACEHOLDER}",
+        f"--incremental_from={root}/*",
+        f"--model={model}",
+        *extra,
+    ]
+    workers = Workers.batch(profile.max_workers)
+    launch = plan_launch(profile, deployment, workers, scheduler_job_name(profile), user_args)
+    run_dataflow.build_offline(launch.dataflow_args())
+    return flex_launch.launch_body(launch.settings, deployment.template_path(), launch.pipeline_args)
+
+
+def iam_commands(deployment: Deployment, scheduler_account: str) -> list[list[str]]:
+    """Roles the scheduler's service account needs to launch the template as the worker account."""
+    member = f"--member=serviceAccount:{scheduler_account}"
+    worker_account = deployment.service_account_email or "PROJECT_NUMBER-compute@developer.gserviceaccount.com"
+    bucket = "/".join(deployment.bucket_root.split("/")[:3])
+    return [
+        # Create Dataflow jobs (flexTemplates:launch).
+        ["gcloud", "projects", "add-iam-policy-binding", deployment.project, member, "--role=roles/dataflow.developer"],
+        # Start them as the worker service account.
+        ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", worker_account, member,
+         "--role=roles/iam.serviceAccountUser", f"--project={deployment.project}"],
+        # Read the template spec file.
+        ["gcloud", "storage", "buckets", "add-iam-policy-binding", bucket, member, "--role=roles/storage.objectViewer"],
+    ]
+
+
+def scheduler_command(
+    profile: LaunchProfile, deployment: Deployment, body_file: str, scheduler_account: str, schedule: str, time_zone: str
+) -> list[str]:
+    return [
+        "gcloud", "scheduler", "jobs", "create", "http", scheduler_job_name(profile),
+        f"--project={deployment.project}",
+        f"--location={deployment.region}",
+        f"--schedule={schedule}",
+        f"--time-zone={time_zone}",
+        f"--uri={flex_launch.launch_url(deployment.project, deployment.region)}",
+        "--http-method=POST",
+        "--headers=Content-Type=application/json",
+        f"--message-body-from-file={body_file}",
+        f"--oauth-service-account-email={scheduler_account}",
+        f"--oauth-token-scope={CLOUD_PLATFORM_SCOPE}",
+        # A retried POST after a launch that did succeed meets the running job's name and fails harmlessly.
+        "--max-retry-attempts=2",
+    ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.schedule", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    parser.add_argument("--input", required=True, help="glob of the inputs to watch (gs://)")
+    parser.add_argument("--output_root", required=True, help="gs:// root; each night writes OUTPUT_ROOT/YYYY-MM-DD")
+    parser.add_argument("--model", required=True, help="Gemma 4 checkpoint in GCS")
+    parser.add_argument("--scheduler_service_account", required=True, help="service account Cloud Scheduler calls Dataflow as")
+    parser.add_argument("--schedule", default="0 2 * * *", help="cron schedule (default: 02:00 daily)")
+    parser.add_argument("--time_zone", default="Etc/UTC", help="time zone of --schedule")
+    parser.add_argument("--write", type=pathlib.Path, default=None, metavar="DIR", help="write the launch body JSON here")
+    add_deployment_args(parser)
+    args, extra = parser.parse_known_args(argv)
+    profile = get_profile(args.profile)
+    deployment = deployment_from_args(args)
+    body = nightly_body(profile, deployment, args.input, args.output_root, args.model, extra)
+    text = json.dumps(body, indent=2) + "\n"
+    body_file = f"nightly-{profile.name}.json"
+    if args.write:
+        args.write.mkdir(parents=True, exist_ok=True)
+        (args.write / body_file).write_text(text)
+        body_file = str(args.write / body_file)
+    else:
+        print(f"# {body_file}: save this body (or rerun with --write DIR)")
+        print(text)
+    print("# roles for the scheduler's service account")
+    for command in iam_commands(deployment, args.scheduler_service_account):
+        print(command_text(command))
+    print("# the nightly job")
+    print(command_text(scheduler_command(
+        profile, deployment, body_file, args.scheduler_service_account, args.schedule, args.time_zone
+    )))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
