@@ -1,8 +1,11 @@
 """run_summary.json: what a run read, produced and lost, in one file next to its outputs.
 
-Counts come from the pipeline's Beam metrics (the same numbers Dataflow
-shows) and are cross-checked against the Parquet files actually written,
-so the accounting line (results + errors = inputs) is about real rows.
+Written by the pipeline itself, as its last step (after both tables are
+finalised), so a Dataflow or flex-template run that nobody waits for still
+gets one. Counts are tallied from the pipeline's own collections (exact on
+any runner, retries included, unlike best-effort metrics) and the row counts
+are cross-checked against the Parquet files actually written, so the
+accounting line (results + errors = inputs) is about real rows.
 """
 from __future__ import annotations
 
@@ -10,58 +13,107 @@ import datetime
 import importlib.metadata
 import json
 import platform
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
+import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines.options import JobConfig
-from transforms.metrics import NAMESPACE
+from schemas.records import DecodeUnit, ImageItem, SourceFile
 
 ITEM_STAGES = ("match", "plan", "decode")  # errors that stop an item before the engine
 TASK_STAGES = ("engine", "parse")  # errors of one task of a decoded item
+SUMMARY_FILE = "run_summary.json"
 
 RANDOM_MODEL_WARNING = (
     "The model is the project's tiny RANDOM-WEIGHT Gemma 4 checkpoint: every text, caption and box in "
     "this output is random. Run with --model /path/to/gemma-4-checkpoint (a Hugging Face-format "
     "directory, e.g. a download of google/gemma-4-26B-A4B-it) for real results."
 )
+SECRET_WORDS = ("token", "secret", "password", "credential", "api_key", "apikey", "private_key")
+
+Tally = dict[str, float]  # additive counts; keys ending "_min"/"_max" merge by min/max
 
 
-def collect_metrics(pipeline_result: Any) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
-    """Counters and distributions of our namespace, summed over steps."""
-    queried = pipeline_result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
-    counters: dict[str, int] = {}
-    for result in queried["counters"]:
-        value = result.committed if result.committed is not None else result.attempted
-        counters[result.key.metric.name] = counters.get(result.key.metric.name, 0) + int(value or 0)
-    distributions: dict[str, dict[str, float]] = {}
-    for result in queried["distributions"]:
-        data = result.committed if result.committed is not None else result.attempted
-        if data is None or not data.count:
-            continue
-        distributions[result.key.metric.name] = {
-            "count": data.count,
-            "mean": round(data.sum / data.count, 3),
-            "min": data.min,
-            "max": data.max,
-        }
-    return counters, distributions
+class TallyFn(beam.CombineFn):
+    """Sums tallies from every stage into one."""
+
+    def create_accumulator(self) -> Tally:
+        return {}
+
+    def add_input(self, accumulator: Tally, tally: Tally) -> Tally:
+        for key, value in tally.items():
+            if key not in accumulator:
+                accumulator[key] = value
+            elif key.endswith("_min"):
+                accumulator[key] = min(accumulator[key], value)
+            elif key.endswith("_max"):
+                accumulator[key] = max(accumulator[key], value)
+            else:
+                accumulator[key] += value
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[Tally]) -> Tally:
+        merged: Tally = {}
+        for accumulator in accumulators:
+            self.add_input(merged, accumulator)
+        return merged
+
+    def extract_output(self, accumulator: Tally) -> Tally:
+        return accumulator
+
+
+def tally_file(_: SourceFile) -> Tally:
+    return {"files_matched": 1}
+
+
+def tally_unit(unit: DecodeUnit) -> Tally:
+    return {"decode_units": 1}
+
+
+def tally_item(item: ImageItem) -> Tally:
+    return {"items": 1, "pages": int(item.info.ref.page is not None)}
+
+
+def tally_selected(item: ImageItem, tasks_per_item: int) -> Tally:
+    return {"items_selected": 1, "tasks_submitted": len(item.tasks) or tasks_per_item}
+
+
+def tally_result(row: Mapping[str, Any]) -> Tally:
+    latency = float(row["latency_ms"] or 0.0)
+    return {
+        "result_rows": 1,
+        f"result_rows_{row['task']}": 1,
+        "prompt_tokens": row["prompt_tokens"] or 0,
+        "generated_tokens": row["generated_tokens"] or 0,
+        "cached_tokens": row["cached_tokens"] or 0,
+        "truncated_outputs": int(bool(row["truncated"])),
+        "detections": len(row["detections"] or ()),
+        "retries": max(0, (row["attempts"] or 1) - 1),
+        "latency_ms_sum": latency,
+        "latency_ms_min": latency,
+        "latency_ms_max": latency,
+    }
+
+
+def tally_error(row: Mapping[str, Any]) -> Tally:
+    return {
+        "error_rows": 1,
+        f"error_stage_{row['stage']}": 1,
+        f"error_type_{row['error_type']}": 1,
+        "retries": max(0, (row["attempts"] or 1) - 1),
+    }
 
 
 def written_files(output: str, table: str) -> list[dict[str, Any]]:
     """Parquet files of one table with their row counts (footer reads only)."""
-    pattern = f"{output}/{table}/*.parquet"
     files = []
-    for meta in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+    for meta in sorted(FileSystems.match([f"{output}/{table}/*.parquet"])[0].metadata_list, key=lambda m: m.path):
         with FileSystems.open(meta.path) as handle:
             rows = pq.ParquetFile(handle).metadata.num_rows
         files.append({"path": meta.path, "rows": rows, "bytes": meta.size_in_bytes})
     return files
-
-
-SECRET_WORDS = ("token", "secret", "password", "credential", "api_key", "apikey", "private_key")
 
 
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,79 +134,79 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _prefixed(tally: Mapping[str, float], prefix: str) -> dict[str, int]:
+    return {key[len(prefix):]: int(value) for key, value in sorted(tally.items()) if key.startswith(prefix)}
+
+
 def build_summary(
     config: JobConfig,
-    counters: Mapping[str, int],
-    distributions: Mapping[str, Any],
+    tally: Mapping[str, float],
     results_files: list[dict[str, Any]],
     errors_files: list[dict[str, Any]],
-    started: datetime.datetime,
-    finished: datetime.datetime,
-    state: str,
+    launched_at: datetime.datetime,
+    finished_at: datetime.datetime,
     options: Mapping[str, Any],
     model_path: str,
 ) -> dict[str, Any]:
+    count = lambda key: int(tally.get(key, 0))  # noqa: E731
     tasks_per_item = len(config.tasks)
-    skipped_tasks = counters.get("skipped_tasks", 0)
-    errors_by_stage = {
-        key[len("error_rows_"):]: value for key, value in sorted(counters.items()) if key.startswith("error_rows_")
-    }
+    errors_by_stage = _prefixed(tally, "error_stage_")
     result_rows = sum(f["rows"] for f in results_files)
     error_rows = sum(f["rows"] for f in errors_files)
-    items_ok = counters.get("items", 0)
+    items_ok = count("items")
     item_errors = sum(errors_by_stage.get(stage, 0) for stage in ITEM_STAGES)
     task_errors = sum(errors_by_stage.get(stage, 0) for stage in TASK_STAGES)
-    prompt_tokens = counters.get("prompt_tokens", 0)
-    cached_tokens = counters.get("cached_tokens", 0)
+    skipped_tasks = items_ok * tasks_per_item - count("tasks_submitted")
+    prompt_tokens, cached_tokens = count("prompt_tokens"), count("cached_tokens")
     summary: dict[str, Any] = {
         "run_id": config.run.run_id,
-        "state": state,
-        "model": {
-            "id": config.run.model_id,
-            "path": model_path,
-            "random_weights": config.model_is_random,
-        },
+        "state": "DONE",
+        "model": {"id": config.run.model_id, "path": model_path, "random_weights": config.model_is_random},
         "prompt_version": config.run.prompt_version,
-        "started_at": started.isoformat(),
-        "finished_at": finished.isoformat(),
-        "wall_time_s": round((finished - started).total_seconds(), 3),
+        "started_at": launched_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+        "wall_time_s": round((finished_at - launched_at).total_seconds(), 3),
         "counts": {
-            "files_matched": counters.get("files_matched", 0),
-            "decode_units": counters.get("decode_units", 0),
+            "files_matched": count("files_matched"),
+            "shards": count("shards"),
+            "decode_units": count("decode_units"),
             "items": items_ok,
-            "pages": counters.get("pages", 0),
+            "pages": count("pages"),
             "tasks_per_item": tasks_per_item,
-            "tasks_submitted": counters.get("tasks_submitted", 0),
+            "skipped_items": items_ok - count("items_selected"),
+            "skipped_tasks": skipped_tasks,
+            "tasks_submitted": count("tasks_submitted"),
             "result_rows": result_rows,
+            "result_rows_by_task": _prefixed(tally, "result_rows_"),
             "error_rows": error_rows,
             "error_rows_by_stage": errors_by_stage,
-            "error_rows_by_type": {
-                key[len("error_type_"):]: value for key, value in sorted(counters.items()) if key.startswith("error_type_")
-            },
-            "shards": counters.get("shards", 0),
-            "skipped_items": counters.get("skipped_items", 0),
-            "skipped_tasks": counters.get("skipped_tasks", 0),
-            "retries": sum(v for k, v in counters.items() if k.startswith("retries_")),
-            "truncated_outputs": counters.get("truncated_outputs", 0),
-            "detections": counters.get("detections", 0),
+            "error_rows_by_type": _prefixed(tally, "error_type_"),
+            "retries": count("retries"),
+            "truncated_outputs": count("truncated_outputs"),
+            "detections": count("detections"),
         },
         "accounting": {
             # Every input item is decoded (then yields one row per task not answered by an
-            # earlier run) or fails before the engine (one row).
+            # earlier run) or fails before the engine (one row); tallies must match the files.
             "items_in": items_ok + item_errors,
             "task_rows_expected": items_ok * tasks_per_item - skipped_tasks,
             "task_rows_written": result_rows + task_errors,
-            "skipped_tasks": skipped_tasks,
-            "balanced": result_rows + task_errors == items_ok * tasks_per_item - skipped_tasks
-            and error_rows == item_errors + task_errors,
+            "balanced": result_rows + task_errors == count("tasks_submitted")
+            and result_rows == count("result_rows")
+            and error_rows == count("error_rows") == item_errors + task_errors,
         },
-        "tokens": {
+        "tokens": {  # of the answers written; retried attempts are in the Beam counters
             "prompt": prompt_tokens,
-            "generated": counters.get("generated_tokens", 0),
+            "generated": count("generated_tokens"),
             "cached": cached_tokens,
             "cached_fraction_of_prompt": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else 0.0,
         },
-        "request_latency_ms": distributions.get("request_latency_ms"),
+        "request_latency_ms": {
+            "count": count("result_rows"),
+            "mean": round(tally["latency_ms_sum"] / tally["result_rows"], 3),
+            "min": tally["latency_ms_min"],
+            "max": tally["latency_ms_max"],
+        } if tally.get("result_rows") else None,
         "outputs": {"results": results_files, "errors": errors_files},
         "config": dict(config.summary_fields()),
         "versions": package_versions(),
@@ -167,4 +219,66 @@ def build_summary(
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
     with FileSystems.create(path, mime_type="application/json") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
+        handle.write(json.dumps(payload, indent=2, default=str).encode())
+
+
+def read_summary(output: str) -> Optional[dict[str, Any]]:
+    path = f"{output}/{SUMMARY_FILE}"
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())
+
+
+class WriteRunSummary(beam.PTransform):
+    """Tallies from every stage -> OUT/run_summary.json, once both tables are finalised."""
+
+    def __init__(self, config: JobConfig, launched_at: datetime.datetime, options: Mapping[str, Any], model_path: str):
+        super().__init__()
+        self._config = config
+        self._launched_at = launched_at
+        self._options = dict(options)
+        self._model_path = model_path
+
+    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
+        tallies, results_written, errors_written = inputs
+        total = tallies | "Total" >> beam.CombineGlobally(TallyFn())
+        return (
+            total.pipeline
+            | "Once" >> beam.Create([None])
+            | "Write" >> beam.Map(
+                self._write,
+                tally=beam.pvalue.AsSingleton(total),
+                # Side inputs of the sinks' outputs: this step runs after both tables are final.
+                results_done=beam.pvalue.AsList(results_written),
+                errors_done=beam.pvalue.AsList(errors_written),
+            )
+        )
+
+    def _write(self, _: None, tally: Tally, results_done: list, errors_done: list) -> str:
+        config = self._config
+        summary = build_summary(
+            config,
+            tally,
+            written_files(config.output, "results"),
+            written_files(config.output, "errors"),
+            self._launched_at,
+            datetime.datetime.now(datetime.timezone.utc),
+            self._options,
+            self._model_path,
+        )
+        path = f"{config.output}/{SUMMARY_FILE}"
+        write_json(path, summary)
+        return path
+
+
+def distinct_sources(units: beam.PCollection) -> beam.PCollection:
+    """One tally per shard (tar or Parquet) among the decode units."""
+    return (
+        units
+        | "ShardUnits" >> beam.Filter(lambda unit: unit.kind in ("member", "parquet"))
+        | "ShardUri" >> beam.Map(lambda unit: unit.uri)
+        | "DistinctShards" >> beam.Distinct()
+        | "TallyShards" >> beam.Map(lambda _: {"shards": 1})
+    )
+

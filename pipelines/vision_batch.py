@@ -19,12 +19,13 @@ import sys
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
-from pipelines.summary import RANDOM_MODEL_WARNING, build_summary, collect_metrics, write_json, written_files
+from pipelines import summary
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, engine, incremental, parse, sources
 from transforms.sinks import WriteTable, to_error_row
@@ -60,12 +61,28 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
     ).with_outputs(parse.ERRORS_TAG, main="rows")
 
-    parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA, config.num_output_shards)
-    (
+    error_rows = (
         (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[engine.ERRORS_TAG], parsed[parse.ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(to_error_row, config.run)
-        | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA, config.num_output_shards)
+    )
+    results_written = parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA, config.num_output_shards)
+    errors_written = error_rows | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA, config.num_output_shards)
+
+    tallies = (
+        files | "TallyFiles" >> beam.Map(summary.tally_file),
+        planned.units | "TallyUnits" >> beam.Map(summary.tally_unit),
+        summary.distinct_sources(planned.units),
+        decoded.items | "TallyItems" >> beam.Map(summary.tally_item),
+        selected | "TallySelected" >> beam.Map(summary.tally_selected, len(config.tasks)),
+        parsed.rows | "TallyResults" >> beam.Map(summary.tally_result),
+        error_rows | "TallyErrors" >> beam.Map(summary.tally_error),
+    ) | "AllTallies" >> beam.Flatten()
+    (tallies, results_written, errors_written) | "RunSummary" >> summary.WriteRunSummary(
+        config,
+        datetime.datetime.now(datetime.timezone.utc),
+        pipeline.options.get_all_options(drop_default=True),
+        config.engine.model_path,
     )
 
 
@@ -77,50 +94,38 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
     if model.is_random:
         _LOG.warning("=" * 72)
-        _LOG.warning(RANDOM_MODEL_WARNING)
+        _LOG.warning(summary.RANDOM_MODEL_WARNING)
         _LOG.warning("=" * 72)
     _LOG.info("run %s: %s -> %s, tasks %s, model %s", config.run.run_id, list(config.inputs), config.output,
               [t.name for t in config.tasks], config.run.model_id)
 
+    stale = f"{config.output}/{summary.SUMMARY_FILE}"
+    if FileSystems.exists(stale):
+        FileSystems.delete([stale])  # a summary must never describe another run's files
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, config)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    result = pipeline.run()
-    state = result.wait_until_finish()
-    finished = datetime.datetime.now(datetime.timezone.utc)
-
-    counters, distributions = collect_metrics(result)
-    summary = build_summary(
-        config,
-        counters,
-        distributions,
-        written_files(config.output, "results"),
-        written_files(config.output, "errors"),
-        started,
-        finished,
-        str(state),
-        options.get_all_options(drop_default=True),
-        model.path,
-    )
-    write_json(f"{config.output}/run_summary.json", summary)
-    return summary
+    state = pipeline.run().wait_until_finish()
+    written = summary.read_summary(config.output)
+    if written is None:
+        raise RuntimeError(f"run ended in state {state} without writing {stale}")
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One INFO line per string type hint in our (postponed-annotation) DoFns: noise.
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
-    summary = run(argv)
-    counts = summary["counts"]
-    output = summary["config"]["output"]
+    written = run(argv)
+    counts = written["counts"]
+    output = written["config"]["output"]
     print(
-        f"\nrun {summary['run_id']} {summary['state']} in {summary['wall_time_s']} s: "
+        f"\nrun {written['run_id']} {written['state']} in {written['wall_time_s']} s: "
         f"{counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows "
-        f"(balanced: {summary['accounting']['balanced']})\n"
-        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/run_summary.json"
+        f"(balanced: {written['accounting']['balanced']})\n"
+        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/{summary.SUMMARY_FILE}"
     )
-    if "warning" in summary:
-        print(f"\nWARNING: {summary['warning']}")
+    if "warning" in written:
+        print(f"\nWARNING: {written['warning']}")
     return 0
 
 

@@ -121,6 +121,7 @@ class ErrorRecord:
     content_hash: Optional[str] = None
     raw_output: Optional[str] = None
     metadata: Optional[str] = None
+    attempts: Optional[int] = None  # engine requests made for the task, when it reached the engine
 
     @staticmethod
     def from_exception(ref: ItemRef, stage: str, exc: BaseException, **kwargs: Any) -> "ErrorRecord":

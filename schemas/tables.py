@@ -71,6 +71,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string()),
         pa.field("raw_output", pa.string()),
+        pa.field("attempts", pa.int32()),
     ]
     + _RUN_FIELDS
 )
@@ -139,6 +140,7 @@ def error_row(error: ErrorRecord, run: RunInfo) -> dict[str, Any]:
         error_type=error.error_type,
         message=error.message,
         raw_output=error.raw_output,
+        attempts=error.attempts,
     )
     row.update(_run_columns(run))
     return row

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -142,11 +143,21 @@ def prefix_lengths(checkpoint: pathlib.Path) -> tuple[int, int]:
     return ids[0].index(image_token), shared
 
 
-def test_tasks_of_an_image_reuse_its_prefix_and_images_never_share(sample_run, tiny_checkpoint):
-    _, out, _ = sample_run
+def fresh_images(directory: pathlib.Path, count: int) -> None:
+    """Images this engine has never seen (the session shares one engine and its prefix cache)."""
+    directory.mkdir()
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    for index in range(count):
+        pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(directory / f"fresh-{index}.png")
+
+
+def test_tasks_of_an_image_reuse_its_prefix_and_images_never_share(tmp_path, tiny_checkpoint):
+    fresh_images(tmp_path / "in", 4)
+    run_pipeline("--input", f"{tmp_path}/in/*", "--output", str(tmp_path / "out"))
     before_image, through_image = prefix_lengths(tiny_checkpoint)
     cached_by_item: dict[str, list[int]] = {}
-    for row in read(out, "results").to_pylist():
+    for row in read(tmp_path / "out", "results").to_pylist():
         cached_by_item.setdefault(row["item_id"], []).append(row["cached_tokens"])
     # KV blocks are cached whole: the hybrid sliding/full layout of this model
     # shares in 64-token units, so up to 63 tokens of the shared prefix are recomputed.

@@ -387,7 +387,8 @@ class RunTasks(beam.DoFn):
             metrics.count("errors_engine")
             metrics.count("tasks_done")
             error = ErrorRecord.from_exception(
-                info.ref, "engine", exc, task=pending.spec.name, content_hash=info.content_hash, metadata=info.metadata
+                info.ref, "engine", exc, task=pending.spec.name, content_hash=info.content_hash,
+                metadata=info.metadata, attempts=pending.attempt + 1,
             )
             return pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error, pending.timestamp, [pending.window]))
         metrics.count("prompt_tokens", result.prompt_tokens)

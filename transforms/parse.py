@@ -169,6 +169,7 @@ class ParseCompletions(beam.DoFn):
                         content_hash=info.content_hash,
                         raw_output=completion.text,
                         metadata=info.metadata,
+                        attempts=completion.attempts,
                     ),
                 )
                 return
