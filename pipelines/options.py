@@ -35,7 +35,8 @@ class VisionBatchOptions(PipelineOptions):
         group.add_argument(
             "--manifest", dest="manifest", action="append", default=None,
             help="File listing inputs, one URI per entry: text (one per line), CSV or Parquet "
-                 "(column --manifest_column). Relative entries are relative to the manifest. Repeatable.",
+                 "(column --manifest_column). Relative entries are relative to the manifest. "
+                 "Repeatable, or comma-separated.",
         )
         group.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
         group.add_argument("--output", help="Output location: results/, errors/ and run_summary.json go under it.")
@@ -47,7 +48,8 @@ class VisionBatchOptions(PipelineOptions):
         group.add_argument(
             "--incremental_from", dest="incremental_from", action="append", default=None,
             help="Earlier output location; (content, task, model, prompt version) pairs it already answered "
-                 "are skipped. Repeatable. Locations without results are ignored.",
+                 "are skipped. Globs allowed (e.g. gs://b/nightly/*). Repeatable, or comma-separated. "
+                 "Locations without results are ignored.",
         )
         group.add_argument(
             "--parquet_id_column", default=ShardSettings.parquet_id_column,
@@ -102,7 +104,7 @@ class VisionBatchOptions(PipelineOptions):
         )
         group.add_argument(
             "--max_tokens", dest="max_tokens", action="append", default=None, metavar="TASK=N",
-            help="Override a task's output token limit, e.g. ocr=512. Repeatable.",
+            help="Override a task's output token limit, e.g. ocr=512 (or ocr=512,caption=64). Repeatable.",
         )
         group.add_argument("--pdf_dpi", type=float, default=_DEFAULT_LIMITS.pdf_dpi, help="PDF render resolution.")
         group.add_argument(
@@ -124,6 +126,11 @@ class VisionBatchOptions(PipelineOptions):
             help="Seconds between progress lines per worker process (0: none).",
         )
         group.add_argument("--run_id", default=None, help="Run identifier written to every row (default: UTC time + random suffix).")
+
+
+def split_commas(values: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """Repeated options may also hold comma-separated lists: a flex-template parameter takes one value."""
+    return tuple(part.strip() for value in values or () for part in value.split(",") if part.strip())
 
 
 def parse_key_values(pairs: Optional[Sequence[str]], what: str) -> dict[str, str]:
@@ -172,7 +179,7 @@ class JobConfig:
             raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
         if not opts.output:
             raise ValueError("--output is required")
-        max_tokens = {k: int(v) for k, v in parse_key_values(opts.max_tokens, "--max_tokens").items()}
+        max_tokens = {k: int(v) for k, v in parse_key_values(split_commas(opts.max_tokens), "--max_tokens").items()}
         unknown = sorted(set(max_tokens) - set(TASKS))
         if unknown:
             raise ValueError(f"--max_tokens names unknown task(s) {unknown}")
@@ -205,9 +212,9 @@ class JobConfig:
         )
         return JobConfig(
             inputs=tuple(opts.input or ()),
-            manifests=tuple(opts.manifest or ()),
+            manifests=split_commas(opts.manifest),
             manifest_column=opts.manifest_column,
-            incremental_from=tuple(location.rstrip("/") for location in opts.incremental_from or ()),
+            incremental_from=tuple(location.rstrip("/") for location in split_commas(opts.incremental_from)),
             shards=shards,
             output=opts.output.rstrip("/"),
             num_output_shards=opts.num_output_shards,

@@ -60,3 +60,4 @@ def test_sampling_is_greedy_for_ocr_and_detect_and_overridable():
 def test_only_detect_is_constrained_to_json():
     assert TASKS["detect"].json_schema is not None and TASKS["detect"].produces_boxes
     assert TASKS["ocr"].json_schema is None and TASKS["caption"].json_schema is None
+

@@ -1,0 +1,41 @@
+"""Options -> JobConfig, without running anything."""
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.options import JobConfig, split_commas
+
+
+def config(*args: str) -> JobConfig:
+    return JobConfig.from_options(PipelineOptions(["--output", "out", *args]), "/m", "model", False)
+
+
+def test_list_options_accept_repeats_and_commas():
+    assert split_commas(["ocr=5,caption=6", "detect=7"]) == ("ocr=5", "caption=6", "detect=7")
+    assert split_commas(None) == ()
+    job = config("--input", "a/*", "--max_tokens", "ocr=5,caption=6", "--incremental_from", "gs://b/x/,gs://b/y")
+    assert {t.name: t.max_tokens for t in job.tasks}["caption"] == 6
+    assert job.incremental_from == ("gs://b/x", "gs://b/y")
+
+
+def test_engine_overrides_and_structured_output():
+    job = config("--input", "a", "--engine_arg", "max_model_len=512", "--engine_arg", 'limit_mm_per_prompt={"image": 2}',
+                 "--structured_output", "off")
+    assert job.engine.engine_args["max_model_len"] == 512
+    assert job.engine.engine_args["limit_mm_per_prompt"] == {"image": 2}
+    assert job.engine.engine_args["block_size"] == 32  # untouched profile value
+    assert job.engine.structured_output is False
+    assert config("--input", "a").engine.structured_output is True  # cpu-tiny's own choice
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "--input"),
+        (("--input", "a", "--max_tokens", "translate=5"), "unknown task"),
+        (("--input", "a", "--tasks", "ocr,poetry"), "unknown task"),
+        (("--input", "a", "--engine_arg", "novalue"), "KEY=VALUE"),
+    ],
+)
+def test_bad_options_are_refused_with_a_reason(args, message):
+    with pytest.raises(ValueError, match=message):
+        config(*args)
