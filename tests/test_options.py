@@ -39,3 +39,16 @@ def test_engine_overrides_and_structured_output():
 def test_bad_options_are_refused_with_a_reason(args, message):
     with pytest.raises(ValueError, match=message):
         config(*args)
+
+
+def test_every_option_is_documented_in_the_readme():
+    import argparse
+    import pathlib
+
+    from pipelines.options import VisionBatchOptions
+
+    parser = argparse.ArgumentParser()
+    VisionBatchOptions._add_argparse_args(parser)
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    flags = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
+    assert [flag for flag in flags if f"`{flag}" not in readme] == []
