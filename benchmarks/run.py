@@ -1,0 +1,183 @@
+"""Run every design side by side on the same inputs and write BENCHMARKS.md + benchmarks/results.json.
+
+    python -m benchmarks.run [--items N] [--quick] [--only a,b,c,d,e1,e2,rss] [--wait_quiet LOAD]
+
+Each variant runs in its own child process (`benchmarks.variants`), one after
+the other, on the same generated images, prompts and engine arguments; the
+streaming check then runs the pipeline on the tiny model at two input sizes.
+Compare figures only within one run: the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from benchmarks import report
+from benchmarks.measure import TaskRecord, VariantResult, from_records, load_average, machine
+from benchmarks.workload import (
+    BENCH_MAX_TOKENS,
+    STREAMING_MAX_TOKENS,
+    Workload,
+    checkpoint_parameters,
+    make_images,
+    prompt_suffix_tokens,
+    task_specs,
+)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+_LOG = logging.getLogger("benchmarks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    key: str  # row label: a, b, c, d, e1, ...
+    name: str  # entry in benchmarks.variants.VARIANTS
+    title: str
+    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the variant
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("a", "raw", "raw engine ceiling: one LLM.generate, images pre-decoded"),
+    Variant("b", "pipeline", "this pipeline, files -> Parquet (vision_batch.run)"),
+    Variant("c", "runinference", "RunInference + BatchElements, llm.generate(batch) per batch"),
+    Variant("d", "server", "vllm serve + OpenAI client, base64 images (VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
+            options={"reserved_cpus": 0}),
+    Variant("e1", "pipeline", "ablation: pipeline, prefix caching off", engine_args={"enable_prefix_caching": False}),
+    Variant("e2", "text-first", "ablation: pipeline, task text before the image"),
+)
+
+
+def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Run one variant in a fresh process; its JSON result, or {"error": ...}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"workload": {**dataclasses.asdict(workload), "images": str(workload.images)}, "out_dir": str(out_dir),
+            "options": options}
+    (out_dir / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "benchmarks.variants", variant, str(out_dir / "spec.json"), str(out_dir / "result.json")]
+    started = time.monotonic()
+    with open(out_dir / "log.txt", "w") as log:
+        code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    _LOG.info("%s finished in %.0f s (exit %d)", variant, time.monotonic() - started, code)
+    if code != 0:
+        return {"error": f"exit {code}; see {out_dir / 'log.txt'}"}
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def to_result(key: str, raw: dict[str, Any], suffix_tokens: Optional[dict[str, int]]) -> VariantResult:
+    records = [TaskRecord(*r) for r in raw["records"]]
+    result = from_records(
+        key, raw["items"], records, suffix_tokens,
+        wall_s=raw["wall_s"], busy_s=raw.get("busy_s"), peak_rss_bytes=raw["peak_rss_bytes"], cpu_s=raw.get("cpu_s"),
+        notes={**raw.get("notes", {}), "task_errors": raw.get("task_errors", 0)},
+    )
+    result.tasks += raw.get("task_errors", 0)  # answered, but the answer failed validation (error rows)
+    return result
+
+
+def wait_quiet(threshold: float, poll_s: float = 30, limit_s: float = 20 * 60) -> float:
+    """Wait until the 1-minute load average is below `threshold` (at most `limit_s`); the load when starting."""
+    deadline = time.monotonic() + limit_s
+    while load_average() >= threshold and time.monotonic() < deadline:
+        _LOG.info("load %.2f >= %.2f; waiting", load_average(), threshold)
+        time.sleep(poll_s)
+    return load_average()
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # 150 images x 3 tasks keeps the whole command near 25 minutes on a 2-core box (~8 s of the
+    # bench model per image over the six variants, plus the streaming check); 300 takes ~45.
+    parser.add_argument("--items", type=int, default=150, help="images (x3 tasks) per variant")
+    parser.add_argument("--quick", action="store_true", help="60 items, streaming check at 200/1000: for iterating")
+    parser.add_argument("--only", default="", help="comma-separated variant keys (a,b,c,d,e1,e2,rss) to run")
+    parser.add_argument("--profile", default="cpu-tiny", help="engine profile for every variant")
+    parser.add_argument("--engine_arg", action="append", default=[], metavar="KEY=JSON", help="override for every variant")
+    parser.add_argument("--max_in_flight", type=int, default=None)
+    parser.add_argument("--streaming_items", default="1000,5000", help="pipeline input sizes of the RSS check")
+    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/vision-batch-bench"))
+    parser.add_argument("--wait_quiet", type=float, default=0.0, metavar="LOAD",
+                        help="first wait (up to 20 min) for the 1-minute load average to drop below LOAD")
+    parser.add_argument("--no_write", action="store_true", help="print the table only (sweeps, experiments)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.items = 60 if args.items == 150 else args.items
+        args.streaming_items = "200,1000" if args.streaming_items == "1000,5000" else args.streaming_items
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    only = set(filter(None, args.only.split(",")))
+    load_at_start = wait_quiet(args.wait_quiet) if args.wait_quiet else load_average()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    run_dir = args.workdir / started.strftime("run-%Y%m%dT%H%M%SZ")
+
+    from pipelines.tiny_checkpoint import ensure_checkpoint
+
+    checkpoint = str(ensure_checkpoint("bench"))
+    overrides = {k: json.loads(v) for k, _, v in (pair.partition("=") for pair in args.engine_arg)}
+    workload = Workload(
+        images=make_images(args.workdir, args.items), model_path=checkpoint, model_id="bench", profile=args.profile,
+        max_tokens=dict(BENCH_MAX_TOKENS), engine_args=overrides, max_in_flight=args.max_in_flight,
+    )
+    suffix_tokens = prompt_suffix_tokens(checkpoint, task_specs(BENCH_MAX_TOKENS))
+
+    results: dict[str, VariantResult] = {}
+    errors: dict[str, str] = {}
+    loads: dict[str, float] = {}
+    for variant in VARIANTS:
+        if only and variant.key not in only:
+            continue
+        _LOG.info("variant %s (%s): %s", variant.key, variant.name, variant.title)
+        loads[variant.key] = load_average()
+        variant_workload = dataclasses.replace(workload, engine_args={**workload.engine_args, **variant.engine_args})
+        raw = run_child(variant.name, variant_workload, run_dir / variant.key, variant.options)
+        if "error" in raw:
+            errors[variant.key] = raw["error"]
+            continue
+        results[variant.key] = to_result(variant.key, raw, suffix_tokens)
+        _LOG.info("%s: %s", variant.key, results[variant.key].figures())
+
+    streaming: dict[int, dict[str, Any]] = {}
+    if not only or "rss" in only:
+        tiny = Workload(images=args.workdir, model_path=str(ensure_checkpoint("tiny-dense")), model_id="tiny-dense",
+                        profile=args.profile, max_tokens=dict(STREAMING_MAX_TOKENS), engine_args=overrides)
+        for count in (int(n) for n in args.streaming_items.split(",")):
+            images = make_images(args.workdir, count, seed=1, max_side=256)
+            raw = run_child("pipeline", dataclasses.replace(tiny, images=images), run_dir / f"rss-{count}", {})
+            if "error" in raw:
+                errors[f"rss-{count}"] = raw["error"]
+                continue
+            streaming[count] = {"items": raw["items"], "wall_s": round(raw["wall_s"], 1),
+                                "peak_rss_mib": round(raw["peak_rss_bytes"] / 2**20, 1)}
+            _LOG.info("streaming %d: %s", count, streaming[count])
+
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    document = report.results_document(
+        command=command, started=started, finished=finished, machine=machine(), load_at_start=load_at_start,
+        loads=loads, workload=workload, parameters=checkpoint_parameters(checkpoint), variants=VARIANTS,
+        results=results, streaming=streaming, errors=errors, suffix_tokens=suffix_tokens,
+    )
+    print(report.table(document))
+    if not args.no_write:
+        (REPO / "benchmarks" / "results.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        tuning_path = REPO / "benchmarks" / "tuning.json"
+        tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else None
+        (REPO / "BENCHMARKS.md").write_text(report.markdown(document, tuning))
+        _LOG.info("wrote BENCHMARKS.md and benchmarks/results.json")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The benchmark workload: the same generated images, tasks and engine settings for every variant.
+
+Images are generated deterministically (seeded per index) and written as files,
+because variant (b) is measured from files to Parquet. Variants that need
+decoded pixels get them from the pipeline's own decode stage, so every variant
+sees the same pixels, the same prompts and the same engine arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from schemas.records import DecodeUnit, ImageItem
+from transforms.decode import DecodeLimits, DecodeUnits
+from transforms.engine import EngineSettings
+from transforms.prompts import DEFAULT_TASKS, TASKS, TaskSpec, with_max_tokens
+from transforms.shards import ShardSettings
+
+# Bump when the generator draws different pixels: it names the cache directory.
+GENERATOR_VERSION = "1"
+
+# Skewed output budgets, as in real jobs: long transcriptions, short captions, mid-size
+# box lists. The random model also stops early at EOS (and the detection grammar closes
+# its JSON list) at different points, so requests of one batch finish at different times.
+BENCH_MAX_TOKENS: Mapping[str, int] = {"ocr": 192, "caption": 24, "detect": 96}
+# The streaming (RSS) check measures memory over many items, not the engine: tiny outputs.
+STREAMING_MAX_TOKENS: Mapping[str, int] = {"ocr": 8, "caption": 4, "detect": 16}
+
+_WORDS = (
+    "invoice total amount due date account number customer order item quantity price tax "
+    "report revenue growth costs quarter annual summary table figure page section note "
+    "shipping address phone email reference payment balance credit debit signature approved"
+).split()
+
+
+def _document(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    page = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(page)
+    font_size = int(rng.integers(12, 28))
+    font = ImageFont.load_default(size=font_size)
+    y = int(rng.integers(8, 40))
+    while y < size[1] - font_size:
+        line = " ".join(rng.choice(_WORDS, int(rng.integers(2, 9))))
+        draw.text((int(rng.integers(8, 48)), y), line, fill="black", font=font)
+        y += font_size + int(rng.integers(4, 16))
+    return page
+
+
+def _chart(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(180, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    bars = int(rng.integers(3, 12))
+    width = size[0] // (bars + 1)
+    for bar in range(bars):
+        top = int(rng.integers(size[1] // 8, size[1] - 10))
+        colour = tuple(int(c) for c in rng.integers(0, 200, 3))
+        draw.rectangle((width // 2 + bar * width, top, width // 2 + bar * width + width * 2 // 3, size[1] - 4), fill=colour)
+    return image
+
+
+def _photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(0, 255, 3).astype(np.float32)
+    slope = rng.uniform(-0.3, 0.3, (2, 3)).astype(np.float32)
+    pixels = base + xs[..., None] * slope[0] + ys[..., None] * slope[1]
+    pixels += rng.normal(0, 12, pixels.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        radius = int(rng.integers(10, max(11, min(size) // 3)))
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def draw_image(index: int, seed: int = 0, max_side: int = 1024) -> tuple[Image.Image, str]:
+    """Image number `index` and its file format: documents and charts as PNG, photos as JPEG."""
+    rng = np.random.default_rng([seed, index])
+    long_side = int(rng.integers(max(64, max_side // 3), max_side + 1))
+    aspect = float(rng.uniform(0.5, 2.0))
+    size = (long_side, max(32, int(long_side / aspect))) if aspect >= 1 else (max(32, int(long_side * aspect)), long_side)
+    kind = index % 3
+    if kind == 0:
+        return _document(rng, size), "png"
+    if kind == 1:
+        return _chart(rng, size), "png"
+    return _photo(rng, size), "jpeg"
+
+
+def make_images(root: pathlib.Path, count: int, seed: int = 0, max_side: int = 1024) -> pathlib.Path:
+    """A directory holding exactly `count` generated images (cached: built once, renamed into place)."""
+    target = root / f"images-v{GENERATOR_VERSION}-seed{seed}-side{max_side}-n{count}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".images-", dir=root))
+    try:
+        for index in range(count):
+            image, fmt = draw_image(index, seed, max_side)
+            image.save(staging / f"img_{index:05d}.{'jpg' if fmt == 'jpeg' else fmt}", fmt, quality=85)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def image_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(path for path in directory.iterdir() if path.name.startswith("img_"))
+
+
+def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLimits()) -> list[ImageItem]:
+    """Files -> ImageItems through the pipeline's own decode stage (same pixels, same content hashes)."""
+    decoder = DecodeUnits(limits, ShardSettings())
+    items = []
+    for path in paths:
+        unit = DecodeUnit(uri=str(path), kind="image", first_page=0, end_page=1, page_count=1)
+        items.extend(out for out in decoder.process(unit) if isinstance(out, ImageItem))
+    if len(items) != len(paths):
+        raise RuntimeError(f"decoded {len(items)} of {len(paths)} benchmark images")
+    return items
+
+
+def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[TaskSpec, ...]:
+    return tuple(with_max_tokens(TASKS[name], max_tokens) for name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One set of inputs and settings, shared by every variant of a run."""
+
+    images: pathlib.Path  # directory of generated image files
+    model_path: str  # checkpoint directory
+    model_id: str
+    profile: str  # engine profile name (pipelines/engine_profiles.py)
+    max_tokens: Mapping[str, int]
+    engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
+    max_in_flight: Optional[int] = None  # overrides the profile's
+    vision_tokens: Optional[int] = None  # overrides the profile's image soft-token budget
+
+    def pipeline_argv(self, output: str) -> list[str]:
+        """The command line of this pipeline (variant b) for this workload."""
+        argv = [
+            "--input", f"{self.images}/img_*", "--output", output,
+            "--model", self.model_path, "--model_id", self.model_id, "--engine_profile", self.profile,
+        ]
+        for task, limit in self.max_tokens.items():
+            argv += ["--max_tokens", f"{task}={limit}"]
+        for key, value in self.engine_args.items():
+            argv += ["--engine_arg", f"{key}={_json(value)}"]
+        if self.max_in_flight:
+            argv += ["--max_in_flight", str(self.max_in_flight)]
+        if self.vision_tokens:
+            argv += ["--vision_tokens", str(self.vision_tokens)]
+        return argv
+
+    def engine_settings(self, image_first: bool = True) -> EngineSettings:
+        """Exactly the engine settings the pipeline resolves from `pipeline_argv` (same engine args for all variants)."""
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        from pipelines.options import JobConfig
+
+        options = PipelineOptions(self.pipeline_argv("unused"))
+        settings = JobConfig.from_options(options, self.model_path, self.model_id, True).engine
+        return dataclasses.replace(settings, image_first=image_first)
+
+    def specs(self) -> tuple[TaskSpec, ...]:
+        return task_specs(self.max_tokens)
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str, int]:
+    """Prompt tokens after the prefix all tasks of an image share (system + image), per task.
+
+    From the checkpoint's own processor, as vLLM tokenizes it. The image's token
+    count varies with its aspect ratio but the suffix does not, so a request's
+    shared-prefix length is its prompt length minus its task's suffix.
+    """
+    from transformers import AutoProcessor
+
+    from transforms.prompts import render_prompts
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    template = processor.tokenizer.apply_chat_template
+    texts = render_prompts(specs, lambda messages: template(messages, tokenize=False, add_generation_prompt=True))
+    image = Image.new("RGB", (320, 240), "white")
+    ids = {name: list(processor(text=[text], images=[image])["input_ids"][0]) for name, text in texts.items()}
+    shared = next(i for i, tokens in enumerate(zip(*ids.values())) if len(set(tokens)) > 1)
+    return {name: len(tokens) - shared for name, tokens in ids.items()}
+
+
+def checkpoint_parameters(checkpoint: str) -> int:
+    """Parameter count from the safetensors headers (no weights loaded)."""
+    import struct
+
+    total = 0
+    for path in pathlib.Path(checkpoint).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        total += sum(int(np.prod(entry["shape"])) for key, entry in header.items() if key != "__metadata__")
+    return total

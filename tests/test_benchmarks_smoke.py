@@ -1,0 +1,49 @@
+"""The benchmark's metric helpers, as pure functions (no engine, no timing: benchmarks are never tests)."""
+from __future__ import annotations
+
+from benchmarks.measure import TaskRecord, prefix_reuse, ratio
+from benchmarks.server import chat_messages, server_flags
+from transforms.prompts import TASKS
+
+SUFFIX = {"ocr": 10, "caption": 4, "detect": 12}  # prompt tokens after the shared system + image prefix
+
+
+def image(name: str, shared: int, cached: dict[str, int]) -> list[TaskRecord]:
+    return [TaskRecord(name, task, shared + SUFFIX[task], 5, hit) for task, hit in cached.items()]
+
+
+def test_prefix_reuse_counts_later_tasks_against_the_shared_prefix():
+    # Image 1: 100 shared tokens, first task hit only the 32-token system block, the others 96.
+    # Image 2: 70 shared tokens (fewer image tokens), the others hit 64.
+    records = image("1", 100, {"ocr": 32, "caption": 96, "detect": 96}) + image("2", 70, {"ocr": 32, "caption": 64, "detect": 64})
+    reuse = prefix_reuse(records, SUFFIX)
+    assert reuse.reused_tokens == 96 * 2 + 64 * 2
+    assert reuse.shareable_tokens == 2 * 100 + 2 * 70
+    assert reuse.block_tokens == 32
+    assert reuse.block_aligned_shareable == 2 * 96 + 2 * 64
+    assert reuse.ratio_of_block_aligned == 1.0
+    assert abs(reuse.ratio - 320 / 340) < 1e-9
+
+
+def test_prefix_reuse_without_cache_hits():
+    reuse = prefix_reuse(image("1", 100, {"ocr": 0, "caption": 0, "detect": 0}), SUFFIX)
+    assert (reuse.reused_tokens, reuse.block_tokens, reuse.ratio) == (0, 0, 0.0)
+
+
+def test_ratio_is_none_when_a_side_is_missing():
+    assert ratio(2.0, 4.0) == 0.5
+    assert ratio(None, 4.0) is None and ratio(2.0, None) is None and ratio(2.0, 0) is None
+
+
+def test_server_flags_mirror_engine_args():
+    flags = server_flags({"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32,
+                          "limit_mm_per_prompt": {"image": 1}})
+    assert flags == ["--enforce-eager", "--no-enable-prefix-caching", "--block-size", "32",
+                     "--limit-mm-per-prompt", '{"image": 1}']
+
+
+def test_server_messages_are_the_pipeline_messages_with_an_image_url():
+    messages = chat_messages(TASKS["caption"], "data:image/png;base64,AAAA")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"][0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert messages[1]["content"][1]["text"] == TASKS["caption"].instruction
