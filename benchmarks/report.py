@@ -27,6 +27,7 @@ COLUMNS = (
     ("engine busy", "engine_busy_fraction"),
     ("peak RSS MiB", "peak_rss_mib"),
     ("wall s", "wall_s"),
+    ("engine steps", "engine_steps"),
 )
 
 
@@ -46,15 +47,17 @@ def results_document(
     parameters: int,
     variants: Sequence[Any],
     results: Mapping[str, VariantResult],
+    step_cost: Sequence[Mapping[str, Any]],
     streaming: Mapping[int, Mapping[str, Any]],
     errors: Mapping[str, str],
     suffix_tokens: Mapping[str, int],
 ) -> dict[str, Any]:
-    tps = {key: _tasks_per_s(results, key) for key in ("a", "b", "c", "d", "e1", "e2")}
+    tps = {key: _tasks_per_s(results, key) for key in ("a", "b", "c", "d", "d1", "e1", "e2")}
     ratios = {
         "b_over_a": ratio(tps["b"], tps["a"]),
         "b_over_c": ratio(tps["b"], tps["c"]),
         "b_over_d": ratio(tps["b"], tps["d"]),
+        "b_over_d1": ratio(tps["b"], tps["d1"]),
         "c_over_a": ratio(tps["c"], tps["a"]),
         "d_over_a": ratio(tps["d"], tps["a"]),
         "e1_over_b": ratio(tps["e1"], tps["b"]),
@@ -100,6 +103,7 @@ def results_document(
             for key, result in results.items()
         },
         "ratios": ratios,
+        "decode_step_cost": list(step_cost),
         "streaming": {str(k): v for k, v in streaming.items()},
         "rss_ratio": rss_ratio,
         "targets": targets,
@@ -121,7 +125,15 @@ def table(document: Mapping[str, Any]) -> str:
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for key, figures in document["variants"].items():
-        lines.append(f"| ({key}) {figures['title']} | " + " | ".join(_cell(figures[field]) for _, field in COLUMNS) + " |")
+        lines.append(f"| ({key}) {figures['title']} | " + " | ".join(_cell(figures.get(field)) for _, field in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def step_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "(not run)"
+    lines = ["| sequences running | ms per step | generated tok/s |", "|---:|---:|---:|"]
+    lines += [f"| {row['sequences']} | {row['ms_per_step']} | {row['tokens_per_s']} |" for row in rows]
     return "\n".join(lines)
 
 
@@ -180,12 +192,18 @@ tasks {', '.join(w['tasks'])} each, max_tokens {w['max_tokens']}; engine profile
 {table(document)}
 
 Ratios (tasks/s): (b)/(a) = {_cell(r['b_over_a'])}, (b)/(c) = {_cell(r['b_over_c'])}, (b)/(d) = {_cell(r['b_over_d'])},
-(c)/(a) = {_cell(r['c_over_a'])}, (d)/(a) = {_cell(r['d_over_a'])}; ablations (e1)/(b) = {_cell(r['e1_over_b'])},
+(b)/(d1) = {_cell(r.get('b_over_d1'))}, (c)/(a) = {_cell(r['c_over_a'])}, (d)/(a) = {_cell(r['d_over_a'])}; ablations (e1)/(b) = {_cell(r['e1_over_b'])},
 (e2)/(b) = {_cell(r['e2_over_b'])}.
 
 ## Targets
 
 {targets_table(document)}
+
+Decode step cost on the bench model (`benchmarks.variants.run_step_cost`: median time of one
+decode step with N sequences running, text prompts, same engine arguments). A synchronous
+batch's tail steps run few sequences: they cost what the first rows cost, not a full step.
+
+{step_cost_table(document.get('decode_step_cost', ()))}
 
 Streaming check (pipeline, `tiny-dense` model, max_tokens {dict(STREAMING_MAX_TOKENS)}): peak RSS of the
 pipeline process by input size; ratio {_cell(document['rss_ratio'])}.

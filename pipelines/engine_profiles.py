@@ -20,6 +20,7 @@ class EngineProfile:
     max_in_flight: int  # requests admitted to the engine per process (back-pressure)
     structured_output: bool  # whether the engine can constrain detection JSON to a schema
     vision_tokens: Optional[int]  # image soft tokens per request; None = the checkpoint's default
+    preprocess_on_step_thread: bool  # image preprocessing inside add_request, not on Beam's threads
 
 
 PROFILES: Mapping[str, EngineProfile] = {
@@ -89,6 +90,11 @@ PROFILES: Mapping[str, EngineProfile] = {
         # engine time: measured 140 -> 4.1, 280 -> 2.8 tasks/s on the bench model. A quality choice
         # per job (--vision_tokens), not a throughput knob to maximise.
         vision_tokens=None,
+        # When the CPU is the accelerator, preprocessing beside the engine takes cores from it: vLLM
+        # pins its OpenMP threads one per core, so a Beam thread preprocessing on either core stalls
+        # both at the next barrier. Measured (pipeline, 60 images, interleaved runs): preprocessing on
+        # the step-loop thread 2.78, 2.74 tasks/s; on the Beam thread 2.26, 2.44 (raw engine 2.85).
+        preprocess_on_step_thread=True,
     ),
     # Gemma 4 26B-A4B (MoE: 128 experts, top-8; ~25.2 B parameters, ~3.8 B active) on vllm-tpu 0.32.
     # The launch profiles in launch/profiles.py pair these with Dataflow TPU workers. Not yet run by
@@ -142,6 +148,9 @@ PROFILES: Mapping[str, EngineProfile] = {
         structured_output=False,
         # 280 is Gemma 4's default budget; larger per-request budgets look truncated on TPU (FIELD-NOTES).
         vision_tokens=280,
+        # The TPU computes while the host's ~180 vCPUs preprocess the next images on Beam's threads;
+        # on the step-loop thread every image would pause stepping for its preprocessing.
+        preprocess_on_step_thread=False,
     ),
     "tpu-v6e-8-gemma4-26b-a4b": EngineProfile(
         name="tpu-v6e-8-gemma4-26b-a4b",
@@ -171,6 +180,7 @@ PROFILES: Mapping[str, EngineProfile] = {
         max_in_flight=768,
         structured_output=False,
         vision_tokens=280,
+        preprocess_on_step_thread=False,  # as for v6e-4
     ),
 }
 

@@ -195,6 +195,7 @@ class JobConfig:
             structured_output=profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on",
             vision_tokens=opts.vision_tokens or profile.vision_tokens,
             xla_cache_path=opts.xla_cache_path,
+            preprocess_on_step_thread=profile.preprocess_on_step_thread,
         )
         limits = DecodeLimits(
             pdf_dpi=opts.pdf_dpi,

@@ -47,3 +47,31 @@ def test_server_messages_are_the_pipeline_messages_with_an_image_url():
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[1]["content"][0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     assert messages[1]["content"][1]["text"] == TASKS["caption"].instruction
+
+
+def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
+    import datetime
+
+    from benchmarks import report
+    from benchmarks.measure import VariantResult
+    from benchmarks.run import VARIANTS
+    from benchmarks.workload import Workload
+
+    def result(key: str, wall_s: float) -> VariantResult:
+        return VariantResult(key, 10, 30, wall_s, 3000, 600, 1500, 0.9 * wall_s, 2**30, notes={"engine_steps": 40})
+
+    results = {"a": result("a", 10.0), "b": result("b", 12.5), "d1": result("d1", 25.0)}
+    now = datetime.datetime(2026, 11, 22, tzinfo=datetime.timezone.utc)
+    document = report.results_document(
+        command="python -m benchmarks.run", started=now, finished=now, machine={"cores": 2, "cpu_model": "x", "ram_gib": 24},
+        load_at_start=0.5, loads={}, workload=Workload(tmp_path, "ckpt", "bench", "cpu-tiny", {"ocr": 8}), parameters=10**8,
+        variants=VARIANTS, results=results, step_cost=[{"sequences": 1, "ms_per_step": 20.0, "tokens_per_s": 50.0}],
+        streaming={}, errors={}, suffix_tokens=SUFFIX,
+    )
+    assert document["ratios"]["b_over_a"] == 0.8 and document["ratios"]["b_over_d1"] == 2.0
+    assert document["ratios"]["b_over_c"] is None  # (c) not run: no figure, not a zero
+    assert document["targets"]["b_over_a"]["met"] is False and document["targets"]["b_over_c"]["met"] is None
+    text = report.markdown(document)
+    assert "(b)/(d1) = 2.000" in text
+    assert "| 1 | 20.0 | 50.0 |" in text
+    assert "| (d1) vllm serve as shipped" in text

@@ -33,3 +33,27 @@ def test_moe_checkpoint_runs_through_the_same_path(tmp_path, private_model_cache
     )
     assert "tiny-moe" in summary["model"]["id"]
     assert summary["counts"]["result_rows"] == 3 * 3 and summary["accounting"]["balanced"]
+
+
+def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse(tiny_checkpoint):
+    """The TPU profiles preprocess on Beam's threads (cpu-tiny, used elsewhere, on the step loop)."""
+    from PIL import Image
+
+    from pipelines.engine_profiles import PROFILES
+    from transforms.engine import ENGINES, EngineSettings
+    from transforms.prompts import TASKS, with_max_tokens
+
+    settings = EngineSettings(
+        model_path=str(tiny_checkpoint),
+        engine_args={**PROFILES["cpu-tiny"].engine_args, "max_model_len": 256},
+        max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
+    )
+    engine = ENGINES.acquire(settings)
+    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
+    image = Image.effect_noise((320, 240), 64).convert("RGB")
+    futures = engine.submit(image, "noise-320x240", specs)
+    caption, ocr, again = (f.exception(timeout=120) or f.result() for f in futures)
+    assert "longer than" in str(ocr) or "max_model_len" in str(ocr)  # rejected alone
+    assert caption.generated_tokens == again.generated_tokens == 4
+    assert again.cached_tokens > caption.cached_tokens  # the second caption reused the image's prefix
+    assert engine.busy_seconds > 0 and not engine.failed

