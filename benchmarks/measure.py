@@ -173,6 +173,7 @@ class StepTimer:
     def __init__(self, engine: Any, slots: int):
         self.seconds = 0.0
         self.steps = 0
+        self.durations: list[float] = []  # of every step, in order
         self._slot_seconds = 0.0
         step: Callable[[], Any] = engine.step
 
@@ -184,6 +185,7 @@ class StepTimer:
             finally:
                 elapsed = time.perf_counter() - started
                 self.seconds += elapsed
+                self.durations.append(elapsed)
                 self._slot_seconds += elapsed * used
                 self.steps += 1
 

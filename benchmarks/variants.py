@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import apache_beam as beam
@@ -240,26 +239,17 @@ def run_step_cost(
     """
     from vllm import SamplingParams
 
-    llm = load_llm(workload.engine_settings())
-    engine_step = llm.llm_engine.step
-    durations: list[float] = []
-
-    def timed_step() -> Any:
-        started = time.perf_counter()
-        try:
-            return engine_step()
-        finally:
-            durations.append(time.perf_counter() - started)
-
-    llm.llm_engine.step = timed_step
+    settings = workload.engine_settings()
+    llm = load_llm(settings)
+    timer = StepTimer(llm.llm_engine, settings.engine_args["max_num_seqs"])
     params = SamplingParams(max_tokens=steps, ignore_eos=True, temperature=0.0)
     rows = []
     for size in batch_sizes:
         prompts = [f"{index} invoice total amount due for the quarter" for index in range(size)]
         llm.generate(prompts, params, use_tqdm=False)  # warm-up at this batch shape
-        durations.clear()
+        timer.durations.clear()
         llm.generate(prompts, params, use_tqdm=False)
-        decode = sorted(durations[1:])  # the first step also prefills the prompts
+        decode = sorted(timer.durations[1:])  # the first step also prefills the prompts
         median_s = decode[len(decode) // 2]
         rows.append({"sequences": size, "ms_per_step": round(median_s * 1000, 1),
                      "tokens_per_s": round(size / median_s, 1)})
