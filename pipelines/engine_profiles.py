@@ -21,6 +21,7 @@ class EngineProfile:
     structured_output: bool  # whether the engine can constrain detection JSON to a schema
     vision_tokens: Optional[int]  # image soft tokens per request; None = the checkpoint's default
     preprocess_on_step_thread: bool  # image preprocessing inside add_request, not on Beam's threads
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
 
 
 PROFILES: Mapping[str, EngineProfile] = {
@@ -95,6 +96,13 @@ PROFILES: Mapping[str, EngineProfile] = {
         # both at the next barrier. Measured (pipeline, 60 images, interleaved runs): preprocessing on
         # the step-loop thread 2.78, 2.74 tasks/s; on the Beam thread 2.26, 2.44 (raw engine 2.85).
         preprocess_on_step_thread=True,
+        environment={
+            # oneDNN caches a JIT-compiled kernel per matmul shape, and every step has its own token
+            # count: with the default 1,024 entries RSS grew with input size until the cache filled.
+            # Measured (tiny-dense, 5,000 images): default 1,250 -> 1,570 MiB over the run, 32 entries
+            # flat at 1,110-1,280 MiB. The cap's throughput cost: see the notes on issue 4.
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32",
+        },
     ),
     # Gemma 4 26B-A4B (MoE: 128 experts, top-8; ~25.2 B parameters, ~3.8 B active) on vllm-tpu 0.32.
     # The launch profiles in launch/profiles.py pair these with Dataflow TPU workers. Not yet run by

