@@ -184,8 +184,8 @@ Compare figures only within one run.
 Model: the `bench` preset of `pipelines/tiny_checkpoint.py`, {document['model']['parameters'] / 1e6:.1f} M
 parameters (random weights; hidden 1024, 8 layers, vision tower 4 layers), 280 soft tokens per image.
 Workload: {w['items']} generated images (documents, charts, photos; PNG/JPEG, 200-1024 px),
-tasks {', '.join(w['tasks'])} each, max_tokens {w['max_tokens']}; engine profile `{w['engine_profile']}`
-{f"with overrides {w['engine_arg_overrides']}" if w['engine_arg_overrides'] else ''}, identical engine arguments in every variant.
+tasks {', '.join(w['tasks'])} each, max_tokens {w['max_tokens']}; engine profile `{w['engine_profile']}`{
+f" with overrides {w['engine_arg_overrides']}" if w['engine_arg_overrides'] else ''}, identical engine arguments in every variant.
 
 ## Results
 
