@@ -192,7 +192,7 @@ f" with overrides {w['engine_arg_overrides']}" if w['engine_arg_overrides'] else
 {table(document)}
 
 Ratios (tasks/s): (b)/(a) = {_cell(r['b_over_a'])}, (b)/(c) = {_cell(r['b_over_c'])}, (b)/(d) = {_cell(r['b_over_d'])},
-(b)/(d1) = {_cell(r.get('b_over_d1'))}, (c)/(a) = {_cell(r['c_over_a'])}, (d)/(a) = {_cell(r['d_over_a'])}; ablations (e1)/(b) = {_cell(r['e1_over_b'])},
+(b)/(d1) = {_cell(r['b_over_d1'])}, (c)/(a) = {_cell(r['c_over_a'])}, (d)/(a) = {_cell(r['d_over_a'])}; ablations (e1)/(b) = {_cell(r['e1_over_b'])},
 (e2)/(b) = {_cell(r['e2_over_b'])}.
 
 ## Targets

@@ -32,6 +32,7 @@ from benchmarks.workload import (
     prompt_suffix_tokens,
     task_specs,
 )
+from pipelines.options import parse_engine_args
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 _LOG = logging.getLogger("benchmarks")
@@ -130,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipelines.tiny_checkpoint import ensure_checkpoint
 
     checkpoint = str(ensure_checkpoint("bench"))
-    overrides = {k: json.loads(v) for k, _, v in (pair.partition("=") for pair in args.engine_arg)}
+    overrides = parse_engine_args(args.engine_arg)
     workload = Workload(
         images=make_images(args.workdir, args.items), model_path=checkpoint, model_id="bench", profile=args.profile,
         max_tokens=dict(BENCH_MAX_TOKENS), engine_args=overrides, max_in_flight=args.max_in_flight,

@@ -15,14 +15,15 @@ import dataclasses
 import datetime
 import json
 import logging
+import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
 from benchmarks.measure import load_average, machine
 from benchmarks.run import REPO, run_child, to_result
 from benchmarks.workload import BENCH_MAX_TOKENS, Workload, make_images, prompt_suffix_tokens, task_specs
-
-MiB = 2**20
+from pipelines.engine_profiles import MiB
+from pipelines.options import parse_engine_args
 # knob -> (variant it is measured on, values); each value is tried with every other knob at the profile's value.
 SWEEPS: dict[str, tuple[str, list[Any]]] = {
     "kv_cache_memory_bytes": ("raw", [256 * MiB, 512 * MiB, 1024 * MiB]),
@@ -47,13 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workdir", default="/tmp/vision-batch-bench")
     args = parser.parse_args(argv)
 
-    import pathlib
-
     from pipelines.tiny_checkpoint import ensure_checkpoint
 
     workdir = pathlib.Path(args.workdir)
     checkpoint = str(ensure_checkpoint("bench"))
-    base = {k: json.loads(v) for k, _, v in (pair.partition("=") for pair in args.engine_arg)}
+    base = parse_engine_args(args.engine_arg)
     workload = Workload(images=make_images(workdir, args.items), model_path=checkpoint, model_id="bench",
                         profile=args.profile, max_tokens=dict(BENCH_MAX_TOKENS), engine_args=base)
     suffix_tokens = prompt_suffix_tokens(checkpoint, task_specs(BENCH_MAX_TOKENS))

