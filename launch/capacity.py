@@ -1,4 +1,4 @@
-"""Capacity arithmetic: time, chip-hours and cost of a batch on one launch profile.
+"""Capacity arithmetic: time, chip-hours and cost of a batch on one launch profile (TPU or GPU workers).
 
 Two estimates of the same work, side by side:
 
@@ -23,7 +23,7 @@ import math
 from typing import Optional, Sequence
 
 from launch.model_shapes import ModelShape
-from launch.tpu import Generation
+from launch.accelerators import Chip
 
 # vLLM's default gpu_memory_utilization: the HBM share the engine plans weights + KV cache in.
 HBM_UTILIZATION = 0.9
@@ -53,14 +53,14 @@ class EngineShape:
 
     max_num_seqs: int
     block_size: int
-    weight_bytes: int  # per linear-layer parameter (fp8: 1; embeddings and vision tower stay bf16)
+    weight_bytes: int  # per linear-layer parameter (bf16: 2; fp8: 1, where the chip computes fp8; embeddings stay bf16)
     kv_bytes: int  # per cached K or V element
     vision_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-    chip: Generation
+    chip: Chip
     chips: int  # per worker
 
 
@@ -147,7 +147,7 @@ def image_work(
 
 
 def seconds_per_image(work: ImageWork, hardware: Hardware, efficiency: Efficiency) -> float:
-    """Worker (slice) seconds for one image."""
+    """Worker seconds for one image (all the worker's chips together)."""
     compute = work.flops / (hardware.chip.peak_bf16_flops * hardware.chips * efficiency.mfu)
     memory = work.hbm_bytes / (hardware.chip.hbm_bytes_per_s * hardware.chips * efficiency.hbm_efficiency)
     engine_seconds = max(compute, memory) if efficiency.overlap else compute + memory

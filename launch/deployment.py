@@ -20,16 +20,19 @@ DEFAULT_REPOSITORY = "vision-batch"
 class Deployment:
     project: str
     region: str  # Dataflow region (job control plane, Artifact Registry location)
-    temp_location: str  # gs:// Dataflow temp/staging; its bucket also holds templates and the XLA cache by default
+    temp_location: str  # gs:// Dataflow temp files; its bucket also holds staging, templates and the XLA cache by default
     zone: Optional[str] = None  # worker zone: TPU capacity and reservations are zonal
     repository: str = DEFAULT_REPOSITORY  # Artifact Registry Docker repository
     image: Optional[str] = None  # worker image override (default: derived from setup.py and the profile)
     cache_root: Optional[str] = None  # XLA compile cache root (default: <bucket>/vision-batch/xla-cache)
     service_account_email: Optional[str] = None  # worker service account (default: Compute Engine default)
+    staging_location: Optional[str] = None  # gs:// staging (default: <bucket>/vision-batch/staging)
 
     def __post_init__(self) -> None:
         if not self.temp_location.startswith("gs://"):
             raise ValueError(f"--temp_location must be a gs:// location, got {self.temp_location!r}")
+        if self.staging_location and not self.staging_location.startswith("gs://"):
+            raise ValueError(f"--staging_location must be a gs:// location, got {self.staging_location!r}")
         if self.zone and not self.zone.startswith(self.region + "-"):
             raise ValueError(f"--zone {self.zone} is not in --region {self.region}")
 
@@ -44,7 +47,7 @@ class Deployment:
         return image.registry(self.project, self.region, self.repository)
 
     def worker_image(self, profile: LaunchProfile) -> str:
-        return self.image or image.worker_image(self.registry, image.package_pins(), profile.slice)
+        return self.image or image.worker_image(self.registry, image.package_pins(), profile.worker)
 
     def launcher_image(self) -> str:
         return image.launcher_image(self.registry, image.package_pins())
@@ -52,6 +55,11 @@ class Deployment:
     def template_path(self) -> str:
         """Flex template spec in GCS, one per package version."""
         return f"{self.bucket_root}/templates/vision-batch-{image.package_pins().version}.json"
+
+    def staging_root(self) -> str:
+        """Beam's staged pipeline and the flex launcher's files (template_launches/JOB_ID/): in this bucket, which
+        the worker service account (it also runs the launcher VM) can write, not Dataflow's default bucket."""
+        return (self.staging_location or f"{self.bucket_root}/staging").rstrip("/")
 
     def xla_cache_root(self) -> str:
         # Not under temp_location: temp buckets often expire objects, and the cache must outlive runs.
@@ -61,9 +69,13 @@ class Deployment:
 def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("deployment")
     group.add_argument("--project", required=True, help="Google Cloud project id.")
-    group.add_argument("--region", required=True, help="Dataflow region, e.g. us-east5 (must offer the TPU type).")
-    group.add_argument("--zone", default=None, help="Worker zone, e.g. us-east5-b: where your TPU quota or reservation is.")
-    group.add_argument("--temp_location", required=True, help="gs:// location for Dataflow temp and staging files.")
+    group.add_argument("--region", required=True, help="Dataflow region, e.g. us-east5 (must offer the accelerator).")
+    group.add_argument("--zone", default=None, help="Worker zone, e.g. us-east5-b: where your accelerator quota or reservation is.")
+    group.add_argument("--temp_location", required=True, help="gs:// location for Dataflow temp files.")
+    group.add_argument(
+        "--staging_location", default=None,
+        help="gs:// staging for the pipeline and the flex launcher (default: <temp bucket>/vision-batch/staging).",
+    )
     group.add_argument("--repository", default=DEFAULT_REPOSITORY, help="Artifact Registry Docker repository.")
     group.add_argument("--image", default=None, help="Worker image (default: derived from setup.py's version and the profile).")
     group.add_argument("--cache_root", default=None, help="gs:// root of the persistent XLA compile cache.")

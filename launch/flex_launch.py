@@ -18,6 +18,7 @@ from launch.job import AUTOSCALING_API_NAMES, JobSettings
 # FlexTemplateRuntimeEnvironment fields that `gcloud dataflow flex-template run` has a flag for.
 _GCLOUD_FLAGS = {
     "tempLocation": "--temp-location",
+    "stagingLocation": "--staging-location",
     "machineType": "--worker-machine-type",
     "additionalExperiments": "--additional-experiments",
     "numWorkers": "--num-workers",

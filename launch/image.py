@@ -1,14 +1,15 @@
 """Container images: names, tags and build arguments, all derived from setup.py.
 
 setup.py is the one place that pins the Beam version (launcher and workers
-must run the same one), the vLLM version, and the package version. The
-worker image's base (`vllm/vllm-tpu:v<vllm>`), the Beam SDK image its boot
+must run the same one), the vLLM versions, and the package version. The
+worker image's base (`vllm/vllm-tpu:v<vllm-tpu>` for TPU workers,
+`vllm/vllm-openai:v<vllm>` for GPU workers), the Beam SDK image its boot
 files come from (`apache/beam_python3.12_sdk:<beam>`) and the image tags
 are computed from it here, so a version bump in setup.py moves them all.
 Standard library only: launch/build_image.sh runs it with any python3.
 
-    python3 -m launch.image --profile tpu-v6e-4 --registry REGION-docker.pkg.dev/PROJECT/REPO substitutions
-    python3 -m launch.image --profile tpu-v6e-4 --registry ... build-args
+    python3 -m launch.image --profile tpu-v6e-1 --registry REGION-docker.pkg.dev/PROJECT/REPO substitutions
+    python3 -m launch.image --profile gpu-l4 --registry ... build-args
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import re
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from launch.accelerators import CUDA, TPU, WorkerShape
 from launch.profiles import get_profile
-from launch.tpu import Slice
 
 SETUP_PY = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
-# Python of the vllm/vllm-tpu images: the Beam SDK image must match it (local development uses 3.11;
-# submit from 3.12, or through the flex template, whose launcher image is 3.12 too).
+# Python of the vllm/vllm-tpu and vllm/vllm-openai images: the Beam SDK image must match it (local development
+# uses 3.11; submit from 3.12, or through the flex template, whose launcher image is 3.12 too).
 WORKER_PYTHON = "3.12"
-WORKER_IMAGE_NAME = "vision-batch-tpu"
+WORKER_IMAGE_NAMES = {TPU: "vision-batch-tpu", CUDA: "vision-batch-gpu"}
 LAUNCHER_IMAGE_NAME = "vision-batch-launcher"
 
 
@@ -35,7 +36,11 @@ LAUNCHER_IMAGE_NAME = "vision-batch-launcher"
 class PackagePins:
     version: str  # the package version: image tags
     beam: str  # apache-beam version pinned in install_requires
-    vllm: str  # vllm-tpu version pinned in the `tpu` extra
+    vllm_tpu: str  # vllm-tpu version pinned in the `tpu` extra
+    vllm_cuda: str  # vllm version pinned in the `gpu` extra
+
+    def vllm_for(self, platform: str) -> str:
+        return self.vllm_tpu if platform == TPU else self.vllm_cuda
 
 
 def _literal(node: ast.AST, names: Mapping[str, Any]) -> Any:
@@ -81,7 +86,8 @@ def package_pins(setup_py: pathlib.Path = SETUP_PY) -> PackagePins:
     return PackagePins(
         version=str(keywords["version"]),
         beam=_pinned(keywords.get("install_requires") or [], "apache-beam"),
-        vllm=_pinned(extras.get("tpu") or [], "vllm-tpu"),
+        vllm_tpu=_pinned(extras.get("tpu") or [], "vllm-tpu"),
+        vllm_cuda=_pinned(extras.get("gpu") or [], "vllm"),
     )
 
 
@@ -90,28 +96,38 @@ def registry(project: str, region: str, repository: str) -> str:
     return f"{region}-docker.pkg.dev/{project}/{repository}"
 
 
-def worker_tag(pins: PackagePins, tpu_slice: Slice) -> str:
-    """One worker image per slice: the TPU topology variables are baked into it."""
-    return f"{pins.version}-{tpu_slice.name}"
+def worker_tag(pins: PackagePins, worker: WorkerShape) -> str:
+    """One TPU image per slice (its topology variables are baked in); one GPU image for every GPU shape."""
+    return f"{pins.version}-{worker.name}" if worker.chip.platform == TPU else pins.version
 
 
-def worker_image(registry_path: str, pins: PackagePins, tpu_slice: Slice) -> str:
-    return f"{registry_path}/{WORKER_IMAGE_NAME}:{worker_tag(pins, tpu_slice)}"
+def worker_image(registry_path: str, pins: PackagePins, worker: WorkerShape) -> str:
+    return f"{registry_path}/{WORKER_IMAGE_NAMES[worker.chip.platform]}:{worker_tag(pins, worker)}"
 
 
 def launcher_image(registry_path: str, pins: PackagePins) -> str:
     return f"{registry_path}/{LAUNCHER_IMAGE_NAME}:{pins.version}"
 
 
-def worker_build_args(pins: PackagePins, tpu_slice: Slice) -> dict[str, str]:
-    """`ARG`s of launch/Dockerfile."""
+def vllm_image(pins: PackagePins, platform: str) -> str:
+    """vLLM's own image of the pinned version: vllm-tpu for TPU workers, the CUDA server image for GPU workers."""
+    return f"vllm/vllm-tpu:v{pins.vllm_tpu}" if platform == TPU else f"vllm/vllm-openai:v{pins.vllm_cuda}"
+
+
+def worker_target(worker: WorkerShape) -> str:
+    """The final stage of launch/Dockerfile for this worker: `tpu` or `cuda`."""
+    return worker.chip.platform
+
+
+def worker_build_args(pins: PackagePins, worker: WorkerShape) -> dict[str, str]:
+    """`ARG`s of launch/Dockerfile for this worker's target stage."""
     return {
-        "VLLM_TPU_IMAGE": f"vllm/vllm-tpu:v{pins.vllm}",
+        "VLLM_IMAGE": vllm_image(pins, worker.chip.platform),
         "BEAM_SDK_IMAGE": f"apache/beam_python{WORKER_PYTHON}_sdk:{pins.beam}",
         "BEAM_VERSION": pins.beam,
-        "VLLM_VERSION": pins.vllm,
+        "VLLM_VERSION": pins.vllm_for(worker.chip.platform),
         "PYTHON_VERSION": WORKER_PYTHON,
-        **tpu_slice.tpu_env(),
+        **worker.image_env(),
     }
 
 
@@ -126,11 +142,12 @@ def launcher_build_args(pins: PackagePins) -> dict[str, str]:
     }
 
 
-def substitutions(registry_path: str, pins: PackagePins, tpu_slice: Slice) -> dict[str, str]:
+def substitutions(registry_path: str, pins: PackagePins, worker: WorkerShape) -> dict[str, str]:
     """Cloud Build substitutions of launch/cloudbuild.yaml (both images' build arguments)."""
-    build_args = {**worker_build_args(pins, tpu_slice), **launcher_build_args(pins)}
+    build_args = {**worker_build_args(pins, worker), **launcher_build_args(pins)}
     values = {f"_{name}": value for name, value in build_args.items()}
-    values["_WORKER_IMAGE"] = worker_image(registry_path, pins, tpu_slice)
+    values["_WORKER_TARGET"] = worker_target(worker)
+    values["_WORKER_IMAGE"] = worker_image(registry_path, pins, worker)
     values["_LAUNCHER_IMAGE"] = launcher_image(registry_path, pins)
     return values
 
@@ -151,12 +168,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     pins = package_pins()
-    tpu_slice = get_profile(args.profile).slice
+    worker = get_profile(args.profile).worker
     outputs = {
-        "substitutions": lambda: gcloud_substitutions(substitutions(args.registry, pins, tpu_slice)),
-        "build-args": lambda: _as_build_args(worker_build_args(pins, tpu_slice)),
+        "substitutions": lambda: gcloud_substitutions(substitutions(args.registry, pins, worker)),
+        "build-args": lambda: "\n".join([f"--target={worker_target(worker)}", _as_build_args(worker_build_args(pins, worker))]),
         "launcher-build-args": lambda: _as_build_args(launcher_build_args(pins)),
-        "worker-image": lambda: worker_image(args.registry, pins, tpu_slice),
+        "worker-image": lambda: worker_image(args.registry, pins, worker),
         "launcher-image": lambda: launcher_image(args.registry, pins),
     }
     print(outputs[args.what]())
@@ -164,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _as_build_args(values: Mapping[str, str]) -> str:
-    """One `--build-arg=K=V` per line (build_image.sh reads them into an array)."""
+    """One `--build-arg=K=V` per line (build_image.sh reads them into an array, one docker argument each)."""
     return "\n".join(f"--build-arg={k}={v}" for k, v in values.items())
 
 

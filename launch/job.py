@@ -17,12 +17,14 @@ from typing import Any, Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from launch.deployment import Deployment
+from launch.accelerators import TPU
 from launch.profiles import LaunchProfile, check_engine_fits
 from pipelines import engine_profiles
 from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values
 
-# One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy), and one
-# engine per process serves all harness threads (FIELD-NOTES).
+# One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
+# holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs and worker parallelism), and
+# one engine per process serves all harness threads.
 SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
 # Beam's --autoscaling_algorithm values and their Dataflow API names (flex template environment).
 AUTOSCALING_API_NAMES = {"THROUGHPUT_BASED": "AUTOSCALING_ALGORITHM_BASIC", "NONE": "AUTOSCALING_ALGORITHM_NONE"}
@@ -30,7 +32,7 @@ AUTOSCALING_API_NAMES = {"THROUGHPUT_BASED": "AUTOSCALING_ALGORITHM_BASIC", "NON
 
 @dataclasses.dataclass(frozen=True)
 class Workers:
-    """How many TPU workers, and whether Dataflow may change the count."""
+    """How many accelerator workers, and whether Dataflow may change the count."""
 
     initial: int
     maximum: int
@@ -39,7 +41,7 @@ class Workers:
     @staticmethod
     def batch(maximum: int) -> "Workers":
         # Start with one worker and let Dataflow add more while there is backlog: incremental
-        # nightly runs often have little new work, and every TPU worker costs ~10+ minutes to start.
+        # nightly runs often have little new work, and every accelerator worker costs ~10+ minutes to start.
         return Workers(initial=1, maximum=maximum, autoscaling="THROUGHPUT_BASED")
 
 
@@ -51,6 +53,7 @@ class JobSettings:
     project: str
     region: str
     temp_location: str
+    staging_location: str  # Beam's staged pipeline, and the flex launcher's job object and logs
     zone: Optional[str]
     service_account: Optional[str]
     machine_type: str
@@ -68,6 +71,7 @@ class JobSettings:
             f"--project={self.project}",
             f"--region={self.region}",
             f"--temp_location={self.temp_location}",
+            f"--staging_location={self.staging_location}",
             f"--job_name={self.job_name}",
             f"--worker_machine_type={self.machine_type}",
             *(f"--dataflow_service_options={option}" for option in self.service_options),
@@ -91,6 +95,9 @@ class JobSettings:
         """`FlexTemplateRuntimeEnvironment` (REST JSON). Service options travel as experiments there."""
         environment: dict[str, Any] = {
             "tempLocation": self.temp_location,
+            # Without it the launcher stages into Dataflow's default bucket (dataflow-staging-REGION-NUMBER),
+            # which the worker service account that runs the launcher may not be able to write.
+            "stagingLocation": self.staging_location,
             "machineType": self.machine_type,
             "additionalExperiments": [*self.service_options, *self.experiments],
             "diskSizeGb": self.disk_size_gb,
@@ -116,10 +123,11 @@ def job_settings(profile: LaunchProfile, deployment: Deployment, workers: Worker
         project=deployment.project,
         region=deployment.region,
         temp_location=deployment.temp_location,
+        staging_location=deployment.staging_root(),
         zone=deployment.zone,
         service_account=deployment.service_account_email,
-        machine_type=profile.slice.machine_type,
-        service_options=(profile.slice.service_option(),),
+        machine_type=profile.worker.machine_type,
+        service_options=(profile.worker.service_option(),),
         experiments=(SINGLE_PROCESS_EXPERIMENT,),
         harness_threads=profile.harness_threads,
         disk_size_gb=profile.disk_size_gb,
@@ -134,17 +142,17 @@ def timestamped_job_name(profile: LaunchProfile, now: datetime.datetime, purpose
 
 
 def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> engine_profiles.EngineProfile:
-    """The engine profile the workers will run (the user's --engine_arg/--vision_tokens applied), checked for TPU."""
+    """The engine profile the workers will run (the user's --engine_arg/--vision_tokens applied), checked for the worker."""
     opts = PipelineOptions(list(pipeline_args)).view_as(VisionBatchOptions)
     if opts.engine_profile != profile.engine_profile:
         raise ValueError(
             f"--engine_profile {opts.engine_profile} does not belong to launch profile {profile.name} "
-            f"(which runs {profile.engine_profile}); choose the TPU shape with --profile"
+            f"(which runs {profile.engine_profile}); choose the worker shape with --profile"
         )
     overrides = {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()}
     engine = engine_profiles.resolve(profile.engine_profile, overrides)
     engine = dataclasses.replace(engine, vision_tokens=opts.vision_tokens or engine.vision_tokens)
-    check_engine_fits(profile.slice, engine)
+    check_engine_fits(profile.worker, engine)
     return engine
 
 
@@ -167,10 +175,14 @@ def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engin
 
 
 def profile_pipeline_args(profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]) -> list[str]:
-    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, cache)."""
+    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, TPU cache)."""
     base = [f"--engine_profile={profile.engine_profile}", *user_args]
     engine = effective_engine(profile, base)
-    return [*base, f"--vision_tokens={engine.vision_tokens}", f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}"]
+    decided = [f"--vision_tokens={engine.vision_tokens}"] if engine.vision_tokens else []
+    if profile.platform == TPU:
+        # XLA programs compiled at engine start (~30 min for 26B/31B): reused from GCS (VLLM_XLA_CACHE_PATH).
+        decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}")
+    return [*base, *decided]
 
 
 @dataclasses.dataclass(frozen=True)

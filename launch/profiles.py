@@ -1,93 +1,159 @@
-"""Named TPU launch profiles: the Dataflow worker shape for one engine profile.
+"""Named launch profiles: the Dataflow worker shape for one engine profile.
 
-A launch profile says where the engine runs (slice, workers, disk); the
-engine profile it names (pipelines/engine_profiles.py) says how vLLM runs
-there. They are kept apart because the same worker shape could serve
-another model, and the engine profile is also what local tools read.
-Profiles are checked when this module loads: a machine type that does not
-match its accelerator, or a tensor-parallel size that is not the slice's
-chip count, fails every command instead of a Dataflow job.
+A launch profile says where the engine runs (TPU slice or GPU, workers,
+disk); the engine profile it names (pipelines/engine_profiles.py) says how
+vLLM runs there. They are kept apart because the engine profile is also
+what local tools read. Profiles are checked when this module loads: a
+machine type that does not match its accelerator, a tensor-parallel size
+that is not the worker's chip count, or weights in a format the chip
+cannot compute in fail every command instead of a Dataflow job.
+
+Which to choose (docs/operations.md, "Choosing a profile"): `tpu-v6e-1`
+for throughput per dollar; `gpu-l4` / `gpu-h100` without a TPU allowlist;
+the 26B-A4B and 31B profiles for the larger models' quality.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
 
-from launch.tpu import Slice, find_slice, harness_threads
+from launch.accelerators import TPU, WorkerShape, find_gpu_worker, find_tpu_worker, harness_threads
 from pipelines import engine_profiles
 
 # Per-request image budgets above 280 soft tokens look truncated on TPU (FIELD-NOTES).
 TPU_MAX_VISION_TOKENS = 280
 
 
-def check_engine_fits(tpu_slice: Slice, engine: engine_profiles.EngineProfile) -> None:
-    """Refuse an engine that would not use the slice's chips or would ask for a truncating image budget."""
-    tensor_parallel = engine.engine_args.get("tensor_parallel_size", 1)
-    if tensor_parallel != tpu_slice.chips:
+def check_engine_fits(worker: WorkerShape, engine: engine_profiles.EngineProfile) -> None:
+    """Refuse an engine that would not use the worker's chips, or that the chip cannot run as configured."""
+    args = engine.engine_args
+    tensor_parallel = args.get("tensor_parallel_size", 1)
+    if tensor_parallel != worker.chips:
         raise ValueError(
-            f"{engine.name}: tensor_parallel_size {tensor_parallel} does not use the {tpu_slice.chips} chips "
-            f"of a {tpu_slice.name} worker"
+            f"{engine.name}: tensor_parallel_size {tensor_parallel} does not use the {worker.chips} chips "
+            f"of a {worker.machine_type} worker"
         )
-    if engine.vision_tokens is None or engine.vision_tokens > TPU_MAX_VISION_TOKENS:
+    quantization = args.get("quantization")
+    if quantization == "fp8" and not worker.chip.native_fp8:
         raise ValueError(
-            f"{engine.name}: vision_tokens {engine.vision_tokens}; at most {TPU_MAX_VISION_TOKENS} on TPU "
-            "(larger budgets look truncated)"
+            f"{engine.name}: fp8 weights on {worker.chip.name}, which has no fp8 matmuls "
+            "(tpu-inference dtype support matrix: v5e/v6e compute int8, int4, bf16); serve bf16"
         )
+    if worker.chip.platform == TPU:
+        if engine.vision_tokens is None or engine.vision_tokens > TPU_MAX_VISION_TOKENS:
+            raise ValueError(
+                f"{engine.name}: vision_tokens {engine.vision_tokens}; at most {TPU_MAX_VISION_TOKENS} on TPU "
+                "(larger budgets look truncated)"
+            )
+        if not args.get("disable_chunked_mm_input"):
+            raise ValueError(f"{engine.name}: vllm-tpu needs disable_chunked_mm_input for images")
+        if engine.structured_output:
+            raise ValueError(f"{engine.name}: vllm-tpu has no structured output for Gemma 4")
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchProfile:
     name: str
     description: str
-    slice: Slice
+    worker: WorkerShape
     engine_profile: str  # a name in pipelines.engine_profiles.PROFILES
     model: str  # model shape for the planner (launch/model_shapes.py)
     max_workers: int  # default autoscaling ceiling (--max_workers overrides)
     disk_size_gb: int  # boot disk per worker
 
     def __post_init__(self) -> None:
-        check_engine_fits(self.slice, engine_profiles.resolve(self.engine_profile))
+        check_engine_fits(self.worker, engine_profiles.resolve(self.engine_profile))
+
+    @property
+    def platform(self) -> str:
+        return self.worker.chip.platform
 
     @property
     def harness_threads(self) -> int:
-        return harness_threads(self.slice.vcpus)
+        return harness_threads(self.worker.vcpus)
 
 
-# Boot disk: the staged bf16 checkpoint (~52 GB for 26B-A4B), the vllm-tpu image layers and the
-# local XLA cache, with room for a 31B checkpoint (~62 GB) on the same profile shape.
-_DISK_GB = 200
-
-
-def _gemma4_26b_a4b(topology: str, machine_type: str, max_workers: int, note: str) -> LaunchProfile:
-    """Gemma 4 26B-A4B on one v6e slice per worker, TP over all its chips."""
-    tpu_slice = find_slice("tpu-v6e-slice", topology, machine_type)
-    return LaunchProfile(
-        name=f"tpu-{tpu_slice.name}",
-        description=f"Gemma 4 26B-A4B on {tpu_slice.name} workers ({tpu_slice.chips} chips each, TP{tpu_slice.chips}): {note}",
-        slice=tpu_slice,
-        engine_profile=f"tpu-{tpu_slice.name}-gemma4-26b-a4b",
-        model="gemma-4-26B-A4B",
-        max_workers=max_workers,
-        disk_size_gb=_DISK_GB,
-    )
+# Boot disk per worker: the staged checkpoint (bf16: 12B ~24 GB, 26B-A4B ~52 GB, 31B ~62 GB), the worker image
+# (the vLLM base images are ~10-20 GB) and the local XLA/CUDA-graph caches, with ~2x headroom.
+_DISK_SMALL_MODEL_GB = 100
+_DISK_LARGE_MODEL_GB = 200
 
 
 PROFILES: Mapping[str, LaunchProfile] = {
     profile.name: profile
     for profile in (
-        # 4 workers: a first size for a nightly batch (16 chips); raise it once quota or a reservation allows.
-        _gemma4_26b_a4b("2x2", "ct6e-standard-4t", 4, "the recipe-verified size."),
-        # 2 workers: the same 16 chips as the v6e-4 default.
-        _gemma4_26b_a4b("2x4", "ct6e-standard-8t", 2, "TP8 is unverified upstream."),
+        LaunchProfile(
+            name="tpu-v6e-1",
+            description="Gemma 4 12B on one v6e chip per worker (TP1): the throughput-per-dollar choice.",
+            worker=find_tpu_worker("tpu-v6e-slice", "1x1", "ct6e-standard-1t"),
+            engine_profile="tpu-v6e-1-gemma4-12b",
+            model="gemma-4-12B",
+            # 16 chips, as 4 x tpu-v6e-4: many single-chip workers. A published sweep of the 12B on vllm-tpu
+            # measured one v6e chip 2.7-3.2x faster in requests/s than a v6e-4 (TP4 all-reduce dominates a
+            # model this size), at a quarter of the chips (FIELD-NOTES).
+            max_workers=16,
+            disk_size_gb=_DISK_SMALL_MODEL_GB,
+        ),
+        LaunchProfile(
+            name="tpu-v6e-4",
+            description="Gemma 4 26B-A4B on v6e-4 workers (4 chips, TP4): the recipes' 4-chip minimum.",
+            worker=find_tpu_worker("tpu-v6e-slice", "2x2", "ct6e-standard-4t"),
+            engine_profile="tpu-v6e-4-gemma4-26b-a4b",
+            model="gemma-4-26B-A4B",
+            max_workers=4,  # 16 chips: a first size for a nightly batch; raise it once quota or a reservation allows
+            disk_size_gb=_DISK_LARGE_MODEL_GB,
+        ),
+        LaunchProfile(
+            name="tpu-v6e-8",
+            description="Gemma 4 26B-A4B on v6e-8 workers (8 chips, TP8): the Trillium recipe's shape.",
+            worker=find_tpu_worker("tpu-v6e-slice", "2x4", "ct6e-standard-8t"),
+            engine_profile="tpu-v6e-8-gemma4-26b-a4b",
+            model="gemma-4-26B-A4B",
+            max_workers=2,  # the same 16 chips as the tpu-v6e-4 default
+            disk_size_gb=_DISK_LARGE_MODEL_GB,
+        ),
+        LaunchProfile(
+            name="tpu-v6e-8-31b",
+            description="Gemma 4 31B dense on v6e-8 workers (8 chips, TP8): the Trillium recipe.",
+            worker=find_tpu_worker("tpu-v6e-slice", "2x4", "ct6e-standard-8t"),
+            engine_profile="tpu-v6e-8-gemma4-31b",
+            model="gemma-4-31B",
+            max_workers=2,
+            disk_size_gb=_DISK_LARGE_MODEL_GB,
+        ),
+        LaunchProfile(
+            name="gpu-l4",
+            description="Gemma 4 12B (fp8 weights) on one NVIDIA L4 per worker: no TPU allowlist needed.",
+            # g2-standard-8: 8 vCPUs and 32 GB of host memory for decoding beside one L4 (g2-standard-4's 16 GB
+            # is tight for the checkpoint staging and decode threads).
+            worker=find_gpu_worker("nvidia-l4", 1, "g2-standard-8"),
+            engine_profile="gpu-l4-gemma4-12b-fp8",
+            model="gemma-4-12B",
+            max_workers=8,
+            disk_size_gb=_DISK_SMALL_MODEL_GB,
+        ),
+        LaunchProfile(
+            name="gpu-h100",
+            description="Gemma 4 26B-A4B (bf16) on one NVIDIA H100 80GB per worker: no TPU allowlist needed.",
+            # One H100 holds 26B-A4B in bf16 (vLLM's Gemma 4 guide: min 1x 80 GB). Whether a3-highgpu-1g is
+            # offered on demand in your region, or only as Spot/flex-start, is not verified here: check the
+            # Compute Engine "A3 High" page and your quota (NVIDIA_H100_GPUS).
+            worker=find_gpu_worker("nvidia-h100-80gb", 1, "a3-highgpu-1g"),
+            engine_profile="gpu-h100-gemma4-26b-a4b",
+            model="gemma-4-26B-A4B",
+            max_workers=4,
+            disk_size_gb=_DISK_LARGE_MODEL_GB,
+        ),
     )
 }
 
 # Shapes a user may reasonably ask for that are deliberately not offered, with the reason.
 NOT_OFFERED: Mapping[str, str] = {
-    "tpu-v6e-1": "Gemma 4 26B-A4B needs at least 4 v6e chips; E4B fits one chip but is untested/failing "
-                 "upstream for vllm-tpu. Use tpu-v6e-4.",
+    "tpu-v5e-1": "Gemma 4 12B's bf16 weights (~24 GB) do not fit one v5e chip's 16 GB HBM. Use tpu-v6e-1.",
     "tpu-v5e-4": "Gemma 4 26B-A4B fails to start on TPU v5e (vllm-project/tpu-inference#2453). Use tpu-v6e-4.",
     "tpu-v5e-8": "Gemma 4 26B-A4B fails to start on TPU v5e (vllm-project/tpu-inference#2453). Use tpu-v6e-8.",
+    "tpu-v6e-1-26b": "Gemma 4 26B-A4B needs at least 4 v6e chips (Trillium recipe: Min TPUs 4x). Use tpu-v6e-4, "
+                     "or tpu-v6e-1 (the 12B).",
 }
 
 
@@ -97,3 +163,4 @@ def get_profile(name: str) -> LaunchProfile:
     if name in NOT_OFFERED:
         raise ValueError(f"launch profile {name!r} is not offered: {NOT_OFFERED[name]}")
     raise ValueError(f"unknown launch profile {name!r}; choose from {sorted(PROFILES)}")
+

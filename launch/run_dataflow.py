@@ -1,27 +1,31 @@
 """Build the pipeline for a full Dataflow option list and submit it, without waiting.
 
 The flex template launcher runs this file (FLEX_TEMPLATE_PYTHON_PY_FILE in
-launch/flex_template/Dockerfile); `launch.submit` uses `submit` for direct
-submissions and `build` for `--dry-run`. Unlike `pipelines.vision_batch.run`
-it neither waits for the job nor writes run_summary.json: a launcher VM must
-not block for the hours a TPU job runs. The Dataflow UI shows the counters.
+launch/flex_template/Dockerfile) with `--template_location=<staging>/
+template_launches/<job id>/job_object`: Beam then writes the job there and
+submits nothing (apiclient.create_job returns no job), and the launcher
+submits it. `launch.submit` uses `submit` for direct submissions (no
+template location: Beam creates the job) and `build` for `--dry-run`.
+Neither path waits for the job: a launcher VM must not block for the hours
+an accelerator job runs. The job writes run_summary.json itself.
 
 `{date}` in any option value becomes the launch's UTC date (YYYY-MM-DD), so a
 static nightly schedule writes each night's output to its own location.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
-from apache_beam.runners.runner import PipelineResult
 
-from launch.image import WORKER_PYTHON
+from launch import image
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.vision_batch import build_pipeline
@@ -36,13 +40,13 @@ def expand_date(argv: Sequence[str], today: datetime.date) -> list[str]:
 
 
 def job_config(options: PipelineOptions, check_model: bool) -> JobConfig:
-    """The pipeline's settings for a TPU job: always a real checkpoint in GCS.
+    """The pipeline's settings for an accelerator job: always a real checkpoint in GCS.
 
     `check_model=False` (dry runs) skips resolve_model's existence check, which reads GCS.
     """
     opts = options.view_as(VisionBatchOptions)
     if not opts.model or not is_remote(opts.model):
-        raise ValueError("TPU jobs need --model gs://BUCKET/PATH: a Gemma 4 checkpoint staged in GCS")
+        raise ValueError("Dataflow jobs need --model gs://BUCKET/PATH: a Gemma 4 checkpoint staged in GCS")
     if check_model:
         model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
         return JobConfig.from_options(options, model.path, model.model_id, model.is_random)
@@ -73,23 +77,51 @@ def build_offline(argv: Sequence[str]) -> int:
     return len(pipeline.to_runner_api().components.transforms)
 
 
-def submit(argv: Sequence[str]) -> PipelineResult:
-    """Submit the job and return as soon as Dataflow accepted it."""
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """What one invocation produced: a job Dataflow accepted, or a job object the flex launcher submits."""
+
+    run_id: str
+    job_id: Optional[str]  # None when the job was written to template_location
+    template_location: Optional[str]
+
+
+def check_pickling_python(template_location: Optional[str]) -> None:
+    """Refuse to pickle the job graph on a Python other than the workers'.
+
+    The graph is pickled here and unpickled on the workers, and bytecode
+    differs between Python versions. The flex template launcher image is
+    exempt: its build asserts it runs the workers' Python
+    (launch/flex_template/Dockerfile, which also sets
+    FLEX_TEMPLATE_PYTHON_PY_FILE, the variable the launcher reads).
+    """
     running = "%d.%d" % sys.version_info[:2]
-    if running != WORKER_PYTHON:
-        # The graph is pickled here and unpickled on the workers: bytecode differs between versions.
-        raise RuntimeError(
-            f"submitting from Python {running}, but the TPU workers run {WORKER_PYTHON}: submit from a "
-            f"Python {WORKER_PYTHON} environment or launch the flex template (launch.submit --template ...)"
-        )
+    if running == image.WORKER_PYTHON or os.environ.get("FLEX_TEMPLATE_PYTHON_PY_FILE"):
+        return
+    where = "writing a template" if template_location else "submitting"
+    raise RuntimeError(
+        f"{where} from Python {running}, but the workers run {image.WORKER_PYTHON}: submit from a "
+        f"Python {image.WORKER_PYTHON} environment or launch the flex template (launch.submit --template ...)"
+    )
+
+
+def submit(argv: Sequence[str]) -> Submission:
+    """Create the job (or, under the flex launcher, its job object) and return without waiting."""
+    template_location = PipelineOptions(list(argv)).view_as(GoogleCloudOptions).template_location
+    check_pickling_python(template_location)
     pipeline, config = build(argv)
     result = pipeline.run()
     cloud = pipeline.options.view_as(GoogleCloudOptions)
+    if not result.has_job:
+        # Beam's create_job wrote the job to --template_location and returned no job (nothing to name):
+        # the flex launcher submits it. Beam's own examples test has_job for this case (wordcount_with_metrics).
+        _LOG.info("run %s: job object written to %s for the Dataflow launcher", config.run.run_id, template_location)
+        return Submission(config.run.run_id, None, template_location)
     _LOG.info(
         "submitted run %s: https://console.cloud.google.com/dataflow/jobs/%s/%s?project=%s",
         config.run.run_id, cloud.region, result.job_id(), cloud.project,
     )
-    return result
+    return Submission(config.run.run_id, result.job_id(), None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """Nightly schedule: a Cloud Scheduler job that launches the flex template every night.
 
-    python -m launch.schedule --profile tpu-v6e-4 --input 'gs://BUCKET/incoming/**' \\
-        --output_root gs://BUCKET/nightly --model gs://BUCKET/models/gemma-4-26B-A4B-it \\
+    python -m launch.schedule --profile tpu-v6e-1 --input 'gs://BUCKET/incoming/**' \\
+        --output_root gs://BUCKET/nightly --model gs://BUCKET/models/gemma-4-12B-it \\
         --project PROJECT --region us-east5 --zone us-east5-b --temp_location gs://BUCKET/tmp \\
         --scheduler_service_account launcher@PROJECT.iam.gserviceaccount.com \\
         [--schedule '0 2 * * *'] [--time_zone Etc/UTC] [--write DIR] [more pipeline options]
@@ -9,14 +9,15 @@
 Each night's job writes to OUTPUT_ROOT/{date} (the launcher expands {date}
 to the UTC date) and, with --incremental_from OUTPUT_ROOT/*, skips every
 (content, task, model, prompt version) an earlier night already answered:
-only new or changed inputs reach the TPUs. The job name is fixed, and
-Dataflow refuses a job named like one still running in the region, so a
-slow night never overlaps the next.
+only new or changed inputs reach the accelerators. The job name is fixed,
+and Dataflow refuses a job named like one still running in the region, so
+a slow night never overlaps the next.
 
 Prints (and with --write, writes DIR/nightly-PROFILE.json) the
 `flexTemplates:launch` body that Cloud Scheduler posts, then the gcloud
-commands that grant the scheduler's service account its roles and create
-the job. launch/composer_dag.py launches the same body from Composer.
+commands that grant the scheduler's (and the workers') service accounts
+their roles and create the job. launch/composer/ launches the same body
+from Composer.
 """
 from __future__ import annotations
 
@@ -58,11 +59,14 @@ def nightly_body(
     return flex_launch.launch_body(launch.settings, deployment.template_path(), launch.pipeline_args)
 
 
+def _bucket(location: str) -> str:
+    return "/".join(location.split("/")[:3])
+
+
 def iam_commands(deployment: Deployment, scheduler_account: str) -> list[list[str]]:
-    """Roles the scheduler's service account needs to launch the template as the worker account."""
+    """Roles the scheduler's account needs to launch the template as the worker account, and the staging grant."""
     member = f"--member=serviceAccount:{scheduler_account}"
     worker_account = deployment.service_account_email or "PROJECT_NUMBER-compute@developer.gserviceaccount.com"
-    bucket = "/".join(deployment.bucket_root.split("/")[:3])
     return [
         # Create Dataflow jobs (flexTemplates:launch).
         ["gcloud", "projects", "add-iam-policy-binding", deployment.project, member, "--role=roles/dataflow.developer"],
@@ -70,7 +74,12 @@ def iam_commands(deployment: Deployment, scheduler_account: str) -> list[list[st
         ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", worker_account, member,
          "--role=roles/iam.serviceAccountUser", f"--project={deployment.project}"],
         # Read the template spec file.
-        ["gcloud", "storage", "buckets", "add-iam-policy-binding", bucket, member, "--role=roles/storage.objectViewer"],
+        ["gcloud", "storage", "buckets", "add-iam-policy-binding", _bucket(deployment.template_path()), member,
+         "--role=roles/storage.objectViewer"],
+        # The launcher VM runs as the worker account and writes the job object and its logs under the staging
+        # location (template_launches/JOB_ID/); the workers read the staged pipeline from there.
+        ["gcloud", "storage", "buckets", "add-iam-policy-binding", _bucket(deployment.staging_root()),
+         f"--member=serviceAccount:{worker_account}", "--role=roles/storage.objectAdmin"],
     ]
 
 
@@ -121,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(f"# {body_file}: save this body (or rerun with --write DIR)")
         print(text)
-    print("# roles for the scheduler's service account")
+    print("# roles for the scheduler's service account, and the workers' access to the staging location")
     for command in iam_commands(deployment, args.scheduler_service_account):
         print(command_text(command))
     print("# the nightly job")

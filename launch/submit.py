@@ -1,13 +1,13 @@
-"""Submit the vision batch job to Dataflow TPU workers from a named launch profile.
+"""Submit the vision batch job to Dataflow TPU or GPU workers from a named launch profile.
 
-    python -m launch.submit --profile tpu-v6e-4 \\
-        --input 'gs://BUCKET/scans/**' --output gs://BUCKET/out/run1 --model gs://BUCKET/models/gemma-4-26B-A4B-it \\
+    python -m launch.submit --profile tpu-v6e-1 \\
+        --input 'gs://BUCKET/scans/**' --output gs://BUCKET/out/run1 --model gs://BUCKET/models/gemma-4-12B-it \\
         --project PROJECT --region us-east5 --zone us-east5-b --temp_location gs://BUCKET/tmp \\
         [--max_workers N] [--template [GCS_PATH]] [--warmup] [--dry-run] [more pipeline options]
 
-The profile decides the worker shape (machine type <-> accelerator and
-topology, harness threads, disk, single SDK process), the engine profile,
-the image budget and the XLA compile-cache location; pipeline options after
+The profile decides the worker shape (machine type <-> accelerator,
+harness threads, disk, single SDK process), the engine profile, the image
+budget and (TPU) the XLA compile-cache location; pipeline options after
 the known flags are passed through (e.g. --tasks ocr --incremental_from ...).
 
 Every invocation first builds the job graph for the DataflowRunner here,
@@ -17,7 +17,7 @@ offline, so option mistakes fail before anything is sent. Then:
               any local Python: the graph is built on Dataflow's launcher);
   otherwise   submit directly from this process (Python 3.12 only, the
               workers' version) and return once Dataflow accepted the job.
---warmup runs the bundled samples on one worker to fill the compile cache.
+--warmup runs the bundled samples on one worker to fill the compile cache (TPU).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import time
 from typing import Optional, Sequence
 
 from launch import flex_launch, run_dataflow, warmup
+from launch.accelerators import TPU
 from launch.deployment import Deployment, add_deployment_args, deployment_from_args
 from launch.job import Workers, plan_launch, timestamped_job_name
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
@@ -64,6 +65,8 @@ def job_inputs(
 ) -> tuple[list[str], str, Workers]:
     """(input globs, output, workers): the user's, or the warm-up's samples on one worker."""
     if args.warmup:
+        if profile.platform != TPU:
+            raise SystemExit(f"--warmup fills the TPU XLA compile cache; {profile.name} runs on GPUs, which keep none")
         if args.input or args.output:
             raise SystemExit("--warmup chooses its own --input (the bundled samples) and --output")
         return [warmup.samples_glob(deployment)], warmup.output_location(deployment, now), warmup.WARMUP_WORKERS
@@ -111,7 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.warmup:
         warmup.stage_samples(deployment)
     if body is None:
-        run_dataflow.submit(dataflow_args)
+        submitted = run_dataflow.submit(dataflow_args)
+        print(f"launched {submitted.job_id}: https://console.cloud.google.com/dataflow/jobs/{deployment.region}/"
+              f"{submitted.job_id}?project={deployment.project}")
     else:
         job_id = flex_launch.send(deployment.project, deployment.region, body)
         print(f"launched {job_id}: https://console.cloud.google.com/dataflow/jobs/{deployment.region}/{job_id}"

@@ -2,7 +2,7 @@
 
 A profile is chosen with `--engine_profile`; single arguments are overridden
 with `--engine_arg KEY=VALUE`. Nothing else in the project sets engine
-arguments. The TPU profiles are what the Dataflow launch profiles (launch/profiles.py) run.
+arguments. The TPU and GPU profiles are what the Dataflow launch profiles (launch/profiles.py) run.
 """
 from __future__ import annotations
 
@@ -22,6 +22,100 @@ class EngineProfile:
     vision_tokens: Optional[int]  # image soft tokens per request; None = the checkpoint's default
     preprocess_on_step_thread: bool  # image preprocessing inside add_request, not on Beam's threads
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
+
+
+# What every Dataflow TPU engine shares; the per-shape values are arguments, commented at each profile.
+def _tpu_profile(
+    name: str, description: str, tensor_parallel_size: int, max_num_batched_tokens: int, max_num_seqs: int
+) -> EngineProfile:
+    """vllm-tpu 0.32 on one single-host v6e slice, Gemma 4 in bf16 (AI-Hypercomputer/tpu-recipes Trillium recipe)."""
+    return EngineProfile(
+        name=name,
+        description=description,
+        engine_args={
+            "tensor_parallel_size": tensor_parallel_size,
+            # JAX drives every chip of the host from one process (vLLM itself picks "uni" on TPU under SPMD,
+            # vllm/config/parallel.py), and only one process may open the TPU (/dev/vfio/0 busy).
+            "distributed_executor_backend": "uni",
+            # bf16 weights, no quantization: the Trillium recipe serves 26B-A4B and 31B unquantised, and v6e
+            # has no fp8 matmuls (tpu-inference hardware_acceleration_and_dtype_support_matrix: v6 "int8,
+            # int4, bf16"; fp8 appears only in the Ironwood/v7x recipe, through qwix).
+            "dtype": "bfloat16",
+            # The engine's default: no source sets a KV dtype for Gemma 4 on v6e (a published 12B deployment
+            # reports vllm-tpu choosing fp8_e5m2 KV itself on Trillium; FIELD-NOTES).
+            "kv_cache_dtype": "auto",
+            # Required for images on vllm-tpu: an image's tokens are never split across steps (Trillium
+            # recipe: --disable_chunked_mm_input).
+            "disable_chunked_mm_input": True,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            # vllm-tpu's KV block size (FIELD-NOTES; the Ironwood recipe passes --block-size=256). Only whole
+            # blocks are shared: a follow-up task of an image reuses floor((system + image tokens) / 256) blocks.
+            "block_size": 256,
+            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV (works on TPU,
+            # FIELD-NOTES; the Ironwood recipe turns it off for its text benchmark, which shares no prefixes).
+            "enable_prefix_caching": True,
+            # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048). The recipe's
+            # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
+            "max_model_len": 4096,
+            "max_num_seqs": max_num_seqs,
+            # No multimodal processor cache (same measured reason as cpu-tiny: a rejected request
+            # desynchronises it and fails the image's other tasks).
+            "mm_processor_cache_gb": 0,
+            # One image per prompt; no audio/video inputs: skips their profiling and memory.
+            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
+            # Reproducible sampling across reruns.
+            "seed": 0,
+        },
+        # 1.5 x max_num_seqs (as on CPU): the batch stays full while Beam decodes the next images.
+        max_in_flight=max_num_seqs * 3 // 2,
+        # No structured output for Gemma 4 on TPU (Trillium recipe, "Known Limitations"): detection JSON is
+        # parsed and repaired.
+        structured_output=False,
+        # 280 is Gemma 4's default budget; larger per-request budgets look truncated on TPU (FIELD-NOTES).
+        vision_tokens=280,
+        # The TPU computes while the host's vCPUs preprocess the next images on Beam's threads; on the
+        # step-loop thread every image would pause stepping for its preprocessing.
+        preprocess_on_step_thread=False,
+    )
+
+
+def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) -> EngineProfile:
+    """vLLM 0.32 on one NVIDIA GPU of a Dataflow worker (vllm/vllm-openai image), Gemma 4 in bf16 unless overridden."""
+    max_num_seqs = shape_args["max_num_seqs"]
+    return EngineProfile(
+        name=name,
+        description=description,
+        engine_args={
+            "tensor_parallel_size": 1,
+            # In-process executor: one engine inside the Beam worker process, which alone owns the GPU.
+            "distributed_executor_backend": "uni",
+            # Gemma 4's checkpoint dtype; vLLM's Gemma 4 guide serves every size in bf16 on GPUs.
+            "dtype": "bfloat16",
+            # The engine's default (no source sets one for Gemma 4 on these GPUs).
+            "kv_cache_dtype": "auto",
+            # vLLM's Gemma 4 guide: "--gpu-memory-utilization 0.90 to 0.95 to maximize KV cache capacity";
+            # 0.90 leaves room for the Beam worker's own CUDA context.
+            "gpu_memory_utilization": 0.90,
+            # Prompt (< 500 tokens) + the longest task output (OCR 2,048); a profile may raise it.
+            "max_model_len": 4096,
+            # The point of [system][image][task]: follow-up tasks of an image reuse its KV.
+            "enable_prefix_caching": True,
+            # Same measured reason as cpu-tiny: a rejected request would desynchronise this cache.
+            "mm_processor_cache_gb": 0,
+            # One image per prompt; no audio/video (the guide: skips the audio encoder's memory).
+            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
+            # Structured output works on CUDA (unlike vllm-tpu): detection JSON constrained by schema, compact.
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            "seed": 0,
+            **shape_args,
+        },
+        max_in_flight=max_num_seqs * 3 // 2,
+        structured_output=True,
+        # The checkpoint's default (280); GPUs have no reported truncation above it.
+        vision_tokens=None,
+        # The worker's vCPUs preprocess while the GPU steps.
+        preprocess_on_step_thread=False,
+    )
 
 
 PROFILES: Mapping[str, EngineProfile] = {
@@ -105,92 +199,91 @@ PROFILES: Mapping[str, EngineProfile] = {
             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32",
         },
     ),
-    # Gemma 4 26B-A4B (MoE: 128 experts, top-8; ~25.2 B parameters, ~3.8 B active) on vllm-tpu 0.32.
-    # The launch profiles in launch/profiles.py pair these with Dataflow TPU workers. Not yet run by
-    # this project on Dataflow: every value below comes from FIELD-NOTES or arithmetic, as commented.
-    # Not offered: E4B on one v6e chip (fits, but upstream marks it untested/failing) and any v5e
-    # profile (26B-A4B fails to start on v5e: tpu-inference#2453); see launch/profiles.py.
-    "tpu-v6e-4-gemma4-26b-a4b": EngineProfile(
-        name="tpu-v6e-4-gemma4-26b-a4b",
-        description="vllm-tpu on one v6e-4 slice (4 chips, 2x2): Gemma 4 26B-A4B, fp8 weights and KV, TP4.",
-        engine_args={
-            # 26B-A4B needs >= 4 v6e chips (FIELD-NOTES, Trillium recipe); shard it over all 4 chips of the host.
-            "tensor_parallel_size": 4,
-            # JAX drives every chip of the host from one process (vLLM itself picks "uni" on TPU under
-            # SPMD, vllm/config/parallel.py), and only one process may open the TPU (/dev/vfio/0 busy).
-            "distributed_executor_backend": "uni",
-            # fp8 weights (FIELD-NOTES: the recipe-verified 26B-A4B setup): ~25 GB instead of ~50 GB in
-            # 4 x 32 GB HBM, and fewer bytes read per decode step (decode is memory-bound).
-            "quantization": "fp8",
-            # fp8 KV (same source): twice the sequences per HBM byte.
-            "kv_cache_dtype": "fp8",
-            # Activations and the (unquantised) embeddings/vision tower stay bf16, the TPU's native matmul type.
-            "dtype": "bfloat16",
-            # Required for images on vllm-tpu: an image's tokens are never split across steps (FIELD-NOTES).
-            "disable_chunked_mm_input": True,
-            # >= the largest image (280 soft tokens at the TPU vision budget) plus its prompt, with room
-            # for several prefills per step; every extra token bucket costs XLA compile time at start-up.
-            "max_num_batched_tokens": 2048,
-            # vllm-tpu's KV block size (FIELD-NOTES). Only whole blocks are shared: a follow-up task of an
-            # image reuses floor((system + image tokens) / 256) blocks of the first task's prefix.
-            "block_size": 256,
-            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV (works on TPU).
-            "enable_prefix_caching": True,
-            # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048).
-            "max_model_len": 4096,
-            # Decode is memory-bound, so a large batch amortises each step's weight reads. fp8 KV of one
-            # 4,096-token sequence is at most ~150 MB (K and V of 25 sliding layers capped at their
-            # 1,024-token window x 8 heads x 256, plus 5 global layers x 2 heads x 512): 256 of them
-            # (~38 GB) fit beside ~27 GB of weights in 4 x 32 GB.
-            "max_num_seqs": 256,
-            # No multimodal processor cache (same measured reason as cpu-tiny: a rejected request
-            # desynchronises it and fails the image's other tasks).
-            "mm_processor_cache_gb": 0,
-            # One image per prompt; no audio/video inputs: skips their profiling and memory.
-            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
-            # Reproducible sampling across reruns.
-            "seed": 0,
-        },
-        # 1.5 x max_num_seqs (as on CPU): the batch stays full while Beam decodes the next images.
-        max_in_flight=384,
-        # No structured output on TPU for Gemma 4 (FIELD-NOTES): detection JSON is parsed and repaired.
-        structured_output=False,
-        # 280 is Gemma 4's default budget; larger per-request budgets look truncated on TPU (FIELD-NOTES).
-        vision_tokens=280,
-        # The TPU computes while the host's ~180 vCPUs preprocess the next images on Beam's threads;
-        # on the step-loop thread every image would pause stepping for its preprocessing.
-        preprocess_on_step_thread=False,
-    ),
-    "tpu-v6e-8-gemma4-26b-a4b": EngineProfile(
-        name="tpu-v6e-8-gemma4-26b-a4b",
-        description="vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 26B-A4B, fp8 weights and KV, TP8. "
-                    "Unverified upstream: the recipes verify 26B-A4B on 4 chips; their 8-chip example is the 31B.",
-        engine_args={
-            # All 8 chips of the host: 16 query / 8 KV heads shard evenly; the 2 global KV heads replicate.
-            "tensor_parallel_size": 8,
-            # Same reasons as tpu-v6e-4-gemma4-26b-a4b for every argument from here to max_num_seqs.
-            "distributed_executor_backend": "uni",
-            "quantization": "fp8",
-            "kv_cache_dtype": "fp8",
-            "dtype": "bfloat16",
-            "disable_chunked_mm_input": True,
-            # Twice the v6e-4 value: twice the chips share each step's prefill work.
-            "max_num_batched_tokens": 4096,
-            "block_size": 256,
-            "enable_prefix_caching": True,
-            "max_model_len": 4096,
-            # Same ~150 MB per sequence as on v6e-4 with twice the HBM (8 x 32 GB): twice the batch.
-            "max_num_seqs": 512,
-            "mm_processor_cache_gb": 0,
-            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
-            "seed": 0,
-        },
-        # 1.5 x max_num_seqs, as for v6e-4.
-        max_in_flight=768,
-        structured_output=False,
-        vision_tokens=280,
-        preprocess_on_step_thread=False,  # as for v6e-4
-    ),
+    # Dataflow accelerator workers: the launch profiles in launch/profiles.py pair each of these with a worker
+    # shape (and check tensor_parallel_size against its chips). None has run on Dataflow from this project yet:
+    # every value comes from the upstream source or the arithmetic commented beside it.
+    **{
+        profile.name: profile
+        for profile in (
+            _tpu_profile(
+                "tpu-v6e-1-gemma4-12b",
+                "vllm-tpu on one v6e chip (ct6e-standard-1t): Gemma 4 12B (encoder-free vision), bf16, TP1.",
+                tensor_parallel_size=1,
+                # One image's prompt (< 500 tokens at 280 image tokens) several times per step; every extra token
+                # bucket costs XLA compile time at start-up.
+                max_num_batched_tokens=2048,
+                # bf16 weights ~23.8 GB (11.9 B parameters, launch/model_shapes.py) leave ~5 GB of the chip's
+                # 32 GB x 0.9 for KV. bf16 KV per sequence: 40 sliding layers x 8 KV heads x 256 x 2 (K, V) x 2 B
+                # = 320 KiB per token up to the 1,024-token window, plus 8 global layers x 1 x 512 x 2 x 2 B = 16 KiB
+                # per token: ~0.4 GB at 4,096 tokens (12 sequences), ~0.2 GB at a 600-token caption/detect request
+                # (24). 32 keeps short requests batched; vLLM admits more only while KV blocks are free.
+                max_num_seqs=32,
+            ),
+            _tpu_profile(
+                "tpu-v6e-4-gemma4-26b-a4b",
+                "vllm-tpu on one v6e-4 slice (4 chips, 2x2): Gemma 4 26B-A4B, bf16, TP4 (the recipes' 4-chip minimum).",
+                # Trillium recipe: 26B-A4B "Min TPUs (Chips) 4x"; shard it over all 4 chips of the host.
+                tensor_parallel_size=4,
+                max_num_batched_tokens=2048,
+                # bf16 weights ~51.5 GB (25.2 B + 0.55 B vision) of 4 x 32 GB x 0.9 leave ~64 GB of KV. bf16 KV of
+                # one 4,096-token sequence: 25 sliding layers x 8 x 256 x 2 x 2 B x 1,024 (window) + 5 global layers
+                # x 2 x 512 x 2 x 2 B x 4,096 = ~0.29 GB: 192 sequences (~56 GB) fit even at full length.
+                max_num_seqs=192,
+            ),
+            _tpu_profile(
+                "tpu-v6e-8-gemma4-26b-a4b",
+                "vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 26B-A4B, bf16, TP8: the Trillium recipe's shape.",
+                # Trillium recipe (AI-Hypercomputer/tpu-recipes inference/trillium/vLLM/Gemma4): a 2x4 v6e VM,
+                # --tensor-parallel-size 8.
+                tensor_parallel_size=8,
+                # Twice the v6e-4 value: twice the chips share each step's prefill work.
+                max_num_batched_tokens=4096,
+                # The same ~0.29 GB per sequence as on v6e-4 with ~179 GB of KV (8 x 32 GB x 0.9 - 51.5 GB).
+                max_num_seqs=512,
+            ),
+            _tpu_profile(
+                "tpu-v6e-8-gemma4-31b",
+                "vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 31B dense, bf16, TP8: the Trillium recipe.",
+                # Trillium recipe: gemma-4-31B-it, --tensor-parallel-size 8 on a 2x4 v6e VM ("benefits from 8-way
+                # tensor parallelism").
+                tensor_parallel_size=8,
+                # The Ironwood recipe's value for the 31B (inference/ironwood/vLLM/Gemma4/gemma4-server.yaml).
+                max_num_batched_tokens=4096,
+                # bf16 weights ~62.5 GB (30.7 B + 0.55 B vision) leave ~168 GB of KV. bf16 KV per 4,096-token
+                # sequence: 50 sliding layers x 16 x 256 x 2 x 2 B x 1,024 + 10 global layers x 4 x 512 x 2 x 2 B x
+                # 4,096 = ~1.17 GB: 128 sequences (~150 GB) fit at full length.
+                max_num_seqs=128,
+            ),
+            _cuda_profile(
+                "gpu-l4-gemma4-12b-fp8",
+                "vLLM CUDA on one NVIDIA L4 (24 GB, g2-standard-8): Gemma 4 12B with fp8 weights, TP1.",
+                {
+                    # The 12B's bf16 weights (~23.8 GB) do not fit a 24 GB L4 with any KV cache; vLLM's Gemma 4
+                    # guide lists only E2B/E4B for 24 GB GPUs in bf16. vLLM's online fp8 quantization (weights and
+                    # activations, dynamic scales) runs on the L4's native fp8 tensor cores (Ada): ~12.9 GB of
+                    # weights (linear layers fp8, the tied 262k x 3,840 embedding bf16). Unverified upstream for the
+                    # 12B: check output quality on a sample against tpu-v6e-1 before a large run.
+                    "quantization": "fp8",
+                    # ~7 GB of KV after weights and CUDA graphs in 24 GB x 0.9: the same 0.2-0.4 GB per sequence as on
+                    # tpu-v6e-1 (bf16 KV): ~17 sequences at 4,096 tokens, ~34 at 600.
+                    "max_num_seqs": 32,
+                },
+            ),
+            _cuda_profile(
+                "gpu-h100-gemma4-26b-a4b",
+                "vLLM CUDA on one NVIDIA H100 80GB (a3-highgpu-1g): Gemma 4 26B-A4B, bf16, TP1.",
+                {
+                    # vLLM's Gemma 4 guide (vllm-project/recipes Google/Gemma4.md, "26B MoE on 1x A100/H100 (BF16)"):
+                    # --max-model-len 32768. Our requests stay under ~3k tokens; vLLM allocates KV per block as
+                    # sequences grow, so the longer limit costs nothing.
+                    "max_model_len": 32768,
+                    # ~18 GB of KV after ~51.5 GB of bf16 weights in 80 GB x 0.9: ~0.29 GB per 4,096-token sequence
+                    # (see tpu-v6e-4-gemma4-26b-a4b): ~60 at full length, more at typical lengths.
+                    "max_num_seqs": 64,
+                },
+            ),
+        )
+    },
 }
 
 

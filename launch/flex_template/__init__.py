@@ -24,8 +24,9 @@ from transforms.prompts import TASKS
 METADATA_PATH = pathlib.Path(__file__).resolve().parent / "metadata.json"
 _GCS = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$"  # gs://BUCKET[/PATH], bucket naming rules
 _TASK = "|".join(TASKS)
-# Gemma 4's image budgets (FIELD-NOTES), up to what TPU serves without truncation.
-_TPU_VISION_BUDGETS = [str(b) for b in (70, 140, 280, 560, 1120) if b <= TPU_MAX_VISION_TOKENS]
+# Gemma 4's image budgets (FIELD-NOTES). One template serves TPU and GPU profiles: launch.submit and
+# launch.schedule refuse budgets above TPU_MAX_VISION_TOKENS for TPU profiles.
+_VISION_BUDGETS = ["70", "140", "280", "560", "1120"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +48,13 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     # TPU workers need a real checkpoint in GCS; the tiny local default does not exist on them.
     "model": ParameterUI("Gemma 4 checkpoint (Hugging Face format)", [_GCS], "GCS_READ_FOLDER", required=True),
     "tasks": ParameterUI("Tasks", [rf"^({_TASK})(,({_TASK}))*$"]),
-    # Only the TPU engine profiles: the launcher's workers are TPU VMs.
+    # Only the accelerator engine profiles: the launcher's workers are TPU or GPU VMs.
     "engine_profile": ParameterUI(
         "vLLM engine profile", [f"^({'|'.join(sorted({p.engine_profile for p in PROFILES.values()}))})$"]
     ),
-    "vision_tokens": ParameterUI("Image soft-token budget", [f"^({'|'.join(_TPU_VISION_BUDGETS)})$"]),
+    "vision_tokens": ParameterUI(
+        f"Image soft-token budget (TPU: at most {TPU_MAX_VISION_TOKENS})", [f"^({'|'.join(_VISION_BUDGETS)})$"]
+    ),
     "xla_cache_path": ParameterUI("Persistent XLA compile cache", [_GCS], "GCS_WRITE_FOLDER"),
     "engine_arg": ParameterUI("vLLM engine argument override (one KEY=VALUE)", [r"^[a-z_]+=.+$"]),
     "max_tokens": ParameterUI("Output token limit override (one TASK=N)", [rf"^({_TASK})=[0-9]+$"]),
@@ -107,8 +110,8 @@ def metadata() -> dict[str, Any]:
     if stale:
         raise ValueError(f"PARAMETER_UI describes options the pipeline does not have: {stale}")
     return {
-        "name": "Vision batch (Gemma 4 on Dataflow TPU)",
-        "description": "OCR, captions and object detection over images and PDFs with Gemma 4 on vLLM TPU workers. "
+        "name": "Vision batch (Gemma 4 on Dataflow TPU/GPU)",
+        "description": "OCR, captions and object detection over images and PDFs with Gemma 4 on vLLM TPU or GPU workers. "
                        "Launch it with launch.submit --template or the nightly schedule (docs/operations.md).",
         "parameters": [parameter(action) for action in actions],
     }
