@@ -21,7 +21,7 @@ class Deployment:
     project: str
     region: str  # Dataflow region (job control plane, Artifact Registry location)
     temp_location: str  # gs:// Dataflow temp files; its bucket also holds staging, templates and the XLA cache by default
-    zone: Optional[str] = None  # worker zone: TPU capacity and reservations are zonal
+    zone: Optional[str] = None  # worker zone: accelerator capacity and reservations are zonal
     repository: str = DEFAULT_REPOSITORY  # Artifact Registry Docker repository
     image: Optional[str] = None  # worker image override (default: derived from setup.py and the profile)
     cache_root: Optional[str] = None  # XLA compile cache root (default: <bucket>/vision-batch/xla-cache)

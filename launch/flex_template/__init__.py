@@ -45,7 +45,7 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     # {date} becomes the launch's UTC date (launch/run_dataflow.py): one output per night.
     "output": ParameterUI("Output location", [_GCS], "GCS_WRITE_FOLDER", required=True),
     "incremental_from": ParameterUI("Earlier outputs to skip (incremental run)", [_GCS], "GCS_READ_FOLDER"),
-    # TPU workers need a real checkpoint in GCS; the tiny local default does not exist on them.
+    # Dataflow workers need a real checkpoint in GCS; the tiny local default does not exist on them.
     "model": ParameterUI("Gemma 4 checkpoint (Hugging Face format)", [_GCS], "GCS_READ_FOLDER", required=True),
     "tasks": ParameterUI("Tasks", [rf"^({_TASK})(,({_TASK}))*$"]),
     # Only the accelerator engine profiles: the launcher's workers are TPU or GPU VMs.
