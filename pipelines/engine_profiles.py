@@ -233,8 +233,9 @@ PROFILES: Mapping[str, EngineProfile] = {
             _tpu_profile(
                 "tpu-v6e-8-gemma4-26b-a4b",
                 "vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 26B-A4B, bf16, TP8: the Trillium recipe's shape.",
-                # Trillium recipe (AI-Hypercomputer/tpu-recipes inference/trillium/vLLM/Gemma4): a 2x4 v6e VM,
-                # --tensor-parallel-size 8.
+                # Trillium recipe (AI-Hypercomputer/tpu-recipes inference/trillium/vLLM/Gemma4): a 2x4 v6e VM and
+                # --tensor-parallel-size 8 (its README's serve step shows the 31B; its compose file for 26B-A4B was
+                # not readable from here, so TP8 for this model rests on FIELD-NOTES' reading of the recipe).
                 tensor_parallel_size=8,
                 # Twice the v6e-4 value: twice the chips share each step's prefill work.
                 max_num_batched_tokens=4096,
