@@ -173,7 +173,11 @@ class FaultProxy:
                 except OSError:
                     pass  # the proxy reset this connection on purpose
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                _LOG.debug("connection from %s ended abruptly", client_address)  # clients drop pooled connections
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
 
