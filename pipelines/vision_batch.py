@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
@@ -35,6 +35,8 @@ _LOG = logging.getLogger("vision_batch")
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
+    # Workers (Dataflow VMs, local worker processes) then apply the job's GCS retry budget too.
+    storage.add_worker_plugin(pipeline.options)
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
         config.inputs, config.manifests, config.manifest_column
     )
@@ -89,9 +91,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job to completion and return the run summary (also written to OUT/run_summary.json)."""
     options = PipelineOptions(argv)
-    # Workers import the storage module before any bundle, so Beam's GCS client uses this job's retry budget there too.
-    setup = options.view_as(SetupOptions)
-    setup.beam_plugins = sorted({*(setup.beam_plugins or ()), storage.PLUGIN})
+    # Before make_runner: the local runner hands its workers the options as they are when it is built.
+    storage.add_worker_plugin(options)
     FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
     opts = options.view_as(VisionBatchOptions)
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
@@ -142,8 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     try:
         written = run(argv)
-    except RunFailed as failure:
-        print(f"\nrun failed: {failure.line}", file=sys.stderr)
+    except Exception as exc:
+        # A failed run, or storage down already at launch: one line; anything else keeps its traceback.
+        line = exc.line if isinstance(exc, RunFailed) else storage.failure_line(exc)
+        if line is None:
+            raise
+        print(f"\nrun failed: {line}", file=sys.stderr)
         return 1
     counts = written["counts"]
     output = written["config"]["output"]

@@ -18,7 +18,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.gcp.gcsio import GcsIO
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from pipelines import vision_batch
 from pipelines.options import JobConfig
@@ -26,6 +26,7 @@ from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import SAMPLES, SMALL_OUTPUTS, run_pipeline
 from tests.fault_proxy import FaultProxy, Rule
 from tests.gcs_emulator import BUCKET
+from transforms import storage
 from transforms.storage import BudgetedRetry, RetryBudget
 
 ROOT = f"gs://{BUCKET}/faults"
@@ -213,3 +214,17 @@ def test_an_impossible_budget_is_refused_at_launch(tiny_checkpoint):
     options = PipelineOptions(["--input", "x", "--output", "/tmp/y", "--gcs_retry_initial_delay_s", "5", "--gcs_retry_max_delay_s", "1"])
     with pytest.raises(ValueError, match="gcs_retry"):
         JobConfig.from_options(options, str(tiny_checkpoint), "m", True)
+
+
+def test_dataflow_workers_are_told_to_load_the_budget(monkeypatch, tmp_path):
+    """Dataflow workers import --beam_plugins before any bundle: the job built for Dataflow names the storage module."""
+    from launch import run_dataflow
+    from launch.job import Workers, plan_launch
+    from launch.profiles import PROFILES
+    from tests.launch_support import DEPLOYMENT, USER_ARGS, go_offline
+
+    go_offline(monkeypatch, tmp_path)
+    launch = plan_launch(PROFILES["tpu-v6e-4"], DEPLOYMENT, Workers.batch(1), "j", USER_ARGS)
+    pipeline, _ = run_dataflow.build([*launch.dataflow_args(), "--dry_run=True", *SMALL_BUDGET], check_model=False)
+    assert storage.PLUGIN in pipeline.options.view_as(SetupOptions).beam_plugins
+    assert RetryBudget.from_options(pipeline.options).timeout_s == 2.0

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.gcp import gcsio, gcsio_retry
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions
 from google.api_core.retry import (
     Retry,
     RetryFailureReason,
@@ -319,6 +319,12 @@ class _NamingBlobWriter(gcsio.BeamBlobWriter):
         except StorageFailure as failure:
             self._buffer.close()  # closed for good: io's __del__ would otherwise retry the whole upload once more
             raise failure.naming(self._uri()) from failure
+
+
+def add_worker_plugin(options: PipelineOptions) -> None:
+    """Have every worker process import this module (and so use the job's budget) before any bundle."""
+    setup = options.view_as(SetupOptions)
+    setup.beam_plugins = sorted({*(setup.beam_plugins or ()), PLUGIN})
 
 
 def install() -> None:
