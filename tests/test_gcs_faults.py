@@ -228,3 +228,33 @@ def test_dataflow_workers_are_told_to_load_the_budget(monkeypatch, tmp_path):
     pipeline, _ = run_dataflow.build([*launch.dataflow_args(), "--dry_run=True", *SMALL_BUDGET], check_model=False)
     assert storage.PLUGIN in pipeline.options.view_as(SetupOptions).beam_plugins
     assert RetryBudget.from_options(pipeline.options).timeout_s == 2.0
+
+
+def test_failed_requests_are_named_as_the_client_library_sends_them():
+    """Batch bodies built by google-cloud-storage itself; URLs as it sent them through the proxy."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs_client
+
+    client = gcs_client.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": "http://127.0.0.1:9"})
+    bucket = client.bucket("bk")
+    batch = client.batch(raise_exception=False)
+    batch.__enter__()  # collect deferred requests without sending them
+    try:
+        bucket.copy_blob(bucket.blob("t/a b.parquet"), bucket, "out/part-0.parquet")
+        bucket.copy_blob(bucket.blob("t/c.parquet"), bucket, "out/part-1.parquet")
+        _, copies, _ = batch._prepare_batch_request()
+    finally:
+        client._pop_batch()
+    operation, named = storage.describe_request("POST", "http://127.0.0.1:9/batch/storage/v1", copies)
+    assert (operation, named) == ("copy", ("gs://bk/t/a b.parquet", "gs://bk/out/part-0.parquet", "gs://bk/t/c.parquet", "gs://bk/out/part-1.parquet"))
+    failure = storage.StorageFailure(operation, named, 2.0, 3, "ServiceUnavailable: 503")
+    assert "copy of gs://bk/t/a b.parquet -> gs://bk/out/part-0.parquet, gs://bk/t/c.parquet -> gs://bk/out/part-1.parquet" in str(failure)
+
+    base = "http://127.0.0.1:9"
+    assert storage.describe_request("GET", f"{base}/storage/v1/b/bk/o?projection=noAcl&prefix=in%2F&prettyPrint=false") == ("list", ("gs://bk/in/",))
+    assert storage.describe_request("GET", f"{base}/storage/v1/b/bk/o/in%2Fa.txt?projection=noAcl&prettyPrint=false") == ("stat", ("gs://bk/in/a.txt",))
+    assert storage.describe_request("GET", f"{base}/download/storage/v1/b/bk/o/in/a.txt?generation=1&alt=media") == ("read", ("gs://bk/in/a.txt",))
+    assert storage.describe_request("DELETE", f"{base}/storage/v1/b/bk/o/out%2Fdst.txt?prettyPrint=false") == ("delete", ("gs://bk/out/dst.txt",))
+    # Uploads name their object in the body, or (chunks) only by session: the writer names it (see the summary test).
+    assert storage.describe_request("POST", f"{base}/upload/storage/v1/b/bk/o?uploadType=resumable") == ("write", ())
+    assert storage.describe_request("PUT", f"{base}/upload/storage/v1/b/bk/o?uploadType=resumable&upload_id=xyz") == ("write", ())

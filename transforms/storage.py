@@ -119,7 +119,10 @@ class StorageFailure(Exception):
         super().__init__(self.describe())
 
     def describe(self) -> str:
-        target = ", ".join(self.objects[:4]) + (f" and {len(self.objects) - 4} more" if len(self.objects) > 4 else "")
+        named = list(self.objects)
+        if self.operation == "copy" and len(named) % 2 == 0:  # (source, destination) pairs
+            named = [f"{source} -> {destination}" for source, destination in zip(named[::2], named[1::2])]
+        target = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
         return (
             f"storage {self.operation} of {target or 'an object'} still failing after {self.attempts} attempts "
             f"in {self.timeout_s:g} s (--gcs_retry_timeout_s): {self.cause}"
@@ -172,11 +175,13 @@ def _uri(bucket: str, name: str) -> str:
 
 
 def describe_request(method: str, url: str, body: Union[bytes, str, None] = None) -> tuple[str, tuple[str, ...]]:
-    """(operation, gs:// objects) of a GCS JSON-API request: list, stat, read, write, copy, delete, bucket or other.
+    """(operation, gs:// objects) of a GCS JSON-API request.
+
+    Operations: list, stat, read, write, copy (objects in source, destination
+    pairs), delete, update, batch (a batch of mixed operations), bucket, request.
 
     Batch requests (Beam's rename: a batch of copies, then a batch of deletes)
-    are described by their parts. Resumable-upload chunks are addressed by an
-    opaque session id, so they name no object ("write").
+    are described by their parts. Uploads name no object in their URL.
     """
     parts = urllib.parse.urlsplit(url or "")
     query = urllib.parse.parse_qs(parts.query)
@@ -190,9 +195,7 @@ def describe_request(method: str, url: str, body: Union[bytes, str, None] = None
                 objects.extend(named)
         return (operations.pop() if len(operations) == 1 else "batch"), tuple(objects)
     if parts.path.startswith("/upload/"):
-        name = query.get("name", [""])[0]
-        bucket = _BUCKET_LIST.search(parts.path)
-        return "write", ((_uri(bucket["bucket"], urllib.parse.quote(name)),) if name and bucket else ())
+        return "write", ()  # the object is named in the body or only by the session: `_NamingBlobWriter` names it
     match = _OBJECT_PATH.search(parts.path)
     if match:
         objects = (_uri(match["bucket"], match["name"]),)
@@ -292,11 +295,11 @@ def beam_retry(pipeline_options: Union[PipelineOptions, Mapping[str, Any], None]
 class _BudgetedBlobReader(gcsio.BeamBlobReader):
     """Beam's reader, whose opening metadata read follows the job's retry policy too."""
 
-    def __init__(self, blob: Any, *args: Any, retry: Any = None, **kwargs: Any):
-        if retry is not None:
-            blob.reload = functools.partial(blob.reload, retry=retry)
+    def __init__(self, blob: Any, *args: Any, **kwargs: Any):
+        if kwargs.get("retry") is not None:  # GcsIO.open passes the job's policy by keyword
+            blob.reload = functools.partial(blob.reload, retry=kwargs["retry"])
         try:
-            super().__init__(blob, *args, retry=retry, **kwargs)
+            super().__init__(blob, *args, **kwargs)
         except StorageFailure as failure:
             raise failure.naming(f"gs://{blob.bucket.name}/{blob.name}") from failure
 
