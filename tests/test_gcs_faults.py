@@ -107,6 +107,7 @@ def test_transient_faults_everywhere_leave_a_complete_balanced_run(gcs, faulty, 
     for op in ("list", "stat", "read", "write-start", "write-chunk", "copy", "delete"):
         assert any(kind[0] == op for kind in injected), f"no fault was injected into {op}: {injected}"
     assert injected[("write-chunk", "lost")] and injected[("copy", "lost")] and injected[("read", "cut")]
+    assert sum(count for (_, fault), count in injected.items() if fault == "slow")
     staged_reads = [i for i in faulty.injected if i.op == "read" and any("/models/transient/" in o for o in i.objects)]
     assert staged_reads, "model staging never met a fault"
 
@@ -118,8 +119,10 @@ def test_transient_faults_everywhere_leave_a_complete_balanced_run(gcs, faulty, 
     assert [(e["stage"], e["error_type"]) for e in errors] == [("decode", "UnsupportedFormat")]
     assert summary["counts"]["result_rows"] == len(results) and summary["counts"]["error_rows"] == 1
     names = objects(gcs, first)
-    assert f"faults/runs/transient/run_summary.json" in names
+    assert "faults/runs/transient/run_summary.json" in names
     assert not [n for n in names if "beam-temp" in n], "temporary files were left behind"
+    listed = [f["path"] for table in ("results", "errors") for f in summary["outputs"][table]]
+    assert sorted(listed) == [f"gs://{BUCKET}/{n}" for n in names if n.endswith(".parquet")]  # no stray copies
 
     # The incremental run reads the first run's results through the faults too.
     faulty.set_rules(TRANSIENT)
