@@ -1,8 +1,10 @@
 """Sinks stage: rows -> Parquet files under OUT/results/ and OUT/errors/.
 
 Beam's file sink writes each bundle to a temporary file and renames the
-complete set at the end, so a retried bundle never duplicates rows and a
-failed run leaves no half-written final files.
+complete set at the end, so a retried bundle never duplicates rows and no
+file is half-written. The two tables are renamed one after the other, so a
+run can fail with one table in place: the launcher then removes what the
+run added (`remove_new_objects`).
 """
 from __future__ import annotations
 
