@@ -20,8 +20,10 @@ from transforms.decode import DecodeLimits
 from transforms.engine import EngineSettings
 from transforms.prompts import DEFAULT_TASKS, PROMPT_VERSION, TASKS, TaskSpec, parse_task_list, with_max_tokens
 from transforms.shards import ShardSettings
+from transforms.storage import RetryBudget
 
 _DEFAULT_LIMITS = DecodeLimits()
+_DEFAULT_RETRY = RetryBudget()
 
 
 class VisionBatchOptions(PipelineOptions):
@@ -126,6 +128,24 @@ class VisionBatchOptions(PipelineOptions):
             help="Seconds between progress lines per worker process (0: none).",
         )
         group.add_argument("--run_id", default=None, help="Run identifier written to every row (default: UTC time + random suffix).")
+        _add_storage_retry_args(parser.add_argument_group("storage retries (gs://)"))
+
+
+def _add_storage_retry_args(group: Any) -> None:
+    """Retry budget of every GCS request, in every worker (transforms/storage.py). Defaults: the client library's."""
+    group.add_argument(
+        "--gcs_retry_timeout_s", type=float, default=_DEFAULT_RETRY.timeout_s,
+        help="Seconds one GCS request may keep retrying 429/5xx/resets/timeouts before the run fails naming the "
+             "object and operation.",
+    )
+    group.add_argument(
+        "--gcs_retry_initial_delay_s", type=float, default=_DEFAULT_RETRY.initial_delay_s,
+        help="Bound on the first wait between attempts; the bound doubles per attempt (waits are random below it).",
+    )
+    group.add_argument(
+        "--gcs_retry_max_delay_s", type=float, default=_DEFAULT_RETRY.max_delay_s,
+        help="Bound on any one wait between attempts.",
+    )
 
 
 def split_commas(values: Optional[Sequence[str]]) -> tuple[str, ...]:
@@ -184,6 +204,7 @@ class JobConfig:
             raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
         if not opts.output:
             raise ValueError("--output is required")
+        RetryBudget.from_options(options)  # refuse an impossible --gcs_retry_* budget at launch, not on a worker
         max_tokens = {k: int(v) for k, v in parse_key_values(split_commas(opts.max_tokens), "--max_tokens").items()}
         unknown = sorted(set(max_tokens) - set(TASKS))
         if unknown:

@@ -27,14 +27,16 @@ from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
 from pipelines import summary
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, engine, incremental, parse, sources
-from transforms.sinks import WriteTable, to_error_row
+from transforms import decode, engine, incremental, parse, sources, storage
+from transforms.sinks import WriteTable, remove_new_objects, table_objects, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
+    # Workers (Dataflow VMs, local worker processes) then apply the job's GCS retry budget too.
+    storage.add_worker_plugin(pipeline.options)
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
         config.inputs, config.manifests, config.manifest_column
     )
@@ -89,6 +91,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job to completion and return the run summary (also written to OUT/run_summary.json)."""
     options = PipelineOptions(argv)
+    # Before make_runner: the local runner hands its workers the options as they are when it is built.
+    storage.add_worker_plugin(options)
+    FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
     opts = options.view_as(VisionBatchOptions)
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
@@ -102,20 +107,49 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     stale = f"{config.output}/{summary.SUMMARY_FILE}"
     if FileSystems.exists(stale):
         FileSystems.delete([stale])  # a summary must never describe another run's files
+    before = table_objects(config.output)
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, config)
-    state = pipeline.run().wait_until_finish()
+    try:
+        state = pipeline.run().wait_until_finish()
+    except Exception as exc:
+        raise RunFailed(exc, _remove_partial_outputs(config.output, before)) from exc
     written = summary.read_summary(config.output)
     if written is None:
         raise RuntimeError(f"run ended in state {state} without writing {stale}")
     return written
 
 
+class RunFailed(RuntimeError):
+    """The pipeline failed; `line` says why in one line (the storage operation and object, when storage failed)."""
+
+    def __init__(self, cause: BaseException, cleanup: str):
+        self.line = f"{storage.failure_line(cause) or storage.one_line(cause)}; {cleanup}"
+        super().__init__(self.line)
+
+
+def _remove_partial_outputs(output: str, before: dict[str, float]) -> str:
+    """Remove what the failed run left under its tables; say what happened, for the failure line."""
+    try:
+        removed = remove_new_objects(output, before)
+    except Exception as exc:  # noqa: BLE001 - storage may still be down: report, don't mask the run's own failure
+        return f"its partial outputs under {output} could not be removed ({storage.failure_line(exc) or storage.one_line(exc)})"
+    return f"removed its {len(removed)} partial output file(s)/temp dir(s) under {output}" if removed else f"no outputs were left under {output}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One INFO line per string type hint in our (postponed-annotation) DoFns: noise.
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
-    written = run(argv)
+    try:
+        written = run(argv)
+    except Exception as exc:
+        # A failed run, or storage down already at launch: one line; anything else keeps its traceback.
+        line = exc.line if isinstance(exc, RunFailed) else storage.failure_line(exc)
+        if line is None:
+            raise
+        print(f"\nrun failed: {line}", file=sys.stderr)
+        return 1
     counts = written["counts"]
     output = written["config"]["output"]
     print(

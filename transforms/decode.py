@@ -5,8 +5,10 @@ Two steps with a reshuffle between them (wired in `pipelines.vision_batch`):
 `DecodeUnits` renders/decodes one range. A long PDF therefore spreads over
 many workers instead of one worker rendering 2,000 pages while others idle.
 
-Every failure becomes an ErrorRecord for the file or page it concerns; no
-exception escapes to fail the bundle for the other items.
+Every failure of an input becomes an ErrorRecord for the file or page it
+concerns; no exception escapes to fail the bundle for the other items. The
+exception is storage that stays down past its retry budget
+(`storage.StorageFailure`): not the input's fault, so it fails the bundle.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, ItemInfo, ItemRef, SourceFile
-from transforms import metrics
+from transforms import metrics, storage
 from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 ERRORS_TAG = "errors"
@@ -321,6 +323,7 @@ class PlanUnits(beam.DoFn):
             else:
                 units = plan_file_units(source, kind, lambda: read_bytes(source.uri, self._limits.max_file_bytes), self._limits)
         except Exception as exc:  # noqa: BLE001 - any failure of one file becomes its error row
+            storage.raise_if_outage(exc)
             yield _error(ref, "plan", exc)
             return
         metrics.count("decode_units", len(units))
@@ -386,6 +389,7 @@ class DecodeUnits(beam.DoFn):
         try:
             data = read_bytes(unit.uri, self._limits.max_file_bytes)
         except Exception as exc:  # noqa: BLE001
+            storage.raise_if_outage(exc)
             for page in pages:
                 yield _error(ItemRef.make(unit.uri, page=page if unit.is_paged else None), "decode", exc)
             return
@@ -410,6 +414,7 @@ class DecodeUnits(beam.DoFn):
             with FileSystems.open(unit.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 rows = list(iter_parquet_rows(handle, unit.first_page, self._shards))
         except Exception as exc:  # noqa: BLE001
+            storage.raise_if_outage(exc)
             yield _error(ItemRef.make(unit.uri), "decode", DecodeError(f"row group {unit.first_page}: {exc}"))
             return
         for row in rows:

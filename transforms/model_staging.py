@@ -78,11 +78,15 @@ def stage_checkpoint(uri: str, root: Optional[Path] = None) -> str:
         files = _listing(uri)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{target.name}.partial-"))
         base = uri.rstrip("/") + "/"
-        with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
-            list(pool.map(lambda name: _copy(base + name, staging / name), files))
-        (staging / MARKER).write_text(json.dumps({"source": uri, "files": files}, sort_keys=True))
-        if not _is_complete(staging):
-            raise IOError(f"staging {uri} produced files whose sizes differ from the listing")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+                list(pool.map(lambda name: _copy(base + name, staging / name), files))
+            (staging / MARKER).write_text(json.dumps({"source": uri, "files": files}, sort_keys=True))
+            if not _is_complete(staging):
+                raise IOError(f"staging {uri} produced files whose sizes differ from the listing")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # storage gave up or the process is stopping: no half copy left on disk
+            raise
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)
         _LOG.info("staged model %s (%d files, %.1f MB) at %s in %.1f s", uri, len(files),

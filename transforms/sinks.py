@@ -1,8 +1,10 @@
 """Sinks stage: rows -> Parquet files under OUT/results/ and OUT/errors/.
 
 Beam's file sink writes each bundle to a temporary file and renames the
-complete set at the end, so a retried bundle never duplicates rows and a
-failed run leaves no half-written final files.
+complete set at the end, so a retried bundle never duplicates rows and no
+file is half-written. The two tables are renamed one after the other, so a
+run can fail with one table in place: the launcher then removes what the
+run added (`remove_new_objects`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import ErrorRecord, RunInfo
 from schemas.tables import error_row
@@ -18,6 +21,7 @@ from transforms import metrics
 # Row groups of ~64 MiB uncompressed: large enough for DuckDB/BigQuery scans to
 # be efficient, small enough that a writer never buffers much per bundle.
 ROW_GROUP_BYTES = 64 * 2**20
+TABLES = ("results", "errors")
 
 
 def table_prefix(output: str, table: str) -> str:
@@ -62,3 +66,35 @@ def to_error_row(error: ErrorRecord, run: RunInfo) -> dict:
     metrics.count(f"error_rows_{error.stage}")
     metrics.count(f"error_type_{error.error_type}")
     return error_row(error, run)
+
+
+def table_objects(output: str) -> dict[str, float]:
+    """Every object under OUT/results/ and OUT/errors/ (final files and Beam's temp files) -> last update time."""
+    return {
+        meta.path: meta.last_updated_in_seconds
+        for table in TABLES
+        for meta in FileSystems.match([f"{output}/{table}/**"])[0].metadata_list
+    }
+
+
+def remove_new_objects(output: str, before: dict[str, float]) -> list[str]:
+    """Delete what a failed run added or rewrote under the tables since `before` (a `table_objects` snapshot).
+
+    Beam renames each table's files into place only when the whole table is
+    written, but a run failing during that rename, or between the two
+    tables, would leave a partial set of final files; and its temp files
+    stay behind. Files that were there before and are unchanged are kept.
+    Returns the paths removed (Beam temp directories as one entry each).
+    """
+    targets = set()
+    for path, updated in table_objects(output).items():
+        if before.get(path) == updated:
+            continue
+        for table in TABLES:
+            prefix = f"{output}/{table}/"
+            if path.startswith(prefix):
+                head, nested, _ = path[len(prefix):].partition("/")
+                targets.add(prefix + head + ("/" if nested else ""))  # a Beam temp directory goes as a whole
+    if targets:
+        FileSystems.delete(sorted(targets))
+    return sorted(targets)

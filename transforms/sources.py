@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.records import ErrorRecord, ItemRef, SourceFile
-from transforms import metrics
+from transforms import metrics, storage
 
 ERRORS_TAG = "errors"
 
@@ -46,7 +46,8 @@ def stat_literal(uri: str) -> list[SourceFile]:
     """The one file a manifest names, taken literally (`[`, `?` and `*` are legal in object names)."""
     try:
         meta = FileSystems.get_filesystem(uri).metadata(uri)
-    except Exception:  # noqa: BLE001 - BeamIOError/FileNotFoundError/IOError by filesystem: all mean "not there"
+    except Exception as exc:  # noqa: BLE001 - BeamIOError/FileNotFoundError/IOError by filesystem: all mean "not there"
+        storage.raise_if_outage(exc)  # ... except storage being down
         return []
     return [] if _is_directory(meta.path) else [SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes)]
 
@@ -59,6 +60,7 @@ class _MatchPattern(beam.DoFn):
         try:
             files = stat_literal(pattern) if literal else match_pattern(pattern)
         except Exception as exc:  # noqa: BLE001 - e.g. a bucket that doesn't exist
+            storage.raise_if_outage(exc)
             metrics.count("errors_match")
             yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(pattern), "match", exc))
             return
@@ -134,6 +136,7 @@ class _ReadManifest(beam.DoFn):
         try:
             yield from manifest_entries(uri, self._column)
         except Exception as exc:  # noqa: BLE001 - an unreadable manifest is an error row, not a failed job
+            storage.raise_if_outage(exc)
             metrics.count("errors_match")
             yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(uri), "match", exc))
 
