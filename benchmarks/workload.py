@@ -195,7 +195,7 @@ def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     template = processor.tokenizer.apply_chat_template
-    texts = render_prompts(specs, lambda messages: template(messages, tokenize=False, add_generation_prompt=True))
+    texts = render_prompts(specs, template)
     image = Image.new("RGB", (320, 240), "white")
     ids = {name: list(processor(text=[text], images=[image])["input_ids"][0]) for name, text in texts.items()}
     shared = next(i for i, tokens in enumerate(zip(*ids.values())) if len(set(tokens)) > 1)

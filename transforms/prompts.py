@@ -13,9 +13,18 @@ of the incremental-run key, so a new version re-processes old items.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
-PROMPT_VERSION = "v1-2026-11-22"
+PROMPT_VERSION = "v2-2026-11-29"
+
+# Gemma 4's image soft-token budgets: the only values its image processor and vLLM's
+# (vllm/model_executor/models/gemma4_mm.py _SUPPORTED_SOFT_TOKENS) accept.
+VISION_TOKEN_BUDGETS: tuple[int, ...] = (70, 140, 280, 560, 1120)
+
+# Output tokens added to every task's max_tokens in thinking mode, for the thought the model
+# writes before its answer. A thought cut off by the limit leaves no answer (finish_reason
+# "length", an empty text), so the budget errs large; --max_tokens still sets the answer's share.
+THINKING_BUDGET = 1024
 
 SYSTEM_PROMPT = (
     "You are a meticulous document and image analyst. "
@@ -132,8 +141,18 @@ def with_max_tokens(spec: TaskSpec, overrides: Mapping[str, int]) -> TaskSpec:
     return dataclasses.replace(spec, max_tokens=int(overrides[spec.name]))
 
 
+def with_thinking_budget(spec: TaskSpec, thinking: bool) -> TaskSpec:
+    """Room for the thought on top of the answer's own limit, when thinking is on."""
+    return dataclasses.replace(spec, max_tokens=spec.max_tokens + THINKING_BUDGET) if thinking else spec
+
+
 def build_messages(spec: TaskSpec, image_first: bool = True) -> list[dict[str, Any]]:
     """Chat messages for one task: `[system][image][instruction]`.
+
+    The system content is a plain string: Google's Gemma 4 templates render the
+    system turn as `messages[0]['content'] | trim`, so a list of parts would
+    reach the model as its Python repr (`[{'type': 'text', ...}]`). The user
+    turn is a list of parts, which every Gemma 4 template iterates.
 
     `image_first=False` puts the instruction before the image; it exists only
     for the benchmark ablation that shows what that costs (no shared prefix
@@ -143,26 +162,54 @@ def build_messages(spec: TaskSpec, image_first: bool = True) -> list[dict[str, A
     text_part = {"type": "text", "text": spec.instruction}
     user_content = [image_part, text_part] if image_first else [text_part, image_part]
     return [
-        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user_content},
     ]
 
 
-ChatTemplate = Callable[[list[dict[str, Any]]], str]
+class ChatTemplate(Protocol):
+    """A tokenizer's (or processor's) `apply_chat_template`, as transformers defines it."""
+
+    def __call__(
+        self, conversation: list[dict[str, Any]], *, tokenize: bool, add_generation_prompt: bool, enable_thinking: bool
+    ) -> str: ...
 
 
 def render_prompts(
-    specs: Sequence[TaskSpec], apply_chat_template: ChatTemplate, image_first: bool = True
+    specs: Sequence[TaskSpec], apply_chat_template: ChatTemplate, image_first: bool = True, thinking: bool = False
 ) -> dict[str, str]:
     """Prompt text per task, rendered with the checkpoint's own chat template.
 
-    The text holds the template's image placeholder; the engine expands it to
-    the image's soft tokens. It does not depend on the image, so it is
+    `enable_thinking` is always passed, never left to the template's default:
+    Gemma 4 templates switch both the system turn (`<|think|>`) and, for the
+    large models, the generation prompt (an empty thought channel when off)
+    on it. The text holds the template's image placeholder; the engine expands
+    it to the image's soft tokens. It does not depend on the image, so it is
     rendered once per engine and reused for every item.
     """
-    return {spec.name: apply_chat_template(build_messages(spec, image_first)) for spec in specs}
+    return {
+        spec.name: apply_chat_template(
+            build_messages(spec, image_first), tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+        for spec in specs
+    }
 
 
-def sampling_kwargs(spec: TaskSpec, seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments for `vllm.SamplingParams` (minus structured output, added by the engine)."""
-    return {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": seed}
+def prompt_version(thinking: bool) -> str:
+    """The version written to rows: thinking changes the prompt (and the answers), so it is part of it."""
+    return f"{PROMPT_VERSION}+thinking" if thinking else PROMPT_VERSION
+
+
+def sampling_kwargs(spec: TaskSpec, seed: int = 0, model_defaults: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` (minus structured output, added by the engine).
+
+    A sampled request (temperature > 0, the retry ladder's first rung) draws
+    from the checkpoint's own `top_k`/`top_p` (`model_defaults`, read from its
+    `generation_config.json`; Google ships top_k 64, top_p 0.95): without
+    them vLLM samples from the whole 262k-token vocabulary. Greedy requests
+    ignore them.
+    """
+    kwargs: dict[str, Any] = {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": seed}
+    if spec.temperature > 0:
+        kwargs.update({key: model_defaults[key] for key in ("top_k", "top_p") if model_defaults and key in model_defaults})
+    return kwargs
