@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import engine_profiles
+from pipelines.checkpoint_shape import CheckpointShape
 from schemas.records import RunInfo
 from transforms.decode import DecodeLimits
 from transforms.engine import EngineSettings
@@ -195,7 +196,11 @@ class JobConfig:
     model_is_random: bool
 
     @staticmethod
-    def from_options(options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool) -> "JobConfig":
+    def from_options(
+        options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool,
+        checkpoint: Optional[CheckpointShape] = None,
+    ) -> "JobConfig":
+        """`checkpoint`: the model's shape, when known, so the engine profile checks and fits it."""
         opts = options.view_as(VisionBatchOptions)
         if not opts.input and not opts.manifest:
             raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
@@ -209,10 +214,7 @@ class JobConfig:
         tasks = tuple(
             with_thinking_budget(with_max_tokens(TASKS[name], max_tokens), thinking) for name in parse_task_list(opts.tasks)
         )
-        profile = engine_profiles.resolve(
-            opts.engine_profile,
-            parse_engine_args(opts.engine_arg),
-        )
+        profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
         vision_tokens = opts.vision_tokens or profile.vision_tokens
         engine = EngineSettings(

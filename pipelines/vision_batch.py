@@ -22,6 +22,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
@@ -91,7 +92,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     options = PipelineOptions(argv)
     opts = options.view_as(VisionBatchOptions)
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
-    config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
+    config = JobConfig.from_options(
+        options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
+    )
     if model.is_random:
         _LOG.warning("=" * 72)
         _LOG.warning(summary.RANDOM_MODEL_WARNING)
