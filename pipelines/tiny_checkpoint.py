@@ -104,7 +104,9 @@ _LARGE_ATTENTION: Mapping[str, Any] = {
     "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
     "sliding_window": 1024,
     "attention_k_eq_v": True,
-    "num_global_key_value_heads": 1,  # 31B: 4, 26B-A4B: 2, 12B: 1 (fewer than the sliding layers' KV heads)
+    "num_attention_heads": 4,  # 31B: 32, 26B-A4B: 16, 12B: 16 ...
+    "num_key_value_heads": 2,  # ... with half as many KV heads on sliding layers ...
+    "num_global_key_value_heads": 1,  # ... and fewer on the global layers (31B: 4, 26B-A4B: 2, 12B: 1)
     "use_bidirectional_attention": "vision",
     "hidden_size_per_layer_input": 0,  # no per-layer embeddings
     "num_kv_shared_layers": 0,

@@ -63,6 +63,10 @@ def test_zero_area_boxes_are_dropped():
         ("A cat.<eos>", None, "A cat."),
         # A thought cut off by max_tokens before its end marker is still a thought, never text.
         ("<|channel>thought\nfirst I will list every obj", "first I will list every obj", ""),
+        # Several thought blocks (as Google's templates strip them all): the answer keeps what is between.
+        ("<|channel>thought\na<channel|>Total:<|channel>thought\nb<channel|> 12", "a\n\nb", "Total: 12"),
+        # A stray end marker later in the answer: what precedes it is thought, as vLLM reads a first one.
+        ("<|channel>thought\na<channel|>noise<channel|>12", "a\n\nnoise", "12"),
         # Plain answers are untouched, including the word "thought" elsewhere.
         ("I thought so.\nYes.", None, "I thought so.\nYes."),
     ],

@@ -57,16 +57,27 @@ def split_answer(raw: str) -> Answer:
 
     Uses vLLM's `gemma4_utils.parse_thinking_output`, which handles a thought
     block with its markers, the stray leading `thought\n` some Gemma 4 models
-    emit with thinking off, and trailing `<turn|>`/`<eos>`. One case it leaves
-    in the answer: a thought cut off by `max_tokens` before its end marker;
-    that text is a thought too, so it is closed and split the same way.
+    emit with thinking off, and trailing `<turn|>`/`<eos>`. It splits at the
+    first thought block only; what it leaves in the answer (a further thought
+    block, or a thought cut off by `max_tokens` before its end marker) is split
+    off the same way, as Google's templates strip every thought block from a
+    model turn. The answer never holds a thought marker.
     """
     from vllm.reasoning.gemma4_utils import parse_thinking_output  # imports torch: only where answers are parsed
 
     parsed = parse_thinking_output(raw)
-    if parsed["thinking"] is None and _THOUGHT_START in (parsed["answer"] or ""):
-        parsed = parse_thinking_output(raw + _THOUGHT_END)
-    return Answer(text=parsed["answer"] or "", thought=parsed["thinking"] or None)
+    thoughts = [parsed["thinking"]]
+    answer = parsed["answer"] or ""
+    while _THOUGHT_START in answer or _THOUGHT_END in answer:
+        start, end = answer.find(_THOUGHT_START), answer.find(_THOUGHT_END)
+        # Text before a further block's start marker is answer; before a lone end marker, thought (as vLLM reads it).
+        cut = start if start != -1 and (end == -1 or start < end) else 0
+        head, block = answer[:cut].strip(), answer[cut:]
+        again = parse_thinking_output(block if _THOUGHT_END in block else block + _THOUGHT_END)
+        thoughts.append(again["thinking"])
+        answer = " ".join(part for part in (head, again["answer"] or "") if part)
+    thought = "\n\n".join(t for t in thoughts if t)
+    return Answer(text=answer, thought=thought or None)
 
 
 def strip_code_fence(text: str) -> str:
