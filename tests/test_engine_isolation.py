@@ -29,13 +29,14 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     """The TPU profiles preprocess on Beam's threads (cpu-tiny, used elsewhere, on the step loop)."""
     from PIL import Image
 
-    from pipelines.engine_profiles import PROFILES
+    from pipelines.checkpoint_shape import CheckpointShape
+    from pipelines.engine_profiles import resolve
     from transforms.engine import ENGINES, EngineSettings
     from transforms.prompts import TASKS, with_max_tokens
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
-        engine_args={**PROFILES["cpu-tiny"].engine_args, "max_model_len": 256},
+        engine_args=resolve("cpu-tiny", {"max_model_len": 256}, CheckpointShape.read(str(tiny_checkpoint))).engine_args,
         max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
     )
     engine = ENGINES.acquire(settings)

@@ -132,8 +132,9 @@ def test_single_object_and_wrapped_list_are_accepted():
         ('[{"box_2d": [1, 2, 3], "label": "a"}]', "4 numbers"),
         ('[{"box_2d": [1, "x", 3, 4], "label": "a"}]', "not a number"),
         ('[{"box_2d": [1, 2, 3, 4], "label": 7}]', "label must be a string"),
-        ('["a box"]', "no JSON list of boxes"),
-        ('{"a": 1}', "no JSON list of boxes"),
+        ('["a box"]', "expected an object"),
+        ('{"a": 1}', "expected a JSON list"),
+        ("Nothing to report [] here", "no JSON list of boxes"),  # an empty list counts only as the whole answer
         ('[{"box_2d": [1, 2, 3, 4], "label": "a"}, oops]', "no JSON list of boxes"),  # never silently a prefix
         ('[{"box_2d": [1, true, 3, 4], "label": "a"}]', "not a number"),
         ('[{"box_2d": [1, NaN, 3, 4], "label": "a"}]', "not finite"),

@@ -128,19 +128,27 @@ def salvage_json_list(text: str, start: int) -> list[Any]:
 
 
 def _is_box_list(value: Any) -> bool:
-    """A list of objects (possibly empty), or an object wrapping exactly one such list."""
+    """A non-empty list of objects, or an object wrapping exactly one such list.
+
+    Non-empty: a bare `[]` inside prose is as likely noise as an answer; an empty
+    answer counts only when it is the whole answer.
+    """
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         return len(lists) == 1 and _is_box_list(lists[0])
-    return isinstance(value, list) and all(isinstance(entry, dict) for entry in value)
+    return isinstance(value, list) and bool(value) and all(isinstance(entry, dict) for entry in value)
 
 
 def _top_level_entries(payload: Any) -> list[Any]:
+    if isinstance(payload, list):
+        return payload
     if isinstance(payload, dict):
         if "box_2d" in payload:
             return [payload]  # a single box without the surrounding list
-        return next(value for value in payload.values() if isinstance(value, list))  # e.g. {"objects": [...]}
-    return payload
+        lists = [value for value in payload.values() if isinstance(value, list)]
+        if len(lists) == 1:
+            return lists[0]  # e.g. {"objects": [...]}
+    raise DetectionParseError(f"expected a JSON list of boxes, got {type(payload).__name__}")
 
 
 def _coordinate(value: Any, entry_index: int) -> float:
@@ -178,16 +186,11 @@ def to_detection(label: str, box: Sequence[float], width: int, height: int) -> O
 
 
 def _box_payload(answer: str, truncated: bool) -> Any:
-    """The answer's list of boxes, wherever it stands; a cut-off list's complete boxes when `truncated`."""
-    whole = strip_code_fence(answer)
-    if whole.startswith("{"):
-        try:
-            single = json.loads(whole, strict=False)
-        except json.JSONDecodeError:
-            pass
-        else:
-            if isinstance(single, dict) and "box_2d" in single:
-                return single  # one box without the surrounding list, and nothing else
+    """The answer's JSON: all of it, else a list of boxes wherever it stands, else (`truncated`) a cut-off list's complete boxes."""
+    try:
+        return json.loads(strip_code_fence(answer), strict=False)  # the answer is JSON and nothing else
+    except json.JSONDecodeError:
+        pass
     try:
         return extract_json(answer, accept=_is_box_list)
     except NoJSONFound:
