@@ -267,6 +267,8 @@ def resolve(
     profile = PROFILES[name]
     if checkpoint is not None:
         profile = fit_to_checkpoint(profile, checkpoint)
+    elif profile.limits is not None and profile.limits.size_from_memory:
+        raise ValueError(f"engine profile {name} is sized from the checkpoint's config.json; it needs the checkpoint")
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})

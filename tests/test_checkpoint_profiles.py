@@ -98,6 +98,11 @@ def test_cpu_sizes_kv_and_sequences_from_the_checkpoint_and_the_machine(shapes, 
     assert profile.max_in_flight >= args["max_num_seqs"]
 
 
+def test_cpu_is_never_used_unsized():
+    with pytest.raises(ValueError, match="sized from the checkpoint"):
+        resolve("cpu")
+
+
 def test_cpu_refuses_a_checkpoint_the_machine_cannot_hold(shapes):
     with pytest.raises(CheckpointRefused, match=r"needs 14\.9 GiB of weights.*this machine has 16\.0 GiB"):
         fit_to_checkpoint(engine_profiles.PROFILES["cpu"], shapes["E4B"], memory_bytes=16 * GiB)
