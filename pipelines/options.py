@@ -16,10 +16,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import engine_profiles
 from pipelines.checkpoint_shape import CheckpointShape
+from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
 from transforms.decode import DecodeLimits
 from transforms.engine import EngineSettings
-from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.prompts import (
     DEFAULT_TASKS,
     TASKS,

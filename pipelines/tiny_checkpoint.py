@@ -362,7 +362,7 @@ def build_checkpoint(out_dir: str | os.PathLike[str], preset: str = DEFAULT_PRES
     _save_model(spec, config, _generation_config(spec, tokenizer), out)
     _processor(spec, tokenizer).save_pretrained(out)
     _make_readable(out)
-    log.info("built %s checkpoint in %s", preset, out)
+    log.info("built %s checkpoint (%s) in %s", preset, spec.stands_for, out)
     return out
 
 
