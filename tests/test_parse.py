@@ -172,3 +172,8 @@ def test_raw_control_characters_in_labels_are_accepted():
 def test_a_truncated_list_with_a_non_object_entry_is_refused():
     with pytest.raises(DetectionParseError, match="expected an object"):
         parse_detections('[{"box_2d": [1, 2, 3, 4], "label": "a"}, "stray", {"box_2d": [5', 10, 10, truncated=True)
+
+
+def test_pathologically_nested_answers_are_a_parse_error_not_a_crash():
+    with pytest.raises(DetectionParseError):
+        parse_detections("[" * 3000 + "]" * 3000, 10, 10)

@@ -189,7 +189,7 @@ def _box_payload(answer: str, truncated: bool) -> Any:
     """The answer's JSON: all of it, else a list of boxes wherever it stands, else (`truncated`) a cut-off list's complete boxes."""
     try:
         return json.loads(strip_code_fence(answer), strict=False)  # the answer is JSON and nothing else
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     try:
         return extract_json(answer, accept=_is_box_list)
