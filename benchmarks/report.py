@@ -6,7 +6,7 @@ import json
 from typing import Any, Mapping, Optional, Sequence
 
 from benchmarks.measure import VariantResult, ratio
-from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, Workload
+from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, STREAMING_PRESET, Workload
 
 # name -> (what is compared, threshold, "min" = the figure must be at least the threshold)
 TARGETS: Mapping[str, tuple[str, float, str]] = {
@@ -205,7 +205,7 @@ batch's tail steps run few sequences: they cost what the first rows cost, not a 
 
 {step_cost_table(document.get('decode_step_cost', ()))}
 
-Streaming check (pipeline, `tiny-dense` model, max_tokens {dict(STREAMING_MAX_TOKENS)}, a {STREAMING_KV_BYTES // 2**20} MiB KV
+Streaming check (pipeline, `{STREAMING_PRESET}` model, max_tokens {dict(STREAMING_MAX_TOKENS)}, a {STREAMING_KV_BYTES // 2**20} MiB KV
 pool that is fully touched within the first few hundred images, so both sizes compare steady
 state; see `benchmarks/run.py`): peak RSS of the pipeline process by input size; ratio
 {_cell(document['rss_ratio'])}.

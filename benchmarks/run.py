@@ -26,6 +26,7 @@ from benchmarks.workload import (
     BENCH_MAX_TOKENS,
     STREAMING_KV_BYTES,
     STREAMING_MAX_TOKENS,
+    STREAMING_PRESET,
     Workload,
     checkpoint_parameters,
     make_images,
@@ -171,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The profile's 512 MiB is 1.4 M tokens of the tiny model, about what 5,000 items use, so the
         # check sizes the pool (32 MiB, 87 k tokens) to be fully touched within the first few hundred
         # items: both runs then compare the pipeline's own memory in steady state.
-        tiny = Workload(images=args.workdir, model_path=str(ensure_checkpoint("tiny-dense")), model_id="tiny-dense",
+        tiny = Workload(images=args.workdir, model_path=str(ensure_checkpoint(STREAMING_PRESET)), model_id=STREAMING_PRESET,
                         profile=args.profile, max_tokens=dict(STREAMING_MAX_TOKENS),
                         engine_args={**overrides, "kv_cache_memory_bytes": STREAMING_KV_BYTES})
         for count in (int(n) for n in args.streaming_items.split(",")):

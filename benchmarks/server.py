@@ -152,10 +152,11 @@ def chat_messages(spec: TaskSpec, data_uri: str, image_first: bool = True) -> li
     """The pipeline's chat messages for a task, with the image as an OpenAI `image_url` part."""
     messages = build_messages(spec, image_first)
     for message in messages:
-        message["content"] = [
-            {"type": "image_url", "image_url": {"url": data_uri}} if part["type"] == "image" else part
-            for part in message["content"]
-        ]
+        if isinstance(message["content"], list):  # the system prompt is a plain string
+            message["content"] = [
+                {"type": "image_url", "image_url": {"url": data_uri}} if part["type"] == "image" else part
+                for part in message["content"]
+            ]
     return messages
 
 

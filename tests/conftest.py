@@ -31,9 +31,9 @@ def private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Pat
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(private_model_cache: pathlib.Path) -> pathlib.Path:
-    from pipelines.tiny_checkpoint import ensure_checkpoint
+    from pipelines.tiny_checkpoint import DEFAULT_PRESET, ensure_checkpoint
 
-    return ensure_checkpoint("tiny-dense")
+    return ensure_checkpoint(DEFAULT_PRESET)
 
 
 def copy_samples(target: pathlib.Path) -> list[pathlib.Path]:

@@ -1,4 +1,4 @@
-"""Per-request isolation on the real engine, and the MoE checkpoint through the same path."""
+"""Per-request isolation on the real engine (every architecture end to end: tests/test_gemma4_families.py)."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq
@@ -25,27 +25,18 @@ def test_a_request_the_engine_rejects_fails_only_its_own_task(tmp_path, private_
     assert summary["accounting"]["balanced"] and summary["counts"]["error_rows_by_stage"] == {"engine": 4}
 
 
-def test_moe_checkpoint_runs_through_the_same_path(tmp_path, private_model_cache):
-    inputs = tmp_path / "in"
-    copy_samples(inputs)
-    summary = run_pipeline(
-        "--input", f"{inputs}/report.pdf", "--output", str(tmp_path / "out"), "--tiny_preset", "tiny-moe"
-    )
-    assert "tiny-moe" in summary["model"]["id"]
-    assert summary["counts"]["result_rows"] == 3 * 3 and summary["accounting"]["balanced"]
-
-
 def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse(tiny_checkpoint):
     """The TPU profiles preprocess on Beam's threads (cpu-tiny, used elsewhere, on the step loop)."""
     from PIL import Image
 
-    from pipelines.engine_profiles import PROFILES
+    from pipelines.checkpoint_shape import CheckpointShape
+    from pipelines.engine_profiles import resolve
     from transforms.engine import ENGINES, EngineSettings
     from transforms.prompts import TASKS, with_max_tokens
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
-        engine_args={**PROFILES["cpu-tiny"].engine_args, "max_model_len": 256},
+        engine_args=resolve("cpu-tiny", {"max_model_len": 256}, CheckpointShape.read(str(tiny_checkpoint))).engine_args,
         max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
     )
     engine = ENGINES.acquire(settings)

@@ -132,10 +132,7 @@ def prefix_lengths(checkpoint: pathlib.Path) -> tuple[int, int]:
 
     processor = AutoProcessor.from_pretrained(str(checkpoint))
     tokenizer = processor.tokenizer
-    prompts = render_prompts(
-        [TASKS[name] for name in DEFAULT_TASKS],
-        lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-    )
+    prompts = render_prompts([TASKS[name] for name in DEFAULT_TASKS], tokenizer.apply_chat_template)
     image = Image.new("RGB", (320, 240), "white")
     ids = [list(processor(text=[prompt], images=[image])["input_ids"][0]) for prompt in prompts.values()]
     shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
 from transforms.decode import DecodeLimits, DecodeUnits, PlanUnits, to_rgb
-from transforms.parse import DetectionParseError, parse_detections
+from transforms.parse import DetectionParseError, parse_detections, split_answer
 from transforms.shards import ShardSettings
 
 numbers = st.one_of(st.integers(-5000, 5000), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5))
@@ -22,6 +22,21 @@ entries = st.one_of(
     st.integers(),
 )
 payloads = st.one_of(st.lists(entries, max_size=8), entries)
+
+
+# Completions as the engine decodes them (special tokens kept): any mix of text and Gemma 4's markers.
+completions = st.lists(
+    st.one_of(st.sampled_from(["<|channel>", "<channel|>", "thought\n", "<turn|>", "<eos>", "\n"]), st.text(max_size=6)),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=completions)
+def test_no_thought_marker_ever_reaches_the_answer(raw):
+    answer = split_answer(raw)
+    assert "<|channel>" not in answer.text and "<channel|>" not in answer.text
+    assert answer.thought is None or answer.thought  # None, never an empty thought
 
 
 def check_detections(detections, width, height):

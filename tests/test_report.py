@@ -47,6 +47,7 @@ HOSTILE_OCR = "<script>alert(1)</script>"
 HOSTILE_CAPTION = "<img src=x onerror=alert(2)>"
 HOSTILE_LABEL = "<b>square</b>"
 HOSTILE_MESSAGE = "</pre><script>alert(3)</script>"
+HOSTILE_THOUGHT = "</details><script>alert(4)</script>"
 SECRET_URI = "https://reader:s3cr3t-pass@example.com/scan.png?X-Goog-Signature=abcdef123"
 SQUARE = (0.1, 0.2, 0.5, 0.6)  # ymin, xmin, ymax, xmax fractions of shapes_rotated.jpg's upright 400x300 frame
 
@@ -186,16 +187,16 @@ def hostile_location(root: str, image_uri: str) -> None:
     run = RunInfo(run_id="hand-made", model_id="hostile-model", prompt_version="v0")
     info = ItemInfo(ref=ItemRef.make(image_uri), width=400, height=300, content_hash="0" * 64)
 
-    def completion(task: str, text: str) -> TaskCompletion:
+    def completion(task: str, text: str, thought: str | None = None) -> TaskCompletion:
         return TaskCompletion(info=info, task=task, text=text, finish_reason="stop", prompt_tokens=300,
-                              generated_tokens=12, cached_tokens=256, latency_s=0.25)
+                              generated_tokens=12, cached_tokens=256, latency_s=0.25, thought=thought)
 
     ymin, xmin, ymax, xmax = SQUARE
     square = Detection(label=HOSTILE_LABEL, box_1000=tuple(round(v * 1000) for v in SQUARE), box_norm=SQUARE,
                        box_px=(round(ymin * 300), round(xmin * 400), round(ymax * 300), round(xmax * 400)))
     results = [
         result_row(completion("ocr", HOSTILE_OCR), run),
-        result_row(completion("caption", HOSTILE_CAPTION), run),
+        result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run),
         result_row(completion("detect", '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'), run, [square]),
     ]
     errors = [
@@ -210,11 +211,12 @@ def hostile_location(root: str, image_uri: str) -> None:
 
 def assert_hostile_text_is_text(page: str) -> None:
     assert "<script" not in page.lower() and "<b>square" not in page and "<img src=x" not in page
-    for hostile in (HOSTILE_OCR, HOSTILE_CAPTION, HOSTILE_LABEL, HOSTILE_MESSAGE):
+    for hostile in (HOSTILE_OCR, HOSTILE_CAPTION, HOSTILE_LABEL, HOSTILE_MESSAGE, HOSTILE_THOUGHT):
         assert html.escape(hostile) in page
     assert "s3cr3t" not in page and "abcdef123" not in page
     assert "https://***@example.com/scan.png?X-Goog-Signature=***" in page
     assert "computed from the tables" in page
+    assert "<summary>thought</summary>" in page  # a thinking-mode thought is shown, collapsed, beside its answer
 
 
 def test_model_output_is_shown_as_text(tmp_path):

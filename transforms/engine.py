@@ -35,7 +35,7 @@ from PIL import Image
 from schemas.records import ErrorRecord, ImageItem, ItemInfo, TaskCompletion
 from transforms import metrics
 from transforms.model_staging import stage_checkpoint
-from transforms.parse import DetectionParseError, parse_detections, strip_wrappers
+from transforms.parse import DetectionParseError, parse_detections, split_answer
 from transforms.progress import PROGRESS
 from transforms.prompts import TaskSpec, render_prompts, sampling_kwargs
 
@@ -54,6 +54,7 @@ class EngineSettings:
     vision_tokens: Optional[int] = None  # per-request image soft-token budget; None = model default
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
+    thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
     # Where images are preprocessed: in add_request on the step-loop thread, or on the submitting
     # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
     preprocess_on_step_thread: bool = False
@@ -104,17 +105,26 @@ def _quiet_per_request_warnings() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
-def sampling_params(spec: TaskSpec, settings: EngineSettings) -> Any:
-    """`vllm.SamplingParams` for one task (the benchmarks' peer designs send exactly these too)."""
+def sampling_params(spec: TaskSpec, settings: EngineSettings, model_defaults: Optional[Mapping[str, Any]] = None) -> Any:
+    """`vllm.SamplingParams` for one task (the benchmarks' peer designs send exactly these too).
+
+    `model_defaults` are the checkpoint's generation-config sampling values
+    (vLLM applies them only to the requests its own server builds).
+    """
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     structured = None
     if spec.json_schema is not None and settings.structured_output:
         structured = StructuredOutputsParams(json=dict(spec.json_schema))
     return SamplingParams(
-        **sampling_kwargs(spec, settings.seed),
+        **sampling_kwargs(spec, settings.seed, model_defaults),
         structured_outputs=structured,
         output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
+        # Keep <|channel>/<channel|>/<turn|> in the text: vLLM's default (True) deletes them, and a
+        # thought the model emits could then no longer be told from its answer (transforms/parse.py).
+        skip_special_tokens=False,
+        # ... and decode them verbatim, without the spaces vLLM can put around special tokens.
+        spaces_between_special_tokens=False,
     )
 
 
@@ -182,10 +192,9 @@ class VisionEngine:
         if self._engine is None:
             raise RuntimeError(f"vLLM engine for {settings.model_path} failed to start") from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
-        tokenizer = self._engine.get_tokenizer()
-        self._apply_chat_template = lambda messages: tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        self._apply_chat_template = self._engine.get_tokenizer().apply_chat_template
+        # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
+        self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
     def _build_and_run(self, local_model: str, ready: threading.Event) -> None:
         from vllm import EngineArgs
@@ -207,12 +216,12 @@ class VisionEngine:
     def prompt_for(self, spec: TaskSpec) -> str:
         # Keyed by instruction: retry rungs reuse a task's name with other wording.
         if spec.instruction not in self._prompt_cache:
-            rendered = render_prompts([spec], self._apply_chat_template, self.settings.image_first)
+            rendered = render_prompts([spec], self._apply_chat_template, self.settings.image_first, self.settings.thinking)
             self._prompt_cache[spec.instruction] = rendered[spec.name]
         return self._prompt_cache[spec.instruction]
 
     def _sampling_params(self, spec: TaskSpec) -> Any:
-        return sampling_params(spec, self.settings)
+        return sampling_params(spec, self.settings, self._model_defaults)
 
     def submit(self, image: Image.Image, image_key: str, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
         """Queue all tasks of one image as one admission; blocks while the engine is full.
@@ -385,7 +394,7 @@ def needs_retry(spec: TaskSpec, attempt: int, result: EngineResult, width: int, 
     if not spec.produces_boxes or attempt >= len(spec.retries):
         return False
     try:
-        parse_detections(strip_wrappers(result.text), width, height, truncated=result.finish_reason == "length")
+        parse_detections(split_answer(result.text).text, width, height, truncated=result.finish_reason == "length")
     except DetectionParseError:
         return True
     return False

@@ -1,9 +1,14 @@
 """Parse stage: engine completions -> result rows, or error rows when validation fails.
 
-The parsing functions are pure and defensive. TPU vLLM has no structured
-output for Gemma 4, so detection JSON arrives free-form there: code fences,
-a thinking preamble, swapped corners, coordinates past 1000 and truncated
-lists all occur and are repaired here instead of failing the pipeline.
+The parsing functions are pure and defensive, and reusable for any task whose
+answer is JSON. The engine keeps special tokens in its text
+(`skip_special_tokens=False`), so a thought the model emits
+(`<|channel>thought\n...<channel|>`, even with thinking off) is split off with
+vLLM's own Gemma 4 utility and lands in the `thought` column, never in `text`.
+TPU vLLM has no structured output for Gemma 4, so detection JSON arrives
+free-form there: prose and code fences around it, swapped corners,
+coordinates past 1000 and truncated lists all occur and are repaired here
+instead of failing the pipeline.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -23,26 +28,89 @@ from transforms.prompts import TaskSpec
 
 ERRORS_TAG = "errors"
 
-_THINKING = re.compile(r"<\|channel>.*?<channel\|>", re.DOTALL)
+# Gemma 4's thought-channel markers (special tokens, kept in the engine's text).
+_THOUGHT_START = "<|channel>"
+_THOUGHT_END = "<channel|>"
 _CODE_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+_JSON_START = re.compile(r"[\[{]")
+_BOX_LIST_START = re.compile(r"\[\s*\{")
 
 
 class DetectionParseError(ValueError):
     """Model output that is not a usable detection list."""
 
 
-def strip_wrappers(text: str) -> str:
-    """Remove a thinking block and a Markdown code fence around the answer."""
-    text = _THINKING.sub("", text).strip()
+class NoJSONFound(ValueError):
+    """An answer holding no JSON value the caller accepts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A completion split into what the model thought and what it answered."""
+
+    text: str  # the answer: thought channel and end-of-turn markers removed
+    thought: Optional[str]  # the thought channel's text; None when the model emitted none
+
+
+def split_answer(raw: str) -> Answer:
+    """Split a completion (decoded with special tokens) into thought and answer.
+
+    Uses vLLM's `gemma4_utils.parse_thinking_output`, which handles a thought
+    block with its markers, the stray leading `thought\n` some Gemma 4 models
+    emit with thinking off, and trailing `<turn|>`/`<eos>`. It splits at the
+    first thought block only; what it leaves in the answer (a further thought
+    block, or a thought cut off by `max_tokens` before its end marker) is split
+    off the same way, as Google's templates strip every thought block from a
+    model turn. The answer never holds a thought marker.
+    """
+    from vllm.reasoning.gemma4_utils import parse_thinking_output  # imports torch: only where answers are parsed
+
+    parsed = parse_thinking_output(raw)
+    thoughts = [parsed["thinking"]]
+    answer = parsed["answer"] or ""
+    while _THOUGHT_START in answer or _THOUGHT_END in answer:
+        start, end = answer.find(_THOUGHT_START), answer.find(_THOUGHT_END)
+        # Text before a further block's start marker is answer; before a lone end marker, thought (as vLLM reads it).
+        cut = start if start != -1 and (end == -1 or start < end) else 0
+        head, block = answer[:cut].strip(), answer[cut:]
+        again = parse_thinking_output(block if _THOUGHT_END in block else block + _THOUGHT_END)
+        thoughts.append(again["thinking"])
+        answer = " ".join(part for part in (head, again["answer"] or "") if part)
+    thought = "\n\n".join(t for t in thoughts if t)
+    return Answer(text=answer, thought=thought or None)
+
+
+def strip_code_fence(text: str) -> str:
+    """The content of a Markdown code fence wrapping the whole answer, else the answer."""
     fenced = _CODE_FENCE.match(text)
-    return fenced.group(1).strip() if fenced else text
+    return fenced.group(1).strip() if fenced else text.strip()
 
 
-def _salvage_array_prefix(text: str) -> list[Any]:
-    """The complete elements of a JSON array whose tail was cut off (finish_reason == "length")."""
-    start = text.find("[")
-    if start < 0:
-        raise DetectionParseError("truncated output holds no JSON list")
+def extract_json(text: str, accept: Callable[[Any], bool] = lambda value: True) -> Any:
+    """The first JSON array or object in `text` that `accept` takes, wherever it stands.
+
+    Models wrap JSON in prose and code fences ("Here are the boxes: ```json
+    [...]``` The image shows ..."). Every `[` or `{` is tried in order with the
+    standard library's `raw_decode`, which reads one complete value and ignores
+    what follows; strings are decoded properly, so brackets inside labels do
+    not confuse it. `accept` skips values of the wrong shape (a `[1]` in prose
+    before the real answer). `strict=False`: constrained decoding (xgrammar)
+    emits raw control characters inside strings (seen in 2 of 3 constrained
+    outputs), which strict JSON rejects.
+    """
+    decoder = json.JSONDecoder(strict=False)
+    for match in _JSON_START.finditer(text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if accept(value):
+            return value
+    raise NoJSONFound("no JSON value of the expected shape in the answer")
+
+
+def salvage_json_list(text: str, start: int) -> list[Any]:
+    """The complete elements of the JSON list opening at `text[start]` whose tail was cut off."""
     decoder = json.JSONDecoder(strict=False)
     items: list[Any] = []
     pos = start + 1
@@ -53,10 +121,22 @@ def _salvage_array_prefix(text: str) -> list[Any]:
             break
         try:
             item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             break  # the cut-off element
         items.append(item)
     return items
+
+
+def _is_box_list(value: Any) -> bool:
+    """A non-empty list of objects, or an object wrapping exactly one such list.
+
+    Non-empty: a bare `[]` inside prose is as likely noise as an answer; an empty
+    answer counts only when it is the whole answer.
+    """
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        return len(lists) == 1 and _is_box_list(lists[0])
+    return isinstance(value, list) and bool(value) and all(isinstance(entry, dict) for entry in value)
 
 
 def _top_level_entries(payload: Any) -> list[Any]:
@@ -105,24 +185,33 @@ def to_detection(label: str, box: Sequence[float], width: int, height: int) -> O
     return Detection(label=label, box_1000=box_1000, box_norm=box_norm, box_px=box_px)  # type: ignore[arg-type]
 
 
-def parse_detections(text: str, width: int, height: int, truncated: bool = False) -> list[Detection]:
+def _box_payload(answer: str, truncated: bool) -> Any:
+    """The answer's JSON: all of it, else a list of boxes wherever it stands, else (`truncated`) a cut-off list's complete boxes."""
+    try:
+        return json.loads(strip_code_fence(answer), strict=False)  # the answer is JSON and nothing else
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        return extract_json(answer, accept=_is_box_list)
+    except NoJSONFound:
+        opening = _BOX_LIST_START.search(answer)
+        if truncated and opening:
+            return salvage_json_list(answer, opening.start())
+        if truncated:
+            raise DetectionParseError("truncated output holds no JSON list of boxes") from None
+        raise DetectionParseError("no JSON list of boxes in the answer") from None
+
+
+def parse_detections(answer: str, width: int, height: int, truncated: bool = False) -> list[Detection]:
     """Gemma-style `[{"box_2d": [ymin, xmin, ymax, xmax], "label": ...}]` -> validated boxes.
 
-    Repairs what is safely repairable (fences, thinking, swapped corners,
-    out-of-range values, a truncated tail when `truncated`) and raises
-    DetectionParseError for anything else. Zero-area boxes are dropped.
+    `answer` is the model's answer with the thought split off (`split_answer`).
+    Repairs what is safely repairable (prose and fences around the list,
+    swapped corners, out-of-range values, a truncated tail when `truncated`)
+    and raises DetectionParseError for anything else. Zero-area boxes are dropped.
     """
-    body = strip_wrappers(text)
-    try:
-        # strict=False: xgrammar lets raw control characters through inside strings
-        # (seen in 2 of 3 constrained outputs); plain json.loads rejects them.
-        payload: Any = json.loads(body, strict=False)
-    except json.JSONDecodeError as exc:
-        if not truncated:
-            raise DetectionParseError(f"not valid JSON: {exc}") from None
-        payload = _salvage_array_prefix(body)
     detections = []
-    for index, entry in enumerate(_top_level_entries(payload)):
+    for index, entry in enumerate(_top_level_entries(_box_payload(answer, truncated))):
         if not isinstance(entry, dict):
             raise DetectionParseError(f"entry {index}: expected an object, got {type(entry).__name__}")
         box = entry.get("box_2d")
@@ -149,12 +238,12 @@ class ParseCompletions(beam.DoFn):
         truncated = completion.finish_reason == "length"
         if truncated:
             metrics.count("truncated_outputs")
-        text = strip_wrappers(completion.text)
+        answer = split_answer(completion.text)
         detections = None
         if spec.produces_boxes:
             info = completion.info
             try:
-                detections = parse_detections(text, info.width, info.height, truncated=truncated)
+                detections = parse_detections(answer.text, info.width, info.height, truncated=truncated)
             except DetectionParseError as exc:
                 metrics.count("errors_parse")
                 if completion.attempts > 1:
@@ -174,4 +263,5 @@ class ParseCompletions(beam.DoFn):
                 )
                 return
             metrics.count("detections", len(detections))
-        yield result_row(dataclasses.replace(completion, text=text), self._run, detections)
+        parsed = dataclasses.replace(completion, text=strip_code_fence(answer.text), thought=answer.thought)
+        yield result_row(parsed, self._run, detections)

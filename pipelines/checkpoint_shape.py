@@ -1,0 +1,98 @@
+"""What an engine profile needs to know about a checkpoint before the engine starts.
+
+Read from the checkpoint's own `config.json` and the sizes of its weight
+files (local or gs://, through Beam's filesystems), so a profile can refuse a
+checkpoint it cannot run, with a reason, instead of failing minutes later
+inside vLLM, and the `cpu` profile can size its KV pool from the model.
+Pure arithmetic after the read; nothing is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+SLIDING = "sliding_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """The KV cache one decoder layer keeps per token."""
+
+    kv_heads: int
+    head_dim: int
+    sliding: bool  # sliding-window layer: keeps at most `window` tokens when the engine honours windows
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointShape:
+    architecture: str
+    cached_layers: tuple[LayerKV, ...]  # layers with their own KV cache (KV-shared layers reuse another's)
+    kv_shared_layers: int  # layers that reuse an earlier layer's KV (Gemma 4 E2B/E4B)
+    sliding_window: int
+    bidirectional_vision: bool  # `use_bidirectional_attention: "vision"`: image tokens attend both ways
+    per_layer_embeddings: bool  # `hidden_size_per_layer_input > 0` (E2B/E4B)
+    weight_bytes: int  # the weight files' size: what loading them takes in memory at their own dtype
+
+    def kv_bytes_per_sequence(self, tokens: int, dtype_bytes: int, windowed: bool) -> int:
+        """KV bytes of one sequence of `tokens` tokens.
+
+        `windowed`: the engine keeps only the window for sliding layers (vLLM's
+        hybrid KV cache manager); without it every layer keeps every token.
+        """
+        total = 0
+        for layer in self.cached_layers:
+            kept = min(tokens, self.sliding_window) if windowed and layer.sliding else tokens
+            total += 2 * layer.kv_heads * layer.head_dim * dtype_bytes * kept  # K and V
+        return total
+
+    @staticmethod
+    def from_config(config: Mapping[str, Any], weight_bytes: int) -> "CheckpointShape":
+        """From a Gemma 4 `config.json` (tower or unified): per-layer head sizes and KV heads as vLLM reads them."""
+        text = config.get("text_config", config)
+        layer_types = list(text["layer_types"])
+        shared = int(text.get("num_kv_shared_layers") or 0)
+        overrides = {int(index): values for index, values in (text.get("per_layer_config") or {}).items()}
+        cached = tuple(
+            LayerKV(
+                kv_heads=int(overrides.get(index, {}).get("num_key_value_heads", text["num_key_value_heads"])),
+                head_dim=int(overrides.get(index, {}).get("head_dim", text["head_dim"])),
+                sliding=layer_type == SLIDING,
+            )
+            for index, layer_type in enumerate(layer_types[: len(layer_types) - shared])
+        )
+        return CheckpointShape(
+            architecture=(config.get("architectures") or ["?"])[0],
+            cached_layers=cached,
+            kv_shared_layers=shared,
+            sliding_window=int(text.get("sliding_window") or 0),
+            bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
+            per_layer_embeddings=int(text.get("hidden_size_per_layer_input") or 0) > 0,
+            weight_bytes=weight_bytes,
+        )
+
+    @staticmethod
+    def read(model_path: str) -> "CheckpointShape":
+        """The shape of the checkpoint at `model_path` (local directory or gs:// prefix)."""
+        root = model_path.rstrip("/")
+        with FileSystems.open(f"{root}/config.json") as handle:
+            config = json.loads(handle.read())
+        [matched] = FileSystems.match([f"{root}/*.safetensors"])
+        return CheckpointShape.from_config(config, sum(meta.size_in_bytes for meta in matched.metadata_list))
+
+
+def machine_memory_bytes() -> int:
+    """Memory this process may use: physical memory, or the cgroup's limit when lower."""
+    import os
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit: Optional[int] = None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as handle:
+            text = handle.read().strip()
+        limit = int(text) if text.isdigit() else None
+    except OSError:
+        pass
+    return min(physical, limit) if limit else physical
