@@ -34,7 +34,8 @@ from pipelines.runner import make_runner
 from schemas.records import ImageItem, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, engine, parse, sources
-from transforms.engine import ENGINES, EngineSettings, engine_prompt, image_key, sampling_params
+from transforms.engine import ENGINES, EngineSettings, engine_prompt, sampling_params
+from transforms.run_tasks import image_key
 from transforms.prompts import TaskSpec, render_prompts
 from transforms.sinks import WriteTable, to_error_row
 

@@ -28,7 +28,7 @@ from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines.runner import make_runner
 from pipelines import summary
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, engine, incremental, parse, sources, storage
+from transforms import decode, incremental, parse, run_tasks, sources, storage
 from transforms.sinks import WriteTable, remove_new_objects, table_objects, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
@@ -57,15 +57,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     selected = decoded.items | "SelectTasks" >> beam.ParDo(
         incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
     )
-    completed = selected | "RunTasks" >> beam.ParDo(engine.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
-        engine.ERRORS_TAG, main="completions"
+    completed = selected | "RunTasks" >> beam.ParDo(run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
+        run_tasks.ERRORS_TAG, main="completions"
     )
     parsed = completed.completions | "Parse" >> beam.ParDo(
         parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
     ).with_outputs(parse.ERRORS_TAG, main="rows")
 
     error_rows = (
-        (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[engine.ERRORS_TAG], parsed[parse.ERRORS_TAG])
+        (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[run_tasks.ERRORS_TAG], parsed[parse.ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(to_error_row, config.run)
     )
