@@ -34,6 +34,7 @@ from pipelines.runner import make_runner
 from schemas.records import ImageItem, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, engine, parse, sources
+from transforms.errors import ERRORS_TAG
 from transforms.engine import ENGINES, EngineSettings, engine_prompt, sampling_params
 from transforms.run_tasks import image_key
 from transforms.prompts import TaskSpec, render_prompts
@@ -198,17 +199,17 @@ def run_runinference(workload: Workload, out_dir: pathlib.Path, batch_size: int 
         files, _ = pipeline | "MatchInputs" >> sources.MatchInputs(config.inputs, config.manifests, config.manifest_column)
         units = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards))
         items = units | "FanOutUnits" >> beam.Reshuffle() | "DecodeUnits" >> beam.ParDo(
-            decode.DecodeUnits(config.limits, config.shards)).with_outputs(decode.ERRORS_TAG, main="items")
+            decode.DecodeUnits(config.limits, config.shards)).with_outputs(ERRORS_TAG, main="items")
         parsed = (
             items.items
             | "PerTask" >> beam.FlatMap(lambda item: [(item, spec) for spec in config.tasks])
             | "RunInference" >> RunInference(handler)
             | "ToCompletion" >> beam.Map(_completion)
             | "Parse" >> beam.ParDo(parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)).with_outputs(
-                parse.ERRORS_TAG, main="rows")
+                ERRORS_TAG, main="rows")
         )
         parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA)
-        (parsed[parse.ERRORS_TAG] | "ErrorRows" >> beam.Map(to_error_row, config.run)
+        (parsed[ERRORS_TAG] | "ErrorRows" >> beam.Map(to_error_row, config.run)
          | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA))
         pipeline.run().wait_until_finish()
 

@@ -18,9 +18,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from schemas.records import DecodeUnit, ImageItem
-from transforms.decode import DecodeLimits, DecodeUnits
+from schemas.records import DecodeUnit, ImageItem, UnitKind
+from transforms.decode import DecodeUnits
 from transforms.engine import EngineSettings
+from transforms.formats import DecodeLimits
 from transforms.prompts import DEFAULT_TASKS, TASKS, TaskSpec, with_max_tokens
 from transforms.shards import ShardSettings
 
@@ -125,7 +126,7 @@ def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLim
     decoder = DecodeUnits(limits, ShardSettings())
     items = []
     for path in paths:
-        unit = DecodeUnit(uri=str(path), kind="image", first_page=0, end_page=1, page_count=1)
+        unit = DecodeUnit(uri=str(path), kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1)
         items.extend(out for out in decoder.process(unit) if isinstance(out, ImageItem))
     if len(items) != len(paths):
         raise RuntimeError(f"decoded {len(items)} of {len(paths)} benchmark images")

@@ -18,7 +18,7 @@ from pipelines import engine_profiles
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 from transforms.engine import EngineSettings
 from transforms.prompts import (
     DEFAULT_TASKS,

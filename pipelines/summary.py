@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.options import JobConfig
-from schemas.records import DecodeUnit, ImageItem, SourceFile
+from schemas.records import DecodeUnit, ImageItem, SourceFile, Stage
 
-ITEM_STAGES = ("match", "plan", "decode")  # errors that stop an item before the engine
-TASK_STAGES = ("engine", "parse")  # errors of one task of a decoded item
+ITEM_STAGES = tuple(stage.value for stage in Stage if not stage.per_task)  # errors that stop an item before the engine
+TASK_STAGES = tuple(stage.value for stage in Stage if stage.per_task)  # errors of one task of a decoded item
 SUMMARY_FILE = "run_summary.json"
 
 RANDOM_MODEL_WARNING = (
@@ -276,7 +276,7 @@ def distinct_sources(units: beam.PCollection) -> beam.PCollection:
     """One tally per shard (tar or Parquet) among the decode units."""
     return (
         units
-        | "ShardUnits" >> beam.Filter(lambda unit: unit.kind in ("member", "parquet"))
+        | "ShardUnits" >> beam.Filter(lambda unit: unit.kind.in_shard)
         | "ShardUri" >> beam.Map(lambda unit: unit.uri)
         | "DistinctShards" >> beam.Distinct()
         | "TallyShards" >> beam.Map(lambda _: {"shards": 1})

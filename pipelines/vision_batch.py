@@ -29,6 +29,7 @@ from pipelines.runner import make_runner
 from pipelines import summary
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, incremental, parse, run_tasks, sources, storage
+from transforms.errors import ERRORS_TAG
 from transforms.sinks import WriteTable, remove_new_objects, table_objects, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
@@ -42,7 +43,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.inputs, config.manifests, config.manifest_column
     )
     planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards)).with_outputs(
-        decode.ERRORS_TAG, main="units"
+        ERRORS_TAG, main="units"
     )
     decoded = (
         planned.units
@@ -50,7 +51,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         # it every page of a long PDF is rendered and inferred by the worker that planned it.
         | "FanOutUnits" >> beam.Reshuffle()
         | "DecodeUnits" >> beam.ParDo(decode.DecodeUnits(config.limits, config.shards)).with_outputs(
-            decode.ERRORS_TAG, main="items"
+            ERRORS_TAG, main="items"
         )
     )
     done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run)
@@ -58,14 +59,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
     )
     completed = selected | "RunTasks" >> beam.ParDo(run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
-        run_tasks.ERRORS_TAG, main="completions"
+        ERRORS_TAG, main="completions"
     )
     parsed = completed.completions | "Parse" >> beam.ParDo(
         parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
-    ).with_outputs(parse.ERRORS_TAG, main="rows")
+    ).with_outputs(ERRORS_TAG, main="rows")
 
     error_rows = (
-        (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[run_tasks.ERRORS_TAG], parsed[parse.ERRORS_TAG])
+        (match_errors, planned[ERRORS_TAG], decoded[ERRORS_TAG], completed[ERRORS_TAG], parsed[ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(to_error_row, config.run)
     )

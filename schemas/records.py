@@ -8,6 +8,7 @@ replaced on its own. Rows written to Parquet are built from them in
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, Optional
 
 from PIL import Image
@@ -19,6 +20,19 @@ class SourceFile:
 
     uri: str
     size_bytes: int
+
+
+class UnitKind(enum.Enum):
+    """What a DecodeUnit holds, which decides how it is read."""
+
+    IMAGE = "image"  # frames of an image file (one, or a range of a multi-frame TIFF)
+    PDF = "pdf"  # a page range of a PDF file
+    PARQUET = "parquet"  # one row group of a Parquet shard
+    MEMBER = "member"  # one tar sample's image bytes, carried in the unit
+
+    @property
+    def in_shard(self) -> bool:
+        return self in (UnitKind.PARQUET, UnitKind.MEMBER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +47,17 @@ class DecodeUnit:
     """
 
     uri: str
-    kind: str  # "image" | "pdf" (page range of a file) | "parquet" (row groups) | "member" (payload bytes)
-    first_page: int  # 0-based, inclusive (row group for "parquet")
+    kind: UnitKind
+    first_page: int  # 0-based, inclusive (row group for PARQUET)
     end_page: int  # 0-based, exclusive
     page_count: int  # pages in the whole source; 1 for single-frame images
-    member: Optional[str] = None  # shard member key ("member" units)
-    payload: Optional[bytes] = None  # the member's bytes ("member" units)
+    member: Optional[str] = None  # shard member key (MEMBER units)
+    payload: Optional[bytes] = None  # the member's bytes (MEMBER units)
     metadata: Optional[str] = None  # JSON carried to the rows (tar sidecars)
 
     @property
     def is_paged(self) -> bool:
-        return self.page_count > 1 or self.kind == "pdf"
+        return self.page_count > 1 or self.kind is UnitKind.PDF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +119,22 @@ class TaskCompletion:
     thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
 
 
+class Stage(enum.Enum):
+    """Where an input stopped: the `stage` column of error rows."""
+
+    MATCH = "match"  # an input pattern or manifest entry
+    PLAN = "plan"  # a file refused before decoding (size, format, page count, shard structure)
+    DECODE = "decode"  # an image or page that could not be decoded
+    PROMPT = "prompt"  # a task whose instruction could not be built for the item (a missing value)
+    ENGINE = "engine"  # a request the engine rejected
+    PARSE = "parse"  # an answer that failed validation
+
+    @property
+    def per_task(self) -> bool:
+        """Errors of one task of a decoded item (the others stop the whole item)."""
+        return self in (Stage.PROMPT, Stage.ENGINE, Stage.PARSE)
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorRecord:
     """Why an item (or one task of it) produced no result.
@@ -115,7 +145,7 @@ class ErrorRecord:
     """
 
     ref: ItemRef
-    stage: str  # match | plan | decode | engine | parse
+    stage: Stage
     error_type: str
     message: str
     task: Optional[str] = None
@@ -125,7 +155,7 @@ class ErrorRecord:
     attempts: Optional[int] = None  # engine requests made for the task, when it reached the engine
 
     @staticmethod
-    def from_exception(ref: ItemRef, stage: str, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
+    def from_exception(ref: ItemRef, stage: Stage, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
         message = str(exc) or repr(exc)
         return ErrorRecord(ref=ref, stage=stage, error_type=type(exc).__name__, message=message[:2000], **kwargs)
 

@@ -138,7 +138,7 @@ def error_row(error: ErrorRecord, run: RunInfo) -> dict[str, Any]:
     row = _item_columns(error.ref, error.content_hash, error.metadata)
     row.update(
         task=error.task,
-        stage=error.stage,
+        stage=error.stage.value,
         error_type=error.error_type,
         message=error.message,
         raw_output=error.raw_output,

@@ -13,7 +13,7 @@ from pipelines import references as references_cli
 from schemas.records import ItemRef
 from schemas.references import ReferenceBox, InvalidReference, ReferenceItem, reference_from_row
 from tests.evaluation_data import PARAGRAPHS, PDF_PAGES, make_pdf, small_layout
-from transforms.decode import DecodeLimits, render_pdf_page
+from transforms.formats import DecodeLimits, render_pdf_page
 
 DARK = 128  # grey level below which a pixel is ink
 

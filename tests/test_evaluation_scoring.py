@@ -11,7 +11,7 @@ from evaluation.runs import load_run
 from evaluation.scoring import keyed_references, score_run
 from evaluation.storage import write_parquet, write_references
 from pipelines import evaluate
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
 from schemas.references import ReferenceBox, ReferenceItem
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 
@@ -56,7 +56,7 @@ def test_missing_answers_score_as_empty_and_unattempted_tasks_are_not_scored(tmp
 
 def test_failed_task_is_scored_as_a_failure(tmp_path):
     # Every detect answer failed to parse: the errors table says the run tried, so AP is 0, not "not run".
-    failures = [ErrorRecord(ref=r.ref, stage="parse", error_type="DetectionParseError", message="x", task="detect")
+    failures = [ErrorRecord(ref=r.ref, stage=Stage.PARSE, error_type="DetectionParseError", message="x", task="detect")
                 for r in REFERENCES]
     run = write_run(tmp_path / "run", [answer("/data/a.png", "ocr", "the quick brown fox jumps")], failures)
     scores = score(run)

@@ -24,12 +24,12 @@ from pipelines import report
 from reporting.images import PALETTE, draw_detections, load_images
 from reporting.run import choose_sample
 from reporting.text import redact, visible
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
 from tests.shard_data import write_parquet_shard, write_tar
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 from transforms.shards import ShardSettings
 
 FILES = ("receipt.png", "shapes_rotated.jpg", "report.pdf")
@@ -200,9 +200,9 @@ def hostile_location(root: str, image_uri: str) -> None:
         result_row(completion("detect", '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'), run, [square]),
     ]
     errors = [
-        error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage="parse", error_type="DetectionParseError",
+        error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage=Stage.PARSE, error_type="DetectionParseError",
                               message=HOSTILE_MESSAGE, task="detect", raw_output=HOSTILE_MESSAGE), run),
-        error_row(ErrorRecord(ref=ItemRef.make(SECRET_URI), stage="plan", error_type="DecodeError",
+        error_row(ErrorRecord(ref=ItemRef.make(SECRET_URI), stage=Stage.PLAN, error_type="DecodeError",
                               message=f"could not read {SECRET_URI}"), run),
     ]
     write_parquet(f"{root}/results/part-00000-of-00001.parquet", results, RESULTS_SCHEMA)

@@ -2,7 +2,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 
 RUN = RunInfo(run_id="r1", model_id="m", prompt_version="v1")
@@ -42,7 +42,7 @@ def test_results_round_trip(tmp_path):
 
 
 def test_errors_round_trip(tmp_path):
-    error = ErrorRecord.from_exception(ItemRef.make("/x/bad.png"), "decode", OSError("truncated file"))
+    error = ErrorRecord.from_exception(ItemRef.make("/x/bad.png"), Stage.DECODE, OSError("truncated file"))
     rows = [error_row(error, RUN)]
     pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), tmp_path / "e.parquet")
     [got] = pq.read_table(tmp_path / "e.parquet").to_pylist()

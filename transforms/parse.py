@@ -19,14 +19,12 @@ import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
 
-from schemas.records import Detection, ErrorRecord, RunInfo, TaskCompletion
+from schemas.records import Detection, RunInfo, Stage, TaskCompletion
 from schemas.tables import result_row
 from transforms import metrics
+from transforms.errors import task_failure
 from transforms.prompts import TaskSpec
-
-ERRORS_TAG = "errors"
 
 # Gemma 4's thought-channel markers (special tokens, kept in the engine's text).
 _THOUGHT_START = "<|channel>"
@@ -245,22 +243,9 @@ class ParseCompletions(beam.DoFn):
             try:
                 detections = parse_detections(answer.text, info.width, info.height, truncated=truncated)
             except DetectionParseError as exc:
-                metrics.count("errors_parse")
                 if completion.attempts > 1:
                     exc = DetectionParseError(f"{exc} (after {completion.attempts} attempts)")
-                yield pvalue.TaggedOutput(
-                    ERRORS_TAG,
-                    ErrorRecord.from_exception(
-                        info.ref,
-                        "parse",
-                        exc,
-                        task=completion.task,
-                        content_hash=info.content_hash,
-                        raw_output=completion.text,
-                        metadata=info.metadata,
-                        attempts=completion.attempts,
-                    ),
-                )
+                yield task_failure(info, completion.task, Stage.PARSE, exc, raw_output=completion.text, attempts=completion.attempts)
                 return
             metrics.count("detections", len(detections))
         parsed = dataclasses.replace(completion, text=strip_code_fence(answer.text), thought=answer.thought)

@@ -16,17 +16,15 @@ import dataclasses
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas.records import ErrorRecord, ImageItem, TaskCompletion
+from schemas.records import ImageItem, Stage, TaskCompletion
 from transforms import metrics
 from transforms.engine import ENGINES, EngineDeadError, EngineResult, EngineSettings, VisionEngine
+from transforms.errors import task_failure
 from transforms.parse import DetectionParseError, parse_detections, split_answer
 from transforms.progress import PROGRESS
 from transforms.prompts import TaskSpec
-
-ERRORS_TAG = "errors"
 
 
 @dataclasses.dataclass
@@ -35,8 +33,7 @@ class _Pending:
     spec: TaskSpec  # the task as configured (retry rungs are applied to it)
     attempt: int  # 0-based: 0 is the first request, n the n-th retry rung
     future: concurrent.futures.Future
-    window: Any
-    timestamp: Any
+    at: WindowedValue  # the item's window and timestamp: outputs made in finish_bundle must carry them
 
 
 def image_key(item: ImageItem) -> str:
@@ -89,8 +86,9 @@ class RunTasks(beam.DoFn):
         specs = [self._specs[name] for name in item.tasks] if item.tasks else list(self._specs.values())
         futures = self._engine.submit(item.image, image_key(item), specs)
         metrics.count("tasks_submitted", len(futures))
+        at = WindowedValue(None, timestamp, [window])
         for spec, future in zip(specs, futures):
-            self._pending.append(_Pending(item, spec, 0, future, window, timestamp))
+            self._pending.append(_Pending(item, spec, 0, future, at))
         yield from self._emit(wait=False)
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -119,13 +117,8 @@ class RunTasks(beam.DoFn):
         except EngineDeadError:
             raise  # not this element's fault: fail the bundle so the runner retries it
         except Exception as exc:  # noqa: BLE001 - the engine rejected this request only
-            metrics.count("errors_engine")
             metrics.count("tasks_done")
-            error = ErrorRecord.from_exception(
-                info.ref, "engine", exc, task=pending.spec.name, content_hash=info.content_hash,
-                metadata=info.metadata, attempts=pending.attempt + 1,
-            )
-            return pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error, pending.timestamp, [pending.window]))
+            return task_failure(info, pending.spec.name, Stage.ENGINE, exc, pending.at, attempts=pending.attempt + 1)
         metrics.count("prompt_tokens", result.prompt_tokens)
         metrics.count("generated_tokens", result.generated_tokens)
         metrics.count("cached_tokens", result.cached_tokens)
@@ -149,4 +142,4 @@ class RunTasks(beam.DoFn):
             latency_s=result.latency_s,
             attempts=pending.attempt + 1,
         )
-        return WindowedValue(completion, pending.timestamp, [pending.window])
+        return pending.at.with_value(completion)

@@ -14,15 +14,21 @@ import os
 from typing import IO, Iterable, Iterator, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from schemas.records import ErrorRecord, ItemRef, SourceFile
+from schemas.records import ItemRef, SourceFile, Stage
 from transforms import metrics, storage
+from transforms.errors import ERRORS_TAG, failure
 
-ERRORS_TAG = "errors"
+
+class NoMatch(LookupError):
+    """An --input pattern that matched no file."""
+
+
+class NotFound(LookupError):
+    """A manifest entry naming a file that does not exist."""
 
 
 def _is_directory(path: str) -> bool:
@@ -60,21 +66,11 @@ class _MatchPattern(beam.DoFn):
         try:
             files = stat_literal(pattern) if literal else match_pattern(pattern)
         except Exception as exc:  # noqa: BLE001 - e.g. a bucket that doesn't exist
-            storage.raise_if_outage(exc)
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(pattern), "match", exc))
+            yield failure(ItemRef.make(pattern), Stage.MATCH, exc)
             return
         if not files:
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(
-                ERRORS_TAG,
-                ErrorRecord(
-                    ref=ItemRef.make(pattern),
-                    stage="match",
-                    error_type="NotFound" if literal else "NoMatch",
-                    message="manifest entry does not exist" if literal else "pattern matched no files",
-                ),
-            )
+            missing = NotFound("manifest entry does not exist") if literal else NoMatch("pattern matched no files")
+            yield failure(ItemRef.make(pattern), Stage.MATCH, missing)
             return
         yield from files
 
@@ -136,9 +132,7 @@ class _ReadManifest(beam.DoFn):
         try:
             yield from manifest_entries(uri, self._column)
         except Exception as exc:  # noqa: BLE001 - an unreadable manifest is an error row, not a failed job
-            storage.raise_if_outage(exc)
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(uri), "match", exc))
+            yield failure(ItemRef.make(uri), Stage.MATCH, exc)
 
 
 def _first(uri_and_files: tuple[str, Iterable[SourceFile]]) -> SourceFile:
