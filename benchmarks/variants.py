@@ -27,7 +27,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks.measure import StepTimer, TaskRecord, own_peak_rss_bytes, timed
-from benchmarks.workload import Workload, decode_files, image_files
+from benchmarks.workload import Workload, decode_files, image_files, instruction
 from pipelines import vision_batch
 from pipelines.options import JobConfig
 from pipelines.runner import make_runner
@@ -37,7 +37,9 @@ from transforms import decode, engine, parse, sources
 from transforms.errors import ERRORS_TAG
 from transforms.engine import ENGINES, EngineSettings, engine_prompt, sampling_params
 from transforms.run_tasks import image_key
-from transforms.prompts import TaskSpec, render_prompts
+from transforms.metadata import ItemValues
+from transforms.prompts import render_prompt
+from transforms.tasks import Task
 from transforms.sinks import WriteTable, to_error_row
 
 
@@ -52,9 +54,9 @@ def load_llm(settings: EngineSettings) -> Any:
     return LLM(model=settings.model_path, **settings.engine_args)
 
 
-def prompt_texts(llm: Any, specs: Sequence[TaskSpec], image_first: bool = True) -> dict[str, str]:
+def prompt_texts(llm: Any, tasks: Sequence[Task], image_first: bool = True) -> dict[str, str]:
     tokenizer = llm.get_tokenizer()
-    return render_prompts(specs, tokenizer.apply_chat_template, image_first)
+    return {task.name: render_prompt(instruction(task), tokenizer.apply_chat_template, image_first) for task in tasks}
 
 
 def record(image: str, task: str, output: Any) -> TaskRecord:
@@ -94,8 +96,9 @@ def run_raw(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, An
     prompts, params, keys = [], [], []
     for item in items:
         for spec in specs:
-            prompts.append(engine_prompt(texts[spec.name], item.image, image_key(item), settings))
-            params.append(sampling_params(spec, settings))
+            request = spec.request(ItemValues(None))
+            prompts.append(engine_prompt(texts[spec.name], item.image, image_key(item), request.vision_tokens))
+            params.append(sampling_params(request, settings))
             keys.append((image_key(item), spec.name))
     timer = StepTimer(llm.llm_engine, settings.engine_args["max_num_seqs"])
     outputs, window = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
@@ -148,7 +151,7 @@ def run_text_first(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[
 _LLM: Any = None  # loaded before the clock; the handler's load_model hands it to RunInference
 
 
-class VLLMBatchHandler(ModelHandler[tuple[ImageItem, TaskSpec], PredictionResult, Any]):
+class VLLMBatchHandler(ModelHandler[tuple[ImageItem, Task], PredictionResult, Any]):
     """What Beam's model handlers do: one blocking `llm.generate(batch)` per BatchElements batch."""
 
     def __init__(self, settings: EngineSettings, texts: dict[str, str], batch_size: int):
@@ -160,14 +163,18 @@ class VLLMBatchHandler(ModelHandler[tuple[ImageItem, TaskSpec], PredictionResult
         return _LLM
 
     def run_inference(
-        self, batch: Sequence[tuple[ImageItem, TaskSpec]], model: Any, inference_args: Optional[dict[str, Any]] = None
+        self, batch: Sequence[tuple[ImageItem, Task]], model: Any, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[PredictionResult]:
-        prompts = [engine_prompt(self._texts[spec.name], item.image, image_key(item), self._settings) for item, spec in batch]
-        params = [sampling_params(spec, self._settings) for _, spec in batch]
+        requests = [spec.request(ItemValues(None)) for _, spec in batch]
+        prompts = [
+            engine_prompt(self._texts[spec.name], item.image, image_key(item), request.vision_tokens)
+            for (item, spec), request in zip(batch, requests)
+        ]
+        params = [sampling_params(request, self._settings) for request in requests]
         outputs, window = timed(lambda: model.generate(prompts, params, use_tqdm=False), cpu_of=lambda: 0.0)
         return [PredictionResult(example, (output, window.wall_s)) for example, output in zip(batch, outputs)]
 
-    def get_num_bytes(self, batch: Sequence[tuple[ImageItem, TaskSpec]]) -> int:
+    def get_num_bytes(self, batch: Sequence[tuple[ImageItem, Task]]) -> int:
         # Beam's default pickles the whole batch (images included) just for a metric.
         return sum(item.image.width * item.image.height * 3 for item, _ in batch)
 
@@ -205,7 +212,7 @@ def run_runinference(workload: Workload, out_dir: pathlib.Path, batch_size: int 
             | "PerTask" >> beam.FlatMap(lambda item: [(item, spec) for spec in config.tasks])
             | "RunInference" >> RunInference(handler)
             | "ToCompletion" >> beam.Map(_completion)
-            | "Parse" >> beam.ParDo(parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)).with_outputs(
+            | "Parse" >> beam.ParDo(parse.ParseCompletions(config.tasks, config.run)).with_outputs(
                 ERRORS_TAG, main="rows")
         )
         parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA)

@@ -22,7 +22,9 @@ from schemas.records import DecodeUnit, ImageItem, UnitKind
 from transforms.decode import DecodeUnits
 from transforms.engine import EngineSettings
 from transforms.formats import DecodeLimits
-from transforms.prompts import DEFAULT_TASKS, TASKS, TaskSpec, with_max_tokens
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
+from transforms.metadata import ItemValues
+from transforms.tasks import Task, with_overrides
 from transforms.shards import ShardSettings
 
 # Bump when the generator draws different pixels: it names the cache directory.
@@ -133,8 +135,13 @@ def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLim
     return items
 
 
-def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[TaskSpec, ...]:
-    return tuple(with_max_tokens(TASKS[name], max_tokens) for name in names)
+def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[Task, ...]:
+    return tuple(with_overrides(BUILTIN_TASKS[name], max_tokens.get(name)) for name in names)
+
+
+def instruction(task: Task) -> str:
+    """A built-in task's instruction as sent (its template names no item values)."""
+    return task.request(ItemValues(None)).instruction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +183,7 @@ class Workload:
         settings = JobConfig.from_options(options, self.model_path, self.model_id, True).engine
         return dataclasses.replace(settings, image_first=image_first)
 
-    def specs(self) -> tuple[TaskSpec, ...]:
+    def specs(self) -> tuple[Task, ...]:
         return task_specs(self.max_tokens)
 
 
@@ -184,7 +191,7 @@ def _json(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str, int]:
+def prompt_suffix_tokens(checkpoint: str, specs: Sequence[Task]) -> dict[str, int]:
     """Prompt tokens after the prefix all tasks of an image share (system + image), per task.
 
     From the checkpoint's own processor, as vLLM tokenizes it. The image's token
@@ -193,11 +200,11 @@ def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str
     """
     from transformers import AutoProcessor
 
-    from transforms.prompts import render_prompts
+    from transforms.prompts import render_prompt
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     template = processor.tokenizer.apply_chat_template
-    texts = render_prompts(specs, template)
+    texts = {task.name: render_prompt(instruction(task), template) for task in specs}
     image = Image.new("RGB", (320, 240), "white")
     ids = {name: list(processor(text=[text], images=[image])["input_ids"][0]) for name, text in texts.items()}
     shared = next(i for i, tokens in enumerate(zip(*ids.values())) if len(set(tokens)) > 1)

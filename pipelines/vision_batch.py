@@ -62,7 +62,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         ERRORS_TAG, main="completions"
     )
     parsed = completed.completions | "Parse" >> beam.ParDo(
-        parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
+        parse.ParseCompletions(config.tasks, config.run)
     ).with_outputs(ERRORS_TAG, main="rows")
 
     error_rows = (

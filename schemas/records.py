@@ -117,6 +117,17 @@ class TaskCompletion:
     latency_s: float  # from submission to the engine until the request finished
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
     thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
+    instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
+    task_fingerprint: Optional[str] = None  # the task definition + the item's values (transforms.tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedAnswer:
+    """An answer as typed output columns (a task's `parse`)."""
+
+    text: str  # the answer, a wrapping code fence removed
+    detections: Optional[tuple["Detection", ...]] = None  # boxes tasks
+    data: Optional[str] = None  # json tasks: the validated document, as compact JSON text
 
 
 class Stage(enum.Enum):
@@ -153,6 +164,8 @@ class ErrorRecord:
     raw_output: Optional[str] = None
     metadata: Optional[str] = None
     attempts: Optional[int] = None  # engine requests made for the task, when it reached the engine
+    instruction: Optional[str] = None  # the instruction as sent, when the task reached the engine
+    task_fingerprint: Optional[str] = None  # of the task and the item's values, for errors of one task
 
     @staticmethod
     def from_exception(ref: ItemRef, stage: Stage, exc: BaseException, **kwargs: Any) -> "ErrorRecord":

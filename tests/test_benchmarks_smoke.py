@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from benchmarks.measure import TaskRecord, prefix_reuse, ratio
 from benchmarks.server import chat_messages, server_flags
-from transforms.prompts import TASKS
+from transforms.builtin_tasks import BUILTIN_TASKS
+from transforms.metadata import ItemValues
 
 SUFFIX = {"ocr": 10, "caption": 4, "detect": 12}  # prompt tokens after the shared system + image prefix
 
@@ -43,10 +44,11 @@ def test_server_flags_mirror_engine_args():
 
 
 def test_server_messages_are_the_pipeline_messages_with_an_image_url():
-    messages = chat_messages(TASKS["caption"], "data:image/png;base64,AAAA")
+    caption = BUILTIN_TASKS["caption"].request(ItemValues(None)).instruction
+    messages = chat_messages(caption, "data:image/png;base64,AAAA")
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[1]["content"][0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    assert messages[1]["content"][1]["text"] == TASKS["caption"].instruction
+    assert messages[1]["content"][1]["text"] == caption
 
 
 def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):

@@ -32,7 +32,9 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     from pipelines.checkpoint_shape import CheckpointShape
     from pipelines.engine_profiles import resolve
     from transforms.engine import ENGINES, EngineSettings
-    from transforms.prompts import TASKS, with_max_tokens
+    from transforms.builtin_tasks import BUILTIN_TASKS
+    from transforms.metadata import ItemValues
+    from transforms.tasks import with_overrides
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
@@ -40,7 +42,7 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
         max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
     )
     engine = ENGINES.acquire(settings)
-    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
+    specs = [with_overrides(BUILTIN_TASKS[name], max_tokens=4).request(ItemValues(None)) for name in ("caption", "ocr", "caption")]
     image = Image.effect_noise((320, 240), 64).convert("RGB")
     futures = engine.submit(image, "noise-320x240", specs)
     caption, ocr, again = (f.exception(timeout=120) or f.result() for f in futures)

@@ -11,7 +11,7 @@ from evaluation.runs import load_run
 from evaluation.scoring import keyed_references, score_run
 from evaluation.storage import write_parquet, write_references
 from pipelines import evaluate
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.references import ReferenceBox, ReferenceItem
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 
@@ -29,7 +29,8 @@ def answer(uri: str, task: str, text: str, page: Optional[int] = None, boxes: Se
     completion = TaskCompletion(info=info, task=task, text=text, finish_reason="stop", prompt_tokens=10,
                                 generated_tokens=5, cached_tokens=0, latency_s=0.1)
     detections = [Detection("text", tuple(round(v * 1000) for v in b), b, tuple(round(v * 100) for v in b)) for b in boxes]
-    return result_row(completion, RunInfo("run-1", model, "v1"), detections if task == "detect" else None)
+    parsed = ParsedAnswer(text, tuple(detections) if task == "detect" else None)
+    return result_row(completion, RunInfo("run-1", model, "v1"), parsed)
 
 
 def write_run(out: pathlib.Path, rows: list[dict], errors: Sequence[ErrorRecord] = ()) -> str:

@@ -14,7 +14,9 @@ from PIL import Image
 
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import copy_samples, run_pipeline
-from transforms.prompts import DEFAULT_TASKS, TASKS, render_prompts
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
+from transforms.metadata import ItemValues
+from transforms.prompts import render_prompt
 
 SAMPLE_ITEMS = {  # item id suffix -> pages; data/samples holds 5 files, 8 items
     "chart.webp": None,
@@ -132,7 +134,10 @@ def prefix_lengths(checkpoint: pathlib.Path) -> tuple[int, int]:
 
     processor = AutoProcessor.from_pretrained(str(checkpoint))
     tokenizer = processor.tokenizer
-    prompts = render_prompts([TASKS[name] for name in DEFAULT_TASKS], tokenizer.apply_chat_template)
+    prompts = {
+        name: render_prompt(BUILTIN_TASKS[name].request(ItemValues(None)).instruction, tokenizer.apply_chat_template)
+        for name in DEFAULT_TASKS
+    }
     image = Image.new("RGB", (320, 240), "white")
     ids = [list(processor(text=[prompt], images=[image])["input_ids"][0]) for prompt in prompts.values()]
     shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)

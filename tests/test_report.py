@@ -24,7 +24,7 @@ from pipelines import report
 from reporting.images import PALETTE, draw_detections, load_images
 from reporting.run import choose_sample
 from reporting.text import redact, visible
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
@@ -45,6 +45,7 @@ ERROR_ITEMS = {  # item -> the reason shown instead of its image
 }
 HOSTILE_OCR = "<script>alert(1)</script>"
 HOSTILE_CAPTION = "<img src=x onerror=alert(2)>"
+DETECT_ANSWER = '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'
 HOSTILE_LABEL = "<b>square</b>"
 HOSTILE_MESSAGE = "</pre><script>alert(3)</script>"
 HOSTILE_THOUGHT = "</details><script>alert(4)</script>"
@@ -195,9 +196,9 @@ def hostile_location(root: str, image_uri: str) -> None:
     square = Detection(label=HOSTILE_LABEL, box_1000=tuple(round(v * 1000) for v in SQUARE), box_norm=SQUARE,
                        box_px=(round(ymin * 300), round(xmin * 400), round(ymax * 300), round(xmax * 400)))
     results = [
-        result_row(completion("ocr", HOSTILE_OCR), run),
-        result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run),
-        result_row(completion("detect", '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'), run, [square]),
+        result_row(completion("ocr", HOSTILE_OCR), run, ParsedAnswer(HOSTILE_OCR)),
+        result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run, ParsedAnswer(HOSTILE_CAPTION)),
+        result_row(completion("detect", DETECT_ANSWER), run, ParsedAnswer(DETECT_ANSWER, (square,))),
     ]
     errors = [
         error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage=Stage.PARSE, error_type="DetectionParseError",
