@@ -20,6 +20,7 @@ class SourceFile:
 
     uri: str
     size_bytes: int
+    metadata: Optional[str] = None  # JSON of the manifest row's other columns (transforms.metadata)
 
 
 class UnitKind(enum.Enum):
@@ -53,7 +54,7 @@ class DecodeUnit:
     page_count: int  # pages in the whole source; 1 for single-frame images
     member: Optional[str] = None  # shard member key (MEMBER units)
     payload: Optional[bytes] = None  # the member's bytes (MEMBER units)
-    metadata: Optional[str] = None  # JSON carried to the rows (tar sidecars)
+    metadata: Optional[str] = None  # JSON carried to the rows: the source's, with a member's sidecars merged in
 
     @property
     def is_paged(self) -> bool:

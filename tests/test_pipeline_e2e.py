@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pathlib
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -128,18 +129,23 @@ def test_summary_counts_match_the_files(sample_run):
     assert on_disk["versions"]["apache-beam"] and on_disk["wall_time_s"] > 0
 
 
-def prefix_lengths(checkpoint: pathlib.Path) -> tuple[int, int]:
-    """(tokens before the image, tokens shared by all tasks through the image) per the checkpoint's processor."""
+def prefix_lengths(
+    checkpoint: pathlib.Path, instructions: Optional[Sequence[str]] = None, vision_tokens: Optional[int] = None
+) -> tuple[int, int]:
+    """(tokens before the image, tokens shared by the prompts through the image) per the checkpoint's processor.
+
+    `instructions`: the tasks' (default: the default tasks'); `vision_tokens`: the image budget (default: the model's).
+    """
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(checkpoint))
     tokenizer = processor.tokenizer
-    prompts = {
-        name: render_prompt(BUILTIN_TASKS[name].request(ItemValues(None)).instruction, tokenizer.apply_chat_template)
-        for name in DEFAULT_TASKS
-    }
+    if instructions is None:
+        instructions = [BUILTIN_TASKS[name].request(ItemValues(None)).instruction for name in DEFAULT_TASKS]
+    prompts = [render_prompt(text, tokenizer.apply_chat_template) for text in instructions]
     image = Image.new("RGB", (320, 240), "white")
-    ids = [list(processor(text=[prompt], images=[image])["input_ids"][0]) for prompt in prompts.values()]
+    budget = {"max_soft_tokens": vision_tokens} if vision_tokens else {}
+    ids = [list(processor(text=[prompt], images=[image], **budget)["input_ids"][0]) for prompt in prompts]
     shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)
     image_token = tokenizer.convert_tokens_to_ids("<|image|>")
     return ids[0].index(image_token), shared

@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SourceFile, Stage, UnitKind
 from transforms import metrics
 from transforms.errors import failure
+from transforms.metadata import merge
 from transforms.formats import (
     HEAD_BYTES,
     DecodeError,
@@ -49,12 +50,15 @@ def plan_file_units(source: SourceFile, fmt: Format, load: Callable[[], bytes], 
     costs no read beyond the sniffed head.
     """
     if not fmt.has_pages:
-        return [DecodeUnit(uri=source.uri, kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1)]
+        return [DecodeUnit(uri=source.uri, kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1, metadata=source.metadata)]
     pages = page_count(load(), fmt, limits)
     kind = UnitKind.PDF if fmt is Format.PDF else UnitKind.IMAGE
     step = max(1, limits.pages_per_unit)
     return [
-        DecodeUnit(uri=source.uri, kind=kind, first_page=start, end_page=min(pages, start + step), page_count=pages)
+        DecodeUnit(
+            uri=source.uri, kind=kind, first_page=start, end_page=min(pages, start + step), page_count=pages,
+            metadata=source.metadata,
+        )
         for start in range(0, pages, step)
     ]
 
@@ -104,7 +108,10 @@ class PlanUnits(beam.DoFn):
         metrics.count("shards")
         metrics.count("items_planned", sum(rows))
         return [
-            DecodeUnit(uri=source.uri, kind=UnitKind.PARQUET, first_page=g, end_page=g + 1, page_count=len(rows))
+            DecodeUnit(
+                uri=source.uri, kind=UnitKind.PARQUET, first_page=g, end_page=g + 1, page_count=len(rows),
+                metadata=source.metadata,
+            )
             for g in range(len(rows))
         ]
 
@@ -115,6 +122,7 @@ class PlanUnits(beam.DoFn):
             try:
                 for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
                     samples += 1
+                    sample_metadata = merge(source.metadata, sample.metadata)
                     if sample.image is None:
                         yield failure(
                             ItemRef.make(source.uri, member=sample.key),
@@ -123,14 +131,14 @@ class PlanUnits(beam.DoFn):
                                 f"sample has no image member (members: {', '.join(sample.member_names)}; "
                                 f"images over max_file_bytes are not read)"
                             ),
-                            metadata=sample.metadata,
+                            metadata=sample_metadata,
                         )
                         continue
                     metrics.count("decode_units")
                     metrics.count("items_planned")
                     yield DecodeUnit(
                         uri=source.uri, kind=UnitKind.MEMBER, first_page=0, end_page=1, page_count=1,
-                        member=sample.key, payload=sample.image, metadata=sample.metadata,
+                        member=sample.key, payload=sample.image, metadata=sample_metadata,
                     )
             except TruncatedShard as exc:
                 yield failure(ItemRef.make(source.uri), Stage.PLAN, exc)
@@ -160,10 +168,11 @@ class DecodeUnits(beam.DoFn):
             data = read_bytes(unit.uri, self._limits.max_file_bytes)
         except Exception as exc:  # noqa: BLE001
             for page in pages:
-                yield failure(ItemRef.make(unit.uri, page=page if unit.is_paged else None), Stage.DECODE, exc)
+                ref = ItemRef.make(unit.uri, page=page if unit.is_paged else None)
+                yield failure(ref, Stage.DECODE, exc, metadata=unit.metadata)
             return
         fmt = Format.PDF if unit.kind is UnitKind.PDF else Format.IMAGE
-        yield from self._items(data, fmt, unit.uri, None, None, pages if unit.is_paged else None)
+        yield from self._items(data, fmt, unit.uri, None, unit.metadata, pages if unit.is_paged else None)
 
     def _payload_items(self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str]) -> Iterator[object]:
         """All pages of an in-memory payload (tar member or Parquet cell)."""
@@ -187,12 +196,13 @@ class DecodeUnits(beam.DoFn):
             yield failure(ItemRef.make(unit.uri), Stage.DECODE, DecodeError(f"row group {unit.first_page}: {exc}"))
             return
         for row in rows:
+            row_metadata = merge(unit.metadata, row.metadata)
             if not row.image:
                 yield failure(ItemRef.make(unit.uri, member=row.member), Stage.DECODE,
                               MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
-                              metadata=row.metadata)
+                              metadata=row_metadata)
                 continue
-            yield from self._payload_items(row.image, unit.uri, row.member, row.metadata)
+            yield from self._payload_items(row.image, unit.uri, row.member, row_metadata)
 
     def _items(
         self, data: bytes, fmt: Format, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range]

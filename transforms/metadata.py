@@ -20,7 +20,9 @@ Templates name values with `{key}`; `ItemValues` looks them up:
    sample's JSON sidecar, a struct column): found in exactly one, its
    value; found in several, an ambiguous name (`AmbiguousValue`), which the
    full path resolves.
-3. `a.b.c` walks into objects (and `items.0` into lists) from step 1 or 2.
+3. `a.b.c` walks into objects (and `items.0` into lists) from step 1 or 2;
+   a top-level key holding dots (a `meta.json` sidecar) is matched whole
+   first, the longest such key winning.
 
 Values are used as text: strings as they are, numbers, booleans, lists and
 objects as compact JSON. A missing key or a null is `MissingValue`.
@@ -67,7 +69,9 @@ def as_text(value: Any) -> str:
 
 
 def _describe(values: Mapping[str, Any]) -> str:
-    keys = ", ".join(sorted(values)) or "none"
+    if not values:
+        return "the item has no metadata"
+    keys = ", ".join(sorted(values))
     nested = [f"{key}: {', '.join(sorted(value))}" for key, value in sorted(values.items()) if isinstance(value, dict) and value]
     return f"the item's metadata keys are {keys}" + (f" ({'; '.join(nested)})" if nested else "")
 
@@ -78,9 +82,13 @@ class ItemValues:
     def __init__(self, metadata: Optional[str]):
         self._values = decode(metadata)
 
-    def _first(self, key: str, name: str) -> Any:
-        if key in self._values:
-            return self._values[key]
+    def _start(self, name: str) -> tuple[Any, list[str]]:
+        """The value the path starts from, and the steps left to walk."""
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in self._values:
+                return self._values[".".join(parts[:end])], parts[end:]
+        key = parts[0]
         holders = [top for top, value in self._values.items() if isinstance(value, dict) and key in value]
         if len(holders) > 1:
             raise AmbiguousValue(
@@ -89,19 +97,19 @@ class ItemValues:
             )
         if not holders:
             raise MissingValue(f"no value for {{{name}}}: {_describe(self._values)}")
-        return self._values[holders[0]][key]
+        return self._values[holders[0]][key], parts[1:]
 
     def get(self, name: str) -> str:
         """The text for placeholder `name` (`key` or a dotted path), or MissingValue/AmbiguousValue."""
-        first, *rest = name.split(".")
-        value = self._first(first, name)
-        for step in rest:
+        value, rest = self._start(name)
+        for index, step in enumerate(rest):
             if isinstance(value, dict) and step in value:
                 value = value[step]
             elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
                 value = value[int(step)]
             else:
-                raise MissingValue(f"no value for {{{name}}}: {step!r} is not in the value of {name.rsplit('.', 1)[0]!r}")
+                walked = name.rsplit(".", len(rest) - index)[0]
+                raise MissingValue(f"no value for {{{name}}}: {walked} has no {step!r}")
         if value is None:
             raise MissingValue(f"no value for {{{name}}}: it is null for this item")
         return as_text(value)

@@ -272,8 +272,17 @@ def _json_candidates(answer: str, schema: Mapping[str, Any], truncated: bool) ->
             yield salvage_json_list(answer, opening)
 
 
-def parse_json_document(answer: str, schema: Mapping[str, Any], truncated: bool = False) -> Any:
-    """The JSON document in an answer that validates against `schema`, or NoJSONDocument / SchemaMismatch.
+def _finite(value: Any) -> bool:
+    """No NaN or Infinity anywhere: Python's json reads them, but they are not JSON (DuckDB, BigQuery refuse them)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_json_document(answer: str, schema: Mapping[str, Any], truncated: bool = False) -> str:
+    """The JSON document in an answer that validates against `schema`, as compact JSON text; or NoJSONDocument / SchemaMismatch.
 
     Repairs only what cannot change the document's meaning: prose and code
     fences around it (the first JSON value that validates wins), raw control
@@ -286,9 +295,12 @@ def parse_json_document(answer: str, schema: Mapping[str, Any], truncated: bool 
     validator = _validator(json.dumps(schema, sort_keys=True))
     complaint = None
     for value in _json_candidates(answer, schema, truncated):
+        if not _finite(value):
+            complaint = complaint or "answer holds NaN or Infinity, which JSON does not allow"
+            continue
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
         if error is None:
-            return value
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         if complaint is None:
             where = "/".join(str(part) for part in error.absolute_path) or "the document"
             complaint = f"answer does not match the schema at {where}: {error.message}"

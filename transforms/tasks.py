@@ -157,8 +157,7 @@ class Task:
             return ParsedAnswer(text=text, detections=tuple(parse_detections(answer, width, height, truncated)))
         if self.output is OutputKind.JSON:
             assert self.schema is not None
-            document = parse_json_document(answer, self.schema, truncated)
-            return ParsedAnswer(text=text, data=json.dumps(document, ensure_ascii=False, separators=(",", ":")))
+            return ParsedAnswer(text=text, data=parse_json_document(answer, self.schema, truncated))
         return ParsedAnswer(text=text)
 
 
