@@ -48,6 +48,8 @@ def test_values_come_from_top_level_keys_then_from_inside_one_object():
     assert values.get("json.question") == "How many?"  # ... or by its full path
     assert values.get("meta.lang") == "de" and values.get("pages.1") == "4"
     assert values.get("pages") == "[3, 4]" and values.get("meta") == '{"lang": "de"}'  # non-strings as JSON
+    with pytest.raises(MissingValue, match="meta has no .x."):
+        values.get("meta.x")
 
 
 def test_missing_null_and_ambiguous_values_name_the_placeholder():

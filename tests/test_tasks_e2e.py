@@ -6,11 +6,9 @@ import pathlib
 
 import duckdb
 import jsonschema
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import copy_samples, run_pipeline
