@@ -79,6 +79,46 @@ def test_every_task_scored(tmp_path):
     assert scores.caption_chrf == pytest.approx(100.0)
 
 
+def test_markdown_is_scored_like_ocr_once_its_markup_is_removed(tmp_path):
+    rows = [
+        answer("/data/a.png", "ocr", "the quick fox jumps"),
+        answer("/data/a.png", "markdown", "# the **quick** fox\n\n| jumps |"),  # the same words as the ocr answer
+        answer("/data/b.pdf", "markdown", "second page text", page=0),
+    ]
+    scores = score(write_run(tmp_path / "run", rows))
+    [ocr_a, _] = scores.ocr_items
+    markdown_a, markdown_b = scores.markdown_items
+    assert markdown_a.errors == ocr_a.errors and markdown_a.hypothesis.split() == "the quick fox jumps".split()
+    assert markdown_b.errors.cer == 0.0 and scores.markdown.cer == pytest.approx(6 / 41)
+
+
+def invoice_row(uri: str, data: Optional[str], instruction: str) -> dict:
+    row = answer(uri, "invoice", data or "")
+    row.update(data=data, instruction=instruction)
+    return row
+
+
+def test_expected_answers_score_questions_exactly_and_json_field_by_field(tmp_path):
+    references = {r.ref.item_id: r for r in [
+        ReferenceItem(ref=ItemRef.make("/data/a.png"), answers={"answer": "Four cats.", "invoice": {"number": "A-7", "total": 12.5}}),
+        ReferenceItem(ref=ItemRef.make("/data/b.png"), answers={"answer": "two", "invoice": {"number": "B-1", "total": 3}}),
+    ]}
+    question = answer("/data/a.png", "answer", " four  CATS. ")
+    question["instruction"] = "How many cats? Answer briefly."
+    rows = [question, answer("/data/b.png", "answer", "three"),
+            invoice_row("/data/a.png", '{"number": "a-7", "total": 12.50, "extra": 1}', "Extract."),
+            invoice_row("/data/b.png", '{"number": "B-1", "total": 4}', "Extract.")]
+    scores = score_run(load_run(write_run(tmp_path / "run", rows)), references)
+    by_key = {i.key: i for i in scores.answer_items}
+    assert by_key["/data/a.png answer"].score == 1.0 and by_key["/data/a.png answer"].question == "How many cats? Answer briefly."
+    assert by_key["/data/b.png answer"].score == 0.0
+    assert by_key["/data/a.png invoice"].score == 1.0  # case, numeric spelling and extra fields do not matter
+    assert by_key["/data/b.png invoice"].score == 0.5 and by_key["/data/b.png invoice"].expected == '{"number": "B-1", "total": 3}'
+    report = evaluate.render_markdown([scores], "refs")
+    assert "| Answer score ↑ | 0.6250 |" in report and "### Answers: lowest scores (run)" in report
+    assert "| b.png | answer | 0.00 | – | two | three |" in report and "How many cats? Answer briefly." in report
+
+
 def test_newest_row_wins_for_a_repeated_answer(tmp_path):
     rows = [answer("/data/a.png", "ocr", "wrong"), answer("/data/a.png", "ocr", "the quick brown fox jumps")]
     run = load_run(write_run(tmp_path / "run", rows))
