@@ -56,7 +56,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     )
     done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run)
     selected = decoded.items | "SelectTasks" >> beam.ParDo(
-        incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
+        incremental.SelectTasks(config.tasks, config.engine, config.run), done=beam.pvalue.AsIter(done_keys)
     )
     completed = selected | "RunTasks" >> beam.ParDo(run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
         ERRORS_TAG, main="completions"

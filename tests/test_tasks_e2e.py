@@ -161,3 +161,26 @@ def test_two_image_budgets_on_one_image_form_two_prefix_groups(tmp_path, tiny_ch
             assert first <= before_image, (item_id, budget, first, before_image)
             assert through_image - block < second <= through_image, (item_id, budget, second, through_image)
     assert summary["accounting"]["balanced"] and len(rows) == 2 * 4
+
+
+def test_a_changed_task_definition_reruns_exactly_that_task_and_an_unchanged_rerun_writes_nothing(tmp_path):
+    from pipelines import vision_batch
+
+    inputs = tmp_path / "in"
+    copy_samples(inputs)
+    base = ["--input", f"{inputs}/receipt.png", "--input", f"{inputs}/chart.webp", "--tasks", "ocr,caption",
+            "--max_tokens", "caption=8"]
+
+    def run(name: str, *args: str) -> dict:
+        return vision_batch.run([*base, "--output", str(tmp_path / name), *args])
+
+    run("first", "--max_tokens", "ocr=8")
+    first = {(row["item_id"], row["task"]): row["task_fingerprint"] for row in read(tmp_path / "first", "results")}
+    unchanged = run("again", "--max_tokens", "ocr=8", "--incremental_from", str(tmp_path / "first"))
+    assert unchanged["counts"]["result_rows"] == unchanged["counts"]["error_rows"] == 0
+    assert unchanged["counts"]["skipped_tasks"] == 4 and unchanged["accounting"]["balanced"]
+    raised = run("raised", "--max_tokens", "ocr=12", "--incremental_from", str(tmp_path / "first"))
+    rerun = read(tmp_path / "raised", "results")
+    assert sorted(row["task"] for row in rerun) == ["ocr", "ocr"]  # OCR only: the captions' definition did not change
+    assert all(row["task_fingerprint"] != first[(row["item_id"], "ocr")] for row in rerun)
+    assert raised["counts"]["skipped_tasks"] == 2 and raised["accounting"]["balanced"]

@@ -1,9 +1,12 @@
 """Incremental runs: skip (item, task) pairs that earlier runs already answered.
 
-A task result is reusable when the item's content, the task, the model and
-the prompt version are all the same, whatever the file is called now or
-which run produced it. Keys of earlier results are read from their Parquet
-(four columns only) and handed to every worker as a side input.
+A task result is reusable when the item's content, the task, the model, the
+prompt version and the task's fingerprint (its definition and the item's
+values: `transforms.tasks.TaskFingerprints`) are all the same, whatever the
+file is called now or which run produced it: raising `--max_tokens ocr=...`
+re-runs OCR, and nothing else. Keys of earlier results are read from their
+Parquet (five columns only) and handed to every worker as a side input.
+Results written before fingerprints existed have none and are never reused.
 
 Memory: each reusable result costs a 16-byte digest plus set overhead
 (~90 bytes) on every worker: ~1 GB for 10 M earlier results. Beyond that,
@@ -19,12 +22,17 @@ import apache_beam as beam
 
 from schemas.records import ImageItem, RunInfo
 from transforms import metrics
+from transforms.engine import EngineSettings
+from transforms.metadata import ItemValues
+from transforms.tasks import Task, TaskFingerprints
 
-KEY_COLUMNS = ["content_hash", "task", "model_id", "prompt_version"]
+KEY_COLUMNS = ["content_hash", "task", "model_id", "prompt_version", "task_fingerprint"]
 
 
-def done_key(content_hash: str, task: str, model_id: str, prompt_version: str) -> bytes:
-    return hashlib.blake2b(f"{content_hash}\x1f{task}\x1f{model_id}\x1f{prompt_version}".encode(), digest_size=16).digest()
+def done_key(content_hash: str, task: str, model_id: str, prompt_version: str, task_fingerprint: Optional[str]) -> bytes:
+    """The identity of one answer: the one place it is built, for earlier results and current items alike."""
+    key = "\x1f".join((content_hash, task, model_id, prompt_version, task_fingerprint or ""))
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 def results_pattern(location: str) -> str:
@@ -51,15 +59,16 @@ class ReadDoneKeys(beam.PTransform):
             | "SameModelAndPrompts" >> beam.Filter(
                 lambda row: row["model_id"] == run.model_id and row["prompt_version"] == run.prompt_version
             )
-            | "Digest" >> beam.Map(lambda row: done_key(row["content_hash"], row["task"], row["model_id"], row["prompt_version"]))
+            | "Digest" >> beam.Map(lambda row: done_key(*(row.get(column) for column in KEY_COLUMNS)))
         )
 
 
 class SelectTasks(beam.DoFn):
     """ImageItem -> the same item with the tasks still to run; fully answered items are dropped (counted)."""
 
-    def __init__(self, tasks: Sequence[str], run: RunInfo):
-        self._tasks = tuple(tasks)
+    def __init__(self, tasks: Sequence[Task], settings: EngineSettings, run: RunInfo):
+        self._tasks = tuple(task.name for task in tasks)
+        self._fingerprints = TaskFingerprints(tasks, settings)
         self._run = run
         self._done: Optional[frozenset[bytes]] = None
 
@@ -68,11 +77,12 @@ class SelectTasks(beam.DoFn):
             # Built once per DoFn instance, not per bundle: in a batch job the
             # (global-window) side input is the same for every bundle.
             self._done = frozenset(done)
-        run = self._run
+        run, values = self._run, ItemValues(item.info.metadata)
         remaining = tuple(
             task
             for task in self._tasks
-            if done_key(item.info.content_hash, task, run.model_id, run.prompt_version) not in self._done
+            if done_key(item.info.content_hash, task, run.model_id, run.prompt_version, self._fingerprints.of(task, values))
+            not in self._done
         )
         skipped = len(self._tasks) - len(remaining)
         if skipped:
