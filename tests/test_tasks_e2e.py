@@ -74,7 +74,7 @@ def test_every_json_answer_validates_against_the_tasks_schema(question_run):
 def test_the_data_column_is_queryable_with_duckdbs_json_functions(question_run):
     _, out, _ = question_run
     rows = duckdb.sql(
-        f"SELECT item_id, json_extract_string(data, '$.number') AS number, CAST(data->>'total' AS INTEGER) AS total "
+        f"SELECT item_id, json_extract_string(data, '$.number') AS number, CAST(json_extract(data, '$.total') AS INTEGER) AS total "
         f"FROM read_parquet('{out}/results/*.parquet') WHERE task = 'invoice' AND json_valid(data)"
     ).fetchall()
     assert len(rows) == 5 and all(0 <= total <= 999 and len(number) <= 6 for _, number, total in rows)
