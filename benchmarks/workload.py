@@ -156,6 +156,7 @@ class Workload:
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
     max_in_flight: Optional[int] = None  # overrides the profile's
     vision_tokens: Optional[int] = None  # overrides the profile's image soft-token budget
+    task_vision_tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per-task budgets (benchmarks.budgets)
 
     def pipeline_argv(self, output: str) -> list[str]:
         """The command line of this pipeline (variant b) for this workload."""
@@ -171,6 +172,8 @@ class Workload:
             argv += ["--max_in_flight", str(self.max_in_flight)]
         if self.vision_tokens:
             argv += ["--vision_tokens", str(self.vision_tokens)]
+        for task, budget in self.task_vision_tokens.items():
+            argv += ["--task_vision_tokens", f"{task}={budget}"]
         return argv
 
     def engine_settings(self, image_first: bool = True) -> EngineSettings:
