@@ -120,6 +120,10 @@ def test_summary_counts_match_the_files(sample_run):
     assert counts["items"] == N_ITEMS and counts["pages"] == 5
     assert counts["result_rows"] == results.num_rows == counts["tasks_submitted"]
     assert counts["error_rows"] == read(out, "errors").num_rows == 3
+    # The files and rows the sinks reported, as the files themselves say (the summary opens none of them).
+    for table in ("results", "errors"):
+        listed = {f["path"]: f["rows"] for f in on_disk["outputs"][table]}
+        assert listed == {str(path): pq.ParquetFile(path).metadata.num_rows for path in (out / table).glob("*.parquet")}
     assert counts["error_rows_by_stage"] == {"plan": 2, "decode": 1}
     tokens = on_disk["tokens"]
     assert tokens["prompt"] == sum(results.column("prompt_tokens").to_pylist())

@@ -1,6 +1,7 @@
 """The task contract without an engine: templates, item values, parsing per output kind, fingerprints, task files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -176,16 +177,16 @@ def test_fingerprints_change_with_what_changes_an_answer_and_nothing_else():
         fingerprint(answer, ItemValues(encode({"question": "Why?"}))),
         fingerprint(with_overrides(answer, max_tokens=65)),
         fingerprint(with_overrides(answer, vision_tokens=560)),
-        fingerprint(answer.__class__(**{**answer.__dict__, "instruction": "Answer: {question}"})),
-        fingerprint(answer.__class__(**{**answer.__dict__, "sampling": Sampling(0.3)})),
-        fingerprint(answer, settings=EngineSettings(**{**SETTINGS.__dict__, "thinking": True})),
-        fingerprint(answer, settings=EngineSettings(**{**SETTINGS.__dict__, "vision_tokens": 280})),
+        fingerprint(dataclasses.replace(answer, instruction="Answer: {question}")),
+        fingerprint(dataclasses.replace(answer, sampling=Sampling(0.3))),
+        fingerprint(answer, settings=dataclasses.replace(SETTINGS, thinking=True)),
+        fingerprint(answer, settings=dataclasses.replace(SETTINGS, vision_tokens=280)),
     ]
     assert len({base, *changed}) == len(changed) + 1
-    schema_changed = invoice.__class__(**{**invoice.__dict__, "schema": {**INVOICE_SCHEMA, "required": []}})
+    schema_changed = dataclasses.replace(invoice, schema={**INVOICE_SCHEMA, "required": []})
     assert fingerprint(invoice) != fingerprint(schema_changed)
     # Constraining decoding to the schema changes a json answer, not a text one.
-    unconstrained = EngineSettings(**{**SETTINGS.__dict__, "structured_output": False})
+    unconstrained = dataclasses.replace(SETTINGS, structured_output=False)
     assert fingerprint(invoice) != fingerprint(invoice, settings=unconstrained)
     assert base == fingerprint(answer, settings=unconstrained)
 
