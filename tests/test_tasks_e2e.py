@@ -12,7 +12,7 @@ import yaml
 
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import copy_samples, run_pipeline
-from tests.shard_data import image_bytes, tar_bytes
+from tests.shard_data import image_bytes, parquet_bytes, tar_bytes
 from tests.test_pipeline_e2e import fresh_images, prefix_lengths
 from transforms.builtin_tasks import BUILTIN_TASKS
 from transforms.metadata import ItemValues
@@ -33,13 +33,16 @@ TASKS = {
 }
 
 
+ITEMS = 7  # the question run's: 3 tar samples, 2 Parquet rows, 2 manifest files
+
+
 def read(out: pathlib.Path, table: str) -> list[dict]:
     return pq.read_table(out / table, schema=RESULTS_SCHEMA if table == "results" else ERRORS_SCHEMA).to_pylist()
 
 
 @pytest.fixture(scope="module")
 def question_run(tmp_path_factory, private_model_cache):
-    """Questions from tar sidecars and from a manifest column; one item of each without one."""
+    """Questions from tar sidecars, a manifest column and a Parquet pass-through column; one item of each without one."""
     root = tmp_path_factory.mktemp("questions")
     (root / "tasks.yaml").write_text(yaml.safe_dump(TASKS))
     (root / "shard.tar").write_bytes(tar_bytes([
@@ -52,8 +55,13 @@ def question_run(tmp_path_factory, private_model_cache):
     (root / "a.png").write_bytes(image_bytes((90, 90, 90)))
     (root / "b.png").write_bytes(image_bytes((30, 60, 90)))
     (root / "manifest.csv").write_text("uri,question,batch\na.png,What is shown?,7\nb.png,,7\n")  # b: an empty cell
+    (root / "rows.parquet").write_bytes(parquet_bytes({
+        "id": ["p-1", "p-2"], "image": [image_bytes((250, 250, 0)), image_bytes((0, 250, 250))],
+        "question": ["Which colour?", None],  # p-2: a null
+    }))
     out = root / "out"
-    summary = run_pipeline("--input", str(root / "shard.tar"), "--manifest", str(root / "manifest.csv"),
+    summary = run_pipeline("--input", str(root / "shard.tar"), "--input", str(root / "rows.parquet"),
+                           "--parquet_passthrough_columns", "question", "--manifest", str(root / "manifest.csv"),
                            "--output", str(out), "--task_file", str(root / "tasks.yaml"))
     return summary, out, root
 
@@ -61,7 +69,7 @@ def question_run(tmp_path_factory, private_model_cache):
 def test_every_json_answer_validates_against_the_tasks_schema(question_run):
     summary, out, _ = question_run
     invoices = [row for row in read(out, "results") if row["task"] == "invoice"]
-    assert len(invoices) == 5  # constrained by the schema (cpu-tiny has structured output), every answer parses
+    assert len(invoices) == ITEMS  # constrained by the schema (cpu-tiny has structured output), every answer parses
     for row in invoices:
         jsonschema.validate(json.loads(row["data"]), INVOICE_SCHEMA)
         assert row["detections"] is None and row["instruction"] == "Extract the invoice number and total."
@@ -77,20 +85,22 @@ def test_the_data_column_is_queryable_with_duckdbs_json_functions(question_run):
         f"SELECT item_id, json_extract_string(data, '$.number') AS number, CAST(json_extract(data, '$.total') AS INTEGER) AS total "
         f"FROM read_parquet('{out}/results/*.parquet') WHERE task = 'invoice' AND json_valid(data)"
     ).fetchall()
-    assert len(rows) == 5 and all(0 <= total <= 999 and len(number) <= 6 for _, number, total in rows)
+    assert len(rows) == ITEMS and all(0 <= total <= 999 and len(number) <= 6 for _, number, total in rows)
 
 
-def test_questions_come_from_sidecars_and_manifest_columns_and_a_missing_one_fails_that_task_only(question_run):
+def test_questions_come_from_sidecars_manifest_and_parquet_columns_and_a_missing_one_fails_that_task_only(question_run):
     summary, out, root = question_run
     asked = {row["item_id"]: row["instruction"] for row in read(out, "results") if row["task"] == "answer"}
     assert asked == {
         f"{root}/shard.tar#member=s/000001": "Answer briefly: What colour is it?",
         f"{root}/shard.tar#member=s/000002": "Answer briefly: Is it square?",
         f"{root}/a.png": "Answer briefly: What is shown?",
+        f"{root}/rows.parquet#member=p-1": "Answer briefly: Which colour?",
     }
     errors = read(out, "errors")
     assert sorted((e["item_id"], e["task"], e["stage"], e["error_type"]) for e in errors) == [
         (f"{root}/b.png", "answer", "prompt", "MissingValue"),
+        (f"{root}/rows.parquet#member=p-2", "answer", "prompt", "MissingValue"),
         (f"{root}/shard.tar#member=s/000003", "answer", "prompt", "MissingValue"),
     ]
     assert all("{question}" in e["message"] and e["task_fingerprint"] for e in errors)
@@ -100,8 +110,8 @@ def test_questions_come_from_sidecars_and_manifest_columns_and_a_missing_one_fai
     metadata = {row["item_id"]: json.loads(row["metadata"] or "{}") for row in read(out, "results")}
     assert metadata[f"{root}/a.png"] == {"question": "What is shown?", "batch": "7"} and metadata[f"{root}/b.png"] == {"batch": "7"}
     counts = summary["counts"]
-    assert counts["error_rows_by_stage"] == {"prompt": 2} and summary["accounting"]["balanced"]
-    assert counts["result_rows"] + counts["error_rows"] == 5 * 2 == counts["tasks_submitted"]
+    assert counts["error_rows_by_stage"] == {"prompt": 3} and summary["accounting"]["balanced"]
+    assert counts["result_rows"] + counts["error_rows"] == ITEMS * 2 == counts["tasks_submitted"]
 
 
 def test_invalid_json_climbs_the_retry_ladder_then_becomes_a_parse_error(tmp_path):
