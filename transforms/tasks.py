@@ -62,7 +62,6 @@ class Template:
             parts = list(string.Formatter().parse(text))
         except ValueError as exc:
             raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-        self.text = text
         self._parts: list[tuple[str, Optional[str]]] = []
         for literal, name, spec, conversion in parts:
             if name is not None and (spec or conversion or not PLACEHOLDER.match(name)):
