@@ -33,8 +33,8 @@ from transforms.builtin_tasks import BUILTIN_TASKS, DETECTION_JSON_SCHEMA, DETEC
 from transforms.prompts import VISION_TOKEN_BUDGETS, Sampling
 from transforms.tasks import TASK_NAME, OutputKind, RetryRung, Task, Template, default_retries
 
-# vLLM's own bounds (vllm/sampling_params.py SamplingParams._verify_args): temperature >= 0,
-# 0 < top_p <= 1, top_k >= 1 (-1/0 mean "all", which is what leaving it out does here).
+# vLLM's own bounds (vllm/sampling_params.py SamplingParams._verify_args): 0 <= temperature <= 2,
+# 0 < top_p <= 1, top_k >= 1 (0 and -1 mean "all", which is what leaving it out does here).
 _SAMPLING = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_k": {"type": "integer", "minimum": 1},
