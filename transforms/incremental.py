@@ -97,16 +97,16 @@ def unit_key(unit: DecodeUnit) -> str:
 # ---------------------------------------------------------------- the filter
 
 _HEX_DIGITS = 64  # sha256 hexdigest, as transforms.decode writes content_hash
-_WORD_DIGITS = 32  # the filter takes two 64-bit words from the first 128 bits of the hash
+_WORD_DIGITS = 16  # the filter probes from the hash's first 64 bits
 
 
 def words_of(content_hash: str) -> bytes:
-    """The 16 bytes of a hash the filter uses (current items' side)."""
+    """The 8 bytes of a hash the filter uses (current items' side)."""
     return bytes.fromhex(content_hash[:_WORD_DIGITS])
 
 
 def hash_words(hashes: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Arrow strings -> (has a digest's length, the words `words_of` gives); vectorised, no Python per row.
+    """Arrow strings -> (has a digest's length, the 64-bit word `words_of` gives); vectorised, no Python per row.
 
     Nulls and other lengths cannot be a current item's hash: ruled out. Hex
     digits are decoded as (c & 15) + 9 * (c >> 6), which is exact for 0-9 and
@@ -117,7 +117,7 @@ def hash_words(hashes: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
         hashes = hashes.combine_chunks()
     hashes = hashes.cast(pa.string())
     digest_shaped = pc.fill_null(pc.equal(pc.binary_length(hashes), _HEX_DIGITS), False).to_numpy(zero_copy_only=False)
-    words = np.zeros((len(hashes), 2), dtype=np.uint64)
+    words = np.zeros(len(hashes), dtype=np.uint64)
     if not digest_shaped.any():
         return digest_shaped, words
     digests = hashes if digest_shaped.all() else hashes.filter(pa.array(digest_shaped))
@@ -126,18 +126,17 @@ def hash_words(hashes: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
     digits = text.reshape(len(digests), _HEX_DIGITS)[:, :_WORD_DIGITS]
     nibbles = (digits & np.uint8(15)) + np.uint8(9) * (digits >> np.uint8(6))
     octets = np.ascontiguousarray((nibbles[:, 0::2] << np.uint8(4)) | nibbles[:, 1::2])
-    words[digest_shaped] = octets.view(">u8").astype(np.uint64)
+    words[digest_shaped] = octets.view(">u8").astype(np.uint64)[:, 0]
     return digest_shaped, words
 
 
 @dataclasses.dataclass(frozen=True)
 class HashFilter:
-    """A Bloom filter of content hashes (Bloom 1970), probed without hashing again.
+    """A Bloom filter of content hashes (Bloom 1970), probed from the digest's own bits (`_probes`).
 
-    The probes are h1 + i * h2 over the first two 64-bit words of the sha256
-    digest (double hashing, Kirsch & Mitzenmacher 2006: as good as k
-    independent hashes for a Bloom filter). It answers "maybe" or "no"; the
-    exact join after it decides.
+    Sized by the standard formulas: -n ln p / (ln 2)^2 bits and -log2 p probes
+    for n items at false-positive rate p. It answers "maybe" or "no"; the exact
+    join after it decides.
     """
 
     bits: bytes
@@ -146,8 +145,8 @@ class HashFilter:
 
     @staticmethod
     def of(words: np.ndarray, false_positive_rate: float, min_bits: int) -> "HashFilter":
-        """A filter holding `words` ((n, 2) uint64), sized for n distinct items at `false_positive_rate`."""
-        items = len(np.unique(words[:, 0])) if len(words) else 0
+        """A filter holding `words` (uint64, one per hash), sized for the distinct ones at `false_positive_rate`."""
+        items = len(np.unique(words))
         num_bits = max(min_bits, math.ceil(-items * math.log(false_positive_rate) / math.log(2) ** 2))
         # The probe count that is optimal for the target rate; a filter larger than needed
         # (MIN_FILTER_BITS) only answers "no" more often.
@@ -171,18 +170,29 @@ class HashFilter:
         return len(self.bits)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
 def _probes(words: np.ndarray, num_bits: int, num_probes: int) -> Iterator[np.ndarray]:
-    """Bit positions of each word pair, one array per probe (uint64 arithmetic wraps, as intended)."""
-    first, step = words[:, 0], words[:, 1] | np.uint64(1)
+    """Bit positions of each hash, one array per probe: splitmix64 of (word + i * golden ratio).
+
+    Each probe mixes the hash's first 64 bits anew (Steele, Lea & Flood 2014,
+    the splitmix64 finaliser), so the probes are as good as independent hashes
+    at any filter size; plain double hashing (h1 + i * h2) lets probe
+    sequences overlap when the filter is small. uint64 arithmetic wraps, as intended.
+    """
     modulus = np.uint64(num_bits)
-    for probe in range(num_probes):
-        yield (first + np.uint64(probe) * step) % modulus
+    for probe in range(1, num_probes + 1):
+        mixed = words + np.uint64(probe * _GOLDEN % 2**64)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        yield (mixed ^ (mixed >> np.uint64(31))) % modulus
 
 
 class BuildHashFilter(beam.CombineFn):
     """Content hashes of the current items -> one HashFilter sized for how many there are.
 
-    Accumulators hold the hashes' first 16 bytes (partial combines on every
+    Accumulators hold the hashes' first 8 bytes (partial combines on every
     worker, merged once), so the filter is sized for the exact count, which is
     not known before the hash pass has run.
     """
@@ -205,7 +215,7 @@ class BuildHashFilter(beam.CombineFn):
         return merged
 
     def extract_output(self, accumulator: bytearray) -> HashFilter:
-        words = np.frombuffer(bytes(accumulator), dtype=">u8").astype(np.uint64).reshape(-1, 2)
+        words = np.frombuffer(bytes(accumulator), dtype=">u8").astype(np.uint64)
         return HashFilter.of(words, self._false_positive_rate, self._min_bits)
 
 
