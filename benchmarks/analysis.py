@@ -98,3 +98,5 @@ happen before the clock starts.
 - **Streaming check**: variant (b) on the `tiny-dense` model at two input sizes, each in a
   fresh process; peak RSS = `ru_maxrss` of that process.
 """
+
+INCREMENTAL_ANALYSIS = """(analysis pending the measured run)"""

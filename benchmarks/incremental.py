@@ -37,13 +37,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import pyarrow.parquet as pq
 
-from benchmarks import history
+from benchmarks import history, report
 from benchmarks.measure import load_average, machine
 from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, make_images
 from schemas.tables import RESULTS_SCHEMA
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "incremental.json"
 _LOG = logging.getLogger("benchmarks.incremental")
 
 # The last commit with the side-input design (transforms/incremental.py's ReadDoneKeys + SelectTasks).
@@ -207,11 +206,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     print(json.dumps(document, indent=2))
     if not args.no_write:
-        RESULTS.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        from benchmarks import report
-
+        report.RESULTS_FILES["incremental"].write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         report.write_benchmarks_md()
-        _LOG.info("wrote %s and BENCHMARKS.md", RESULTS)
+        _LOG.info("wrote %s and BENCHMARKS.md", report.RESULTS_FILES["incremental"])
     return 1 if errors else 0
 
 
