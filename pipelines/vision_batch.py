@@ -35,7 +35,6 @@ _LOG = logging.getLogger("vision_batch")
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
-    task_names = [t.name for t in config.tasks]
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
         config.inputs, config.manifests, config.manifest_column
     )
@@ -45,6 +44,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     # Fan page ranges, row groups and tar members out across workers: without
     # it every page of a long PDF is rendered and inferred by the worker that planned it.
     units = planned.units | "FanOutUnits" >> beam.Reshuffle()
+    task_names = [t.name for t in config.tasks]
     history_tallies = []
     if config.incremental_from:
         units, scan_tallies = units | "AttachAnswers" >> incremental.AttachAnswers(
