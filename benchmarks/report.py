@@ -209,7 +209,8 @@ skip {document['expected']['skipped_items']} items and {document['expected']['sk
 |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-Target: {t['what']} ≤ {t['goal']}: measured {_cell(t['measured'])}, {met}.
+Target: peak RSS of the join design at {f"{t['history_rows']:,}" if t['history_rows'] is not None else '-'} history rows over the run
+without history ≤ {t['goal']}: measured {_cell(t['measured'])}, {met}.
 
 {INCREMENTAL_ANALYSIS}"""
 
