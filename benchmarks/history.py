@@ -18,13 +18,12 @@ import dataclasses
 import datetime
 import hashlib
 import pathlib
-import shutil
-import tempfile
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.workload import cached_directory
 from schemas.tables import RESULTS_SCHEMA
 from transforms.sinks import ROW_GROUP_BYTES
 
@@ -143,38 +142,31 @@ def _write_file(path: pathlib.Path, tables: Iterator[pa.Table]) -> None:
 
 
 def write_history(root: pathlib.Path, rows: int, template: pa.Table, plan: Plan) -> pathlib.Path:
-    """A directory of nights holding `rows` result rows in all, planted rows included (cached, renamed into place).
+    """A directory of nights holding `rows` result rows in all, planted rows included (cached).
 
-    The planted rows sit in the last night's first file, after everything else
-    a scan reads in order.
+    The planted rows sit in the last night, after everything else a scan reads in order.
     """
     planted = planted_rows(template, plan) if rows else template.schema.empty_table()
     key = hashlib.sha256(b"".join(h.encode() for h in sorted(set(template.column("content_hash").to_pylist())))).hexdigest()[:12]
-    target = root / f"history-v{HISTORY_VERSION}-{key}-{rows}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".history-", dir=root))
-    try:
-        synthetic = max(0, rows - planted.num_rows)
-        group = rows_per_group(template)
+    group = rows_per_group(template)
+
+    def build(staging: pathlib.Path) -> None:
         item = 0
-        nights = list(_chunks(synthetic, NIGHT_ROWS)) or [(0, 0)]
+
+        def groups(file_rows: int, night: int) -> Iterator[pa.Table]:
+            nonlocal item
+            for _, group_rows in _chunks(file_rows, group):
+                table, item = replicated(template, item, group_rows, night)
+                yield table
+
+        nights = list(_chunks(max(0, rows - planted.num_rows), NIGHT_ROWS)) or [(0, 0)]
         for night, (_, night_rows) in enumerate(nights):
             for part, (_, file_rows) in enumerate(_chunks(night_rows, FILE_ROWS)):
-                def groups(file_rows: int = file_rows, night: int = night) -> Iterator[pa.Table]:
-                    nonlocal item
-                    for _, group_rows in _chunks(file_rows, group):
-                        table, item = replicated(template, item, group_rows, night)
-                        yield table
-
-                _write_file(staging / f"night-{night:03d}" / "results" / f"part-{part:05d}.parquet", groups())
+                _write_file(staging / f"night-{night:03d}" / "results" / f"part-{part:05d}.parquet", groups(file_rows, night))
         if planted.num_rows:
             _write_file(staging / f"night-{len(nights) - 1:03d}" / "results" / "part-planted.parquet", iter([planted]))
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return cached_directory(root / f"history-v{HISTORY_VERSION}-{key}-{rows}", build)
 
 
 def history_rows(directory: pathlib.Path) -> int:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import threading
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 
 from benchmarks import history, report
 from benchmarks.measure import load_average, machine
-from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, make_images
+from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, cached_directory, make_images
 from schemas.tables import RESULTS_SCHEMA
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -55,15 +54,12 @@ RUN_TIMEOUT_S = 3 * 3600
 def baseline_tree(workdir: pathlib.Path, ref: str) -> pathlib.Path:
     """A snapshot of `ref` (git archive), to run the replaced design's own code."""
     commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
-    target = workdir / f"tree-{commit[:12]}"
-    if not target.is_dir():
-        staging = workdir / f".tree-{commit[:12]}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+
+    def build(staging: pathlib.Path) -> None:
         archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(staging)], input=archive, check=True)
-        staging.rename(target)
-    return target
+
+    return cached_directory(workdir / f"tree-{commit[:12]}", build)
 
 
 def pipeline_command(images: pathlib.Path, output: pathlib.Path, history_dir: Optional[pathlib.Path]) -> list[str]:
