@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from benchmarks import report
 from benchmarks.measure import load_average, machine
-from benchmarks.run import REPO, run_child, to_result
+from benchmarks.run import run_child, to_result
 from benchmarks.workload import BENCH_MAX_TOKENS, Workload, make_images, prompt_suffix_tokens, task_specs
 from pipelines.engine_profiles import MiB
 from pipelines.options import parse_engine_args
