@@ -18,7 +18,7 @@ import io
 import re
 import threading
 import zlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -27,11 +27,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from schemas.records import DecodeUnit, ErrorRecord, ImageItem, ItemInfo, ItemRef, SourceFile
+from schemas.records import DecodeUnit, ErrorRecord, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile
 from transforms import metrics, storage
 from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 ERRORS_TAG = "errors"
+SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 
 _PDF_MAGIC = b"%PDF-"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -370,32 +371,46 @@ class PlanUnits(beam.DoFn):
 
 
 class DecodeUnits(beam.DoFn):
-    """DecodeUnit -> ImageItem per page; a page, member or row that fails -> ErrorRecord for it only."""
+    """DecodeUnit -> ImageItem per page, with its tasks still to run; a page, member or row that fails -> ErrorRecord for it only.
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
+    An item whose every task an earlier run answered (`DecodeUnit.answered`, set
+    by `transforms.incremental`) goes to the `skipped` output before its pixels
+    are decoded or rendered. `_item` and `_failed` are the two hooks
+    `transforms.incremental.HashUnits` overrides to hash items without decoding them.
+    """
+
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[str] = ()):
         self._limits = limits
         self._shards = shards
+        self._tasks = tuple(tasks)  # the run's tasks; empty: items carry no task list and the engine runs all
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
+        answered = dict(unit.answered)
         if unit.kind == "member":
-            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata)
+            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata, answered)
         elif unit.kind == "parquet":
-            yield from self._parquet_items(unit)
+            yield from self._parquet_items(unit, answered)
         else:
-            yield from self._file_items(unit)
+            yield from self._file_items(unit, answered)
 
-    def _file_items(self, unit: DecodeUnit) -> Iterator[object]:
+    def _failed(self, ref: ItemRef, exc: BaseException, **kwargs: object) -> Iterator[object]:
+        """Hook: the error row of an item, or of a whole unit when none of it could be read."""
+        yield _error(ref, "decode", exc, **kwargs)
+
+    def _file_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
         pages = range(unit.first_page, unit.end_page)
         try:
             data = read_bytes(unit.uri, self._limits.max_file_bytes)
         except Exception as exc:  # noqa: BLE001
             storage.raise_if_outage(exc)
             for page in pages:
-                yield _error(ItemRef.make(unit.uri, page=page if unit.is_paged else None), "decode", exc)
+                yield from self._failed(ItemRef.make(unit.uri, page=page if unit.is_paged else None), exc)
             return
-        yield from self._items(data, unit.kind, unit.uri, None, None, pages if unit.is_paged else None)
+        yield from self._items(data, unit.kind, unit.uri, None, None, pages if unit.is_paged else None, answered)
 
-    def _payload_items(self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str]) -> Iterator[object]:
+    def _payload_items(
+        self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str], answered: Mapping[str, tuple[str, ...]]
+    ) -> Iterator[object]:
         """All pages of an in-memory payload (tar member or Parquet cell)."""
         kind = sniff_kind(data[:HEAD_BYTES])
         pages = None
@@ -403,45 +418,60 @@ class DecodeUnits(beam.DoFn):
             try:
                 count = page_count(data, kind, self._limits)
             except Exception as exc:  # noqa: BLE001
-                yield _error(ItemRef.make(uri, member=member), "decode", exc, metadata=metadata,
-                             content_hash=hashlib.sha256(data).hexdigest())
+                yield from self._failed(ItemRef.make(uri, member=member), exc, metadata=metadata,
+                                        content_hash=hashlib.sha256(data).hexdigest())
                 return
             pages = range(count) if count > 1 or kind == "pdf" else None
-        yield from self._items(data, "pdf" if kind == "pdf" else "image", uri, member, metadata, pages)
+        yield from self._items(data, "pdf" if kind == "pdf" else "image", uri, member, metadata, pages, answered)
 
-    def _parquet_items(self, unit: DecodeUnit) -> Iterator[object]:
+    def _parquet_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
         try:
             with FileSystems.open(unit.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 rows = list(iter_parquet_rows(handle, unit.first_page, self._shards))
         except Exception as exc:  # noqa: BLE001
             storage.raise_if_outage(exc)
-            yield _error(ItemRef.make(unit.uri), "decode", DecodeError(f"row group {unit.first_page}: {exc}"))
+            yield from self._failed(ItemRef.make(unit.uri), DecodeError(f"row group {unit.first_page}: {exc}"))
             return
         for row in rows:
             if not row.image:
-                yield _error(ItemRef.make(unit.uri, member=row.member), "decode",
-                             MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
-                             metadata=row.metadata)
+                yield from self._failed(ItemRef.make(unit.uri, member=row.member),
+                                        MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
+                                        metadata=row.metadata)
                 continue
-            yield from self._payload_items(row.image, unit.uri, row.member, row.metadata)
+            yield from self._payload_items(row.image, unit.uri, row.member, row.metadata, answered)
 
     def _items(
-        self, data: bytes, kind: str, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range]
+        self, data: bytes, kind: str, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range],
+        answered: Mapping[str, tuple[str, ...]],
     ) -> Iterator[object]:
         source_sha256 = hashlib.sha256(data).hexdigest()
         for page in pages if pages is not None else [None]:
-            ref = ItemRef.make(uri, page=page, member=member)
             content_hash = item_hash(source_sha256, page)
-            try:
-                if kind == "pdf":
-                    image = render_pdf_page(data, page or 0, self._limits)
-                else:
-                    image = decode_image_frame(data, page or 0, self._limits)
-            except Exception as exc:  # noqa: BLE001
-                yield _error(ref, "decode", exc, content_hash=content_hash, metadata=metadata)
-                continue
-            metrics.count("items")
-            if page is not None:
-                metrics.count("pages")
-            info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
-            yield ImageItem(info=info, image=_fit(image, self._limits.max_side))
+            ref = ItemRef.make(uri, page=page, member=member)
+            yield from self._item(data, kind, ref, content_hash, metadata, answered.get(content_hash, ()))
+
+    def _item(
+        self, data: bytes, kind: str, ref: ItemRef, content_hash: str, metadata: Optional[str], done: tuple[str, ...]
+    ) -> Iterator[object]:
+        """Hook: one item of `data` -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord."""
+        remaining = tuple(task for task in self._tasks if task not in done)
+        if done and not remaining:
+            metrics.count("skipped_items")
+            metrics.count("skipped_tasks", len(self._tasks))
+            yield pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=ref, content_hash=content_hash, tasks=self._tasks))
+            return
+        try:
+            if kind == "pdf":
+                image = render_pdf_page(data, ref.page or 0, self._limits)
+            else:
+                image = decode_image_frame(data, ref.page or 0, self._limits)
+        except Exception as exc:  # noqa: BLE001
+            yield from self._failed(ref, exc, content_hash=content_hash, metadata=metadata)
+            return
+        metrics.count("items")
+        if ref.page is not None:
+            metrics.count("pages")
+        if len(remaining) < len(self._tasks):
+            metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
+        info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
+        yield ImageItem(info=info, image=_fit(image, self._limits.max_side), tasks=remaining)
