@@ -31,10 +31,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from benchmarks import report
 from benchmarks.measure import TaskRecord, from_records, load_average, machine
-from benchmarks.run import REPO, run_child, wait_quiet
+from benchmarks.run import run_child, wait_quiet
 from benchmarks.workload import BENCH_MAX_TOKENS, Workload, checkpoint_parameters, make_images, prompt_suffix_tokens, task_specs
 
-BUDGETS_FILE = REPO / "benchmarks" / "budgets.json"
 # configuration -> per-task budgets (tasks without one: the job's, 280, the bench model's default)
 CONFIGURATIONS: Mapping[str, Mapping[str, int]] = {
     "one-280": {},
@@ -129,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": rows,
         "summary": summarise(rows),
     }
-    BUDGETS_FILE.write_text(json.dumps(document, indent=2) + "\n")
+    report.RESULTS_FILES["budgets"].write_text(json.dumps(document, indent=2) + "\n")
     report.write_benchmarks_md()
     print(report.budgets_table(document))
     return 1 if any("error" in row for row in rows) else 0

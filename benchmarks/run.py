@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(report.table(document))
     if not args.no_write:
-        (REPO / "benchmarks" / "results.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        report.RESULTS_FILES["throughput"].write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         report.write_benchmarks_md()
         _LOG.info("wrote BENCHMARKS.md and benchmarks/results.json")
     return 1 if errors else 0

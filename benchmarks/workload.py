@@ -13,7 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -102,21 +102,29 @@ def draw_image(index: int, seed: int = 0, max_side: int = 1024) -> tuple[Image.I
     return _photo(rng, size), "jpeg"
 
 
-def make_images(root: pathlib.Path, count: int, seed: int = 0, max_side: int = 1024) -> pathlib.Path:
-    """A directory holding exactly `count` generated images (cached: built once, renamed into place)."""
-    target = root / f"images-v{GENERATOR_VERSION}-seed{seed}-side{max_side}-n{count}"
+def cached_directory(target: pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """`target`, built once by `build(staging)` and renamed into place, so an interrupted build is never reused."""
     if target.is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".images-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        for index in range(count):
-            image, fmt = draw_image(index, seed, max_side)
-            image.save(staging / f"img_{index:05d}.{'jpg' if fmt == 'jpeg' else fmt}", fmt, quality=85)
+        build(staging)
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def make_images(root: pathlib.Path, count: int, seed: int = 0, max_side: int = 1024) -> pathlib.Path:
+    """A directory holding exactly `count` generated images (cached)."""
+
+    def build(staging: pathlib.Path) -> None:
+        for index in range(count):
+            image, fmt = draw_image(index, seed, max_side)
+            image.save(staging / f"img_{index:05d}.{'jpg' if fmt == 'jpeg' else fmt}", fmt, quality=85)
+
+    return cached_directory(root / f"images-v{GENERATOR_VERSION}-seed{seed}-side{max_side}-n{count}", build)
 
 
 def image_files(directory: pathlib.Path) -> list[pathlib.Path]:

@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.options import JobConfig
-from schemas.records import DecodeUnit, ImageItem, SourceFile, Stage
+from schemas.records import DecodeUnit, ImageItem, SkippedItem, SourceFile, Stage
 from transforms.sinks import WrittenFile
 
 ITEM_STAGES = tuple(stage.value for stage in Stage if not stage.per_task)  # errors that stop an item before the engine
@@ -74,11 +74,13 @@ def tally_unit(unit: DecodeUnit) -> Tally:
 
 
 def tally_item(item: ImageItem) -> Tally:
-    return {"items": 1, "pages": int(item.info.ref.page is not None)}
+    """A decoded item, with the tasks it goes to the engine for (all but those answered before)."""
+    return {"items": 1, "pages": int(item.info.ref.page is not None), "items_selected": 1, "tasks_submitted": len(item.tasks)}
 
 
-def tally_selected(item: ImageItem, tasks_per_item: int) -> Tally:
-    return {"items_selected": 1, "tasks_submitted": len(item.tasks) or tasks_per_item}
+def tally_skipped(item: SkippedItem) -> Tally:
+    """An item every task of which an earlier run answered: counted as an item, never decoded."""
+    return {"items": 1, "pages": int(item.ref.page is not None)}
 
 
 def tally_result(row: Mapping[str, Any]) -> Tally:
@@ -171,6 +173,10 @@ def build_summary(
             "tasks_per_item": tasks_per_item,
             "skipped_items": items_ok - count("items_selected"),
             "skipped_tasks": skipped_tasks,
+            # --incremental_from: key rows of earlier results read, and those of this model and
+            # prompt version that the current items' filter let through to the exact join.
+            "history_rows": count("history_rows"),
+            "history_candidates": count("history_candidates"),
             "tasks_submitted": count("tasks_submitted"),
             "result_rows": result_rows,
             "result_rows_by_task": _prefixed(tally, "result_rows_"),

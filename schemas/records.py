@@ -55,6 +55,9 @@ class DecodeUnit:
     member: Optional[str] = None  # shard member key (MEMBER units)
     payload: Optional[bytes] = None  # the member's bytes (MEMBER units)
     metadata: Optional[str] = None  # JSON carried to the rows: the source's, with a member's sidecars merged in
+    # Incremental runs: (item id, tasks earlier runs answered) for this unit's items that have answers;
+    # set by transforms.incremental, empty otherwise.
+    answered: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def is_paged(self) -> bool:
@@ -95,13 +98,22 @@ class ItemInfo:
     metadata: Optional[str] = None  # JSON from the shard (tar sidecar, Parquet pass-through columns)
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedItem:
+    """An item whose every task an earlier run answered: counted, never decoded."""
+
+    ref: ItemRef
+    content_hash: str
+    tasks: tuple[str, ...]  # the answered tasks (all the run's tasks)
+
+
 @dataclasses.dataclass
 class ImageItem:
     """A decoded RGB image ready for the engine."""
 
     info: ItemInfo
     image: Image.Image  # RGB; possibly downscaled from info.width x info.height
-    tasks: tuple[str, ...] = ()  # tasks still to run (set by the incremental stage)
+    tasks: tuple[str, ...] = ()  # tasks still to run (DecodeUnits: the run's tasks minus those answered before; empty: all)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,14 @@ exception is storage that stays down past its retry budget
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SourceFile, Stage, UnitKind
+from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile, Stage, UnitKind
 from transforms import metrics
 from transforms.errors import failure
 from transforms.metadata import merge
@@ -41,6 +42,8 @@ from transforms.formats import (
     sniff,
 )
 from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+
+SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 
 
 def plan_file_units(source: SourceFile, fmt: Format, load: Callable[[], bytes], limits: DecodeLimits) -> list[DecodeUnit]:
@@ -148,33 +151,46 @@ class PlanUnits(beam.DoFn):
 
 
 class DecodeUnits(beam.DoFn):
-    """DecodeUnit -> ImageItem per page; a page, member or row that fails -> ErrorRecord for it only."""
+    """DecodeUnit -> ImageItem per page, with its tasks still to run; a page, member or row that fails -> ErrorRecord for it only.
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
+    An item whose every task an earlier run answered (`DecodeUnit.answered`, set
+    by `transforms.incremental`) goes to the `skipped` output before its pixels
+    are decoded or rendered. `_item` and `_failed` are the two hooks
+    `transforms.incremental.HashUnits` overrides to hash items without decoding them.
+    """
+
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[str] = ()):
         self._limits = limits
         self._shards = shards
+        self._tasks = tuple(tasks)  # the run's tasks; empty: items carry no task list and the engine runs all
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
+        answered = dict(unit.answered)
         if unit.kind is UnitKind.MEMBER:
-            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata)
+            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata, answered)
         elif unit.kind is UnitKind.PARQUET:
-            yield from self._parquet_items(unit)
+            yield from self._parquet_items(unit, answered)
         else:
-            yield from self._file_items(unit)
+            yield from self._file_items(unit, answered)
 
-    def _file_items(self, unit: DecodeUnit) -> Iterator[object]:
+    def _failed(self, ref: ItemRef, exc: BaseException, **kwargs: object) -> Iterator[object]:
+        """Hook: the error row of an item, or of a whole unit when none of it could be read."""
+        yield failure(ref, Stage.DECODE, exc, **kwargs)
+
+    def _file_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
         pages = range(unit.first_page, unit.end_page)
         try:
             data = read_bytes(unit.uri, self._limits.max_file_bytes)
         except Exception as exc:  # noqa: BLE001
             for page in pages:
-                ref = ItemRef.make(unit.uri, page=page if unit.is_paged else None)
-                yield failure(ref, Stage.DECODE, exc, metadata=unit.metadata)
+                yield from self._failed(ItemRef.make(unit.uri, page=page if unit.is_paged else None), exc, metadata=unit.metadata)
             return
         fmt = Format.PDF if unit.kind is UnitKind.PDF else Format.IMAGE
-        yield from self._items(data, fmt, unit.uri, None, unit.metadata, pages if unit.is_paged else None)
+        yield from self._items(data, fmt, unit.uri, None, unit.metadata, pages if unit.is_paged else None, answered)
 
-    def _payload_items(self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str]) -> Iterator[object]:
+    def _payload_items(
+        self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str], answered: Mapping[str, tuple[str, ...]]
+    ) -> Iterator[object]:
         """All pages of an in-memory payload (tar member or Parquet cell)."""
         fmt = sniff(data[:HEAD_BYTES])
         pages = None
@@ -182,42 +198,56 @@ class DecodeUnits(beam.DoFn):
             try:
                 count = page_count(data, fmt, self._limits)
             except Exception as exc:  # noqa: BLE001
-                yield failure(ItemRef.make(uri, member=member), Stage.DECODE, exc, metadata=metadata,
-                              content_hash=hashlib.sha256(data).hexdigest())
+                yield from self._failed(ItemRef.make(uri, member=member), exc, metadata=metadata,
+                                        content_hash=hashlib.sha256(data).hexdigest())
                 return
             pages = range(count) if is_paged(fmt, count) else None
-        yield from self._items(data, fmt, uri, member, metadata, pages)
+        yield from self._items(data, fmt, uri, member, metadata, pages, answered)
 
-    def _parquet_items(self, unit: DecodeUnit) -> Iterator[object]:
+    def _parquet_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
         try:
             with FileSystems.open(unit.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 rows = list(iter_parquet_rows(handle, unit.first_page, self._shards))
         except Exception as exc:  # noqa: BLE001
-            yield failure(ItemRef.make(unit.uri), Stage.DECODE, DecodeError(f"row group {unit.first_page}: {exc}"))
+            yield from self._failed(ItemRef.make(unit.uri), DecodeError(f"row group {unit.first_page}: {exc}"))
             return
         for row in rows:
             row_metadata = merge(unit.metadata, row.metadata)
             if not row.image:
-                yield failure(ItemRef.make(unit.uri, member=row.member), Stage.DECODE,
-                              MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
-                              metadata=row_metadata)
+                yield from self._failed(ItemRef.make(unit.uri, member=row.member),
+                                        MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
+                                        metadata=row_metadata)
                 continue
-            yield from self._payload_items(row.image, unit.uri, row.member, row_metadata)
+            yield from self._payload_items(row.image, unit.uri, row.member, row_metadata, answered)
 
     def _items(
-        self, data: bytes, fmt: Format, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range]
+        self, data: bytes, fmt: Format, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range],
+        answered: Mapping[str, tuple[str, ...]],
     ) -> Iterator[object]:
         source_sha256 = hashlib.sha256(data).hexdigest()
         for page in pages if pages is not None else [None]:
             ref = ItemRef.make(uri, page=page, member=member)
-            content_hash = item_hash(source_sha256, page)
-            try:
-                image = render_item(data, fmt, page, self._limits)
-            except Exception as exc:  # noqa: BLE001
-                yield failure(ref, Stage.DECODE, exc, content_hash=content_hash, metadata=metadata)
-                continue
-            metrics.count("items")
-            if page is not None:
-                metrics.count("pages")
-            info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
-            yield ImageItem(info=info, image=fit(image, self._limits.max_side))
+            yield from self._item(data, fmt, ref, item_hash(source_sha256, page), metadata, answered.get(ref.item_id, ()))
+
+    def _item(
+        self, data: bytes, fmt: Format, ref: ItemRef, content_hash: str, metadata: Optional[str], done: tuple[str, ...]
+    ) -> Iterator[object]:
+        """Hook: one item of `data` -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord."""
+        remaining = tuple(task for task in self._tasks if task not in done)
+        if done and not remaining:
+            metrics.count("skipped_items")
+            metrics.count("skipped_tasks", len(self._tasks))
+            yield pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=ref, content_hash=content_hash, tasks=self._tasks))
+            return
+        try:
+            image = render_item(data, fmt, ref.page, self._limits)
+        except Exception as exc:  # noqa: BLE001
+            yield from self._failed(ref, exc, content_hash=content_hash, metadata=metadata)
+            return
+        metrics.count("items")
+        if ref.page is not None:
+            metrics.count("pages")
+        if len(remaining) < len(self._tasks):
+            metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
+        info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
+        yield ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
