@@ -135,4 +135,29 @@ INCREMENTAL_ANALYSIS = """What the figures say (the design and its memory bound:
   scan is spread over workers by file range."""
 
 
-BUDGETS_ANALYSIS = """(analysis pending a run)"""
+BUDGETS_ANALYSIS = """What the figures say:
+
+- **Each extra budget computes the image again.** Prompt tokens prefilled per image (exact,
+  independent of the load): 596 with every task at 280, 876 with every task at 560 (the
+  larger image computed once and shared by the three tasks), 1,150 with OCR at 560 and
+  caption and detect at 280 (two prefix groups: the image again at 280, +274), 1,278 with
+  three budgets. Inside a group the tasks reuse the image as before (0.96-0.97 of the
+  shareable prefix; three-groups has no group of two tasks, only system-prompt hits).
+- **So a smaller budget for some tasks adds prefill instead of saving it**: with prefix
+  caching the large image is paid for once whichever tasks use it. Against running every
+  task at the largest budget, two groups cost 1.31x the prompt tokens and three 1.46x; in
+  CPU time per task (less disturbed by the load than throughput) 3.85 s and 4.48 s against
+  3.34 s, 1.15x and 1.34x. Every task at 280: 2.43 s.
+- **What a smaller budget does save is per generated token**: decoding attends over fewer
+  image tokens (280 fewer here for caption and detect). The bench answers are short
+  (24-192 tokens), so that is small next to a second prefill; long answers against a large
+  image, or an accelerator on which prefill is cheap next to decode, move the balance.
+- **Rule for a job**: when one task needs a larger image, raise the job's budget
+  (`--vision_tokens`) rather than splitting the tasks over budgets, unless a measurement on
+  the target hardware says otherwise; per-task budgets pay when the tasks run in different
+  jobs, or for a task whose answers are long enough that its decode dominates.
+- **Noise**: the 1-minute load average ranged 3.6 to 23.7 during these runs (other
+  engineers' test suites and benchmarks on the same 2 cores). One configuration's tasks/s
+  differs by up to 1.6x between repeats (three-groups: 0.13 and 0.21 tasks/s), and its
+  ratio to one-280 in the same repeat from 0.38 to 0.86. Read the prompt tokens (exact) and
+  the CPU seconds; tasks/s only as a direction."""

@@ -220,6 +220,7 @@ _BUDGET_COLUMNS = (
     ("prefix groups / image", "prefix_groups_per_image"),
     ("computed prompt tok / image", "computed_prompt_tokens_per_image"),
     ("prefix reuse (in groups)", "prefix_reuse_ratio"),
+    ("CPU s / task", "cpu_s_per_task"),
     ("tasks/s", "tasks_per_s"),
 )
 
