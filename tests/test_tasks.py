@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 
 import jsonschema
 import pytest
@@ -14,22 +15,12 @@ from transforms.engine import EngineSettings
 from transforms.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
 from transforms.parse import DetectionParseError, NoJSONDocument, SchemaMismatch
 from transforms.prompts import THINKING_BUDGET, Sampling
+from transforms import task_file
 from transforms.task_file import TaskFileError, parse_task_file
 from transforms.tasks import JSON_FORMAT, OutputKind, Task, TaskFingerprints, Template, with_overrides
 
-# The issue's own example of a task file.
-ISSUE_EXAMPLE = """
-tasks:
-  - name: invoice
-    instruction: "Extract the invoice number and total."
-    output: json
-    schema: {type: object, properties: {number: {type: string}, total: {type: number}}, required: [number]}
-    max_tokens: 256
-  - name: answer
-    instruction: "Answer briefly: {question}"
-    output: text
-    max_tokens: 64
-"""
+# The issue's own example of a task file, as transforms/task_file.py's docstring shows it (so the documented form is tested).
+ISSUE_EXAMPLE = textwrap.dedent(task_file.__doc__.split("\n\n")[1])
 INVOICE_SCHEMA = {"type": "object", "properties": {"number": {"type": "string"}, "total": {"type": "number"}}, "required": ["number"]}
 SETTINGS = EngineSettings(model_path="/m", engine_args={}, max_in_flight=1, structured_output=True)
 
