@@ -80,6 +80,9 @@ PROFILES: Mapping[str, EngineProfile] = {
             "dtype": "bfloat16",
             # Reproducible sampling across reruns.
             "seed": 0,
+            # No weight-loading progress bar in a local run's log (pipelines/logs.py): vLLM passes
+            # tqdm's `disable=` itself, so TQDM_DISABLE cannot silence it.
+            "use_tqdm_on_load": False,
         },
         # Back-pressure: max_num_seqs plus a margin of waiting requests, so a finished sequence is
         # replaced at the next step while Beam decodes the next image. Measured (pipeline, 90 images):

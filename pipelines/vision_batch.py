@@ -1,6 +1,6 @@
 """Batch OCR, captions and object detection over images and PDFs with Gemma 4 on vLLM.
 
-    python -m pipelines.vision_batch --input 'data/scans/**' --output out/run1 \
+    python -m pipelines.vision_batch --input data/scans --output out/run1 \\
         [--tasks ocr,caption,detect] [--model DIR] [Beam options]
 
 Graph (one stage per module under transforms/):
@@ -9,40 +9,59 @@ Graph (one stage per module under transforms/):
          \\______________\\_________________________\\___________________________\\______________\\_________-> errors/
 
 Every input item ends as result rows (one per task) or error rows, and
-run_summary.json accounts for both.
+run_summary.json accounts for both and states the outcome.
+
+Exit codes (`main`): 0 the run succeeded; 1 it failed (error budget
+exceeded, nothing processed, or the run itself broke); 2 usage error (one
+line, nothing started); 130 interrupted by Ctrl-C (SIGINT); 143 terminated
+(SIGTERM). An interrupted run keeps nothing in --output.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import logging
+import os
+import shutil
+import signal
 import sys
-from typing import Any, Optional, Sequence
+import tempfile
+import time
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import logs, output_safety, summary
 from pipelines.models import resolve_model
-from pipelines.options import JobConfig, VisionBatchOptions
-from pipelines.runner import make_runner
-from pipelines import summary
+from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, split_commas
+from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, engine, incremental, parse, sources
+from schemas.uris import canonical_uri, mask_credentials
+from transforms import decode, engine, incremental, model_staging, parse, sources
+from transforms.progress import PROGRESS
 from transforms.sinks import WriteTable, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
-        config.inputs, config.manifests, config.manifest_column
+        config.inputs, config.manifests, config.manifest_column, config.selection
     )
-    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards)).with_outputs(
+    limit = config.selection.limit
+    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards, limit)).with_outputs(
         decode.ERRORS_TAG, main="units"
     )
+    units = planned.units if limit is None else planned.units | "Limit" >> decode.LimitUnits(limit)
     decoded = (
-        planned.units
+        units
         # Fan page ranges, row groups and tar members out across workers: without
         # it every page of a long PDF is rendered and inferred by the worker that planned it.
         | "FanOutUnits" >> beam.Reshuffle()
@@ -50,7 +69,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             decode.ERRORS_TAG, main="items"
         )
     )
-    done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run)
+    done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run, config.output)
     selected = decoded.items | "SelectTasks" >> beam.ParDo(
         incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
     )
@@ -71,8 +90,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
 
     tallies = (
         files | "TallyFiles" >> beam.Map(summary.tally_file),
-        planned.units | "TallyUnits" >> beam.Map(summary.tally_unit),
-        summary.distinct_sources(planned.units),
+        units | "TallyUnits" >> beam.Map(summary.tally_unit),
+        summary.distinct_sources(units),
         decoded.items | "TallyItems" >> beam.Map(summary.tally_item),
         selected | "TallySelected" >> beam.Map(summary.tally_selected, len(config.tasks)),
         parsed.rows | "TallyResults" >> beam.Map(summary.tally_result),
@@ -86,47 +105,171 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     )
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the job to completion and return the run summary (also written to OUT/run_summary.json)."""
-    options = PipelineOptions(argv)
+def prepare(options: PipelineOptions) -> JobConfig:
+    """Everything between the command line and the graph: output checks, model, settings, warnings.
+
+    The checks that need no model come first, so a mistake is reported in seconds.
+    """
     opts = options.view_as(VisionBatchOptions)
+    output = canonical_uri(opts.output).rstrip("/")
+    warnings = output_safety.check_incremental(output, [canonical_uri(loc) for loc in split_commas(opts.incremental_from)])
+    cleared = output_safety.prepare_output(output, opts.replace_output)
+    if cleared:
+        _LOG.info(mask_credentials(cleared))
+    for warning in warnings:
+        _LOG.warning(mask_credentials(warning))
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
-    if model.is_random:
-        _LOG.warning("=" * 72)
-        _LOG.warning(summary.RANDOM_MODEL_WARNING)
-        _LOG.warning("=" * 72)
-    _LOG.info("run %s: %s -> %s, tasks %s, model %s", config.run.run_id, list(config.inputs), config.output,
-              [t.name for t in config.tasks], config.run.model_id)
+    # This process waits for the run and reports its outcome (exit code) itself; a job nobody
+    # waits for (another runner) fails in its own last step instead.
+    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=tuple(warnings))
 
-    stale = f"{config.output}/{summary.SUMMARY_FILE}"
-    if FileSystems.exists(stale):
-        FileSystems.delete([stale])  # a summary must never describe another run's files
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the job to completion and return the run summary (also written to OUT/run_summary.json).
+
+    Raises UsageError for a mistake in the command line or the output location.
+    """
+    options = parse_args(argv)
+    config = prepare(options)
+    if config.model_is_random:
+        _LOG.warning(summary.RANDOM_MODEL_WARNING)
+    _LOG.info(mask_credentials(
+        f"run {config.run.run_id}: {', '.join(config.inputs + config.manifests)} -> {config.output}, "
+        f"tasks {','.join(t.name for t in config.tasks)}, model {config.run.model_id}"
+    ))
+    PROGRESS.reset()
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, config)
-    state = pipeline.run().wait_until_finish()
+    try:
+        state = pipeline.run().wait_until_finish()
+    finally:
+        PROGRESS.stop()
     written = summary.read_summary(config.output)
     if written is None:
-        raise RuntimeError(f"run ended in state {state} without writing {stale}")
+        raise RuntimeError(f"run ended in state {state} without writing {config.output}/{summary.SUMMARY_FILE}")
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One INFO line per string type hint in our (postponed-annotation) DoFns: noise.
-    logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
-    written = run(argv)
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised in the main thread by the handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> NoReturn:
+    # A second signal while shutting down ends the process at once.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGINT]))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGTERM]))
+    raise Interrupted(signum)
+
+
+def _interrupted_output(argv: Optional[Sequence[str]]) -> Optional[str]:
+    try:
+        return canonical_uri(parse_args(argv).view_as(VisionBatchOptions).output).rstrip("/")
+    except (UsageError, SystemExit):
+        return None
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[str]:
+    """One temporary folder for everything the run puts in the system's temp dir, removed at the end.
+
+    Beam's pipeline folder and vLLM's rendezvous file otherwise stay behind
+    when a run is interrupted. Weights staged from gs:// keep their shared
+    location: they are meant to outlive the run.
+    """
+    os.environ.setdefault("VISION_BATCH_MODEL_DIR", str(model_staging.default_root()))
+    previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    path = tempfile.mkdtemp(prefix="vision-batch-run-")
+    tempfile.tempdir = os.environ["TMPDIR"] = path  # TMPDIR: for worker processes the runner starts
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous_dir
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> NoReturn:
+    """Stop admitting, cancel the engine's work, remove what the run wrote, say so in one line, exit."""
+    name = signal.Signals(signum).name
+    # The run's threads now fail one after another (cancelled requests, failed bundles): their
+    # errors are the expected consequence of stopping, not news.
+    logging.disable(logging.CRITICAL)
+    engine.ENGINES.stop_all(f"run interrupted by {name}")
+    done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0]
+    PROGRESS.stop()
+    removed = "removed its temporary files"
+    if output is not None:
+        try:
+            # The output was empty (or cleared) when the run started: all of it is this run's.
+            output_safety.remove_run_files(output, output_safety.inspect(output).ours)
+            removed += f" and everything it had begun to write under {output}"
+        except Exception as exc:  # noqa: BLE001 - report, still exit with the signal's code
+            removed += f"; could not clean {output} ({exc}): a rerun of the same command clears it"
+    shutil.rmtree(tempdir, ignore_errors=True)
+    line = (
+        f"{PROG}: interrupted by {name} after {time.monotonic() - started:.0f} s ({done}): stopped the engine and "
+        f"{removed}. Nothing of this run is kept (outputs are published only when a run completes); "
+        f"rerun the same command to start over."
+    )
+    print(mask_credentials(line), file=sys.stderr, flush=True)
+    # Beam's worker threads and vLLM's step loop may still be unwinding: leave without waiting for them.
+    os._exit(EXIT_SIGNAL[signal.Signals(signum)])
+
+
+def _report(written: dict[str, Any]) -> int:
     counts = written["counts"]
     output = written["config"]["output"]
-    print(
-        f"\nrun {written['run_id']} {written['state']} in {written['wall_time_s']} s: "
-        f"{counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows "
-        f"(balanced: {written['accounting']['balanced']})\n"
-        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/{summary.SUMMARY_FILE}"
-    )
-    if "warning" in written:
-        print(f"\nWARNING: {written['warning']}")
-    return 0
+    lines = [
+        f"\nrun {written['run_id']} {written['state']}: {written['state_reason']}",
+        f"  {counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows, "
+        f"{counts['skipped_tasks']} tasks skipped, {written['wall_time_s']} s",
+        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/{summary.SUMMARY_FILE}",
+    ]
+    lines += [f"WARNING: {warning}" for warning in written.get("warnings", [])]
+    print(mask_credentials("\n".join(lines)), flush=True)
+    return EXIT_OK if written["state"] == summary.SUCCEEDED else EXIT_FAILED
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: run, report the outcome, return the exit code (see the module docstring)."""
+    started = time.monotonic()
+    try:
+        options = parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(options.view_as(VisionBatchOptions).log_level, local=is_local(options))
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # The run goes on a thread; this (main) thread only waits, so a signal never lands inside
+    # Beam's or vLLM's code, and the handler can stop the engine and clean up deterministically.
+    with private_tempdir() as tempdir, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="run") as pool:
+        future = pool.submit(run, argv)
+        try:
+            while True:
+                try:
+                    written = future.result(timeout=0.5)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+        except Interrupted as interrupt:
+            _stop(interrupt.signum, started, _interrupted_output(argv), tempdir)
+        except UsageError as exc:
+            print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
+            return EXIT_USAGE
+        except Exception:  # noqa: BLE001 - not a user mistake: the traceback is the report
+            _LOG.exception("run failed")
+            print(f"{PROG}: the run failed (traceback above); a rerun of the same command starts it over", file=sys.stderr)
+            return EXIT_FAILED
+    return _report(written)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from schemas.uris import mask_credentials, without_credentials
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
@@ -40,10 +42,21 @@ class DecodeUnit:
     member: Optional[str] = None  # shard member key ("member" units)
     payload: Optional[bytes] = None  # the member's bytes ("member" units)
     metadata: Optional[str] = None  # JSON carried to the rows (tar sidecars)
+    rows: int = 0  # "parquet" units: rows in the row group (from the footer, at planning)
+    max_items: Optional[int] = None  # --limit: decode at most this many items of the unit
 
     @property
     def is_paged(self) -> bool:
         return self.page_count > 1 or self.kind == "pdf"
+
+    @property
+    def planned_items(self) -> int:
+        """Items the unit holds as far as planning knows (a member or row holding a document counts once)."""
+        if self.kind == "parquet":
+            return self.rows
+        if self.kind == "member":
+            return 1
+        return self.end_page - self.first_page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +64,11 @@ class ItemRef:
     """Identity of one image the model looks at: a file, a page, or a shard member.
 
     `item_id` is stable across runs (derived from URI, page and member only)
-    so results of different runs join on it.
+    so results of different runs join on it. The pipeline's sources stage
+    hands on every location in its canonical spelling (`schemas.uris`:
+    absolute, normalised local paths), so the id does not depend on the
+    working directory or a manifest's spelling; `make` itself removes
+    credentials from URIs, whoever calls it.
     """
 
     item_id: str
@@ -61,6 +78,7 @@ class ItemRef:
 
     @staticmethod
     def make(source_uri: str, page: Optional[int] = None, member: Optional[str] = None) -> "ItemRef":
+        source_uri = without_credentials(source_uri)
         item_id = source_uri
         if member is not None:
             item_id += f"#member={member}"
@@ -125,7 +143,8 @@ class ErrorRecord:
 
     @staticmethod
     def from_exception(ref: ItemRef, stage: str, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
-        message = str(exc) or repr(exc)
+        # Exception texts often quote the location they failed on: never with its credentials.
+        message = mask_credentials(str(exc) or repr(exc))
         return ErrorRecord(ref=ref, stage=stage, error_type=type(exc).__name__, message=message[:2000], **kwargs)
 
 

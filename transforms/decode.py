@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import re
 import threading
 import zlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -297,9 +298,10 @@ def _error(ref: ItemRef, stage: str, exc: BaseException, **kwargs: object) -> pv
 class PlanUnits(beam.DoFn):
     """SourceFile -> DecodeUnits (page ranges, row groups, tar members); refused files -> ErrorRecord."""
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings, max_items: Optional[int] = None):
         self._limits = limits
         self._shards = shards
+        self._max_items = max_items  # --limit: a tar shard is streamed no further than this
 
     def process(self, source: SourceFile) -> Iterator[object]:
         ref = ItemRef.make(source.uri)
@@ -332,7 +334,10 @@ class PlanUnits(beam.DoFn):
             rows = parquet_row_groups(handle, self._shards)
         metrics.count("shards")
         metrics.count("items_planned", sum(rows))
-        return [DecodeUnit(uri=source.uri, kind="parquet", first_page=g, end_page=g + 1, page_count=len(rows)) for g in range(len(rows))]
+        return [
+            DecodeUnit(uri=source.uri, kind="parquet", first_page=g, end_page=g + 1, page_count=len(rows), rows=count)
+            for g, count in enumerate(rows)
+        ]
 
     def _tar_members(self, source: SourceFile) -> Iterator[object]:
         metrics.count("shards")
@@ -340,6 +345,8 @@ class PlanUnits(beam.DoFn):
         with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
             try:
                 for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
+                    if self._max_items is not None and samples >= self._max_items:
+                        break
                     samples += 1
                     ref = ItemRef.make(source.uri, member=sample.key)
                     if sample.image is None:
@@ -366,6 +373,48 @@ class PlanUnits(beam.DoFn):
             yield _error(ItemRef.make(source.uri), "plan", EmptyShard("tar shard holds no files"))
 
 
+def first_items(units: Iterable[DecodeUnit], limit: int) -> list[DecodeUnit]:
+    """The units holding the first `limit` planned items in input order, the last one cut to its share."""
+    kept, remaining = [], limit
+    for unit in sorted(units, key=lambda u: (u.uri, u.first_page, u.member or "")):
+        if remaining <= 0:
+            break
+        share = min(unit.planned_items, remaining)
+        if share > 0:
+            kept.append(dataclasses.replace(unit, max_items=share))
+            remaining -= share
+    return kept
+
+
+class LimitUnits(beam.PTransform):
+    """`--limit N`: only the units of the first N planned items go on to be decoded.
+
+    Sees at most N files (the sources stage keeps the first N) with at most N
+    tar members each, so gathering their units in one place stays small.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self._limit = limit
+
+    def expand(self, units: beam.PCollection) -> beam.PCollection:
+        limit = self._limit
+        return (
+            units
+            | "OneKey" >> beam.Map(lambda unit: (None, unit))
+            | "AllUnits" >> beam.GroupByKey()
+            | "FirstItems" >> beam.FlatMap(lambda keyed: _kept_and_counted(keyed[1], limit))
+        )
+
+
+def _kept_and_counted(units: Iterable[DecodeUnit], limit: int) -> list[DecodeUnit]:
+    units = list(units)
+    kept = first_items(units, limit)
+    # The progress line's "of N planned" counts what will be decoded, not what the files hold.
+    metrics.count("items_planned", sum(u.max_items or 0 for u in kept) - sum(u.planned_items for u in units))
+    return kept
+
+
 class DecodeUnits(beam.DoFn):
     """DecodeUnit -> ImageItem per page; a page, member or row that fails -> ErrorRecord for it only."""
 
@@ -375,11 +424,13 @@ class DecodeUnits(beam.DoFn):
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         if unit.kind == "member":
-            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata)
+            outputs = self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata)
         elif unit.kind == "parquet":
-            yield from self._parquet_items(unit)
+            outputs = self._parquet_items(unit)
         else:
-            yield from self._file_items(unit)
+            outputs = self._file_items(unit)
+        # Each output is one item or one item's error row; --limit stops the unit after its share.
+        yield from itertools.islice(outputs, unit.max_items)
 
     def _file_items(self, unit: DecodeUnit) -> Iterator[object]:
         pages = range(unit.first_page, unit.end_page)

@@ -16,9 +16,12 @@ import hashlib
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import ImageItem, RunInfo
 from transforms import metrics
+from transforms.sinks import SUMMARY_FILE
 
 KEY_COLUMNS = ["content_hash", "task", "model_id", "prompt_version"]
 
@@ -31,22 +34,51 @@ def results_pattern(location: str) -> str:
     return f"{location.rstrip('/')}/results/*.parquet"
 
 
+def run_location(results_file: str) -> str:
+    """`gs://b/nightly/d1/results/part-0.parquet` -> `gs://b/nightly/d1`."""
+    return results_file.rsplit("/results/", 1)[0]
+
+
+class _CompleteRunsOnly(beam.DoFn):
+    """Result files of complete runs only (a run_summary.json beside them), never those under `own`."""
+
+    def __init__(self, own: str):
+        self._own = own
+        self._complete: dict[str, bool] = {}
+
+    def process(self, meta: Any) -> Iterator[str]:
+        if meta.path.startswith(self._own):
+            return
+        location = run_location(meta.path)
+        if location not in self._complete:
+            self._complete[location] = FileSystems.exists(f"{location}/{SUMMARY_FILE}")
+        if self._complete[location]:
+            yield meta.path
+
+
 class ReadDoneKeys(beam.PTransform):
     """Earlier output locations -> digests of their results for this run's model and prompt version.
 
-    A location without results (e.g. yesterday's run failed) contributes nothing.
+    Only complete runs count as history: a location without results (e.g.
+    yesterday's run failed) or without run_summary.json (killed, possibly
+    while publishing, and cleared when rerun) contributes nothing. Files
+    under `output` are never read: a glob such as `gs://b/nightly/*` also
+    matches tonight's own output.
     """
 
-    def __init__(self, locations: Sequence[str], run: RunInfo):
+    def __init__(self, locations: Sequence[str], run: RunInfo, output: str):
         super().__init__()
         self._patterns = [results_pattern(location) for location in locations]
         self._run = run
+        self._own = output.rstrip("/") + "/"
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        run = self._run
+        run, own = self._run, self._own
         return (
             pbegin
             | "EarlierResults" >> beam.Create(self._patterns)
+            | "MatchResults" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+            | "CompleteRuns" >> beam.ParDo(_CompleteRunsOnly(own))
             | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
             | "SameModelAndPrompts" >> beam.Filter(
                 lambda row: row["model_id"] == run.model_id and row["prompt_version"] == run.prompt_version

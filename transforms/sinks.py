@@ -20,6 +20,11 @@ from transforms import metrics
 ROW_GROUP_BYTES = 64 * 2**20
 
 
+# Written last, after both tables are final: an output location holds a complete run exactly
+# when this file is there (pipelines/summary.py writes it; incremental runs and output checks read it).
+SUMMARY_FILE = "run_summary.json"
+
+
 def table_prefix(output: str, table: str) -> str:
     return f"{output}/{table}/part"
 
