@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Iterator, NoReturn, Optional, Sequence
 
@@ -196,14 +197,43 @@ def private_tempdir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Processes started (directly or not) by `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis.
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _terminate_worker_processes() -> None:
+    """The local runner's worker processes (--direct_running_mode=multi_processing) end with the run."""
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> NoReturn:
     """Stop admitting, cancel the engine's work, remove what the run wrote, say so in one line, exit."""
     name = signal.Signals(signum).name
     # The run's threads now fail one after another (cancelled requests, failed bundles): their
     # errors are the expected consequence of stopping, not news.
     logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda _: None
     engine.ENGINES.stop_all(f"run interrupted by {name}")
-    done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0]
+    _terminate_worker_processes()
+    done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0] if PROGRESS.counted else "work in worker processes"
     PROGRESS.stop()
     removed = "removed its temporary files"
     if output is not None:

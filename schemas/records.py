@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from schemas.uris import mask_credentials, without_credentials
+from schemas.uris import canonical_uri, mask_credentials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +64,11 @@ class ItemRef:
     """Identity of one image the model looks at: a file, a page, or a shard member.
 
     `item_id` is stable across runs (derived from URI, page and member only)
-    so results of different runs join on it. The pipeline's sources stage
-    hands on every location in its canonical spelling (`schemas.uris`:
-    absolute, normalised local paths), so the id does not depend on the
-    working directory or a manifest's spelling; `make` itself removes
-    credentials from URIs, whoever calls it.
+    so results of different runs join on it. `make` writes the source in its
+    canonical spelling (`schemas.uris`: absolute, normalised local paths,
+    URIs without credentials), so the id of a file does not depend on the
+    working directory or the spelling it was reached by, in the pipeline's
+    rows and in references built or written by hand alike.
     """
 
     item_id: str
@@ -78,7 +78,7 @@ class ItemRef:
 
     @staticmethod
     def make(source_uri: str, page: Optional[int] = None, member: Optional[str] = None) -> "ItemRef":
-        source_uri = without_credentials(source_uri)
+        source_uri = canonical_uri(source_uri)
         item_id = source_uri
         if member is not None:
             item_id += f"#member={member}"

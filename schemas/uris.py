@@ -43,18 +43,17 @@ def mask_credentials(text: str) -> str:
     return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(rf"\1{MASK}@", text))
 
 
-def without_credentials(location: str) -> str:
-    """A URI without its user-info part and with secret query values masked; local paths unchanged."""
-    if is_uri(location):
-        return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(r"\1", location))
-    return location
-
-
 def canonical_uri(location: str) -> str:
     """The canonical spelling of a file location (see the module docstring). Globs pass through unchanged."""
     if is_uri(location):
-        return without_credentials(location)
+        return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(r"\1", location))
     return os.path.abspath(os.path.expanduser(location))
+
+
+def canonical_item_id(item_id: str) -> str:
+    """An item id written by hand (`scans/a.tiff#page=1`) in the spelling `ItemRef.make` gives it."""
+    location, sep, suffix = item_id.partition("#")
+    return canonical_uri(location) + sep + suffix
 
 
 def resolve_relative(entry: str, base_dir: str) -> str:

@@ -52,6 +52,11 @@ class Progress:
                 else:
                     self._counts[name] = self._counts.get(name, 0) + amount
 
+    @property
+    def counted(self) -> bool:
+        """Whether this process saw any work (not so in the launching process of a multi-process run)."""
+        return self._started is not None
+
     def line(self) -> str:
         with self._lock:
             counts, errors, started = dict(self._counts), self._errors, self._started
