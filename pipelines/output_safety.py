@@ -29,9 +29,10 @@ from typing import Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import UsageError
-from schemas.uris import canonical_uri
+from pipelines.options import UsageError, VisionBatchOptions, split_commas
+from schemas.uris import canonical_uri, mask_credentials
 from transforms.incremental import results_pattern, run_location
 from transforms.sinks import SUMMARY_FILE
 
@@ -150,3 +151,20 @@ def check_incremental(output: str, locations: Sequence[str]) -> list[str]:
                 f"--incremental_from {location} holds no complete earlier run: nothing is skipped on its account"
             )
     return warnings
+
+
+def guard(options: PipelineOptions) -> tuple[str, ...]:
+    """All launch-time checks of --output and --incremental_from; returns the warnings for the summary.
+
+    Called before a job starts, wherever it is launched from (pipelines.vision_batch,
+    the Dataflow launcher), so a relaunched nightly job clears its killed attempt the same way.
+    """
+    opts = options.view_as(VisionBatchOptions)
+    output = canonical_uri(opts.output).rstrip("/")
+    warnings = check_incremental(output, [canonical_uri(location) for location in split_commas(opts.incremental_from)])
+    cleared = prepare_output(output, opts.replace_output)
+    if cleared:
+        _LOG.info(mask_credentials(cleared))
+    for warning in warnings:
+        _LOG.warning(mask_credentials(warning))
+    return tuple(warnings)

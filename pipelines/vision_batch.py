@@ -37,7 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import logs, output_safety, summary
 from pipelines.models import resolve_model
-from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, split_commas
+from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args
 from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from schemas.uris import canonical_uri, mask_credentials
@@ -111,19 +111,13 @@ def prepare(options: PipelineOptions) -> JobConfig:
 
     The checks that need no model come first, so a mistake is reported in seconds.
     """
+    warnings = output_safety.guard(options)
     opts = options.view_as(VisionBatchOptions)
-    output = canonical_uri(opts.output).rstrip("/")
-    warnings = output_safety.check_incremental(output, [canonical_uri(loc) for loc in split_commas(opts.incremental_from)])
-    cleared = output_safety.prepare_output(output, opts.replace_output)
-    if cleared:
-        _LOG.info(mask_credentials(cleared))
-    for warning in warnings:
-        _LOG.warning(mask_credentials(warning))
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
     # This process waits for the run and reports its outcome (exit code) itself; a job nobody
     # waits for (another runner) fails in its own last step instead.
-    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=tuple(warnings))
+    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=warnings)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -233,3 +233,4 @@ def test_a_password_in_a_uri_is_never_written(cli, tmp_path, capsys):
     for text in [*written, (tmp_path / "r.html").read_bytes(), printed.out.encode(), printed.err.encode()]:
         assert secret.encode() not in text
     assert b"***" in (out / "run_summary.json").read_bytes()
+    assert " apache_beam." in printed.err  # --log_level INFO: every library's lines, with their logger names

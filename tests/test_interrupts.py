@@ -91,6 +91,11 @@ def test_an_interrupted_run_exits_with_the_signals_code_and_leaves_nothing(tmp_p
     assert "stopped the engine" in last and "Nothing of this run is kept" in last
     assert files_under(out) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # Beam's pipeline folder, vLLM's rendezvous file: gone
+    # The default log: this pipeline's own lines only (vLLM's start-up warnings, torch's notices, progress bars
+    # all filtered), the first progress line within seconds of the engine being up.
+    ours = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING) (run |starting the vLLM engine|vLLM engine for .* ready"
+                      r"|progress: |The model is the project's tiny RANDOM|built tiny-dense checkpoint)")
+    assert [line for line in before + after[:-1] if line.strip() and not ours.match(line)] == []
 
 
 def test_a_killed_nightly_run_leaves_nothing_complete_and_its_rerun_writes_exactly_the_rest(tmp_path, private_model_cache):
