@@ -316,9 +316,13 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "Default" in text or "Required" in text or default is None or default is False or default in ("", argparse.SUPPRESS):
+        if "Default" in text or "Required" in text or default is argparse.SUPPRESS:
             return text
-        return f"{text} (default: {action.default})"
+        if default is None or default == "":
+            return f"{text} (default: none)"
+        if default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: {default})"
 
 
 def _beam_option_classes() -> list[type[PipelineOptions]]:

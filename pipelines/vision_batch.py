@@ -50,6 +50,10 @@ _LOG = logging.getLogger("vision_batch")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 
+# The --output this process's run has checked and may write to. Only it is cleaned when the run is
+# interrupted: a signal during the check itself must not touch an earlier run's files.
+_claimed_output: Optional[str] = None
+
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Attach the whole graph for `config` to `pipeline`."""
@@ -111,8 +115,10 @@ def prepare(options: PipelineOptions) -> JobConfig:
 
     The checks that need no model come first, so a mistake is reported in seconds.
     """
+    global _claimed_output
     warnings = output_safety.guard(options)
     opts = options.view_as(VisionBatchOptions)
+    _claimed_output = canonical_uri(opts.output).rstrip("/")
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(options, model.path, model.model_id, model.is_random)
     # This process waits for the run and reports its outcome (exit code) itself; a job nobody
@@ -159,13 +165,6 @@ def _raise_interrupted(signum: int, _frame: Any) -> NoReturn:
     signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGINT]))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGTERM]))
     raise Interrupted(signum)
-
-
-def _interrupted_output(argv: Optional[Sequence[str]]) -> Optional[str]:
-    try:
-        return canonical_uri(parse_args(argv).view_as(VisionBatchOptions).output).rstrip("/")
-    except (UsageError, SystemExit):
-        return None
 
 
 @contextlib.contextmanager
@@ -230,7 +229,7 @@ def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> N
     done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0] if PROGRESS.counted else "work in worker processes"
     PROGRESS.stop()
     removed = "removed its temporary files"
-    if output is not None:
+    if output is not None:  # None: interrupted before --output was checked, which is then left as it was
         try:
             # The output was empty (or cleared) when the run started: all of it is this run's.
             output_safety.remove_run_files(output, output_safety.inspect(output).ours)
@@ -264,7 +263,8 @@ def _report(written: dict[str, Any]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: run, report the outcome, return the exit code (see the module docstring)."""
-    started = time.monotonic()
+    global _claimed_output
+    started, _claimed_output = time.monotonic(), None
     try:
         options = parse_args(argv)
     except UsageError as exc:
@@ -285,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except concurrent.futures.TimeoutError:
                     continue
         except Interrupted as interrupt:
-            _stop(interrupt.signum, started, _interrupted_output(argv), tempdir)
+            _stop(interrupt.signum, started, _claimed_output, tempdir)
         except UsageError as exc:
             print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
             return EXIT_USAGE

@@ -5,7 +5,9 @@ The convention it enforces is described in docs/docs-check.md:
 - ```bash blocks are commands. Each is run with `bash -euo pipefail` in a
   scratch copy of the repository (tracked files plus new ones, `.venv/bin`
   first on PATH as after `source .venv/bin/activate`), blocks of one file in
-  document order, so a later block may use an earlier block's output.
+  document order, so a later block may use an earlier block's output. A line
+  that is only a pipeline command runs through `pipelines.vision_batch.main`
+  in this process instead, sharing one engine (see `steps`).
   `timeout=N` in the info string overrides the default per-block timeout.
 - ```bash not-run: REASON blocks are not run (Google Cloud, docker, the CI
   entry point itself). The reason is required. Their pipeline commands are
@@ -22,6 +24,7 @@ The convention it enforces is described in docs/docs-check.md:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -217,19 +220,118 @@ def run_file(path: pathlib.Path, root: pathlib.Path = REPO, keep: bool = False) 
     return outcomes
 
 
-def _run(block: Block, cwd: pathlib.Path, env: dict[str, str]) -> Outcome:
-    script = cwd / f".docs-check-{block.line}.sh"
-    script.write_text("set -euo pipefail\n" + block.text + "\n")
-    started = time.monotonic()
+_SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "<<", "(", ")"}
+_PIPELINE = ("-m", "pipelines.vision_batch")
+
+
+def steps(text: str) -> list[tuple[str, object]]:
+    """A block as steps: ("pipeline", argv) for a pipeline command alone on its line, ("bash", script) for the rest.
+
+    Consecutive other lines stay together in one bash script, so shell state
+    (variables, `cd`) carries from one line to the next as a reader expects.
+    """
+    found: list[tuple[str, object]] = []
+    pending: list[str] = []
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        argv = _pipeline_argv(line)
+        if argv is None:
+            pending.append(line)
+            continue
+        if any(l.strip() for l in pending):
+            found.append(("bash", "\n".join(pending)))
+        pending = []
+        found.append(("pipeline", argv))
+    if any(l.strip() for l in pending):
+        found.append(("bash", "\n".join(pending)))
+    return found
+
+
+def _pipeline_argv(line: str) -> Optional[list[str]]:
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
     try:
-        done = subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=block.timeout_s)
+        words = list(lexer)
+    except ValueError:
+        return None
+    if len(words) < 3 or pathlib.Path(words[0]).name not in ("python", "python3") or tuple(words[1:3]) != _PIPELINE:
+        return None
+    if _SHELL_OPERATORS.intersection(words) or any("$" in w or "`" in w for w in words):
+        return None
+    return words[3:]
+
+
+def _run(block: Block, cwd: pathlib.Path, env: dict[str, str]) -> Outcome:
+    started = time.monotonic()
+    output = ""
+    for kind, step in steps(block.text):
+        remaining = block.timeout_s - (time.monotonic() - started)
+        if kind == "pipeline":
+            code, text = _run_pipeline(step, cwd, env)  # type: ignore[arg-type]
+        else:
+            code, text = _run_bash(str(step), cwd, env, remaining)
+        output += text
+        if code != 0:
+            return Outcome(block, "failed", time.monotonic() - started, f"exit code {code}\n{output[-3000:]}")
+    return Outcome(block, "ok", time.monotonic() - started)
+
+
+def _run_bash(script: str, cwd: pathlib.Path, env: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    path = pathlib.Path(tempfile.mkstemp(dir=cwd, prefix=".docs-check-", suffix=".sh")[1])
+    path.write_text("set -euo pipefail\n" + script + "\n")
+    try:
+        done = subprocess.run(["bash", str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=max(timeout_s, 1))
     except subprocess.TimeoutExpired as expired:
-        tail = ((expired.stderr or b"") if isinstance(expired.stderr, bytes) else (expired.stderr or "").encode())[-2000:]
-        return Outcome(block, "failed", time.monotonic() - started, f"timed out after {block.timeout_s} s\n{tail.decode(errors='replace')}")
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        return Outcome(block, "failed", seconds, f"exit code {done.returncode}\n{(done.stdout + done.stderr)[-3000:]}")
-    return Outcome(block, "ok", seconds)
+        text = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+        return 124, f"timed out\n{text}"
+    finally:
+        path.unlink()
+    return done.returncode, done.stdout + done.stderr
+
+
+def _run_pipeline(argv: list[str], cwd: pathlib.Path, env: dict[str, str]) -> tuple[int, str]:
+    """A pipeline command, run through the command line's own `main` in this process.
+
+    Same arguments, same code path, same exit code as the shell would see; what
+    is saved is the process start (importing vLLM, starting an engine: ~20 s
+    each), because every pipeline command of the check shares this process's
+    engine. Process-wide state `main` sets (working directory, environment,
+    logging, signal handlers) is put back afterwards.
+    """
+    import io
+    import logging
+    import signal
+
+    from pipelines import vision_batch
+
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    captured = io.StringIO()
+    os.chdir(cwd)
+    os.environ.update({key: value for key, value in env.items() if key == "PYTHONPATH"})
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            try:
+                code = vision_batch.main(argv)
+            except SystemExit as exit_:  # --help
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        logging.captureWarnings(False)
+    return code, captured.getvalue()
 
 
 def report(outcomes: Sequence[Outcome]) -> str:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -167,6 +168,21 @@ def test_nightly_pattern_skips_earlier_nights_and_never_reads_its_own_output(tmp
     rerun = run_pipeline("--input", str(SAMPLES), "--output", str(d2), *CAPTION, "--incremental_from", f"{nightly}/*")
     assert rerun["state"] == "SUCCEEDED" and rerun["counts"]["skipped_items"] == 3
     assert len(rows(d2)) == 8 - 3 and not list((d2 / "results").glob("beam-temp-*"))
+
+
+def test_results_written_with_as_typed_ids_still_count_as_history(tmp_path):
+    """Result files from before ids were canonical carry the path as typed: incremental runs key on content, not ids."""
+    old = tmp_path / "old"
+    run_pipeline("--input", str(SAMPLES / "receipt.png"), "--output", str(old), *CAPTION)
+    [part] = (old / "results").glob("*.parquet")
+    table = pq.read_table(part)
+    for column in ("item_id", "source_uri"):  # as an older version wrote `--input data/samples/receipt.png`
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(["data/samples/receipt.png"]))
+    pq.write_table(table, part)
+    new = run_pipeline("--input", str(SAMPLES / "receipt.png"), "--output", str(tmp_path / "new"), *CAPTION,
+                       "--incremental_from", str(old))
+    assert new["counts"]["skipped_items"] == 1 and new["counts"]["result_rows"] == 0
+    assert new["state"] == "SUCCEEDED" and new["state_reason"] == "all 1 items were answered by earlier runs (--incremental_from)"
 
 
 # --- inputs as people give them -------------------------------------------------------------------------

@@ -36,7 +36,9 @@ _DONE = re.compile(r"progress: .* (\d+) tasks done")
 def start(tmp_path: pathlib.Path, *args: str) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
     """The command line in its own process, with a private temp dir; stderr lines arrive on the queue."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")}
+    # Without the VLLM_* variables the session's own engine set in this process (a fresh shell has none).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VLLM_")}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(tmp_path / "tmp"))
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.vision_batch", *args, *CAPTION, *SMALL_OUTPUTS, *SLOW, "--progress_interval_s", "1"],
         cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -130,12 +130,13 @@ def test_help_lists_every_option_with_its_default(capsys):
     parser = build_parser()
     ours = [a for a in parser._actions if a.help != "==SUPPRESS==" and a.option_strings[0] not in ("-h", "--help_beam")]
     assert len(ours) == len([a for a in _option_actions() if a.option_strings])
+    formatter = parser._get_formatter()
     for action in ours:
         flag = action.option_strings[0]
         assert flag in text, flag
-        default = action.default
-        if default not in (None, False, ""):
-            assert f"(default: {default})" in text or "Default" in (action.help or ""), flag
+        shown = formatter._get_help_string(action)
+        default = "none" if action.default in (None, "") else "off" if action.default is False else action.default
+        assert f"(default: {default})" in shown or "Default" in shown or "Required" in shown, flag
     assert "--direct_running_mode" not in text and "--help_beam" in text  # Beam's 200 options have their own page
 
 
