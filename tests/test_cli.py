@@ -84,6 +84,10 @@ def test_exit_codes_and_state_per_outcome(cli, tmp_path, capsys):
     assert over["state"] == "FAILED" and over["state_reason"].startswith("error budget exceeded: 1 of 2 task outcomes")
     assert over["error_budget"] == {"max_error_fraction": 0.05, "error_fraction": 0.5, "failed_task_outcomes": 1, "task_outcomes": 2}
     assert "FAILED: error budget exceeded" in capsys.readouterr().out
+    from pipelines import report  # the run report says so too
+
+    assert report.main([str(tmp_path / "over"), "--html", str(tmp_path / "over.html")]) == 0
+    assert "<b>Run failed:</b> error budget exceeded: 1 of 2 task outcomes" in (tmp_path / "over.html").read_text()
     # ... and within a budget that allows it.
     assert cli("--input", str(bad), "--output", str(tmp_path / "within"), *CAPTION, "--max_error_fraction", "0.5") == 0
 
