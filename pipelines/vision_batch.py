@@ -247,6 +247,36 @@ def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> N
     os._exit(EXIT_SIGNAL[signal.Signals(signum)])
 
 
+@contextlib.contextmanager
+def restoring_process_state() -> Iterator[None]:
+    """For calling `main` inside another program (tests, the docs check): puts back what it sets process-wide.
+
+    That is the working directory, the environment, logging (handlers and the levels `logs.configure`
+    sets) and the SIGINT/SIGTERM handlers.
+    """
+    cwd, environment = os.getcwd(), dict(os.environ)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    names = ("", *logs.OUR_LOGGERS, *logs.QUIET_LOGGERS)
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers_of = {signum: signal.getsignal(signum) for signum in EXIT_SIGNAL}
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for signum, handler in handlers_of.items():
+            signal.signal(signum, handler)
+        logging.captureWarnings(False)
+
+
 def _report(written: dict[str, Any]) -> int:
     counts = written["counts"]
     output = written["config"]["output"]

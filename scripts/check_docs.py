@@ -298,39 +298,18 @@ def _run_pipeline(argv: list[str], cwd: pathlib.Path, env: dict[str, str]) -> tu
     logging, signal handlers) is put back afterwards.
     """
     import io
-    import logging
-    import signal
 
     from pipelines import vision_batch
 
-    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
-    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     captured = io.StringIO()
-    os.chdir(cwd)
-    os.environ.update({key: value for key, value in env.items() if key == "PYTHONPATH"})
-    try:
+    with vision_batch.restoring_process_state():
+        os.chdir(cwd)
+        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             try:
                 code = vision_batch.main(argv)
             except SystemExit as exit_:  # --help
                 code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-        for name, level in saved_levels.items():
-            logging.getLogger(name).setLevel(level)
-        for signum, handler in saved_signals.items():
-            signal.signal(signum, handler)
-        logging.captureWarnings(False)
     return code, captured.getvalue()
 
 

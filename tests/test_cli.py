@@ -7,11 +7,9 @@ covers what only a real process shows (signals, SIGKILL).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -22,36 +20,19 @@ import pytest
 from pipelines import vision_batch
 from pipelines.options import UsageError
 from tests.conftest import REPO, SAMPLES, SMALL_OUTPUTS, copy_samples, run_pipeline
-from tests.test_pipeline_e2e import fresh_images
 
 CAPTION = ["--tasks", "caption"]
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """Call `main` as the command line does, leaving this process's logging, signals and temp dir as they were."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    ours = {name: logging.getLogger(name).level for name in ("vision_batch", "pipelines", "transforms", "launch", "torch._library.triton")}
-    handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for name in ("VLLM_CONFIGURE_LOGGING", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
-                 "TORCH_CPP_LOG_LEVEL", "VISION_BATCH_MODEL_DIR"):
-        monkeypatch.delenv(name, raising=False)
+def cli():
+    """Call `main` as the command line does, leaving this process's logging, signals and environment as they were."""
 
     def main(*args: str) -> int:
-        return vision_batch.main([*args, *SMALL_OUTPUTS])
+        with vision_batch.restoring_process_state():
+            return vision_batch.main([*args, *SMALL_OUTPUTS])
 
-    yield main
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    for name, value in ours.items():
-        logging.getLogger(name).setLevel(value)
-    for signum, handler in handlers_before.items():
-        signal.signal(signum, handler)
-    logging.captureWarnings(False)
+    return main
 
 
 def summary_of(out: pathlib.Path) -> dict:
