@@ -39,7 +39,7 @@ import time
 from typing import Iterator, Optional, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 600  # a hang (a network wait) fails; a slow, shared CI box does not
 _FENCE = re.compile(r"^(\s*)```(.*)$")
 REFUSED_LANGUAGES = {"sh", "shell", "console", "zsh", "shell-session"}
 # Google Cloud naming rules, so a copied command fails on the user's resources, not on the name.
