@@ -28,6 +28,7 @@ from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 from launch import image
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
+from pipelines.output_safety import guard
 from pipelines.vision_batch import build_pipeline
 from transforms.model_staging import is_remote
 
@@ -61,6 +62,8 @@ def build(argv: Sequence[str], check_model: bool = True) -> tuple[beam.Pipeline,
     if runner not in (None, "DataflowRunner"):  # the flex template launcher may leave it unset
         raise ValueError(f"this entry point submits to Dataflow; got --runner={runner}")
     config = job_config(options, check_model)
+    if check_model:  # a real launch (not an offline dry run): --output is checked and an unfinished run cleared
+        config = dataclasses.replace(config, warnings=guard(options))
     pipeline = beam.Pipeline(runner=DataflowRunner(), options=options)
     build_pipeline(pipeline, config)
     return pipeline, config

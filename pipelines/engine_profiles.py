@@ -170,6 +170,9 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     "dtype": "bfloat16",
     # Reproducible sampling across reruns.
     "seed": 0,
+    # No weight-loading progress bar in a local run's log (pipelines/logs.py): vLLM passes
+    # tqdm's `disable=` itself, so TQDM_DISABLE cannot silence it.
+    "use_tqdm_on_load": False,
 }
 _CPU_ENVIRONMENT: Mapping[str, str] = {
     # oneDNN caches a JIT-compiled kernel per matmul shape, and every step has its own token

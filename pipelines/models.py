@@ -13,6 +13,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.options import UsageError
 from transforms.model_staging import is_remote
 
 _LOG = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def resolve_model(model: Optional[str], model_id: Optional[str], tiny_preset: st
         # Workers copy it to local disk once each (transforms/model_staging.py); check it now,
         # so a wrong path fails at launch rather than on every worker.
         if not FileSystems.exists(model.rstrip("/") + "/config.json"):
-            raise ValueError(f"--model {model!r} holds no config.json: not a Hugging Face checkpoint")
+            raise UsageError(f"--model {model}: no config.json there: not a Hugging Face checkpoint")
         return ModelChoice(path=model.rstrip("/"), model_id=model_id or model.rstrip("/"), is_random=False)
     if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "config.json")):
-        raise ValueError(f"--model {model!r} is not a Hugging Face checkpoint directory (no config.json)")
+        raise UsageError(f"--model {model}: not a Hugging Face checkpoint directory (no config.json)")
     return ModelChoice(path=os.path.abspath(model), model_id=model_id or model.rstrip("/"), is_random=False)

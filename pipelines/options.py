@@ -1,160 +1,264 @@
 """Pipeline options: the user-facing configuration, in one place.
 
-Beam parses these beside its own options (runner, workers, ...), so one
-command line configures both, and Dataflow shows them in the job page.
-`JobConfig.from_options` turns them into the typed settings each stage takes.
+Beam parses these beside its own options (runner, workers, Dataflow ...), so
+one command line configures both, and Dataflow shows them in the job page.
+`parse_args` is the strict front door of the command line: Beam's own
+`PipelineOptions` drops arguments it does not know (with a warning among
+the log lines), so a misspelt `--max_token` would silently run with the
+default. Here every option of every registered `PipelineOptions` class,
+ours and Beam's, is declared on one parser (Beam's own mechanism:
+`_add_argparse_args` of each subclass, as `PipelineOptions.get_all_options`
+does), anything else is refused with a "did you mean", and values are
+checked before anything runs (the task file is read and validated too).
+`JobConfig.from_options` turns the options into the typed settings each
+stage takes. Every mistake in them is a `UsageError`.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import datetime
+import difflib
 import json
+import math
+import sys
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipelines import engine_profiles
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
+from schemas.uris import canonical_uri
 from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
 from transforms.formats import DecodeLimits
 from transforms.prompts import VISION_TOKEN_BUDGETS, prompt_version
 from transforms.shards import ShardSettings
+from transforms.sources import InputSelection
 from transforms.storage import RetryBudget
 from transforms.task_file import load_task_file
 from transforms.tasks import OutputKind, Task, with_overrides
 
+PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
 _DEFAULT_RETRY = RetryBudget()
 # The image budget Gemma 4's processor uses when a request sets none and the checkpoint does not say
 # (transformers Gemma4ImageProcessor max_soft_tokens default; FIELD-NOTES "Gemma 4 prompts").
 GEMMA4_DEFAULT_VISION_TOKENS = 280
+# A few corrupt inputs per hundred are normal in a nightly feed; more usually means a systematic
+# problem (a wrong glob, a misconfigured model or engine) that a scheduler should alert on.
+DEFAULT_MAX_ERROR_FRACTION = 0.05
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class UsageError(ValueError):
+    """A mistake in how the job was asked for: reported as one line, exit code 2, no traceback."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """ValueErrors of the settings' own checks (task file, engine profile, retry budget) as UsageErrors."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:  # TaskFileError, CheckpointRefused, ... : the message already names the option
+        raise UsageError(str(exc)) from exc
+
+
+def parse_bool(text: str) -> bool:
+    """Flag values for flex templates, which pass every parameter as `--name=value`."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_flag(group: Any, name: str, help_text: str) -> None:
+    """`--name` alone means true; `--name=false` is accepted too (flex template parameters)."""
+    group.add_argument(name, type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL", help=help_text)
 
 
 class VisionBatchOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
-        group = parser.add_argument_group("vision batch")
-        group.add_argument(
+        inputs = parser.add_argument_group("inputs")
+        inputs.add_argument(
             "--input", dest="input", action="append",
-            help="Glob of input files (local path or gs:// URI); repeat for several. Images and PDFs.",
+            help="Files to read: a folder (its files, recursively), a glob (*, **, ?, [...]) or one file; local "
+                 "or gs://. Quote globs so the shell does not expand them. Repeatable.",
         )
-        group.add_argument(
+        inputs.add_argument(
             "--manifest", dest="manifest", action="append", default=None,
             help="File listing inputs, one URI per entry: text (one per line), CSV or Parquet "
-                 "(column --manifest_column). Relative entries are relative to the manifest. "
-                 "Repeatable, or comma-separated.",
+                 "(column --manifest_column; a row's other columns become the item's metadata). Relative "
+                 "entries are relative to the manifest. Repeatable, or comma-separated.",
         )
-        group.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
-        group.add_argument("--output", help="Output location: results/, errors/ and run_summary.json go under it.")
-        group.add_argument(
+        inputs.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
+        inputs.add_argument(
+            "--include", dest="include", action="append", default=None, metavar="PATTERN",
+            help="Keep only files of folders and globs matching a pattern: a file name pattern (*.pdf) or, with "
+                 "a '/', a path relative to the folder or the glob's fixed part (2026/*/*.png). Repeatable or "
+                 "comma-separated. Default: every file.",
+        )
+        inputs.add_argument(
+            "--exclude", dest="exclude", action="append", default=None, metavar="PATTERN",
+            help="Drop files of folders and globs matching a pattern (same forms as --include), e.g. '*.txt'. "
+                 "Repeatable or comma-separated.",
+        )
+        _add_flag(
+            inputs, "--include_hidden",
+            "Also read hidden files and folders (names starting with '.', e.g. .DS_Store, .git/) of folders and globs.",
+        )
+        inputs.add_argument(
+            "--limit", type=int, default=None, metavar="N",
+            help="Process at most N items (images or pages), the first in input order: for a trial run. "
+                 "Default: all.",
+        )
+        inputs.add_argument(
+            "--incremental_from", dest="incremental_from", action="append", default=None,
+            help="Earlier output location; (content, task, model, prompt version, task fingerprint) pairs its "
+                 "complete runs already answered are skipped. Globs allowed (e.g. gs://b/nightly/*); --output "
+                 "itself is never read. Repeatable, or comma-separated. A location without a complete run is a warning.",
+        )
+        inputs.add_argument(
+            "--parquet_id_column", default=ShardSettings.parquet_id_column,
+            help="Parquet shards: column naming each row (the row number when absent).",
+        )
+        inputs.add_argument(
+            "--parquet_bytes_column", default=ShardSettings.parquet_bytes_column,
+            help="Parquet shards: column holding the image/PDF bytes (binary, or a struct with a 'bytes' field).",
+        )
+        inputs.add_argument(
+            "--parquet_passthrough_columns", default="",
+            help="Parquet shards: comma-separated columns copied into each row's metadata JSON.",
+        )
+
+        outputs = parser.add_argument_group("outputs and outcome")
+        outputs.add_argument(
+            "--output",
+            help="Output folder (local or gs://): results/, errors/ and run_summary.json go under it. Must be new "
+                 "or empty, or hold an unfinished run (its leftovers are removed). Required.",
+        )
+        _add_flag(
+            outputs, "--replace_output",
+            "Delete the finished run already in --output before writing (without it such an --output is refused).",
+        )
+        outputs.add_argument(
+            "--max_error_fraction", type=float, default=DEFAULT_MAX_ERROR_FRACTION, metavar="F",
+            help="Error budget: the run fails (exit code 1, state FAILED) when more than this fraction of its task "
+                 "outcomes are errors (an item that fails before the engine counts for all its tasks).",
+        )
+        outputs.add_argument(
             "--num_output_shards", type=int, default=0,
             help="Files per output table; 0 lets the runner write one per bundle. Set it for large runs "
                  "whose downstream readers prefer a fixed file count (aim for 100 MB - 1 GB per file).",
         )
-        group.add_argument(
-            "--incremental_from", dest="incremental_from", action="append", default=None,
-            help="Earlier output location; (content, task, model, prompt version) pairs it already answered "
-                 "are skipped. Globs allowed (e.g. gs://b/nightly/*). Repeatable, or comma-separated. "
-                 "Locations without results are ignored.",
+        outputs.add_argument("--run_id", default=None, help="Run identifier written to every row. Default: UTC time + random suffix.")
+        outputs.add_argument(
+            "--log_level", default=None, choices=LOG_LEVELS,
+            help="Log everything at this level (Beam, vLLM, ...). Default: this pipeline's own lines only, "
+                 "vLLM's warnings minus known harmless ones (local runs; Dataflow keeps its full logs).",
         )
-        group.add_argument(
-            "--parquet_id_column", default=ShardSettings.parquet_id_column,
-            help="Parquet shards: column naming each row (default: row number when absent).",
+        outputs.add_argument(
+            "--progress_interval_s", type=float, default=30.0,
+            help="Seconds between progress lines per worker process, the first after a few seconds (0: none).",
         )
-        group.add_argument(
-            "--parquet_bytes_column", default=ShardSettings.parquet_bytes_column,
-            help="Parquet shards: column holding the image/PDF bytes (binary, or a struct with a 'bytes' field).",
-        )
-        group.add_argument(
-            "--parquet_passthrough_columns", default="",
-            help="Parquet shards: comma-separated columns copied into each row's metadata JSON.",
-        )
-        group.add_argument(
+
+        model = parser.add_argument_group("tasks and model")
+        model.add_argument(
             "--tasks", default=None,
-            help=f"Comma-separated tasks to run: built-in ({','.join(BUILTIN_TASKS)}) and --task_file's. "
+            help=f"Comma-separated tasks to run: built-in ({', '.join(BUILTIN_TASKS)}) and --task_file's. "
                  f"Default: the task file's tasks, else {','.join(DEFAULT_TASKS)}.",
         )
-        group.add_argument(
+        model.add_argument(
             "--task_file", default=None,
             help="YAML or JSON file of your own tasks (local or gs://): name, instruction with {placeholders} "
                  "filled from each item's metadata, output text|boxes|json (json with a JSON Schema), "
                  "max_tokens, sampling, vision_tokens. See README 'Your own tasks'.",
         )
-        group.add_argument(
-            "--model", default=None,
-            help="Hugging Face-format Gemma 4 checkpoint directory. Default: the project's tiny "
-                 "random-weight checkpoint (outputs are random; for tests and demos only).",
-        )
-        group.add_argument(
-            "--model_id", default=None,
-            help="Model name written to every row and used in incremental-run keys (default: --model as given).",
-        )
-        group.add_argument(
-            "--tiny_preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-            help="Which tiny random-weight checkpoint the default model uses: one per Gemma 4 architecture "
-                 "(pipelines/tiny_checkpoint.py).",
-        )
-        group.add_argument(
-            "--engine_profile", default="cpu-tiny", choices=sorted(engine_profiles.PROFILES),
-            help="Named vLLM engine profile (see pipelines/engine_profiles.py).",
-        )
-        group.add_argument(
-            "--engine_arg", dest="engine_arg", action="append", default=None, metavar="KEY=VALUE",
-            help="Override one vLLM engine argument of the profile; VALUE is JSON or a plain string. Repeatable.",
-        )
-        group.add_argument(
-            "--structured_output", default="profile", choices=["profile", "on", "off"],
-            help="Constrain detection JSON with a schema: the profile's choice (TPU: off), or force it.",
-        )
-        group.add_argument(
-            "--xla_cache_path", default=None,
-            help="Persistent XLA compile cache (local or gs:// directory), exported to each worker's engine as "
-                 "VLLM_XLA_CACHE_PATH. TPU: saves a ~30-minute compile per worker once filled (launch/ sets it).",
-        )
-        group.add_argument("--max_in_flight", type=int, default=None, help="Override the profile's in-flight request limit.")
-        group.add_argument(
-            "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
-            help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's, "
-                 "else the checkpoint's.",
-        )
-        group.add_argument(
-            "--thinking", default="off", choices=["off", "on"],
-            help="Gemma 4 thinking mode: the model reasons before answering; the thought goes to the results' "
-                 "thought column and each task gets extra output tokens for it. Slower and costlier.",
-        )
-        group.add_argument(
+        model.add_argument(
             "--max_tokens", dest="max_tokens", action="append", default=None, metavar="TASK=N",
-            help="Override a task's output token limit, e.g. ocr=512 (or ocr=512,caption=64). Repeatable.",
+            help="Override a task's output token limit, e.g. ocr=512 (or ocr=512,caption=64). Repeatable. Default: "
+                 + ", ".join(f"{name} {task.max_tokens}" for name, task in BUILTIN_TASKS.items())
+                 + "; a task file's own (512 when it gives none).",
         )
-        group.add_argument(
+        model.add_argument(
             "--task_vision_tokens", dest="task_vision_tokens", action="append", default=None, metavar="TASK=N",
             help="A task's own image budget (70/140/280/560/1120), e.g. ocr=1120,caption=140; tasks without one "
                  "use --vision_tokens. Tasks of an image with different budgets do not share its prefix. Repeatable.",
         )
-        group.add_argument("--pdf_dpi", type=float, default=_DEFAULT_LIMITS.pdf_dpi, help="PDF render resolution.")
-        group.add_argument(
+        model.add_argument(
+            "--thinking", default="off", choices=["off", "on"],
+            help="Gemma 4 thinking mode: the model reasons before answering; the thought goes to the results' "
+                 "thought column and each task gets extra output tokens for it. Slower and costlier.",
+        )
+        model.add_argument(
+            "--model", default=None,
+            help="Hugging Face-format Gemma 4 checkpoint: local directory or gs:// prefix. Default: the project's "
+                 "tiny random-weight checkpoint (outputs are random; for tests and demos only).",
+        )
+        model.add_argument(
+            "--model_id", default=None,
+            help="Model name written to every row and used in incremental-run keys. Default: --model as given.",
+        )
+        model.add_argument(
+            "--tiny_preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+            help="Which tiny random-weight checkpoint the default model uses: one per Gemma 4 architecture "
+                 "(pipelines/tiny_checkpoint.py).",
+        )
+
+        engine = parser.add_argument_group("engine")
+        engine.add_argument(
+            "--engine_profile", default="cpu-tiny", choices=sorted(engine_profiles.PROFILES),
+            help="Named vLLM engine profile (see pipelines/engine_profiles.py).",
+        )
+        engine.add_argument(
+            "--engine_arg", dest="engine_arg", action="append", default=None, metavar="KEY=VALUE",
+            help="Override one vLLM engine argument of the profile; VALUE is JSON or a plain string. Repeatable.",
+        )
+        engine.add_argument(
+            "--structured_output", default="profile", choices=["profile", "on", "off"],
+            help="Constrain boxes and json answers to their schema: the profile's choice (TPU: off), or force it.",
+        )
+        engine.add_argument(
+            "--xla_cache_path", default=None,
+            help="Persistent XLA compile cache (local or gs:// directory), exported to each worker's engine as "
+                 "VLLM_XLA_CACHE_PATH. TPU: saves a ~30-minute compile per worker once filled (launch/ sets it).",
+        )
+        engine.add_argument(
+            "--max_in_flight", type=int, default=None,
+            help="Requests admitted to the engine per worker process (back-pressure). Default: the profile's.",
+        )
+        engine.add_argument(
+            "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
+            help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's, "
+                 "else the checkpoint's.",
+        )
+
+        decoding = parser.add_argument_group("decoding limits")
+        decoding.add_argument("--pdf_dpi", type=float, default=_DEFAULT_LIMITS.pdf_dpi, help="PDF render resolution.")
+        decoding.add_argument(
             "--pages_per_unit", type=int, default=_DEFAULT_LIMITS.pages_per_unit,
             help="Pages of one document decoded together before fanning out.",
         )
-        group.add_argument("--max_pages", type=int, default=_DEFAULT_LIMITS.max_pages, help="Documents with more pages become an error row.")
-        group.add_argument("--max_file_bytes", type=int, default=_DEFAULT_LIMITS.max_file_bytes, help="Larger files become an error row.")
-        group.add_argument(
+        decoding.add_argument("--max_pages", type=int, default=_DEFAULT_LIMITS.max_pages, help="Documents with more pages become an error row.")
+        decoding.add_argument("--max_file_bytes", type=int, default=_DEFAULT_LIMITS.max_file_bytes, help="Larger files become an error row.")
+        decoding.add_argument(
             "--max_image_pixels", type=int, default=_DEFAULT_LIMITS.max_image_pixels,
             help="Images/pages with more pixels become an error row (decompression-bomb guard).",
         )
-        group.add_argument(
+        decoding.add_argument(
             "--max_image_side", type=int, default=_DEFAULT_LIMITS.max_side,
             help="Images are downscaled to this longest side before the engine.",
         )
-        group.add_argument(
-            "--progress_interval_s", type=float, default=30.0,
-            help="Seconds between progress lines per worker process (0: none).",
-        )
-        group.add_argument("--run_id", default=None, help="Run identifier written to every row (default: UTC time + random suffix).")
+
         _add_storage_retry_args(parser.add_argument_group("storage retries (gs://)"))
 
 
@@ -185,7 +289,7 @@ def parse_key_values(pairs: Optional[Sequence[str]], what: str) -> dict[str, str
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{what} must look like KEY=VALUE, got {pair!r}")
         result[key.strip()] = value.strip()
     return result
 
@@ -202,22 +306,34 @@ def parse_engine_args(pairs: Optional[Sequence[str]]) -> dict[str, Any]:
     return {key: parse_json_value(value) for key, value in parse_key_values(pairs, "--engine_arg").items()}
 
 
-def _task_limits(values: Optional[Sequence[str]], option: str, known: set[str]) -> dict[str, int]:
-    """`TASK=N` pairs of a per-task option, for tasks that exist."""
-    pairs = parse_key_values(split_commas(values), option)
-    unknown = sorted(set(pairs) - known)
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {hint[0]}?" if hint else ""
+
+
+def _check_task_names(option: str, shown: str, names: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"{option} names unknown task(s) {unknown}; tasks are {sorted(known)}")
-    try:
-        return {task: int(value) for task, value in pairs.items()}
-    except ValueError:
-        raise ValueError(f"{option} values are whole numbers, got {values}") from None
+        raise UsageError(
+            f"{option} {shown}: unknown task {unknown[0]!r}; choose from {', '.join(known)}"
+            + _did_you_mean(unknown[0], known)
+        )
+
+
+def _task_limits(values: Optional[Sequence[str]], option: str, known: Sequence[str], meaning: str) -> dict[str, int]:
+    """`TASK=N` pairs of a per-task option, for tasks that exist, N a positive whole number."""
+    pairs = parse_key_values(split_commas(values), option)
+    _check_task_names(option, ",".join(f"{task}={n}" for task, n in pairs.items()), list(pairs), known)
+    for task, count in pairs.items():
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"{option} {task}={count}: N must be {meaning}")
+    return {task: int(count) for task, count in pairs.items()}
 
 
 def resolve_tasks(
     opts: "VisionBatchOptions", vision_tokens: Optional[int], checkpoint: Optional[CheckpointShape], thinking: bool
 ) -> tuple[tuple[Task, ...], Optional[int]]:
-    """The job's tasks with their overrides, and the job's image budget.
+    """The job's tasks with their overrides, and the job's image budget; UsageError for a mistake.
 
     Tasks with their own image budget (a task file's `vision_tokens`,
     `--task_vision_tokens`) get requests with that budget; the others the
@@ -225,13 +341,19 @@ def resolve_tasks(
     engine is planned for the largest, so every request carries its own:
     the job's falls back to the checkpoint's default.
     """
-    file_tasks = load_task_file(opts.task_file)
-    known = set(BUILTIN_TASKS) | {task.name for task in file_tasks}
-    max_tokens = _task_limits(opts.max_tokens, "--max_tokens", known)
-    budgets = _task_limits(opts.task_vision_tokens, "--task_vision_tokens", known)
+    with usage_errors():
+        file_tasks = load_task_file(opts.task_file)
+    known = [*BUILTIN_TASKS, *(task.name for task in file_tasks)]  # a task file cannot redefine a built-in
+    if opts.tasks is not None:
+        names = [name.strip() for name in opts.tasks.split(",") if name.strip()]
+        if not names:
+            raise UsageError(f"--tasks {opts.tasks!r}: no task given; choose from {', '.join(known)}")
+        _check_task_names("--tasks", opts.tasks, names, known)
+    max_tokens = _task_limits(opts.max_tokens, "--max_tokens", known, "a whole number of tokens, at least 1")
+    budgets = _task_limits(opts.task_vision_tokens, "--task_vision_tokens", known, "a whole number of soft tokens")
     refused = sorted(f"{task}={n}" for task, n in budgets.items() if n not in VISION_TOKEN_BUDGETS)
     if refused:
-        raise ValueError(f"--task_vision_tokens {', '.join(refused)}: budgets are {', '.join(map(str, VISION_TOKEN_BUDGETS))}")
+        raise UsageError(f"--task_vision_tokens {', '.join(refused)}: budgets are {', '.join(map(str, VISION_TOKEN_BUDGETS))}")
     tasks = tuple(
         with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking)
         for task in select_tasks(opts.tasks, file_tasks)
@@ -239,6 +361,167 @@ def resolve_tasks(
     if {task.vision_tokens for task in tasks if task.vision_tokens} - {vision_tokens}:
         vision_tokens = vision_tokens or (checkpoint and checkpoint.vision_tokens) or GEMMA4_DEFAULT_VISION_TOKENS
     return tuple(dataclasses.replace(task, vision_tokens=task.vision_tokens or vision_tokens) for task in tasks), vision_tokens
+
+
+# Range checks of single values: (option, test, what it must be). Run at parse time, before anything starts.
+_VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("limit", lambda v: v >= 1, "a whole number of items, at least 1"),
+    ("max_error_fraction", lambda v: 0.0 <= v <= 1.0, "a fraction between 0 and 1 (0: no error tolerated)"),
+    ("num_output_shards", lambda v: v >= 0, "0 (runner decides) or a positive number of files"),
+    ("progress_interval_s", lambda v: v >= 0 and math.isfinite(v), "seconds, 0 or more (0: no progress lines)"),
+    ("max_in_flight", lambda v: v >= 1, "at least 1"),
+    ("pdf_dpi", lambda v: 0 < v <= 1200 and math.isfinite(v), "a resolution above 0 and at most 1200"),
+    ("pages_per_unit", lambda v: v >= 1, "at least 1"),
+    ("max_pages", lambda v: v >= 1, "at least 1"),
+    ("max_file_bytes", lambda v: v >= 1, "a positive number of bytes"),
+    ("max_image_pixels", lambda v: v >= 1, "a positive number of pixels"),
+    ("max_image_side", lambda v: v >= 16, "at least 16 pixels"),
+    ("gcs_retry_timeout_s", lambda v: 0 < v and math.isfinite(v), "seconds, above 0"),
+    ("gcs_retry_initial_delay_s", lambda v: 0 < v and math.isfinite(v), "seconds, above 0"),
+    ("gcs_retry_max_delay_s", lambda v: 0 < v and math.isfinite(v), "seconds, above 0 and at least --gcs_retry_initial_delay_s"),
+)
+
+
+def check_values(options: PipelineOptions) -> None:
+    """The checks that read nothing: single values, combinations and required options. Raises UsageError."""
+    opts = options.view_as(VisionBatchOptions)
+    for name, test, meaning in _VALUE_CHECKS:
+        value = getattr(opts, name)
+        if value is not None and not test(value):
+            raise UsageError(f"--{name} {value}: must be {meaning}")
+    if not opts.input and not opts.manifest:
+        raise UsageError("--input (a folder, glob or file; repeatable) or --manifest is required")
+    if not opts.output:
+        raise UsageError("--output (a new or empty folder, local or gs://) is required")
+    with usage_errors():
+        RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
+    parse_engine_args(opts.engine_arg)
+
+
+def validate(options: PipelineOptions) -> None:
+    """Every check before the model is looked at: `check_values`, then the tasks (reading --task_file)."""
+    check_values(options)
+    opts = options.view_as(VisionBatchOptions)
+    resolve_tasks(opts, opts.vision_tokens, None, opts.thinking == "on")
+
+
+class _StrictParser(_BeamArgumentParser):
+    """Beam's parser, reporting mistakes as UsageError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option with its default, unless the help text already says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "Default" in text or "Required" in text or default is argparse.SUPPRESS:
+            return text
+        if default is None or default == "":
+            return f"{text} (default: none)"
+        if default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: {default})"
+
+
+def _beam_option_classes() -> list[type[PipelineOptions]]:
+    """Beam's registered option classes, deduplicated as `PipelineOptions.get_all_options` does."""
+    unique: dict[str, type[PipelineOptions]] = {}
+    for cls in PipelineOptions.__subclasses__():
+        if cls is not VisionBatchOptions:
+            unique.setdefault(str(cls), cls)
+    return list(unique.values())
+
+
+class _BeamHelp(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        build_parser(show_beam=True).print_help()
+        parser.exit()
+
+
+def build_parser(show_beam: bool = False) -> _StrictParser:
+    """Every option the command line accepts; `--help` shows ours, `--help_beam` Beam's as well."""
+    parser = _StrictParser(
+        prog=PROG,
+        usage="%(prog)s --input FILES [--input ...] --output FOLDER [options] [Beam options]",
+        description="Batch OCR, captions, detection, markdown and your own tasks with Gemma 4 on vLLM, "
+                    "as an Apache Beam pipeline.",
+        epilog="Beam's own options (--runner, --direct_num_workers, Dataflow's --project/--region/..., ...) are "
+               "accepted too: --help_beam lists them. Exit codes: 0 succeeded, 1 failed (error budget exceeded, "
+               "nothing processed, or the run broke), 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # as Beam: a prefix of an option is a mistake, not that option
+    )
+    parser.add_argument("--help_beam", action=_BeamHelp, help="Show Beam's own options as well, and exit.")
+    VisionBatchOptions._add_argparse_args(parser)
+    ours = set(map(id, parser._actions))
+    for cls in _beam_option_classes():
+        cls._add_argparse_args(parser)  # Beam's hook for declaring options; called as Beam does
+    if not show_beam:
+        for action in parser._actions:
+            if id(action) not in ours:
+                action.help = argparse.SUPPRESS
+    return parser
+
+
+_GLOB_OPTIONS = ("--input", "--manifest", "--incremental_from", "--include", "--exclude")
+
+
+def _unknown_message(unknown: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """One line naming what nobody declares, with the likely intended option or the shell's glob expansion."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    problems: list[str] = []
+    strays: dict[str, list[str]] = {}  # option before them -> values it cannot take
+    for position, arg in enumerate(argv):
+        if arg not in unknown:
+            continue
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            underscored = name.replace("-", "_")
+            if underscored in known:
+                problems.append(f"unknown option {name}; did you mean {underscored}? (options use underscores)")
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+            problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+        elif name.startswith("-") and len(name) > 1:
+            problems.append(f"unknown option {name}; options are spelled with two dashes (--input)")
+        elif position > 0 and argv[position - 1] in unknown and argv[position - 1].startswith("-"):
+            continue  # the value of an unknown option, reported with it
+        else:
+            before = next((a.split("=", 1)[0] for a in reversed(argv[:position]) if a.startswith("--")), "")
+            strays.setdefault(before, []).append(arg)
+    for option, values in strays.items():
+        listed = ", ".join(repr(v) for v in values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
+        if option in _GLOB_OPTIONS:
+            problems.append(
+                f"unexpected arguments {listed} after {option}: the shell expanded an unquoted glob; "
+                f"quote it so the pipeline sees the pattern, e.g. {option} 'data/*.png'"
+            )
+        else:
+            problems.append(f"unexpected argument(s) {listed}" + (f" after {option}" if option else "")
+                            + ": each option takes one value (repeat the option for more)")
+    return "; ".join(problems) + " (see --help)"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
+    """The command line as PipelineOptions, or UsageError naming the first mistake.
+
+    `--help` and `--help_beam` print and exit (SystemExit 0), as argparse does.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UsageError(_unknown_message(unknown, argv, parser))
+    options = PipelineOptions(argv)
+    validate(options)
+    return options
 
 
 def new_run_id() -> str:
@@ -252,6 +535,7 @@ class JobConfig:
     inputs: tuple[str, ...]
     manifests: tuple[str, ...]
     manifest_column: str
+    selection: InputSelection
     incremental_from: tuple[str, ...]
     shards: ShardSettings
     output: str
@@ -262,21 +546,28 @@ class JobConfig:
     limits: DecodeLimits
     run: RunInfo
     model_is_random: bool
+    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    # The summary step raises when the run failed, so the job itself ends failed (Dataflow, flex
+    # templates: what Cloud Scheduler and Composer see). A caller that waits and reports the
+    # outcome itself (a local run through pipelines.vision_batch) turns it off.
+    fail_job_on_failure: bool = True
+    warnings: tuple[str, ...] = ()  # found at launch (e.g. an --incremental_from with no results); in the summary
 
     @staticmethod
     def from_options(
         options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool,
         checkpoint: Optional[CheckpointShape] = None,
     ) -> "JobConfig":
-        """`checkpoint`: the model's shape, when known, so the engine profile checks and fits it."""
+        """`checkpoint`: the model's shape, when known, so the engine profile checks and fits it.
+
+        Raises UsageError for any mistake in the options, the task file, or
+        a checkpoint the engine profile refuses (naming the profile to use).
+        """
+        check_values(options)
         opts = options.view_as(VisionBatchOptions)
-        if not opts.input and not opts.manifest:
-            raise ValueError("--input (a glob of images/PDFs/shards; repeatable) or --manifest is required")
-        if not opts.output:
-            raise ValueError("--output is required")
-        RetryBudget.from_options(options)  # refuse an impossible --gcs_retry_* budget at launch, not on a worker
         thinking = opts.thinking == "on"
-        profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
+        with usage_errors():
+            profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
         tasks, vision_tokens = resolve_tasks(opts, opts.vision_tokens or profile.vision_tokens, checkpoint, thinking)
         # vLLM plans memory and the encoder budget for the engine-level budget: the largest any task uses.
@@ -306,13 +597,22 @@ class JobConfig:
             parquet_bytes_column=opts.parquet_bytes_column,
             parquet_passthrough=tuple(c.strip() for c in opts.parquet_passthrough_columns.split(",") if c.strip()),
         )
+        selection = InputSelection(
+            include=split_commas(opts.include),
+            exclude=split_commas(opts.exclude),
+            include_hidden=opts.include_hidden,
+            limit=opts.limit,
+        )
+        # Canonical locations (absolute local paths, no credentials): the same spelling whatever the
+        # working directory, and what every worker process reads.
         return JobConfig(
-            inputs=tuple(opts.input or ()),
-            manifests=split_commas(opts.manifest),
+            inputs=tuple(canonical_uri(pattern) for pattern in opts.input or ()),
+            manifests=tuple(canonical_uri(manifest) for manifest in split_commas(opts.manifest)),
             manifest_column=opts.manifest_column,
-            incremental_from=tuple(location.rstrip("/") for location in split_commas(opts.incremental_from)),
+            selection=selection,
+            incremental_from=tuple(canonical_uri(location).rstrip("/") for location in split_commas(opts.incremental_from)),
             shards=shards,
-            output=opts.output.rstrip("/"),
+            output=canonical_uri(opts.output).rstrip("/"),
             num_output_shards=opts.num_output_shards,
             progress_interval_s=opts.progress_interval_s,
             tasks=tasks,
@@ -320,12 +620,14 @@ class JobConfig:
             limits=limits,
             run=run,
             model_is_random=model_is_random,
+            max_error_fraction=opts.max_error_fraction,
         )
 
     def summary_fields(self) -> Mapping[str, Any]:
         return {
             "inputs": list(self.inputs),
             "manifests": list(self.manifests),
+            "selection": dataclasses.asdict(self.selection),
             "incremental_from": list(self.incremental_from),
             "output": self.output,
             "tasks": [t.name for t in self.tasks],
@@ -343,4 +645,5 @@ class JobConfig:
             "structured_output": self.engine.structured_output,
             "decode_limits": dataclasses.asdict(self.limits),
             "shards": dataclasses.asdict(self.shards),
+            "max_error_fraction": self.max_error_fraction,
         }

@@ -14,6 +14,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import re
 from typing import Any, Iterable, Mapping, Optional
 
 import apache_beam as beam
@@ -21,18 +22,29 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.options import JobConfig
 from schemas.records import DecodeUnit, ImageItem, SkippedItem, SourceFile, Stage
-from transforms.sinks import WrittenFile
+from schemas.uris import mask_credentials
+from transforms.sinks import SUMMARY_FILE, WrittenFile
 
 ITEM_STAGES = tuple(stage.value for stage in Stage if not stage.per_task)  # errors that stop an item before the engine
 TASK_STAGES = tuple(stage.value for stage in Stage if stage.per_task)  # errors of one task of a decoded item
-SUMMARY_FILE = "run_summary.json"
 
 RANDOM_MODEL_WARNING = (
     "The model is the project's tiny RANDOM-WEIGHT Gemma 4 checkpoint: every text, caption and box in "
     "this output is random. Run with --model /path/to/gemma-4-checkpoint (a Hugging Face-format "
     "directory, e.g. a download of google/gemma-4-26B-A4B-it) for real results."
 )
-SECRET_WORDS = ("token", "secret", "password", "credential", "api_key", "apikey", "private_key")
+# Option names holding secrets: matched as whole words of the name (`hf_token`, `s3_secret_access_key`),
+# never as substrings (`max_tokens` and `vision_tokens` are ordinary options).
+SECRET_NAME_WORDS = frozenset({"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "auth"})
+SECRET_NAME_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")})
+REDACTED = "<redacted>"
+
+SUCCEEDED, FAILED = "SUCCEEDED", "FAILED"
+
+
+class JobFailed(RuntimeError):
+    """Raised by the summary step (after writing the summary) so that the job itself ends failed."""
+
 
 Tally = dict[str, float]  # additive counts; keys ending "_min"/"_max" merge by min/max
 
@@ -114,12 +126,64 @@ def written_files(files: Iterable[WrittenFile]) -> list[dict[str, Any]]:
     return [{"path": f.path, "rows": f.rows} for f in sorted(files, key=lambda f: f.path)]
 
 
+def is_secret_option(name: str) -> bool:
+    words = re.split(r"[_\-.]+", name.lower())
+    return bool(SECRET_NAME_WORDS.intersection(words)) or any(pair in SECRET_NAME_PAIRS for pair in zip(words, words[1:]))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_credentials(value)
+    if isinstance(value, (list, tuple)):
+        return [_masked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    return value
+
+
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options for the summary with anything that looks like a secret blanked out."""
-    return {
-        key: "<redacted>" if any(word in key.lower() for word in SECRET_WORDS) and value else value
-        for key, value in options.items()
+    """Options for the summary: values of secret-named options blanked, credentials in URIs masked."""
+    return {key: REDACTED if is_secret_option(key) and value else _masked(value) for key, value in options.items()}
+
+
+def outcome(
+    items_in: int,
+    items_ok: int,
+    tasks_per_item: int,
+    skipped_tasks: int,
+    item_errors: int,
+    task_errors: int,
+    balanced: bool,
+    max_error_fraction: float,
+) -> dict[str, Any]:
+    """The run's state (SUCCEEDED or FAILED), the reason in one sentence, and the error budget's numbers.
+
+    Task outcomes are what the run owed: one per task of every item not answered
+    by an earlier run. An item that failed before the engine lost all its tasks.
+    """
+    expected = (items_ok + item_errors) * tasks_per_item - skipped_tasks
+    failed = item_errors * tasks_per_item + task_errors
+    fraction = failed / expected if expected else 0.0
+    budget = {
+        "max_error_fraction": max_error_fraction,
+        "error_fraction": round(fraction, 6),
+        "failed_task_outcomes": failed,
+        "task_outcomes": expected,
     }
+    share = f"{failed} of {expected} task outcomes failed ({fraction:.1%})"
+    if not balanced:
+        state, reason = FAILED, "the accounting does not balance (rows written differ from the work counted): a bug"
+    elif items_in == 0:
+        state, reason = FAILED, "nothing to process: the inputs hold no items"
+    elif items_ok == 0:
+        state, reason = FAILED, f"nothing was processed: all {items_in} inputs failed before the engine (see errors)"
+    elif fraction > max_error_fraction:
+        state, reason = FAILED, f"error budget exceeded: {share}, over --max_error_fraction {max_error_fraction}"
+    elif expected == 0:
+        state, reason = SUCCEEDED, f"all {items_ok} items were answered by earlier runs (--incremental_from)"
+    else:
+        state, reason = SUCCEEDED, f"{share}, within --max_error_fraction {max_error_fraction}"
+    return {"state": state, "reason": reason, "error_budget": budget}
 
 
 def package_versions() -> dict[str, str]:
@@ -156,9 +220,22 @@ def build_summary(
     task_errors = sum(errors_by_stage.get(stage, 0) for stage in TASK_STAGES)
     skipped_tasks = items_ok * tasks_per_item - count("tasks_submitted")
     prompt_tokens, cached_tokens = count("prompt_tokens"), count("cached_tokens")
+    balanced = (
+        result_rows + task_errors == count("tasks_submitted")
+        and result_rows == count("result_rows")
+        and error_rows == count("error_rows") == item_errors + task_errors
+    )
+    verdict = outcome(
+        items_ok + item_errors, items_ok, tasks_per_item, skipped_tasks, item_errors, task_errors, balanced,
+        config.max_error_fraction,
+    )
+    warnings = list(config.warnings) + ([RANDOM_MODEL_WARNING] if config.model_is_random else [])
     summary: dict[str, Any] = {
         "run_id": config.run.run_id,
-        "state": "DONE",
+        "state": verdict["state"],
+        "state_reason": verdict["reason"],
+        "error_budget": verdict["error_budget"],
+        "warnings": warnings,
         "model": {"id": config.run.model_id, "path": model_path, "random_weights": config.model_is_random},
         "prompt_version": config.run.prompt_version,
         "started_at": launched_at.isoformat(),
@@ -193,9 +270,7 @@ def build_summary(
             "items_in": items_ok + item_errors,
             "task_rows_expected": items_ok * tasks_per_item - skipped_tasks,
             "task_rows_written": result_rows + task_errors,
-            "balanced": result_rows + task_errors == count("tasks_submitted")
-            and result_rows == count("result_rows")
-            and error_rows == count("error_rows") == item_errors + task_errors,
+            "balanced": balanced,
         },
         "tokens": {  # of the answers written; retried attempts are in the Beam counters
             "prompt": prompt_tokens,
@@ -215,13 +290,14 @@ def build_summary(
         "options": redact(options),
     }
     if config.model_is_random:
-        summary["warning"] = RANDOM_MODEL_WARNING
+        summary["warning"] = RANDOM_MODEL_WARNING  # the report's banner reads this key
     return summary
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    # Masked as a whole: no location anywhere in the summary keeps its credentials.
     with FileSystems.create(path, mime_type="application/json") as handle:
-        handle.write(json.dumps(payload, indent=2, default=str).encode())
+        handle.write(mask_credentials(json.dumps(payload, indent=2, default=str)).encode())
 
 
 def read_summary(output: str) -> Optional[dict[str, Any]]:
@@ -271,6 +347,10 @@ class WriteRunSummary(beam.PTransform):
         )
         path = f"{config.output}/{SUMMARY_FILE}"
         write_json(path, summary)
+        if summary["state"] == FAILED and config.fail_job_on_failure:
+            # The runner marks the job failed (Dataflow retries this step a few times first, each
+            # writing the same summary): Cloud Scheduler, Composer and `gcloud dataflow jobs` see it.
+            raise JobFailed(f"run {config.run.run_id} FAILED: {summary['state_reason']} (summary: {mask_credentials(path)})")
         return path
 
 

@@ -1,38 +1,62 @@
 """Batch OCR, captions and object detection over images and PDFs with Gemma 4 on vLLM.
 
-    python -m pipelines.vision_batch --input 'data/scans/**' --output out/run1 \
-        [--tasks ocr,caption,detect] [--model DIR] [Beam options]
+    python -m pipelines.vision_batch --input data/scans --output out/run1 \\
+        [--tasks ocr,caption,detect] [--task_file tasks.yaml] [--model DIR] [Beam options]
 
 Graph (one stage per module under transforms/):
 
-    MatchInputs -> PlanUnits -> Reshuffle [-> AttachAnswers] -> DecodeUnits -> RunTasks -> ParseCompletions -> results/
-         \\______________\\______________________________________________\\____________\\______________\\_________-> errors/
+    MatchInputs -> PlanUnits [-> LimitUnits] -> Reshuffle [-> AttachAnswers] -> DecodeUnits -> RunTasks -> ParseCompletions -> results/
+         \\______________\\______________________________________________________\\____________\\______________\\_________-> errors/
 
 Every input item ends as result rows (one per task) or error rows, and
-run_summary.json accounts for both.
+run_summary.json accounts for both and states the outcome.
+
+Exit codes (`main`): 0 the run succeeded; 1 it failed (error budget
+exceeded, nothing processed, storage down past its retry budget, or the run
+itself broke); 2 usage error (one line, nothing started); 130 interrupted by
+Ctrl-C (SIGINT); 143 terminated (SIGTERM). A failed or interrupted run
+keeps nothing in --output.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import logging
+import os
+import shutil
+import signal
 import sys
-from typing import Any, Optional, Sequence
+import tempfile
+import threading
+import time
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import logs, output_safety, summary
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.models import resolve_model
-from pipelines.options import JobConfig, VisionBatchOptions
-from pipelines.runner import make_runner
-from pipelines import summary
+from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args
+from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, incremental, parse, run_tasks, sources, storage
+from schemas.uris import canonical_uri, mask_credentials
+from transforms import decode, engine, incremental, model_staging, parse, run_tasks, sources, storage
 from transforms.errors import ERRORS_TAG
-from transforms.sinks import WriteTable, remove_new_objects, table_objects, to_error_row
+from transforms.progress import PROGRESS
+from transforms.sinks import WriteTable, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
+
+# The --output this process's run has checked and may write to. Only it is cleaned when the run is
+# interrupted: a signal during the check itself must not touch an earlier run's files.
+_claimed_output: Optional[str] = None
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
@@ -40,21 +64,23 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     # Workers (Dataflow VMs, local worker processes) then apply the job's GCS retry budget too.
     storage.add_worker_plugin(pipeline.options)
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
-        config.inputs, config.manifests, config.manifest_column
+        config.inputs, config.manifests, config.manifest_column, config.selection
     )
-    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards)).with_outputs(
+    limit = config.selection.limit
+    planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards, limit)).with_outputs(
         ERRORS_TAG, main="units"
     )
+    units = planned.units if limit is None else planned.units | "Limit" >> decode.LimitUnits(limit)
     # Fan page ranges, row groups and tar members out across workers: without
     # it every page of a long PDF is rendered and inferred by the worker that planned it.
-    units = planned.units | "FanOutUnits" >> beam.Reshuffle()
+    fanned = units | "FanOutUnits" >> beam.Reshuffle()
     history_tallies = []
     if config.incremental_from:
-        units, scan_tallies = units | "AttachAnswers" >> incremental.AttachAnswers(
-            config.incremental_from, config.run, config.tasks, config.engine, config.limits, config.shards
+        fanned, scan_tallies = fanned | "AttachAnswers" >> incremental.AttachAnswers(
+            config.incremental_from, config.run, config.tasks, config.engine, config.limits, config.shards, config.output
         )
         history_tallies.append(scan_tallies)
-    decoded = units | "DecodeUnits" >> beam.ParDo(
+    decoded = fanned | "DecodeUnits" >> beam.ParDo(
         decode.DecodeUnits(config.limits, config.shards, [t.name for t in config.tasks])
     ).with_outputs(ERRORS_TAG, decode.SKIPPED_TAG, main="items")
     completed = decoded.items | "RunTasks" >> beam.ParDo(
@@ -74,8 +100,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
 
     tallies = (
         files | "TallyFiles" >> beam.Map(summary.tally_file),
-        planned.units | "TallyUnits" >> beam.Map(summary.tally_unit),
-        summary.distinct_sources(planned.units),
+        units | "TallyUnits" >> beam.Map(summary.tally_unit),
+        summary.distinct_sources(units),
         decoded.items | "TallyItems" >> beam.Map(summary.tally_item),
         decoded[decode.SKIPPED_TAG] | "TallySkipped" >> beam.Map(summary.tally_skipped),
         *history_tallies,
@@ -90,37 +116,61 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     )
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the job to completion and return the run summary (also written to OUT/run_summary.json)."""
-    options = PipelineOptions(argv)
-    # Before make_runner: the local runner hands its workers the options as they are when it is built.
-    storage.add_worker_plugin(options)
-    FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
+def prepare(options: PipelineOptions) -> JobConfig:
+    """Everything between the command line and the graph: output checks, model, settings, warnings.
+
+    The checks that need no model come first, so a mistake is reported in seconds.
+    """
+    global _claimed_output
+    warnings = output_safety.guard(options)
     opts = options.view_as(VisionBatchOptions)
+    _claimed_output = canonical_uri(opts.output).rstrip("/")
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(
         options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
     )
-    if model.is_random:
-        _LOG.warning("=" * 72)
-        _LOG.warning(summary.RANDOM_MODEL_WARNING)
-        _LOG.warning("=" * 72)
-    _LOG.info("run %s: %s -> %s, tasks %s, model %s", config.run.run_id, list(config.inputs), config.output,
-              [t.name for t in config.tasks], config.run.model_id)
+    # This process waits for the run and reports its outcome (exit code) itself; a job nobody
+    # waits for (another runner) fails in its own last step instead.
+    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=warnings)
 
-    stale = f"{config.output}/{summary.SUMMARY_FILE}"
-    if FileSystems.exists(stale):
-        FileSystems.delete([stale])  # a summary must never describe another run's files
-    before = table_objects(config.output)
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the job to completion and return the run summary (also written to OUT/run_summary.json).
+
+    Raises UsageError for a mistake in the command line or the output location,
+    RunFailed when the pipeline itself failed (its partial outputs removed).
+    """
+    return run_parsed(parse_args(argv))
+
+
+def run_parsed(options: PipelineOptions) -> dict[str, Any]:
+    """`run` for a command line `parse_args` has already checked."""
+    # Before make_runner: the local runner hands its workers the options as they are when it is built.
+    storage.add_worker_plugin(options)
+    FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
+    config = prepare(options)
+    if config.model_is_random:
+        _LOG.warning(summary.RANDOM_MODEL_WARNING)
+    _LOG.info(mask_credentials(
+        f"run {config.run.run_id}: {', '.join(config.inputs + config.manifests)} -> {config.output}, "
+        f"tasks {','.join(t.name for t in config.tasks)}, model {config.run.model_id}"
+    ))
+    PROGRESS.reset()
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, config)
     try:
         state = pipeline.run().wait_until_finish()
     except Exception as exc:
-        raise RunFailed(exc, _remove_partial_outputs(config.output, before)) from exc
+        if _summary_written(config.output):
+            # The run finished and its last step failed it (summary.JobFailed, on runners this
+            # process does not report for): a complete run with state FAILED, kept as written.
+            raise RunFailed(exc, f"the run's outputs and {summary.SUMMARY_FILE} under {config.output} are kept") from exc
+        raise RunFailed(exc, _remove_partial_outputs(config.output)) from exc
+    finally:
+        PROGRESS.stop()
     written = summary.read_summary(config.output)
     if written is None:
-        raise RuntimeError(f"run ended in state {state} without writing {stale}")
+        raise RuntimeError(f"run ended in state {state} without writing {config.output}/{summary.SUMMARY_FILE}")
     return written
 
 
@@ -132,39 +182,205 @@ class RunFailed(RuntimeError):
         super().__init__(self.line)
 
 
-def _remove_partial_outputs(output: str, before: dict[str, float]) -> str:
-    """Remove what the failed run left under its tables; say what happened, for the failure line."""
+def _summary_written(output: str) -> bool:
     try:
-        removed = remove_new_objects(output, before)
+        return summary.read_summary(output) is not None
+    except Exception:  # noqa: BLE001 - storage down: no complete run can be confirmed, so it is not one
+        return False
+
+
+def _remove_partial_outputs(output: str) -> str:
+    """Remove what the failed run left in its --output (checked empty when it started); say what happened."""
+    try:
+        removed = output_safety.remove_run(output)
     except Exception as exc:  # noqa: BLE001 - storage may still be down: report, don't mask the run's own failure
         return f"its partial outputs under {output} could not be removed ({storage.failure_line(exc) or storage.one_line(exc)})"
-    return f"removed its {len(removed)} partial output file(s)/temp dir(s) under {output}" if removed else f"no outputs were left under {output}"
+    return f"removed its {removed} partial output file(s) under {output}" if removed else f"no outputs were left under {output}"
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised in the main thread by the handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> NoReturn:
+    # A second signal while shutting down ends the process at once.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGINT]))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_SIGNAL[signal.SIGTERM]))
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[str]:
+    """One temporary folder for everything the run puts in the system's temp dir, removed at the end.
+
+    Beam's pipeline folder and vLLM's rendezvous file otherwise stay behind
+    when a run is interrupted. Weights staged from gs:// keep their shared
+    location: they are meant to outlive the run.
+    """
+    os.environ.setdefault("VISION_BATCH_MODEL_DIR", str(model_staging.default_root()))
+    previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    path = tempfile.mkdtemp(prefix="vision-batch-run-")
+    tempfile.tempdir = os.environ["TMPDIR"] = path  # TMPDIR: for worker processes the runner starts
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous_dir
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes started (directly or not) by `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis.
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _terminate_worker_processes() -> None:
+    """The local runner's worker processes (--direct_running_mode=multi_processing) end with the run."""
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> NoReturn:
+    """Stop admitting, cancel the engine's work, remove what the run wrote, say so in one line, exit."""
+    name = signal.Signals(signum).name
+    # The run's threads now fail one after another (cancelled requests, failed bundles): their
+    # errors are the expected consequence of stopping, not news.
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda _: None
+    engine.ENGINES.stop_all(f"run interrupted by {name}")
+    _terminate_worker_processes()
+    done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0] if PROGRESS.counted else "work in worker processes"
+    PROGRESS.stop()
+    removed = "removed its temporary files"
+    if output is not None:  # None: interrupted before --output was checked, which is then left as it was
+        try:
+            # The output was empty (or cleared) when the run started: all of it is this run's.
+            output_safety.remove_run(output)
+            removed += f" and everything it had begun to write under {output}"
+        except Exception as exc:  # noqa: BLE001 - report, still exit with the signal's code
+            removed += f"; could not clean {output} ({exc}): a rerun of the same command clears it"
+    shutil.rmtree(tempdir, ignore_errors=True)
+    line = (
+        f"{PROG}: interrupted by {name} after {time.monotonic() - started:.0f} s ({done}): stopped the engine and "
+        f"{removed}. Nothing of this run is kept (outputs are published only when a run completes); "
+        f"rerun the same command to start over."
+    )
+    print(mask_credentials(line), file=sys.stderr, flush=True)
+    # Beam's worker threads and vLLM's step loop may still be unwinding: leave without waiting for them.
+    os._exit(EXIT_SIGNAL[signal.Signals(signum)])
+
+
+@contextlib.contextmanager
+def restoring_process_state() -> Iterator[None]:
+    """For calling `main` inside another program (tests, the docs check): puts back what it sets process-wide.
+
+    That is the working directory, the environment, logging (handlers and the levels `logs.configure`
+    sets) and the SIGINT/SIGTERM handlers.
+    """
+    cwd, environment = os.getcwd(), dict(os.environ)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    names = ("", *logs.OUR_LOGGERS, *logs.QUIET_LOGGERS)
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers_of = {signum: signal.getsignal(signum) for signum in EXIT_SIGNAL}
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for signum, handler in handlers_of.items():
+            signal.signal(signum, handler)
+        logging.captureWarnings(False)
+
+
+def _report(written: dict[str, Any]) -> int:
+    counts = written["counts"]
+    output = written["config"]["output"]
+    lines = [
+        f"\nrun {written['run_id']} {written['state']}: {written['state_reason']}",
+        f"  {counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows, "
+        f"{counts['skipped_tasks']} tasks skipped, {written['wall_time_s']} s",
+        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/{summary.SUMMARY_FILE}",
+    ]
+    lines += [f"WARNING: {warning}" for warning in written.get("warnings", [])]
+    print(mask_credentials("\n".join(lines)), flush=True)
+    return EXIT_OK if written["state"] == summary.SUCCEEDED else EXIT_FAILED
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One INFO line per string type hint in our (postponed-annotation) DoFns: noise.
-    logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
+    """The command line: run, report the outcome, return the exit code (see the module docstring)."""
+    global _claimed_output
+    started, _claimed_output = time.monotonic(), None
     try:
-        written = run(argv)
-    except Exception as exc:
-        # A failed run, or storage down already at launch: one line; anything else keeps its traceback.
-        line = exc.line if isinstance(exc, RunFailed) else storage.failure_line(exc)
-        if line is None:
-            raise
-        print(f"\nrun failed: {line}", file=sys.stderr)
-        return 1
-    counts = written["counts"]
-    output = written["config"]["output"]
-    print(
-        f"\nrun {written['run_id']} {written['state']} in {written['wall_time_s']} s: "
-        f"{counts['items']} items, {counts['result_rows']} result rows, {counts['error_rows']} error rows "
-        f"(balanced: {written['accounting']['balanced']})\n"
-        f"  results: {output}/results/\n  errors:  {output}/errors/\n  summary: {output}/{summary.SUMMARY_FILE}"
-    )
-    if "warning" in written:
-        print(f"\nWARNING: {written['warning']}")
-    return 0
+        options = parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - e.g. storage down while the task file is read
+        return _failed(exc)
+    logs.configure(options.view_as(VisionBatchOptions).log_level, local=is_local(options))
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # The run goes on a thread; this (main) thread only waits, so a signal never lands inside
+    # Beam's or vLLM's code, and the handler can stop the engine and clean up deterministically.
+    with private_tempdir() as tempdir, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="run") as pool:
+        future = pool.submit(run_parsed, options)
+        try:
+            while True:
+                try:
+                    written = future.result(timeout=0.5)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+        except Interrupted as interrupt:
+            _stop(interrupt.signum, started, _claimed_output, tempdir)
+        except UsageError as exc:
+            print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
+            return EXIT_USAGE
+        except Exception as exc:  # noqa: BLE001 - not a user mistake
+            return _failed(exc)
+    return _report(written)
+
+
+def _failed(exc: Exception) -> int:
+    """A failed run, or storage down already at launch: one line; anything else keeps its traceback."""
+    line = exc.line if isinstance(exc, RunFailed) else storage.failure_line(exc)
+    if line is not None:
+        print(f"\nrun failed: {mask_credentials(line)}", file=sys.stderr)
+        return EXIT_FAILED
+    _LOG.exception("run failed", exc_info=exc)
+    print(f"{PROG}: the run failed (traceback above); a rerun of the same command starts it over", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

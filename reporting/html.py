@@ -214,6 +214,11 @@ def _header(run: RunData) -> str:
     banners = []
     if summary.get("warning") or model.get("random_weights"):
         banners.append(f'<div class="banner warn"><b>Random weights.</b> {_e(summary.get("warning") or "")}</div>')
+    if summary.get("state") == "FAILED":
+        banners.append(f'<div class="banner bad"><b>Run failed:</b> {_e(summary.get("state_reason") or "")}</div>')
+    for warning in summary.get("warnings") or ():
+        if warning != summary.get("warning"):  # the random-weights warning has its banner above
+            banners.append(f'<div class="banner warn">{_e(warning)}</div>')
     if run.summary_from_tables:
         banners.append('<div class="banner info">No <code>run_summary.json</code> at this location '
                        "(the run did not finish, or these are hand-made tables): figures are computed from the tables.</div>")

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import re
 
+from schemas.uris import mask_credentials
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
-_SECRET_PARAMS = re.compile(
-    r"([?&](?:access_token|token|key|api_key|apikey|sig|signature|password|secret|credential|"
-    r"x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s]+",
-    re.IGNORECASE,
-)
 
 
 def _control_picture(match: re.Match[str]) -> str:
@@ -30,8 +26,8 @@ def visible(text: str) -> str:
 
 
 def redact(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`; `?token=...` / `&X-Goog-Signature=...` -> `=***`."""
-    return _SECRET_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    """Credentials in URIs masked, as everywhere the pipeline writes text (`schemas.uris`)."""
+    return mask_credentials(text)
 
 
 def safe(value: object) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from schemas.uris import canonical_uri, mask_credentials
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
@@ -55,6 +57,8 @@ class DecodeUnit:
     member: Optional[str] = None  # shard member key (MEMBER units)
     payload: Optional[bytes] = None  # the member's bytes (MEMBER units)
     metadata: Optional[str] = None  # JSON carried to the rows: the source's, with a member's sidecars merged in
+    rows: int = 0  # PARQUET units: rows in the row group (from the footer, at planning)
+    max_items: Optional[int] = None  # --limit: decode at most this many items of the unit
     # Incremental runs: (item id, tasks earlier runs answered) for this unit's items that have answers;
     # set by transforms.incremental, empty otherwise.
     answered: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -63,13 +67,26 @@ class DecodeUnit:
     def is_paged(self) -> bool:
         return self.page_count > 1 or self.kind is UnitKind.PDF
 
+    @property
+    def planned_items(self) -> int:
+        """Items the unit holds as far as planning knows (a member or row holding a document counts once)."""
+        if self.kind is UnitKind.PARQUET:
+            return self.rows
+        if self.kind is UnitKind.MEMBER:
+            return 1
+        return self.end_page - self.first_page
+
 
 @dataclasses.dataclass(frozen=True)
 class ItemRef:
     """Identity of one image the model looks at: a file, a page, or a shard member.
 
     `item_id` is stable across runs (derived from URI, page and member only)
-    so results of different runs join on it.
+    so results of different runs join on it. `make` writes the source in its
+    canonical spelling (`schemas.uris`: absolute, normalised local paths,
+    URIs without credentials), so the id of a file does not depend on the
+    working directory or the spelling it was reached by, in the pipeline's
+    rows and in references built or written by hand alike.
     """
 
     item_id: str
@@ -79,6 +96,7 @@ class ItemRef:
 
     @staticmethod
     def make(source_uri: str, page: Optional[int] = None, member: Optional[str] = None) -> "ItemRef":
+        source_uri = canonical_uri(source_uri)
         item_id = source_uri
         if member is not None:
             item_id += f"#member={member}"
@@ -182,7 +200,8 @@ class ErrorRecord:
 
     @staticmethod
     def from_exception(ref: ItemRef, stage: Stage, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
-        message = str(exc) or repr(exc)
+        # Exception texts often quote the location they failed on: never with its credentials.
+        message = mask_credentials(str(exc) or repr(exc))
         return ErrorRecord(ref=ref, stage=stage, error_type=type(exc).__name__, message=message[:2000], **kwargs)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 import pyarrow as pa
 
 from schemas.records import ItemRef
+from schemas.uris import canonical_item_id
 
 BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")
 TEXT_REGION_LABEL = "text"  # label of the text boxes the reference builders write
@@ -134,7 +135,7 @@ def reference_from_row(row: Mapping[str, Any]) -> ReferenceItem:
     page = row.get("page")
     ref = ItemRef.make(source_uri, page=None if page is None else int(page), member=row.get("member"))
     given_id = row.get("item_id")
-    if given_id is not None and given_id != ref.item_id:
+    if given_id is not None and canonical_item_id(given_id) != ref.item_id:
         raise InvalidReference(f"item_id {given_id!r} disagrees with source_uri/page/member (expected {ref.item_id!r})")
     boxes = None
     if row.get("boxes") is not None:

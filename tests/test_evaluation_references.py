@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -49,8 +50,9 @@ def test_hand_written_jsonl_needs_only_the_key_and_some_references(tmp_path):
     ]
     (tmp_path / "refs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     first, second = read_references(str(tmp_path / "refs.jsonl"))
-    assert first.ref.item_id == "scans/a.tiff#page=1" and first.text is None and first.boxes is None
-    assert second.ref.item_id == "shard.tar#member=0001" and second.boxes[0].box == (0.1, 0.1, 0.5, 0.6)
+    # Relative paths mean what they mean on the pipeline's command line: the ids are canonical (absolute).
+    assert first.ref.item_id == os.path.abspath("scans/a.tiff") + "#page=1" and first.text is None and first.boxes is None
+    assert second.ref.item_id == os.path.abspath("shard.tar") + "#member=0001" and second.boxes[0].box == (0.1, 0.1, 0.5, 0.6)
 
 
 @pytest.mark.parametrize(

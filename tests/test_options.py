@@ -1,10 +1,15 @@
-"""Options -> JobConfig, without running anything."""
+"""Options -> JobConfig, and the strict command line, without running anything."""
 import os
 
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 
-from pipelines.options import JobConfig, split_commas
+from pipelines.options import JobConfig, UsageError, VisionBatchOptions, build_parser, parse_args, split_commas
 
 
 def config(*args: str) -> JobConfig:
@@ -53,8 +58,120 @@ def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeyp
     ],
 )
 def test_bad_options_are_refused_with_a_reason(args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         config(*args)
+
+
+REQUIRED = ["--input", "in/*", "--output", "out"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # Misspelt and unknown options: refused, with the option meant.
+        (["--max_token", "caption=4"], r"unknown option --max_token; did you mean --max_tokens\?"),
+        (["--max_token=4"], r"did you mean --max_tokens\?"),
+        (["--pdf-dpi", "100"], r"did you mean --pdf_dpi\?"),
+        (["--no_such_thing"], r"unknown option --no_such_thing"),
+        (["-x"], r"two dashes"),
+        # An unquoted glob, expanded by the shell into several arguments.
+        (["--input", "a.png", "b.png", "c.png"], r"unexpected arguments 'b.png', 'c.png' after --input: .*quote it"),
+        (["--run_id", "a", "b"], r"unexpected argument\(s\) 'b' after --run_id"),
+        # Values checked at parse time, naming the option and what it accepts.
+        (["--tasks", "captions"], r"--tasks captions: unknown task 'captions'; choose from ocr, caption, detect, markdown; did you mean caption\?"),
+        (["--tasks", ","], r"--tasks ',': no task given"),
+        (["--max_tokens", "ocr=abc"], r"--max_tokens ocr=abc: N must be a whole number"),
+        (["--max_tokens", "ocr=0"], r"--max_tokens ocr=0: N must be a whole number of tokens, at least 1"),
+        (["--max_tokens", "poem=3"], r"--max_tokens poem=3: unknown task 'poem'"),
+        (["--task_vision_tokens", "ocr=300"], r"--task_vision_tokens ocr=300: budgets are 70, 140, 280, 560, 1120"),
+        (["--vision_tokens", "300"], r"argument --vision_tokens: invalid choice: 300 \(choose from 70, 140, 280, 560, 1120\)"),
+        (["--thinking", "yes"], r"argument --thinking: invalid choice: 'yes'"),
+        (["--tiny_preset", "tiny-dense"], r"argument --tiny_preset: invalid choice: 'tiny-dense'"),
+        (["--task_file", "/nowhere/tasks.yaml"], r"/nowhere/tasks.yaml: cannot be read"),
+        (["--gcs_retry_timeout_s", "0"], r"--gcs_retry_timeout_s 0.0: must be seconds, above 0"),
+        (["--gcs_retry_initial_delay_s", "5", "--gcs_retry_max_delay_s", "1"], r"GCS retry budget needs .*--gcs_retry_max_delay_s"),
+        (["--engine_profile", "gpu"], r"argument --engine_profile: invalid choice: 'gpu' \(choose from 'cpu', 'cpu-tiny', 'gpu-h100"),
+        (["--limit", "0"], r"--limit 0: must be a whole number of items, at least 1"),
+        (["--limit", "x"], r"argument --limit: invalid int value: 'x'"),
+        (["--max_error_fraction", "1.5"], r"--max_error_fraction 1.5: must be a fraction between 0 and 1"),
+        (["--pdf_dpi", "0"], r"--pdf_dpi 0.0: must be a resolution above 0"),
+        (["--replace_output=maybe"], r"argument --replace_output: expected true or false"),
+        (["--log_level", "LOUD"], r"argument --log_level: invalid choice: 'LOUD'"),
+        (["--structured_output", "yes"], r"invalid choice: 'yes' \(choose from 'profile', 'on', 'off'\)"),
+        # Beam's own options are validated too.
+        (["--direct_num_workers", "two"], r"argument --direct_num_workers: invalid int value"),
+        (["--direct_running_mode", "fast"], r"argument --direct_running_mode: invalid choice"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_usage_errors(args, message):
+    with pytest.raises(UsageError, match=message) as refused:
+        parse_args([*REQUIRED, *args])
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("missing, message", [(["--input", "a"], "--output"), (["--output", "o"], "--input")])
+def test_required_options(missing, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(missing)
+
+
+def test_beams_own_options_pass_through():
+    options = parse_args([
+        *REQUIRED, "--runner", "DataflowRunner", "--project", "my-project", "--region", "us-east5",
+        "--temp_location", "gs://my-bucket/tmp", "--experiments=no_use_multiple_sdk_containers",
+        "--number_of_worker_harness_threads", "8", "--direct_num_workers=2", "--direct_running_mode", "multi_processing",
+        "--replace_output", "--include_hidden=false",
+    ])
+    assert options.view_as(StandardOptions).runner == "DataflowRunner"
+    cloud = options.view_as(GoogleCloudOptions)
+    assert (cloud.project, cloud.region, cloud.temp_location) == ("my-project", "us-east5", "gs://my-bucket/tmp")
+    assert options.get_all_options()["number_of_worker_harness_threads"] == 8
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    opts = options.view_as(VisionBatchOptions)
+    assert opts.replace_output is True and opts.include_hidden is False
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    parser = build_parser()
+    ours = [a for a in parser._actions if a.help != "==SUPPRESS==" and a.option_strings[0] not in ("-h", "--help_beam")]
+    assert len(ours) == len([a for a in _option_actions() if a.option_strings])
+    formatter = parser._get_formatter()
+    for action in ours:
+        flag = action.option_strings[0]
+        assert flag in text, flag
+        shown = formatter._get_help_string(action)
+        default = "none" if action.default in (None, "") else "off" if action.default is False else action.default
+        assert f"(default: {default})" in shown or "Default" in shown or "Required" in shown, flag
+    assert "--direct_running_mode" not in text and "--help_beam" in text  # Beam's 200 options have their own page
+
+
+def test_help_beam_lists_beams_options(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help_beam"])
+    text = capsys.readouterr().out
+    assert "--runner" in text and "--direct_num_workers" in text and "--max_tokens" in text
+
+
+def _option_actions():
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    VisionBatchOptions._add_argparse_args(parser)
+    return parser._actions
+
+
+def test_locations_are_canonical_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = config("--input", "scans/../scans/*.png", "--manifest", "./lists/m.txt", "--incremental_from", "runs/*/",
+                 "--input", "gs://user:pw@my-bucket/x/*")
+    assert job.inputs == (f"{tmp_path}/scans/*.png", "gs://my-bucket/x/*")
+    assert job.manifests == (f"{tmp_path}/lists/m.txt",)
+    assert job.incremental_from == (f"{tmp_path}/runs/*",)
+    assert job.output == f"{tmp_path}/out"
 
 
 def test_every_option_is_documented_in_the_readme():

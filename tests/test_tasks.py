@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import JobConfig
+from pipelines.options import JobConfig, UsageError
 from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
 from transforms.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
@@ -281,19 +281,20 @@ def test_without_per_task_budgets_requests_keep_the_models_default(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--max_tokens", "poem=5"), "--max_tokens names unknown task"),
+        (("--max_tokens", "poem=5"), "--max_tokens poem=5: unknown task 'poem'; choose from ocr, caption, detect, markdown, invoice, answer"),
         (("--task_vision_tokens", "ocr=300"), "--task_vision_tokens ocr=300: budgets are 70, 140"),
-        (("--task_vision_tokens", "ocr=big"), "whole numbers"),
+        (("--task_vision_tokens", "ocr=big"), "--task_vision_tokens ocr=big: N must be a whole number"),
         (("--tasks", "invoice,poem"), "unknown task"),
     ],
 )
 def test_bad_task_options_are_refused_with_a_reason(tmp_path, args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):  # one line, exit code 2 on the command line
         config(tmp_path, *args)
 
 
 def test_a_missing_task_file_is_named(tmp_path):
-    with pytest.raises(TaskFileError, match="nowhere.yaml: cannot be read"):
+    with pytest.raises(UsageError, match="nowhere.yaml: cannot be read") as refused:
         JobConfig.from_options(
             PipelineOptions(["--input", "a", "--output", "o", "--task_file", str(tmp_path / "nowhere.yaml")]), "/m", "m", False
         )
+    assert isinstance(refused.value.__cause__, TaskFileError)  # the task file's own error, as the command line shows it

@@ -12,8 +12,10 @@ exception is storage that stays down past its retry budget
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+import itertools
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -76,9 +78,10 @@ def item_hash(source_sha256: str, page: Optional[int]) -> str:
 class PlanUnits(beam.DoFn):
     """SourceFile -> DecodeUnits (page ranges, row groups, tar members); refused files -> ErrorRecord."""
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings):
+    def __init__(self, limits: DecodeLimits, shards: ShardSettings, max_items: Optional[int] = None):
         self._limits = limits
         self._shards = shards
+        self._max_items = max_items  # --limit: a tar shard is streamed no further than this
 
     def process(self, source: SourceFile) -> Iterator[object]:
         try:
@@ -113,9 +116,9 @@ class PlanUnits(beam.DoFn):
         return [
             DecodeUnit(
                 uri=source.uri, kind=UnitKind.PARQUET, first_page=g, end_page=g + 1, page_count=len(rows),
-                metadata=source.metadata,
+                metadata=source.metadata, rows=count,
             )
-            for g in range(len(rows))
+            for g, count in enumerate(rows)
         ]
 
     def _tar_members(self, source: SourceFile) -> Iterator[object]:
@@ -124,6 +127,8 @@ class PlanUnits(beam.DoFn):
         with FileSystems.open(source.uri, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
             try:
                 for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
+                    if self._max_items is not None and samples >= self._max_items:
+                        break
                     samples += 1
                     sample_metadata = merge(source.metadata, sample.metadata)
                     if sample.image is None:
@@ -150,6 +155,48 @@ class PlanUnits(beam.DoFn):
             yield failure(ItemRef.make(source.uri), Stage.PLAN, EmptyShard("tar shard holds no files"))
 
 
+def first_items(units: Iterable[DecodeUnit], limit: int) -> list[DecodeUnit]:
+    """The units holding the first `limit` planned items in input order, the last one cut to its share."""
+    kept, remaining = [], limit
+    for unit in sorted(units, key=lambda u: (u.uri, u.first_page, u.member or "")):
+        if remaining <= 0:
+            break
+        share = min(unit.planned_items, remaining)
+        if share > 0:
+            kept.append(dataclasses.replace(unit, max_items=share))
+            remaining -= share
+    return kept
+
+
+class LimitUnits(beam.PTransform):
+    """`--limit N`: only the units of the first N planned items go on to be decoded.
+
+    Sees at most N files (the sources stage keeps the first N) with at most N
+    tar members each, so gathering their units in one place stays small.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self._limit = limit
+
+    def expand(self, units: beam.PCollection) -> beam.PCollection:
+        limit = self._limit
+        return (
+            units
+            | "OneKey" >> beam.Map(lambda unit: (None, unit))
+            | "AllUnits" >> beam.GroupByKey()
+            | "FirstItems" >> beam.FlatMap(lambda keyed: _kept_and_counted(keyed[1], limit))
+        )
+
+
+def _kept_and_counted(units: Iterable[DecodeUnit], limit: int) -> list[DecodeUnit]:
+    units = list(units)
+    kept = first_items(units, limit)
+    # The progress line's "of N planned" counts what will be decoded, not what the files hold.
+    metrics.count("items_planned", sum(u.max_items or 0 for u in kept) - sum(u.planned_items for u in units))
+    return kept
+
+
 class DecodeUnits(beam.DoFn):
     """DecodeUnit -> ImageItem per page, with its tasks still to run; a page, member or row that fails -> ErrorRecord for it only.
 
@@ -167,11 +214,13 @@ class DecodeUnits(beam.DoFn):
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         answered = dict(unit.answered)
         if unit.kind is UnitKind.MEMBER:
-            yield from self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata, answered)
+            outputs = self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata, answered)
         elif unit.kind is UnitKind.PARQUET:
-            yield from self._parquet_items(unit, answered)
+            outputs = self._parquet_items(unit, answered)
         else:
-            yield from self._file_items(unit, answered)
+            outputs = self._file_items(unit, answered)
+        # Each output is one item: decoded, skipped or its error row; --limit stops the unit after its share.
+        yield from itertools.islice(outputs, unit.max_items)
 
     def _failed(self, ref: ItemRef, exc: BaseException, **kwargs: object) -> Iterator[object]:
         """Hook: the error row of an item, or of a whole unit when none of it could be read."""

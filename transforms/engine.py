@@ -88,6 +88,10 @@ class EngineDeadError(RuntimeError):
     """The engine itself failed; outstanding work must be retried elsewhere."""
 
 
+class EngineStopped(EngineDeadError):
+    """The engine was stopped (the run was interrupted): outstanding work is cancelled, not failed."""
+
+
 @dataclasses.dataclass
 class _Request:
     request_id: str
@@ -179,6 +183,7 @@ class VisionEngine:
         prepare_process(settings)
         self.settings = settings
         started = time.monotonic()
+        _LOG.info("starting the vLLM engine for %s", settings.model_path)
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
         self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
@@ -189,6 +194,7 @@ class VisionEngine:
         self._in_flight = 0
         self._ids = itertools.count()
         self._failure: Optional[BaseException] = None
+        self._stop_reason: Optional[str] = None
         # Wall time the engine had work: requests being admitted (with their preprocessing when
         # the profile does it on this thread) or running. Only the idle wait for work is left out.
         self.busy_seconds = 0.0
@@ -224,7 +230,7 @@ class VisionEngine:
 
     @property
     def failed(self) -> bool:
-        return self._failure is not None
+        return self._failure is not None or self._stop_reason is not None
 
     def prompt_for(self, instruction: str) -> str:
         """The prompt text of an instruction, rendered with the checkpoint's chat template.
@@ -252,6 +258,8 @@ class VisionEngine:
         image's answers come from another's KV. Requests with different image
         budgets form separate prefix groups, admitted together.
         """
+        if self._stop_reason is not None:
+            raise EngineStopped(self._stop_reason)
         if self._failure is not None:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
         futures, group = [], []
@@ -273,10 +281,22 @@ class VisionEngine:
             # The group is admitted whole (never split across waits) so its
             # requests start in the same step and share the image prefix.
             limit = max(self.settings.max_in_flight, len(group))
-            self._capacity.wait_for(lambda: self._in_flight + len(group) <= limit or self._failure is not None)
+            self._capacity.wait_for(lambda: self._in_flight + len(group) <= limit or self.failed)
             self._in_flight += len(group)
         self._admissions.put(group)
         return futures
+
+    def stop(self, reason: str) -> None:
+        """Stop admitting and cancel every outstanding request (a run interrupted); safe from any thread.
+
+        The step loop aborts the running requests in vLLM (`LLMEngine.abort_request`,
+        freeing their KV blocks), fails every future with EngineStopped (bundles fail;
+        no error rows are written for cancelled work) and ends.
+        """
+        self._stop_reason = reason
+        self._admissions.put([])  # wakes a step loop idling for work
+        with self._capacity:
+            self._capacity.notify_all()  # submitters waiting for room give up
 
     def _render(self, prompt: dict[str, Any]) -> Any:
         """Tokenize the prompt and preprocess its image (vLLM's `Renderer`), on the submitting thread.
@@ -317,6 +337,10 @@ class VisionEngine:
     def _step_loop(self) -> None:
         running: dict[str, _Request] = {}
         while True:
+            if self._stop_reason is not None:
+                self._engine.abort_request(list(running))
+                self._fail_all(running, EngineStopped(self._stop_reason))
+                return
             try:
                 if not running:
                     group = self._admissions.get()  # idle: block until work arrives
@@ -355,7 +379,7 @@ class VisionEngine:
         self._release()
 
     def _fail_all(self, running: dict[str, _Request], exc: BaseException) -> None:
-        dead = EngineDeadError(f"vLLM engine failed: {exc!r}")
+        dead = exc if isinstance(exc, EngineStopped) else EngineDeadError(f"vLLM engine failed: {exc!r}")
         pending = list(running.values())
         while True:
             try:
@@ -391,6 +415,12 @@ class _EngineRegistry:
                 engine = VisionEngine(settings)
                 self._engines[key] = engine
             return engine
+
+    def stop_all(self, reason: str) -> None:
+        """Stop every engine of this process (see VisionEngine.stop); a later acquire builds a new one."""
+        # Without the lock: acquire() holds it while an engine starts (seconds), and a stop must not wait.
+        for engine in list(self._engines.values()):
+            engine.stop(reason)
 
 
 ENGINES = _EngineRegistry()

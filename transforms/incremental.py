@@ -15,11 +15,12 @@ their way to `DecodeUnits`:
    computed from its metadata.
 2. Filter (`BuildHashFilter`): the current items' hashes become one Bloom
    filter, ~1.8 bytes per current item, a singleton side input.
-3. History scan (`_ScanHistory`): the key columns of the earlier results,
-   one Parquet row group at a time, as Arrow columns: rows of another model
-   or prompt version, and rows whose hash the filter rules out, are dropped
-   where they are read, vectorised. What survives is the history of the
-   current items plus `FALSE_POSITIVE_RATE` of the rest.
+3. History scan (`_ScanHistory`): the key columns of the earlier results
+   of complete runs only (a run_summary.json beside them; never the run's
+   own output), one Parquet row group at a time, as Arrow columns: rows of
+   another model or prompt version, and rows whose hash the filter rules
+   out, are dropped where they are read, vectorised. What survives is the
+   history of the current items plus `FALSE_POSITIVE_RATE` of the rest.
 4. Exact join on the content hash (a GroupByKey): each current item's
    answered tasks, by the full key (its own fingerprints). A filter false
    positive finds no item with its hash here, so it can never skip anything.
@@ -45,6 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam import pvalue
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import DecodeUnit, ItemRef, RunInfo
 from transforms import metrics, storage
@@ -53,6 +56,7 @@ from transforms.engine import EngineSettings
 from transforms.formats import DecodeLimits, Format
 from transforms.metadata import ItemValues
 from transforms.shards import ShardSettings
+from transforms.sinks import SUMMARY_FILE
 from transforms.tasks import Task, TaskFingerprints
 
 # Results columns that identify an answer.
@@ -97,6 +101,28 @@ def answered_tasks(
 
 def results_pattern(location: str) -> str:
     return f"{location.rstrip('/')}/results/*.parquet"
+
+
+def run_location(results_file: str) -> str:
+    """`gs://b/nightly/d1/results/part-0.parquet` -> `gs://b/nightly/d1`."""
+    return results_file.rsplit("/results/", 1)[0]
+
+
+class _CompleteRunsOnly(beam.DoFn):
+    """Result files of complete runs only (a run_summary.json beside them), never those under `own`."""
+
+    def __init__(self, own: str):
+        self._own = own
+        self._complete: dict[str, bool] = {}
+
+    def process(self, meta: Any) -> Iterator[str]:
+        if meta.path.startswith(self._own):
+            return
+        location = run_location(meta.path)
+        if location not in self._complete:
+            self._complete[location] = FileSystems.exists(f"{location}/{SUMMARY_FILE}")
+        if self._complete[location]:
+            yield meta.path
 
 
 def unit_key(unit: DecodeUnit) -> str:
@@ -346,16 +372,21 @@ def _join(label: str, units: beam.PCollection, answers: beam.PCollection) -> bea
 class AttachAnswers(beam.PTransform):
     """DecodeUnits -> (the same units carrying their items' answered tasks, tallies of the history scan).
 
-    Locations without results (e.g. yesterday's run failed) contribute nothing.
+    Only complete runs count as history: a location without results (e.g.
+    yesterday's run failed) or without run_summary.json (killed, possibly
+    while publishing, and cleared when rerun) contributes nothing. Files
+    under `output` are never read: a glob such as `gs://b/nightly/*` also
+    matches tonight's own output.
     """
 
     def __init__(
         self, locations: Sequence[str], run: RunInfo, tasks: Sequence[Task], settings: EngineSettings, limits: DecodeLimits,
-        shards: ShardSettings,
+        shards: ShardSettings, output: str,
     ):
         super().__init__()
         self._patterns = [results_pattern(location) for location in locations]
         self._run = run
+        self._own = output.rstrip("/") + "/"
         self._tasks = tuple(tasks)
         self._settings = settings
         self._limits = limits
@@ -371,6 +402,8 @@ class AttachAnswers(beam.PTransform):
         scanned = (
             units.pipeline
             | "EarlierResults" >> beam.Create(self._patterns)
+            | "MatchResults" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+            | "CompleteRuns" >> beam.ParDo(_CompleteRunsOnly(self._own))
             | "ReadKeyColumns" >> beam.io.ReadAllFromParquetBatched(columns=list(KEY_COLUMNS))
             | "ScanHistory" >> beam.ParDo(_ScanHistory(self._run), current=pvalue.AsSingleton(current)).with_outputs(
                 TALLY_TAG, main="answers"

@@ -4,7 +4,8 @@ Beam's file sink writes each bundle to a temporary file and renames the
 complete set at the end, so a retried bundle never duplicates rows and no
 file is half-written. The two tables are renamed one after the other, so a
 run can fail with one table in place: the launcher then removes what the
-run added (`remove_new_objects`).
+run wrote (`pipelines.output_safety.remove_run`; the output held no run
+when it started).
 
 `WriteTable` returns one `WrittenFile` (final path, rows) per file, counted
 by the writer as it wrote them: the run summary lists them without opening
@@ -22,7 +23,6 @@ import pyarrow.parquet as pq
 from apache_beam.io import iobase
 from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
 from schemas.records import ErrorRecord, RunInfo
@@ -35,6 +35,9 @@ ROW_GROUP_BYTES = 64 * 2**20
 # Rows are converted to Arrow this many at a time; the row group is their concatenation.
 ARROW_BATCH_ROWS = 1000
 TABLES = ("results", "errors")
+# Written last, after both tables are final: an output location holds a complete run exactly
+# when this file is there (pipelines/summary.py writes it; incremental runs and output checks read it).
+SUMMARY_FILE = "run_summary.json"
 
 
 def table_prefix(output: str, table: str) -> str:
@@ -195,38 +198,6 @@ def _counted(row: dict, counter: str) -> dict:
 
 
 def to_error_row(error: ErrorRecord, run: RunInfo) -> dict:
-    metrics.count(f"error_rows_{error.stage}")
+    metrics.count(f"error_rows_{error.stage.value}")
     metrics.count(f"error_type_{error.error_type}")
     return error_row(error, run)
-
-
-def table_objects(output: str) -> dict[str, float]:
-    """Every object under OUT/results/ and OUT/errors/ (final files and Beam's temp files) -> last update time."""
-    return {
-        meta.path: meta.last_updated_in_seconds
-        for table in TABLES
-        for meta in FileSystems.match([f"{output}/{table}/**"])[0].metadata_list
-    }
-
-
-def remove_new_objects(output: str, before: dict[str, float]) -> list[str]:
-    """Delete what a failed run added or rewrote under the tables since `before` (a `table_objects` snapshot).
-
-    Beam renames each table's files into place only when the whole table is
-    written, but a run failing during that rename, or between the two
-    tables, would leave a partial set of final files; and its temp files
-    stay behind. Files that were there before and are unchanged are kept.
-    Returns the paths removed (Beam temp directories as one entry each).
-    """
-    targets = set()
-    for path, updated in table_objects(output).items():
-        if before.get(path) == updated:
-            continue
-        for table in TABLES:
-            prefix = f"{output}/{table}/"
-            if path.startswith(prefix):
-                head, nested, _ = path[len(prefix):].partition("/")
-                targets.add(prefix + head + ("/" if nested else ""))  # a Beam temp directory goes as a whole
-    if targets:
-        FileSystems.delete(sorted(targets))
-    return sorted(targets)

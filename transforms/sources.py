@@ -1,10 +1,16 @@
-"""Sources stage: input globs and manifests -> one SourceFile per distinct matched object.
+"""Sources stage: input folders, globs and manifests -> one SourceFile per distinct matched object.
 
 Matching goes through Beam's FileSystems, so local paths and gs:// URIs (and
-any other registered filesystem) behave the same. A pattern that matches
-nothing, or a manifest entry that doesn't exist, is an error row, not a
-silent empty run: a typo in a nightly job's input path must show up in its
-counts.
+any other registered filesystem) behave the same. An `--input` is taken as
+people give it: a folder means its files, recursively; a glob its matches;
+anything else one file. Files of folders and globs pass the user's
+include/exclude patterns, and hidden files (`.DS_Store`, `.git/`) are
+skipped unless asked for; a file named explicitly, or listed by a manifest,
+is always read. A pattern that matches nothing, or a manifest entry that
+doesn't exist, is an error row, not a silent empty run: a typo in a nightly
+job's input path must show up in its counts (and fails the run's error
+budget). Every URI leaves this stage in its canonical spelling
+(`schemas.uris`), so ids do not depend on the working directory.
 """
 from __future__ import annotations
 
@@ -12,14 +18,16 @@ import csv
 import dataclasses
 import io
 import os
+import re
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.records import ItemRef, SourceFile, Stage
+from schemas.uris import canonical_uri, resolve_relative
 from transforms import metrics, storage
 from transforms.errors import ERRORS_TAG, failure
 from transforms.metadata import encode
@@ -33,6 +41,37 @@ class NotFound(LookupError):
     """A manifest entry naming a file that does not exist."""
 
 
+_MAGIC = re.compile(r"[*?[]")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSelection:
+    """Which files of folders and globs are read, and how many items a trial run takes."""
+
+    include: tuple[str, ...] = ()  # keep only files matching one of these (all files when empty)
+    exclude: tuple[str, ...] = ()  # drop files matching one of these
+    include_hidden: bool = False  # names starting with "." (.DS_Store, .git/, AppleDouble ._x.jpg)
+    limit: Optional[int] = None  # at most this many items, the first in input order
+
+    def keeps(self, relative_path: str) -> bool:
+        """Whether a file found under a folder or glob (path relative to its root, '/'-separated) is read.
+
+        A pattern with a '/' matches the relative path, any other the file name; the glob
+        dialect is the one `--input` uses (Beam's: `*` stops at '/', `**` crosses it).
+        """
+        parts = relative_path.split("/")
+        if not self.include_hidden and any(part.startswith(".") for part in parts):
+            return False
+        if self.include and not any(_matches(pattern, relative_path) for pattern in self.include):
+            return False
+        return not any(_matches(pattern, relative_path) for pattern in self.exclude)
+
+
+def _matches(pattern: str, relative_path: str) -> bool:
+    subject = relative_path if "/" in pattern else relative_path.rsplit("/", 1)[-1]
+    return re.match(FileSystem.translate_pattern(pattern.strip("/")), subject) is not None
+
+
 def _is_directory(path: str) -> bool:
     if path.endswith("/"):
         return True  # object-store "folder" placeholder
@@ -41,21 +80,48 @@ def _is_directory(path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class InputEntry:
-    """An `--input` glob, or one file a manifest lists (taken literally) with the row's other columns."""
+    """An `--input` (folder, glob or file), or one file a manifest lists (taken literally) with the row's other columns."""
 
     pattern: str
     literal: bool = False
     metadata: Optional[str] = None
 
 
-def match_pattern(pattern: str) -> list[SourceFile]:
-    """All files (not directories) a glob matches, sorted by URI."""
-    result = FileSystems.match([pattern])[0]
-    files = [
-        SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes)
-        for meta in result.metadata_list
-        if not _is_directory(meta.path)
-    ]
+def _folder(location: str) -> Optional[str]:
+    """The folder a location without glob characters names, or None when it names a file (or nothing)."""
+    if location.endswith("/"):
+        return location.rstrip("/")
+    if isinstance(FileSystems.get_filesystem(location), LocalFileSystem):
+        return location if os.path.isdir(location) else None
+    # Object stores have no folders: an object of that name is a file, else it may be a prefix.
+    return None if FileSystems.exists(location) else location
+
+
+def expand_input(pattern: str) -> tuple[str, Optional[str]]:
+    """`--input` as given -> (glob to match, root the selection's relative paths start from).
+
+    The root is None for a single named file: it is read whatever the selection says.
+    """
+    if _MAGIC.search(pattern):
+        fixed = _MAGIC.split(pattern, 1)[0]
+        return pattern, fixed[: fixed.rfind("/")] if "/" in fixed else ""
+    folder = _folder(pattern)
+    if folder is None:
+        return pattern, None
+    return f"{folder}/**", folder
+
+
+def match_pattern(pattern: str, selection: InputSelection = InputSelection()) -> list[SourceFile]:
+    """All files (not directories) an `--input` names and the selection keeps, sorted by URI."""
+    glob, root = expand_input(pattern)
+    result = FileSystems.match([glob])[0]
+    files = []
+    for meta in result.metadata_list:
+        if _is_directory(meta.path):
+            continue
+        if root is not None and not selection.keeps(meta.path[len(root):].lstrip("/")):
+            continue
+        files.append(SourceFile(uri=canonical_uri(meta.path), size_bytes=meta.size_in_bytes))
     return sorted(files, key=lambda f: f.uri)
 
 
@@ -66,31 +132,29 @@ def stat_literal(uri: str, metadata: Optional[str] = None) -> list[SourceFile]:
     except Exception as exc:  # noqa: BLE001 - BeamIOError/FileNotFoundError/IOError by filesystem: all mean "not there"
         storage.raise_if_outage(exc)  # ... except storage being down
         return []
-    return [] if _is_directory(meta.path) else [SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes, metadata=metadata)]
+    if _is_directory(meta.path):
+        return []
+    return [SourceFile(uri=canonical_uri(meta.path), size_bytes=meta.size_in_bytes, metadata=metadata)]
 
 
 class _MatchPattern(beam.DoFn):
     """InputEntry -> SourceFiles; literal entries come from manifests."""
 
+    def __init__(self, selection: InputSelection):
+        self._selection = selection
+
     def process(self, entry: InputEntry) -> Iterator[object]:
         pattern, literal = entry.pattern, entry.literal
         try:
-            files = stat_literal(pattern, entry.metadata) if literal else match_pattern(pattern)
+            files = stat_literal(pattern, entry.metadata) if literal else match_pattern(pattern, self._selection)
         except Exception as exc:  # noqa: BLE001 - e.g. a bucket that doesn't exist
             yield failure(ItemRef.make(pattern), Stage.MATCH, exc)
             return
         if not files:
-            missing = NotFound("manifest entry does not exist") if literal else NoMatch("pattern matched no files")
+            missing = NotFound("manifest entry does not exist") if literal else NoMatch("no file matched (or all were excluded)")
             yield failure(ItemRef.make(pattern), Stage.MATCH, missing)
             return
         yield from files
-
-
-def _resolve(entry: str, manifest_dir: str) -> str:
-    """Manifest entries may be relative to the manifest's own location."""
-    if "://" in entry or os.path.isabs(entry):
-        return entry
-    return FileSystems.join(manifest_dir, entry)
 
 
 Row = tuple[str, dict[str, Any]]  # a manifest entry and its row's other columns
@@ -142,7 +206,7 @@ def manifest_entries(uri: str, column: str = "uri") -> Iterator[InputEntry]:
         for entry, columns in entries:
             entry = entry.strip()
             if entry and not entry.startswith("#"):
-                yield InputEntry(_resolve(entry, manifest_dir), literal=True, metadata=encode(columns))
+                yield InputEntry(resolve_relative(entry, manifest_dir), literal=True, metadata=encode(columns))
 
 
 class _ReadManifest(beam.DoFn):
@@ -169,11 +233,18 @@ class MatchInputs(beam.PTransform):
     doesn't match and then decode an entire bucket listing.
     """
 
-    def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (), manifest_column: str = "uri"):
+    def __init__(
+        self,
+        patterns: Sequence[str],
+        manifests: Sequence[str] = (),
+        manifest_column: str = "uri",
+        selection: InputSelection = InputSelection(),
+    ):
         super().__init__()
-        self._patterns = list(patterns)
-        self._manifests = list(manifests)
+        self._patterns = [canonical_uri(pattern) for pattern in patterns]
+        self._manifests = [canonical_uri(manifest) for manifest in manifests]
         self._manifest_column = manifest_column
+        self._selection = selection
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
         listed = (
@@ -188,14 +259,21 @@ class MatchInputs(beam.PTransform):
             )
             | "AllPatterns" >> beam.Flatten()
         )
-        matched = patterns | "Match" >> beam.ParDo(_MatchPattern()).with_outputs(ERRORS_TAG, main="files")
+        matched = patterns | "Match" >> beam.ParDo(_MatchPattern(self._selection)).with_outputs(ERRORS_TAG, main="files")
         files = (
             matched.files
             | "KeyByUri" >> beam.Map(lambda f: (f.uri, f))
             | "DistinctUri" >> beam.GroupByKey()
             | "OnePerUri" >> beam.Map(_first)
-            | "CountFiles" >> beam.Map(_counted)
         )
+        if self._selection.limit is not None:
+            # Every file holds at least one item: the first `limit` files by URI hold the first `limit` items.
+            files = (
+                files
+                | "FirstFiles" >> beam.combiners.Top.Smallest(self._selection.limit, key=lambda f: f.uri)
+                | "LimitedFiles" >> beam.FlatMap(lambda kept: kept)
+            )
+        files = files | "CountFiles" >> beam.Map(_counted)
         errors = (matched[ERRORS_TAG], listed[ERRORS_TAG]) | "MatchErrors" >> beam.Flatten()
         return files, errors
 

@@ -29,6 +29,7 @@ import jsonschema
 import yaml
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import storage
 from transforms.builtin_tasks import BUILTIN_TASKS, DETECTION_JSON_SCHEMA, DETECTION_MAX_TOKENS
 from transforms.prompts import VISION_TOKEN_BUDGETS, Sampling
 from transforms.tasks import TASK_NAME, OutputKind, RetryRung, Task, Template, default_retries
@@ -202,5 +203,6 @@ def load_task_file(path: Optional[str]) -> tuple[Task, ...]:
     except UnicodeDecodeError:
         raise TaskFileError(path, ["not UTF-8 text"]) from None
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable file: one line naming it
+        storage.raise_if_outage(exc)  # ... but storage being down is no mistake in the file or its name
         raise TaskFileError(path, [f"cannot be read ({type(exc).__name__}: {exc})"]) from None
     return parse_task_file(text, path)
