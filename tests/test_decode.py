@@ -51,6 +51,15 @@ def test_pdf_is_recognised_by_content_not_extension(tmp_path):
     assert [i.info.ref.page for i in items] == [0, 1]
 
 
+def test_tar_whose_first_member_is_a_pdf_is_read_as_a_shard(tmp_path):
+    from tests.shard_data import image_bytes, tar_bytes
+
+    members = [("doc/0001.pdf", pdf_bytes(2)), ("img/0002.png", image_bytes((200, 30, 30)))]
+    items, errors = run_file(write(tmp_path / "shard.tar", tar_bytes(members)))
+    assert not errors
+    assert sorted((i.info.ref.member, i.info.ref.page) for i in items) == [("doc/0001", 0), ("doc/0001", 1), ("img/0002", None)]
+
+
 def test_long_pdf_is_cut_into_page_ranges(tmp_path):
     path = write(tmp_path / "long.pdf", pdf_bytes(5))
     units = list(PlanUnits(DecodeLimits(pages_per_unit=2), ShardSettings()).process(SourceFile(path, 1)))

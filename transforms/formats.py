@@ -127,14 +127,16 @@ def _is_tar(head: bytes) -> bool:
 
 def sniff(head: bytes) -> Format:
     """The format of a file from its first `HEAD_BYTES`; unknown content is left to Pillow (IMAGE)."""
-    if _PDF_MAGIC in head[:1024]:
-        return Format.PDF
     if head[:4] in _TIFF_MAGICS:
         return Format.TIFF
     if head[:4] == _PARQUET_MAGIC:
         return Format.PARQUET
+    # Before the PDF check: a tar's first member starts at byte 512, so a shard whose first
+    # member is a PDF has "%PDF" in its first 1,024 bytes; sniffed as a PDF, its other members were lost.
     if _is_tar(head):
         return Format.TAR
+    if _PDF_MAGIC in head[:1024]:
+        return Format.PDF
     return Format.IMAGE
 
 
