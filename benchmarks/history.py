@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import pathlib
 from typing import Iterator
 
@@ -25,10 +26,10 @@ import pyarrow.parquet as pq
 
 from benchmarks.workload import cached_directory
 from schemas.tables import RESULTS_SCHEMA
-from transforms.sinks import ROW_GROUP_BYTES
+from transforms.sinks import ROW_GROUP_BYTES, SUMMARY_FILE
 
 # Bump when the generator writes different rows: it names the cache directory.
-HISTORY_VERSION = "2"  # 2: results rows carry task fingerprints (part of the incremental key)
+HISTORY_VERSION = "3"  # 2: results rows carry task fingerprints (part of the incremental key); 3: run_summary.json per night
 NIGHT_ROWS = 1_000_000  # a nightly run of ~330 k items x 3 tasks
 FILE_ROWS = 250_000  # rows per Parquet file, as a Dataflow run writes one file per bundle
 OTHER_MODEL = "another-model"
@@ -165,6 +166,8 @@ def write_history(root: pathlib.Path, rows: int, template: pa.Table, plan: Plan)
                 _write_file(staging / f"night-{night:03d}" / "results" / f"part-{part:05d}.parquet", groups(file_rows, night))
         if planted.num_rows:
             _write_file(staging / f"night-{len(nights) - 1:03d}" / "results" / "part-planted.parquet", iter([planted]))
+        for night in range(len(nights)):  # only complete runs (a run_summary.json beside results/) are history
+            (staging / f"night-{night:03d}" / SUMMARY_FILE).write_text(json.dumps({"state": "SUCCEEDED", "synthetic": True}))
 
     return cached_directory(root / f"history-v{HISTORY_VERSION}-{key}-{rows}", build)
 

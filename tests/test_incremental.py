@@ -7,6 +7,7 @@ answers, skips and decodes.
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 import shutil
 
@@ -28,6 +29,7 @@ from transforms.engine import EngineSettings
 from transforms.formats import DecodeLimits
 from transforms.incremental import BuildHashFilter, HashFilter, HashUnits, answered_tasks, answer_key, hash_words, words_of
 from transforms.shards import ShardSettings
+from transforms.sinks import SUMMARY_FILE
 
 RUN = RunInfo(run_id="r", model_id="model-a", prompt_version="v2")
 
@@ -150,9 +152,13 @@ def test_hash_pass_gives_decode_hashes_without_decoding(tmp_path, monkeypatch):
 
 
 def write_history(path: pathlib.Path, rows: list[dict]) -> str:
-    """A results table as the sink writes it (the schema, zstd), at PATH/results/part-0.parquet."""
+    """A complete run's results table as the sink writes it (the schema, zstd), at PATH/results/part-0.parquet.
+
+    A run_summary.json beside it marks the run complete: only complete runs count as history.
+    """
     (path / "results").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), path / "results" / "part-0.parquet", compression="zstd")
+    (path / SUMMARY_FILE).write_text(json.dumps({"state": "SUCCEEDED"}))
     return str(path)
 
 
