@@ -53,3 +53,77 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     assert caption.prompt_tokens == again.prompt_tokens < 128 + 72
     assert max(caption.cached_tokens, again.cached_tokens) >= 128
     assert engine.busy_seconds > 0 and not engine.failed
+
+
+def _tiny_settings(tiny_checkpoint, **engine_args):
+    from pipelines.checkpoint_shape import CheckpointShape
+    from pipelines.engine_profiles import resolve
+    from transforms.engine import EngineSettings
+
+    profile = resolve("cpu-tiny", engine_args, CheckpointShape.read(str(tiny_checkpoint)))
+    return EngineSettings(model_path=str(tiny_checkpoint), engine_args=profile.engine_args, max_in_flight=8,
+                          structured_output=True, preprocess_on_step_thread=True)
+
+
+def _answers(engine, images, specs):
+    """Each task of each image alone, one after the other: the same batches (of one) on any engine."""
+    import dataclasses
+
+    answers = []
+    for key, image in images.items():
+        for spec in specs:
+            [future] = engine.submit(image, key, [spec])
+            error = future.exception(timeout=120)
+            answers.append(repr(type(error)) if error else dataclasses.astuple(future.result())[:5])  # text .. cached
+    return answers
+
+
+def _images():
+    """Two seeded noise images by key (the key names the pixels, as a content hash would)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    return {f"noise-{w}x{h}": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((320, 240), (200, 300))}
+
+
+def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
+    """One preprocessing per image for all its tasks, with the same answers as preprocessing per task."""
+    from transforms.engine import ENGINES
+    from transforms.prompts import TASKS, with_max_tokens
+
+    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("ocr", "caption", "detect")]
+    shared = ENGINES.acquire(_tiny_settings(tiny_checkpoint))
+    before = shared.preprocessing()
+    shared_answers = _answers(shared, _images(), specs)
+    after = shared.preprocessing()
+    assert (after.requests - before.requests, after.images - before.images) == (6, 2)
+
+    per_task = ENGINES.acquire(_tiny_settings(tiny_checkpoint, mm_processor_cache_gb=0))
+    before = per_task.preprocessing()
+    assert _answers(per_task, _images(), specs) == shared_answers
+    after = per_task.preprocessing()
+    assert (after.requests - before.requests, after.images - before.images) == (6, 6)
+    # The image's later tasks took its KV from the prefix cache (cached_tokens is the 5th field).
+    assert all(answer[4] > 0 for answer in shared_answers[1:3] + shared_answers[4:6])
+
+
+def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint):
+    """The accelerator profiles' placement: same answers, same isolation of a rejected request."""
+    import dataclasses
+
+    from transforms.engine import ENGINES, VisionEngine
+    from transforms.prompts import TASKS, with_max_tokens
+
+    # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
+    settings = _tiny_settings(tiny_checkpoint, max_model_len=256)
+    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
+    in_process = _answers(ENGINES.acquire(settings), _images(), specs)
+    separate = VisionEngine(dataclasses.replace(settings, engine_core_process=True))
+    try:
+        assert _answers(separate, _images(), specs) == in_process
+        assert separate.preprocessing().images == 2  # shared across the image's tasks there too
+    finally:
+        separate.close()
+    assert in_process[1] == in_process[4] and "Error" in in_process[1]  # the OCR requests, rejected alone
+    assert in_process[0][:4] == in_process[2][:4] and in_process[2][4] > 0  # the repeat hit the prefix cache

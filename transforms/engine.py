@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from PIL import Image
 
@@ -48,9 +48,12 @@ class EngineSettings:
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
     thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
-    # Where images are preprocessed: in add_request on the step-loop thread, or on the submitting
+    # Where images are preprocessed: on the step-loop thread before add_request, or on the submitting
     # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
     preprocess_on_step_thread: bool = False
+    # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
+    # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
+    engine_core_process: bool = False
     # Process environment the engine's native libraries read when they start (set before the engine
     # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -68,6 +71,11 @@ class EngineResult:
     generated_tokens: int
     cached_tokens: int
     latency_s: float
+
+
+class Preprocessing(NamedTuple):
+    requests: int  # requests rendered (prompt tokenized, image preprocessed or taken from the cache)
+    images: int  # images preprocessed for them: one per image when its tasks share it
 
 
 class EngineDeadError(RuntimeError):
@@ -140,9 +148,9 @@ def prepare_process(settings: EngineSettings) -> None:
     from the same settings (the benchmark's peer designs), so that every
     engine runs under the same environment.
     """
-    # In-process engine core: the multiprocess default costs ~30 s of start-up
-    # per worker and a second process that would contend for the TPU device.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Where vLLM puts its engine core (read when an engine is built): in this process, or in a
+    # child process that alone owns the device while this one renders requests and detokenizes.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_core_process else "0"
     # The profile's environment for the engine's native libraries; the user's own values win.
     for name, value in settings.environment.items():
         os.environ.setdefault(name, value)
@@ -163,9 +171,10 @@ class VisionEngine:
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
         self._prompt_cache: dict[str, str] = {}
-        self._admissions: "queue.SimpleQueue[list[_Request]]" = queue.SimpleQueue()
+        self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
         self._capacity = threading.Condition()
         self._render_lock = threading.Lock()
+        self._requests_rendered = 0
         self._in_flight = 0
         self._ids = itertools.count()
         self._failure: Optional[BaseException] = None
@@ -194,7 +203,10 @@ class VisionEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         try:
-            self._engine = LLMEngine.from_engine_args(EngineArgs(model=local_model, **self.settings.engine_args))
+            self._engine = LLMEngine.from_engine_args(
+                EngineArgs(model=local_model, **self.settings.engine_args),
+                enable_multiprocessing=self.settings.engine_core_process,
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
@@ -250,24 +262,54 @@ class VisionEngine:
         return futures
 
     def _render(self, prompt: dict[str, Any]) -> Any:
-        """Tokenize the prompt and preprocess its image (vLLM's `Renderer`), on the submitting thread.
+        """Tokenize the prompt and preprocess its image with vLLM's `Renderer`: the calls
+        `vllm.LLM.generate` makes before `add_request`.
 
-        Used when the profile does not preprocess on the step-loop thread: the
-        host's spare cores prepare the next requests while the accelerator
-        steps (25 ms of CPU per task for a 280-token image, which would
-        otherwise pause stepping). vLLM's own server renders on other threads
-        than the one stepping the engine too; like it, we run one image
-        preprocessing at a time (its multimodal processor is not re-entrant).
-        These are the calls `vllm.LLM.generate` makes before `add_request`.
+        An image is preprocessed once for all its tasks. The renderer's
+        processor-only cache (`skip_mm_cache=True`, sized by the profile's
+        `mm_processor_cache_gb`) keeps the processed image under its
+        `multi_modal_uuid`; the image's other tasks (and retries) only
+        tokenize their text and take the processed image from it. That cache
+        lives in this process alone and every request still carries the
+        processed image in full, so nothing a request meets later can put it
+        out of step with the engine core: a request the engine rejects after
+        rendering (prompt too long) leaves a correct entry for its siblings.
+        (vLLM's default sender cache sends only a hash for an image it
+        believes the core holds; a rejected request made that belief false,
+        and the image's other tasks failed with MultiModalCacheMissError.)
+
+        Runs on the step-loop thread or on the submitting threads, as the
+        profile says; one render at a time (the multimodal processor and its
+        cache are not thread-safe), as vLLM's own server does.
         """
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
         renderer = self._engine.renderer
         with self._render_lock:
             (engine_input,) = renderer.render_cmpl(
-                [parse_model_prompt(self._engine.model_config, prompt)], renderer.default_cmpl_tok_params
+                [parse_model_prompt(self._engine.model_config, prompt)],
+                renderer.default_cmpl_tok_params,
+                skip_mm_cache=True,
             )
+            self._requests_rendered += 1
         return engine_input
+
+    def preprocessing(self) -> "Preprocessing":
+        """Requests rendered so far and the images preprocessed for them."""
+        # vLLM 0.32 has no accessor for the processor-only cache that `_render` uses (the public
+        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
+        cache = self._engine.renderer._mm_processor_only_cache
+        with self._render_lock:
+            if cache is None:
+                return Preprocessing(self._requests_rendered, self._requests_rendered)
+            stats = cache.make_stats()
+            return Preprocessing(self._requests_rendered, stats.total - stats.hits)
+
+    def close(self) -> None:
+        """Stop the step loop once its requests are answered; shut the engine down (with its engine-core process)."""
+        self._admissions.put(None)
+        self._loop.join()
+        self._engine.engine_core.shutdown()
 
     def _release(self, count: int = 1) -> None:
         with self._capacity:
@@ -278,7 +320,8 @@ class VisionEngine:
         for request in group:
             request.submitted_at = time.monotonic()
             try:
-                self._engine.add_request(request.request_id, request.prompt, request.params)
+                prompt = self._render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
+                self._engine.add_request(request.request_id, prompt, request.params)
             except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
                 request.future.set_exception(exc)
                 self._release()
@@ -291,13 +334,19 @@ class VisionEngine:
             try:
                 if not running:
                     group = self._admissions.get()  # idle: block until work arrives
+                    if group is None:  # close()
+                        return
                     busy_since = time.monotonic()
                     self._admit(group, running)
                 while True:
                     try:
-                        self._admit(self._admissions.get_nowait(), running)
+                        group = self._admissions.get_nowait()
                     except queue.Empty:
                         break
+                    if group is None:  # close() while requests run: finish them first
+                        self._admissions.put(None)
+                        break
+                    self._admit(group, running)
                 if running:
                     for output in self._engine.step():
                         if output.finished and output.request_id in running:
@@ -330,7 +379,7 @@ class VisionEngine:
         pending = list(running.values())
         while True:
             try:
-                pending.extend(self._admissions.get_nowait())
+                pending.extend(self._admissions.get_nowait() or ())
             except queue.Empty:
                 break
         for request in pending:
