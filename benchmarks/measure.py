@@ -154,6 +154,12 @@ def process_cpu_seconds(pid: Optional[int] = None) -> float:
     return total
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this process alone (all its threads), not of its children."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def timed(call: Callable[[], Any], cpu_of: Callable[[], float] = process_cpu_seconds) -> tuple[Any, Window]:
     started, cpu_started = time.perf_counter(), cpu_of()
     value = call()
@@ -194,6 +200,31 @@ class StepTimer:
     @property
     def occupancy(self) -> float:
         return round(self._slot_seconds / self.seconds, 3) if self.seconds else 0.0
+
+
+class ModelTimer:
+    """Time inside an in-process engine's model runner (`execute_model` + `sample_tokens` of its executor).
+
+    The rest of the engine's busy time is host work around the model: the
+    scheduler, KV-cache bookkeeping, admitting requests, turning outputs into
+    text. On an accelerator the model runner's share moves to the chip; that
+    rest stays on the host's CPU, under the GIL of the process running it.
+    """
+
+    def __init__(self, executor: Any):
+        self.seconds = 0.0
+        for name in ("execute_model", "sample_tokens"):
+            setattr(executor, name, self._timed(getattr(executor, name)))
+
+    def _timed(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed_call
 
 
 def own_peak_rss_bytes() -> int:

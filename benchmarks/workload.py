@@ -37,6 +37,19 @@ STREAMING_PRESET = "tiny-31b"  # the streaming check's model: a tiny dense check
 # ... and a KV pool small enough to be fully touched early (the reason is in benchmarks/run.py).
 STREAMING_KV_BYTES = 32 * 2**20
 
+# The host-bound regime (variants ha..hb0, host): an engine step cheaper than the host's work per
+# request, as on an accelerator. tiny-26b-a4b stands for the model of the hungriest accelerator
+# profile (tpu-v6e-8-gemma4-26b-a4b) and has its image processor (Gemma 4's vision-tower
+# processor: 2,520 patches for 280 soft tokens); its engine (6 layers of hidden 64) computes next
+# to nothing, so what is measured is the host: decode, preprocessing, Beam, scheduling,
+# detokenizing, parsing, Parquet. At the TPU profiles' image budget (280 soft tokens).
+HOST_PRESET = "tiny-26b-a4b"
+HOST_VISION_TOKENS = 280
+# ... and page-sized images for the host stages alone: a scan's long side at 300 dpi (A4: 3,508 px)
+# is larger than the workload's 1,024, and decode cost grows with it.
+HOST_PAGE_IMAGES = 40
+HOST_PAGE_SIDE = 2480
+
 _WORDS = (
     "invoice total amount due date account number customer order item quantity price tax "
     "report revenue growth costs quarter annual summary table figure page section note "
@@ -120,16 +133,19 @@ def image_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path for path in directory.iterdir() if path.name.startswith("img_"))
 
 
+def decode_file(decoder: DecodeUnits, path: pathlib.Path) -> ImageItem:
+    """One image file -> its ImageItem through the pipeline's own decode stage (read, hash, decode, orient, resize)."""
+    unit = DecodeUnit(uri=str(path), kind="image", first_page=0, end_page=1, page_count=1)
+    items = [out for out in decoder.process(unit) if isinstance(out, ImageItem)]
+    if len(items) != 1:
+        raise RuntimeError(f"benchmark image {path} did not decode")
+    return items[0]
+
+
 def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLimits()) -> list[ImageItem]:
     """Files -> ImageItems through the pipeline's own decode stage (same pixels, same content hashes)."""
     decoder = DecodeUnits(limits, ShardSettings())
-    items = []
-    for path in paths:
-        unit = DecodeUnit(uri=str(path), kind="image", first_page=0, end_page=1, page_count=1)
-        items.extend(out for out in decoder.process(unit) if isinstance(out, ImageItem))
-    if len(items) != len(paths):
-        raise RuntimeError(f"decoded {len(items)} of {len(paths)} benchmark images")
-    return items
+    return [decode_file(decoder, path) for path in paths]
 
 
 def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[TaskSpec, ...]:
@@ -148,6 +164,7 @@ class Workload:
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
     max_in_flight: Optional[int] = None  # overrides the profile's
     vision_tokens: Optional[int] = None  # overrides the profile's image soft-token budget
+    beam_options: Sequence[str] = ()  # extra Beam options of the pipeline's command line
 
     def pipeline_argv(self, output: str) -> list[str]:
         """The command line of this pipeline (variant b) for this workload."""
@@ -163,7 +180,7 @@ class Workload:
             argv += ["--max_in_flight", str(self.max_in_flight)]
         if self.vision_tokens:
             argv += ["--vision_tokens", str(self.vision_tokens)]
-        return argv
+        return argv + list(self.beam_options)
 
     def engine_settings(self, image_first: bool = True) -> EngineSettings:
         """Exactly the engine settings the pipeline resolves from `pipeline_argv` (same engine args for all variants)."""
@@ -171,8 +188,11 @@ class Workload:
 
         from pipelines.options import JobConfig
 
+        from pipelines.checkpoint_shape import CheckpointShape
+
         options = PipelineOptions(self.pipeline_argv("unused"))
-        settings = JobConfig.from_options(options, self.model_path, self.model_id, True).engine
+        checkpoint = CheckpointShape.read(self.model_path)  # as vision_batch.run: the profile is fitted to it
+        settings = JobConfig.from_options(options, self.model_path, self.model_id, True, checkpoint=checkpoint).engine
         return dataclasses.replace(settings, image_first=image_first)
 
     def specs(self) -> tuple[TaskSpec, ...]:

@@ -161,6 +161,58 @@ def prepare_process(settings: EngineSettings) -> None:
     _quiet_per_request_warnings()
 
 
+class RequestRenderer:
+    """Tokenizes prompts and preprocesses their images with vLLM's `Renderer`: the
+    calls `vllm.LLM.generate` makes before `add_request`.
+
+    An image is preprocessed once for all its tasks. The renderer's
+    processor-only cache (`skip_mm_cache=True`, sized by the profile's
+    `mm_processor_cache_gb`) keeps the processed image under its
+    `multi_modal_uuid`; the image's other tasks (and retries) only tokenize
+    their text and take the processed image from it. That cache lives in
+    this process alone and every request still carries the processed image
+    in full, so nothing a request meets later can put it out of step with
+    the engine core: a request the engine rejects after rendering (prompt
+    too long) leaves a correct entry for its siblings. (vLLM's default
+    sender cache sends only a hash for an image it believes the core holds;
+    a rejected request made that belief false, and the image's other tasks
+    failed with MultiModalCacheMissError.)
+
+    One render at a time, from any thread: the multimodal processor and its
+    cache are not thread-safe (vLLM's own server runs them on one thread).
+    """
+
+    def __init__(self, renderer: Any, model_config: Any):
+        self._renderer = renderer
+        self._model_config = model_config
+        self._lock = threading.Lock()
+        self._requests = 0
+
+    def render(self, prompt: Mapping[str, Any]) -> Any:
+        """vLLM's engine input for one prompt dict (`engine_prompt`)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        with self._lock:
+            (engine_input,) = self._renderer.render_cmpl(
+                [parse_model_prompt(self._model_config, dict(prompt))],
+                self._renderer.default_cmpl_tok_params,
+                skip_mm_cache=True,
+            )
+            self._requests += 1
+        return engine_input
+
+    def preprocessing(self) -> Preprocessing:
+        """Requests rendered so far and the images preprocessed for them."""
+        # vLLM 0.32 has no accessor for the processor-only cache that render() uses (the public
+        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
+        cache = self._renderer._mm_processor_only_cache
+        with self._lock:
+            if cache is None:
+                return Preprocessing(self._requests, self._requests)
+            stats = cache.make_stats()
+            return Preprocessing(self._requests, stats.total - stats.hits)
+
+
 class VisionEngine:
     """A vLLM engine owned by one step-loop thread, fed from any thread."""
 
@@ -173,8 +225,6 @@ class VisionEngine:
         self._prompt_cache: dict[str, str] = {}
         self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
         self._capacity = threading.Condition()
-        self._render_lock = threading.Lock()
-        self._requests_rendered = 0
         self._in_flight = 0
         self._ids = itertools.count()
         self._failure: Optional[BaseException] = None
@@ -195,6 +245,7 @@ class VisionEngine:
             raise RuntimeError(f"vLLM engine for {settings.model_path} failed to start") from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
         self._apply_chat_template = self._engine.get_tokenizer().apply_chat_template
+        self._renderer = RequestRenderer(self._engine.renderer, self._engine.model_config)
         # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
@@ -245,7 +296,7 @@ class VisionEngine:
             try:
                 prompt = engine_prompt(self.prompt_for(spec), image, image_key, self.settings)
                 if not self.settings.preprocess_on_step_thread:
-                    prompt = self._render(prompt)
+                    prompt = self._renderer.render(prompt)
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
                 future.set_exception(exc)
                 continue
@@ -261,49 +312,9 @@ class VisionEngine:
         self._admissions.put(group)
         return futures
 
-    def _render(self, prompt: dict[str, Any]) -> Any:
-        """Tokenize the prompt and preprocess its image with vLLM's `Renderer`: the calls
-        `vllm.LLM.generate` makes before `add_request`.
-
-        An image is preprocessed once for all its tasks. The renderer's
-        processor-only cache (`skip_mm_cache=True`, sized by the profile's
-        `mm_processor_cache_gb`) keeps the processed image under its
-        `multi_modal_uuid`; the image's other tasks (and retries) only
-        tokenize their text and take the processed image from it. That cache
-        lives in this process alone and every request still carries the
-        processed image in full, so nothing a request meets later can put it
-        out of step with the engine core: a request the engine rejects after
-        rendering (prompt too long) leaves a correct entry for its siblings.
-        (vLLM's default sender cache sends only a hash for an image it
-        believes the core holds; a rejected request made that belief false,
-        and the image's other tasks failed with MultiModalCacheMissError.)
-
-        Runs on the step-loop thread or on the submitting threads, as the
-        profile says; one render at a time (the multimodal processor and its
-        cache are not thread-safe), as vLLM's own server does.
-        """
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-        renderer = self._engine.renderer
-        with self._render_lock:
-            (engine_input,) = renderer.render_cmpl(
-                [parse_model_prompt(self._engine.model_config, prompt)],
-                renderer.default_cmpl_tok_params,
-                skip_mm_cache=True,
-            )
-            self._requests_rendered += 1
-        return engine_input
-
-    def preprocessing(self) -> "Preprocessing":
+    def preprocessing(self) -> Preprocessing:
         """Requests rendered so far and the images preprocessed for them."""
-        # vLLM 0.32 has no accessor for the processor-only cache that `_render` uses (the public
-        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
-        cache = self._engine.renderer._mm_processor_only_cache
-        with self._render_lock:
-            if cache is None:
-                return Preprocessing(self._requests_rendered, self._requests_rendered)
-            stats = cache.make_stats()
-            return Preprocessing(self._requests_rendered, stats.total - stats.hits)
+        return self._renderer.preprocessing()
 
     def close(self) -> None:
         """Stop the step loop once its requests are answered; shut the engine down (with its engine-core process)."""
@@ -320,7 +331,7 @@ class VisionEngine:
         for request in group:
             request.submitted_at = time.monotonic()
             try:
-                prompt = self._render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
+                prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
                 self._engine.add_request(request.request_id, prompt, request.params)
             except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
                 request.future.set_exception(exc)
