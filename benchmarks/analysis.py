@@ -97,4 +97,22 @@ happen before the clock starts.
   size.
 - **Streaming check**: variant (b) on the `tiny-dense` model at two input sizes, each in a
   fresh process; peak RSS = `ru_maxrss` of that process.
+- **Host-bound variants** (ha..hb0): the same windows as (a) and (b), on the host workload.
+  (hb), (hb2), (hb0) run `vision_batch.run` with `EngineSettings` changed in the child
+  process (`benchmarks.variants._with_settings`: preprocessing on Beam's thread as the
+  accelerator profiles do; engine core in-process or in its own process). **Beam process
+  CPU ms/item**: CPU time of the variant's own process per item; **engine-core process CPU
+  ms/item**: of its child processes (hb2's engine core). **engine time outside the model**:
+  the engine's busy time minus the wall time inside its model runner (`execute_model`,
+  `sample_tokens`, wrapped by `benchmarks.measure.CallTimer`): scheduling, admission and
+  output processing, the host work an accelerator leaves on the CPU (in-process engines
+  only). `engine_front_cpu_s` in `results.json`: CPU time (`time.thread_time`) of the
+  engine's front end in the Beam process (inputs checked, requests handed to the core,
+  outputs detokenized). **images preprocessed / requests**: `VisionEngine.preprocessing()`
+  over the window. **tasks/s, each run**: with `--repeat N` every selected variant runs N
+  times, interleaved (a, b, ..., a, b, ...); the row shows the median run.
+- **Host stages**: `benchmarks.variants.run_host_stages`, one process, a thread pool of 1, 2,
+  4, 8 threads over the image set: items/s, CPU ms per item and the cores kept busy (CPU
+  time / wall time). Preprocessing renders an item's three requests through
+  `RequestRenderer` (one render at a time, as the pipeline), from a cold cache per row.
 """

@@ -202,27 +202,31 @@ class StepTimer:
         return round(self._slot_seconds / self.seconds, 3) if self.seconds else 0.0
 
 
-class ModelTimer:
-    """Time inside an in-process engine's model runner (`execute_model` + `sample_tokens` of its executor).
+class CallTimer:
+    """Time spent in some methods of an object, summed over calls (wrapped in place).
 
-    The rest of the engine's busy time is host work around the model: the
-    scheduler, KV-cache bookkeeping, admitting requests, turning outputs into
-    text. On an accelerator the model runner's share moves to the chip; that
-    rest stays on the host's CPU, under the GIL of the process running it.
+    `clock` is `time.perf_counter` for wall time, or `time.thread_time` for
+    the CPU time of the calling thread (what a call costs the process's
+    GIL-holding work, waits excluded). Uses: the model runner of an
+    in-process engine (`execute_model`, `sample_tokens`: the rest of the
+    engine's busy time is host work around the model, which stays on the
+    host's CPU on an accelerator), and the engine's front end (inputs
+    processed, requests sent to the core, outputs turned into text).
     """
 
-    def __init__(self, executor: Any):
+    def __init__(self, methods: Sequence[tuple[Any, str]], clock: Callable[[], float] = time.perf_counter):
         self.seconds = 0.0
-        for name in ("execute_model", "sample_tokens"):
-            setattr(executor, name, self._timed(getattr(executor, name)))
+        self._clock = clock
+        for target, name in methods:
+            setattr(target, name, self._timed(getattr(target, name)))
 
     def _timed(self, call: Callable[..., Any]) -> Callable[..., Any]:
         def timed_call(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started = self._clock()
             try:
                 return call(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - started
+                self.seconds += self._clock() - started
 
         return timed_call
 

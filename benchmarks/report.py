@@ -194,17 +194,17 @@ def host_stages_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "(not run)"
     threads = sorted({row["threads"] for row in rows})
-    cells: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
+    cells: dict[tuple[str, str, str], dict[int, Mapping[str, Any]]] = {}
     for row in rows:
-        cells.setdefault((row["images"], row["stage"]), {})[row["threads"]] = row
-    lines = ["| images | stage | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads)
-             + " | CPU ms/item (1 thread) |", "|---|---|" + "---:|" * (len(threads) + 1)]
-    for (images, stage), by_threads in cells.items():
+        cells.setdefault((row["images"], row.get("model", "-"), row["stage"]), {})[row["threads"]] = row
+    lines = ["| images | model's processor | stage | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads)
+             + " | CPU ms/item (1 thread) |", "|---|---|---|" + "---:|" * (len(threads) + 1)]
+    for (images, model, stage), by_threads in cells.items():
         rates = " | ".join(
             f"{by_threads[n]['items_per_s']} ({by_threads[n]['cores_busy']} cores)" if n in by_threads else "-" for n in threads
         )
         single = by_threads.get(threads[0], {}).get("cpu_ms_per_item")
-        lines.append(f"| {images} | {stage} | {rates} | {single if single is not None else '-'} |")
+        lines.append(f"| {images} | {model} | {stage} | {rates} | {single if single is not None else '-'} |")
     return "\n".join(lines)
 
 

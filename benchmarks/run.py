@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from benchmarks import report
 from benchmarks.measure import TaskRecord, VariantResult, from_records, load_average, machine
 from benchmarks.workload import (
     BENCH_MAX_TOKENS,
+    HOST_ENVIRONMENT,
+    HOST_OTHER_PROCESSORS,
     HOST_PAGE_IMAGES,
     HOST_PAGE_SIDE,
     HOST_PRESET,
@@ -82,8 +85,9 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Run one variant in a fresh process; its JSON result, or {"error": ...}."""
+def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: dict[str, Any],
+              environment: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Run one variant in a fresh process (with `environment` added to ours); its JSON result, or {"error": ...}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"workload": {**dataclasses.asdict(workload), "images": str(workload.images)}, "out_dir": str(out_dir),
             "options": options}
@@ -91,7 +95,8 @@ def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: 
     command = [sys.executable, "-m", "benchmarks.variants", variant, str(out_dir / "spec.json"), str(out_dir / "result.json")]
     started = time.monotonic()
     with open(out_dir / "log.txt", "w") as log:
-        code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(environment or {})}).returncode
     _LOG.info("%s finished in %.0f s (exit %d)", variant, time.monotonic() - started, code)
     if code != 0:
         return {"error": f"exit {code}; see {out_dir / 'log.txt'}"}
@@ -133,7 +138,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # (the one-core server twice that), plus the step-cost and streaming checks.
     parser.add_argument("--items", type=int, default=200, help="images (x3 tasks) per variant")
     # The host-bound variants run ~10x faster per image than the bench model's.
-    parser.add_argument("--host_items", type=int, default=600, help="images (x3 tasks) per host-bound variant")
+    parser.add_argument("--host_items", type=int, default=400, help="images (x3 tasks) per host-bound variant")
     parser.add_argument("--quick", action="store_true", help="60 items, streaming check at 200/1000: for iterating")
     parser.add_argument("--only", default="",
                         help="comma-separated variant keys (a,b,c,d,d1,e1,e2,ha,hb,hb2,hb0,host,steps,rss) to run")
@@ -150,7 +155,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.items = 60 if args.items == 200 else args.items
-        args.host_items = 150 if args.host_items == 600 else args.host_items
+        args.host_items = 120 if args.host_items == 400 else args.host_items
         args.streaming_items = "200,1000" if args.streaming_items == "1000,5000" else args.streaming_items
     return args
 
@@ -193,7 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             loads.setdefault(variant.key, load_average())
             base = workloads[variant.workload]
             variant_workload = dataclasses.replace(base, engine_args={**base.engine_args, **variant.engine_args})
-            raw = run_child(variant.name, variant_workload, run_dir / f"{variant.key}-{round_ + 1}", variant.options)
+            raw = run_child(variant.name, variant_workload, run_dir / f"{variant.key}-{round_ + 1}", variant.options,
+                            HOST_ENVIRONMENT if variant.workload == "host" else None)
             if "error" in raw:
                 errors[variant.key] = raw["error"]
                 continue
@@ -204,7 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     host_stages: list[dict[str, Any]] = []
     if not only or "host" in only:
         pages = make_images(args.workdir, HOST_PAGE_IMAGES, seed=2, max_side=HOST_PAGE_SIDE)
-        raw = run_child("host-stages", host_workload, run_dir / "host-stages", {"page_images": str(pages)})
+        others = {name: str(ensure_checkpoint(name)) for name in HOST_OTHER_PROCESSORS}
+        raw = run_child("host-stages", host_workload, run_dir / "host-stages",
+                        {"page_images": str(pages), "other_models": others}, HOST_ENVIRONMENT)
         if "error" in raw:
             errors["host-stages"] = raw["error"]
         else:
@@ -249,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         host_stages=host_stages, host_parameters=checkpoint_parameters(host_checkpoint),
     )
     print(report.table(document))
+    print(report.table(document, "host", report.HOST_COLUMNS))
+    print(report.host_stages_table(document["host_stages"]))
     if not args.no_write:
         (REPO / "benchmarks" / "results.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         tuning_path = REPO / "benchmarks" / "tuning.json"

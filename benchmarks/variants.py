@@ -22,6 +22,7 @@ import functools
 import json
 import pathlib
 import sys
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from benchmarks.measure import ModelTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
+from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
 from benchmarks.workload import Workload, decode_file, decode_files, image_files
 from pipelines import vision_batch
 from pipelines.options import JobConfig
@@ -104,8 +105,7 @@ def run_raw(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, An
             params.append(sampling_params(spec, settings))
             keys.append((image_key(item), spec.name))
     timer = StepTimer(llm.llm_engine, settings.engine_args["max_num_seqs"])
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process only
-    model = ModelTimer(core.model_executor) if core is not None else None
+    model = _model_timer(llm.llm_engine)
     outputs, window = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
     records = [record(key, task, output) for (key, task), output in zip(keys, outputs)]
     return {"items": len(items), "wall_s": window.wall_s, "cpu_s": window.cpu_s, "busy_s": timer.seconds, "records": records,
@@ -124,8 +124,8 @@ def _run_with_engine(settings: EngineSettings, output: str, run: Callable[[], An
     # Occupancy only; busy is the engine's own. With the engine core in its own process its steps
     # happen there: only the front end's view of them (outputs received) is counted here.
     timer = StepTimer(vision_engine._engine, settings.engine_args["max_num_seqs"])
-    core = getattr(vision_engine._engine.engine_core, "engine_core", None)  # in-process only
-    model = ModelTimer(core.model_executor) if core is not None else None
+    model = _model_timer(vision_engine._engine)
+    front = _front_timer(vision_engine._engine)
     engines_before = len(ENGINES._engines)
     own_before = own_cpu_seconds()
     _, window = timed(run)
@@ -140,10 +140,25 @@ def _run_with_engine(settings: EngineSettings, output: str, run: Callable[[], An
             "notes": {"engine_steps": timer.steps, "slot_occupancy": timer.occupancy,
                       # Engine busy time outside the model runner: scheduling, admission, output processing.
                       "engine_host_s": round(busy - model.seconds, 2) if model else None,
+                      "engine_front_cpu_s": round(front.seconds, 2),
                       # CPU of the Beam process itself, and of its children (the engine-core process, if any).
                       "front_cpu_s": round(own, 2), "child_cpu_s": round(window.cpu_s - own, 2),
                       "requests_rendered": rendered.requests - rendered_before.requests,
                       "images_preprocessed": rendered.images - rendered_before.images}}
+
+
+def _model_timer(llm_engine: Any) -> Optional[CallTimer]:
+    """Wall time in the model runner of an in-process engine (None when the core is in another process)."""
+    core = getattr(llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        return None
+    return CallTimer([(core.model_executor, "execute_model"), (core.model_executor, "sample_tokens")])
+
+
+def _front_timer(llm_engine: Any) -> CallTimer:
+    """CPU time of the engine's front end in this process: inputs checked, requests handed on, outputs made text."""
+    return CallTimer([(llm_engine.input_processor, "process_inputs"), (llm_engine.engine_core, "add_request"),
+                      (llm_engine.output_processor, "process_outputs")], time.thread_time)
 
 
 def _with_settings(workload: Workload, changes: Mapping[str, Any]) -> EngineSettings:
@@ -264,7 +279,7 @@ def _rate(work: Callable[[Any], Any], inputs: Sequence[Any], threads: int) -> di
 
 def run_host_stages(
     workload: Workload, out_dir: pathlib.Path, page_images: Optional[str] = None, threads: Sequence[int] = (1, 2, 4, 8),
-    **_: Any,
+    other_models: Optional[Mapping[str, str]] = None, **_: Any,
 ) -> dict[str, Any]:
     """Items/s of the host-side stages alone in one process, as its threads grow.
 
@@ -275,7 +290,17 @@ def run_host_stages(
     render at a time as in the pipeline), on the workload's images and on
     page-sized ones. "per task" renders without the processed-image cache:
     the image preprocessed for every task, as before it was shared.
+    `other_models` (name -> checkpoint): their image processors too, on the
+    workload's images (decode does not depend on the model).
     """
+    rows = _host_stage_rows(workload, page_images, threads, with_decode=True)
+    for name, path in (other_models or {}).items():
+        other = dataclasses.replace(workload, model_path=path, model_id=name)
+        rows += _host_stage_rows(other, None, threads, with_decode=False)
+    return {"host_stages": rows, "peak_rss_bytes": own_peak_rss_bytes()}
+
+
+def _host_stage_rows(workload: Workload, page_images: Optional[str], threads: Sequence[int], with_decode: bool) -> list[dict[str, Any]]:
     from vllm import EngineArgs
     from vllm.renderers import renderer_from_config
 
@@ -304,15 +329,19 @@ def run_host_stages(
         items = [decode_file(decoder, path) for path in files]
         for count in threads:
             stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
-                "decode": (lambda path: decode_file(decoder, path), files),
                 "preprocess (shared)": (functools.partial(render, cold("shared")), items),
                 "preprocess (per task)": (functools.partial(render, cold("per task")), items),
-                "decode + preprocess (shared)": (
-                    lambda path, renderer=cold("shared"): render(renderer, decode_file(decoder, path)), files),
             }
+            if with_decode:
+                stages = {
+                    "decode": (lambda path: decode_file(decoder, path), files),
+                    **stages,
+                    "decode + preprocess (shared)": (
+                        lambda path, renderer=cold("shared"): render(renderer, decode_file(decoder, path)), files),
+                }
             for stage, (work, inputs) in stages.items():
-                rows.append({"images": set_name, "stage": stage, **_rate(work, inputs, count)})
-    return {"host_stages": rows, "peak_rss_bytes": own_peak_rss_bytes()}
+                rows.append({"images": set_name, "model": workload.model_id, "stage": stage, **_rate(work, inputs, count)})
+    return rows
 
 
 # ---------------------------------------------------------------- decode step cost by batch size

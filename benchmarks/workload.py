@@ -37,14 +37,22 @@ STREAMING_PRESET = "tiny-31b"  # the streaming check's model: a tiny dense check
 # ... and a KV pool small enough to be fully touched early (the reason is in benchmarks/run.py).
 STREAMING_KV_BYTES = 32 * 2**20
 
-# The host-bound regime (variants ha..hb0, host): an engine step cheaper than the host's work per
-# request, as on an accelerator. tiny-26b-a4b stands for the model of the hungriest accelerator
-# profile (tpu-v6e-8-gemma4-26b-a4b) and has its image processor (Gemma 4's vision-tower
-# processor: 2,520 patches for 280 soft tokens); its engine (6 layers of hidden 64) computes next
-# to nothing, so what is measured is the host: decode, preprocessing, Beam, scheduling,
-# detokenizing, parsing, Parquet. At the TPU profiles' image budget (280 soft tokens).
-HOST_PRESET = "tiny-26b-a4b"
+# The host-bound regime (variants ha..hb0, host): an engine step as cheap as this CPU allows next
+# to the host's work per request, as on an accelerator. tiny-12b-unified stands for the recommended
+# accelerator model (tpu-v6e-1-gemma4-12b) and is the most host-bound preset here: encoder-free (no
+# vision tower: its engine computed an item in ~87 ms of model runner on one core of this box, the
+# vision-tower preset tiny-26b-a4b in ~200 ms), while its image processor (Gemma4UnifiedImageProcessor)
+# is the heavier of the two (~25 ms per image at 280 tokens against ~9 ms). Gemma 4 at the TPU
+# profiles' image budget (280 soft tokens). The 26B-A4B's processor is measured in the host stages.
+HOST_PRESET = "tiny-12b-unified"
+HOST_OTHER_PROCESSORS = ("tiny-26b-a4b",)
 HOST_VISION_TOKENS = 280
+# Child-process environment of the host-bound runs. One OpenMP thread: the tiny engine's ops are
+# far too small to split over cores, and with the default (one thread per core, pinned) this shared
+# 2-core box ran them pathologically slowly. Measured (ha, 30 images): 141.8 s with the default,
+# 6.7 s with OMP_NUM_THREADS=1, the same engine steps. It also makes "threads" in the host stages
+# mean Python threads, not torch's intra-op pool.
+HOST_ENVIRONMENT = {"OMP_NUM_THREADS": "1"}
 # ... and page-sized images for the host stages alone: a scan's long side at 300 dpi (A4: 3,508 px)
 # is larger than the workload's 1,024, and decode cost grows with it.
 HOST_PAGE_IMAGES = 40

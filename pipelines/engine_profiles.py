@@ -52,7 +52,17 @@ class EngineProfile:
 
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
 _ACCELERATOR_MM_CACHE_GB = 2
-# Engine-core placement of the accelerator profiles: TODO(measure)
+# Engine-core placement of the accelerator profiles: in its own process (vLLM's V1 multiprocessing,
+# the layout `vllm serve` runs on TPU and GPU: that process alone opens the device). On an accelerator
+# the Beam process is host-bound, and its GIL is the ceiling on items/s: everything Python in it
+# (Beam, decode, rendering, detokenizing, parsing, Parquet) shares one interpreter lock with the
+# engine core's scheduler and model-runner host work if they run in it. Measured in the host-bound
+# regime (BENCHMARKS.md, "The host feed", tiny-26b-a4b at 280 image tokens): the Beam process spent
+# 289 ms of CPU per item with the core in-process, 71 ms with the core in its own process (which
+# spent 245 ms there), at the same items/s on this 2-core box (both processes share its 2 cores;
+# a TPU host has 44-180 vCPUs). Costs: a few seconds of start-up (next to the XLA compile), each
+# request's processed image copied to the core over local IPC, and the core's own copy of the
+# processed-image cache (mm_processor_cache_gb). Not yet run on a TPU or GPU worker.
 ACCELERATOR_ENGINE_CORE_PROCESS = True
 
 

@@ -66,7 +66,7 @@ def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
     now = datetime.datetime(2026, 11, 22, tzinfo=datetime.timezone.utc)
     workloads = {"bench": Workload(tmp_path, "ckpt", "bench", "cpu-tiny", {"ocr": 8}),
                  "host": Workload(tmp_path, "tiny", "tiny-26b-a4b", "cpu-tiny", {"ocr": 8}, vision_tokens=280)}
-    stage = {"images": "workload", "stage": "decode", "items_per_s": 250.0, "cpu_ms_per_item": 4.0, "cores_busy": 1.0}
+    stage = {"images": "workload", "model": "tiny-12b-unified", "stage": "decode", "items_per_s": 250.0, "cpu_ms_per_item": 4.0, "cores_busy": 1.0}
     document = report.results_document(
         command="python -m benchmarks.run", started=now, finished=now, machine={"cores": 2, "cpu_model": "x", "ram_gib": 24},
         load_at_start=0.5, loads={}, workloads=workloads, parameters=10**8,
@@ -87,4 +87,4 @@ def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
     host_table = text[text.index("## The host feed"):]
     assert "| (hb) this pipeline, engine core in-process" in host_table and "| (b) " not in host_table
     assert "| 100 | 0.000 | - | 10 / 30 |" in host_table  # 1.0 s / 10 items; 10 images preprocessed for 30 requests
-    assert "| workload | decode | 250.0 (1.0 cores) | 480.0 (1.9 cores) | 4.0 |" in host_table
+    assert "| workload | tiny-12b-unified | decode | 250.0 (1.0 cores) | 480.0 (1.9 cores) | 4.0 |" in host_table
