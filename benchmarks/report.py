@@ -244,7 +244,7 @@ def tuning_table(tuning: Optional[Mapping[str, Any]]) -> str:
 
 
 def markdown(document: Mapping[str, Any], tuning: Optional[Mapping[str, Any]] = None) -> str:
-    from benchmarks.analysis import ANALYSIS, DEFINITIONS
+    from benchmarks.analysis import ANALYSIS, DEFINITIONS, HOST_ANALYSIS
 
     m = document["machine"]
     w = document["workload"]
@@ -300,6 +300,7 @@ This box has {m['cores']} cores: past {m['cores']} threads only the GIL-free sha
 
 {host_stages_table(document.get('host_stages', ()))}
 
+{HOST_ANALYSIS}
 Decode step cost on the bench model (`benchmarks.variants.run_step_cost`: median time of one
 decode step with N sequences running, text prompts, same engine arguments). A synchronous
 batch's tail steps run few sequences: they cost what the first rows cost, not a full step.
