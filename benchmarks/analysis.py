@@ -53,10 +53,11 @@ machine: `python -m benchmarks.run --repeat 2` (all variants, interleaved twice;
   core, the cost of running a few hundred small torch ops per step. Everything else is host work
   an accelerator leaves on the CPU. One OpenMP thread per engine (`HOST_ENVIRONMENT`): with the
   default, this box ran the tiny engine's ops 20x slower.
-- **Engine core in its own process: (hb2) 18.3 vs (hb) 17.4 tasks/s** (first interleaved round).
-  The throughput is the same here, because both processes share 2 cores and the CPU model runner
-  is the largest cost; what changes is the Beam process: **40 ms of CPU per item instead of 105**
-  (the engine-core process took 91 ms there). On an accelerator host the model runner's compute
+- **Engine core in its own process: (hb2) 18.3, 15.1 vs (hb) 17.4, 18.6 tasks/s** (two
+  interleaved rounds). No gain in throughput here: both processes share 2 cores (vLLM reserves
+  one of them for the front end, so (hb2)'s engine computes on one) and the CPU model runner is
+  the largest cost. What changes is the Beam process: **40-48 ms of CPU per item instead of
+  105** (the engine-core process took 91-99 ms). On an accelerator host the model runner's compute
   is on the chip and the cores are many (44-180 vCPUs), so the Beam process's own CPU per item
   is what bounds its feed: the accelerator profiles run the engine core in its own process
   (`pipelines/engine_profiles.py`). Not everything moves: vLLM's V1 detokenizer
@@ -64,16 +65,19 @@ machine: `python -m benchmarks.run --repeat 2` (all variants, interleaved twice;
   bookkeeping and the model runner leave. The CPU profiles keep the core in-process: there the
   CPU is the accelerator, and an extra process only takes its cores (and vLLM reserves one of
   the box's cores for the front end: (hb2)'s engine computed on one core).
-- **Preprocessing once per image: (hb) 17.4 vs (hb0) 12.0 tasks/s (1.44x)**; 300 images
-  preprocessed for 906 requests instead of 906, and 45 ms less CPU per item in the Beam process.
-  The host stages alone: one image's three requests rendered in ~29 ms of CPU with the 12B's
-  processor (~15 ms with the 26B-A4B's) instead of ~75 (~27).
+- **Preprocessing once per image: (hb) 17.4, 18.6 vs (hb0) 12.0, 10.4 tasks/s (1.4-1.8x)**; 300
+  images preprocessed for 906 requests instead of 906, and 45 ms less CPU per item in the Beam
+  process.
+  The host stages alone: one image's three requests rendered in ~26 ms of CPU with the 12B's
+  processor (~13 ms with the 26B-A4B's) instead of ~49 (~27) when each task preprocesses.
 - **Host stages by threads.** Rendering is one request at a time per process (vLLM's multimodal
-  processor and its cache are not thread-safe), so its rate does not grow with threads: it is
-  the per-process ceiling of preprocessing, ~34 items/s with the 12B's processor on this CPU.
+  processor and its cache are not thread-safe), so its rate does not grow with threads (26B-A4B's
+  processor: 77, 64, 64, 64 items/s at 1, 2, 4, 8 threads): it is the per-process ceiling of
+  preprocessing, ~38 items/s with the 12B's processor on this CPU, ~77 with the 26B-A4B's.
   Decoding releases the GIL inside PIL and can grow with threads, but only up to this box's 2
-  cores, which the other sessions also used: the thread columns past 2 (and partly at 2) show
-  contention, not the GIL. A TPU host has 44 (v6e-1) or 180 (v6e-8) vCPUs.
+  cores, which the other sessions also used (the "cores" in brackets: often under 1): the thread
+  columns show contention more than the GIL, and the CPU ms per item is the figure to trust. A
+  TPU host has 44 (v6e-1) or 180 (v6e-8) vCPUs.
 
 **Projection: items/s one worker process feeds vs what the chip consumes** (per item: 3 tasks;
 this box's per-core speed; every ms of the Beam process's CPU counted as serial, which is
@@ -81,19 +85,19 @@ conservative for decode but not for rendering, which is serialised anyway):
 
 | | items/s | from |
 |---|---:|---|
-| Beam process, this workload (140 generated tokens per item), 12B's processor | ~25 | 1000 / 40 ms, (hb2) |
-| ... with the 26B-A4B's processor (14 ms less rendering) | ~38 | (hb2) minus the host-stage difference |
-| ... at the planner's output lengths (990 tokens per item: detokenizing in the Beam process at <= 29 us per token, (hb2) `engine_front_cpu_s`) | ~15 (12B), ~20 (26B-A4B) | |
-| ... page-sized scans (decode 27 ms instead of 4, rendering +10 ms) | ~-40 % | host stages, "pages" |
+| Beam process, this workload (140 generated tokens per item), 12B's processor | ~23 | 1000 / 44 ms, (hb2) |
+| ... with the 26B-A4B's processor (13 ms less rendering) | ~32 | (hb2) minus the host-stage difference |
+| ... at the planner's output lengths (990 tokens per item: detokenizing in the Beam process at <= 32 us per token, (hb2) `engine_front_cpu_s`) | ~14 (12B), ~18 (26B-A4B) | |
+| ... page-sized scans (decode 18.5 ms instead of 4, rendering +6 ms) | ~-30 % | host stages, "pages" |
 | v6e-1, Gemma 4 12B consumes, planner's workload (800/40/150 output tokens) | 0.52 realistic, 0.80 roofline | `python -m launch.plan --profile tpu-v6e-1` |
 | v6e-1, Gemma 4 12B at the published ~66 requests/s (short outputs) | ~22 | FIELD-NOTES |
 | v6e-8, Gemma 4 26B-A4B consumes, planner's workload | 30 realistic, 52 roofline | `python -m launch.plan --profile tpu-v6e-8` |
 
 - **v6e-1 running the 12B: fed.** At the planner's decode-heavy workload the chip consumes ~0.5
-  items/s, ~30x below one process's feed. Only at the published short-output rate (~22 items/s)
-  would the feed (~15-25) be the limit.
+  items/s, ~25x below one process's feed. Only at the published short-output rate (~22 items/s)
+  would the feed (~14-23) be the limit.
 - **v6e-8 running the 26B-A4B: short.** It consumes 30-52 items/s; one process feeds ~20 at
-  realistic output lengths, fewer on page-sized scans: the chip would idle half the time or more.
+  realistic output lengths (~18), fewer on page-sized scans: the chip would idle 40-65 % of the time.
 - **The design that closes it** (not built yet: it needs changes to the Dataflow worker layout):
   several Beam SDK processes per VM, each decoding, rendering and detokenizing its own items,
   all feeding one engine-core process that alone owns the chip. vLLM 0.32 has the machinery:
@@ -101,7 +105,7 @@ conservative for decode but not for rendering, which is serialised anyway):
   num_api_servers=N)` and gives each front end `AsyncMPClient(client_addresses=...,
   client_count=N, client_index=i)` (vllm/v1/engine/core_client.py); the engine core serves
   every client's requests in one batch and returns each client's outputs on its own socket.
-  The feed then grows with N: 3 processes cover the v6e-8's roofline at 20 items/s each. What
+  The feed then grows with N: 3 processes at ~18 items/s each cover the v6e-8's roofline. What
   it needs here: Dataflow's multi-process SDK layout instead of `no_use_multiple_sdk_containers`
   (launch/job.py), a per-VM start of the engine core by the first process (file lock, addresses
   in a file) with N fixed before it starts, an engine client on vLLM's AsyncLLM (its synchronous

@@ -282,8 +282,9 @@ Ratios (tasks/s): (b)/(a) = {_cell(r['b_over_a'])}, (b)/(c) = {_cell(r['b_over_c
 ## The host feed: host-bound regime
 
 Model: the `{document['host_model']['preset']}` preset, {document['host_model']['parameters'] / 1e6:.1f} M parameters (random
-weights), {hw['vision_tokens']} soft tokens per image, whose engine step costs less than the host's work per
-request, as on an accelerator (why this preset: `benchmarks/workload.py`). Workload: {hw['items']} generated
+weights), {hw['vision_tokens']} soft tokens per image: an engine that computes next to nothing, so the host's
+work per request (decode, preprocessing, Beam, scheduling, detokenizing, Parquet) weighs as on an
+accelerator (why this preset: `benchmarks/workload.py`). Workload: {hw['items']} generated
 images, tasks {', '.join(hw['tasks'])} each, max_tokens {hw['max_tokens']}; engine profile `{hw['engine_profile']}`'s
 arguments in every variant, on identical prompts. (hb), (hb2), (hb0) place preprocessing as the
 accelerator profiles do (on Beam's thread, through the processed-image cache).

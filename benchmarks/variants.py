@@ -142,7 +142,7 @@ def _run_with_engine(settings: EngineSettings, output: str, run: Callable[[], An
                       "engine_host_s": round(busy - model.seconds, 2) if model else None,
                       "engine_front_cpu_s": round(front.seconds, 2),
                       # CPU of the Beam process itself, and of its children (the engine-core process, if any).
-                      "front_cpu_s": round(own, 2), "child_cpu_s": round(window.cpu_s - own, 2),
+                      "front_cpu_s": round(own, 2), "child_cpu_s": round(max(window.cpu_s - own, 0.0), 2),
                       "requests_rendered": rendered.requests - rendered_before.requests,
                       "images_preprocessed": rendered.images - rendered_before.images}}
 
