@@ -14,6 +14,9 @@ answers is `transforms.run_tasks`.
 - A request the engine rejects (prompt too long, bad image) fails only its
   own future. A failure of the engine itself fails every outstanding
   request with `EngineDeadError`.
+- `RequestRenderer` preprocesses each image once for all its tasks. vLLM's
+  engine core (scheduler, model runner) runs in this process or in its own,
+  as the profile says (`EngineSettings.engine_core_process`).
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ class EngineResult:
 
 
 class Preprocessing(NamedTuple):
+    """How much image preprocessing the requests so far needed."""
+
     requests: int  # requests rendered (prompt tokenized, image preprocessed or taken from the cache)
     images: int  # images preprocessed for them: one per image when its tasks share it
 
