@@ -87,7 +87,7 @@ conservative for decode but not for rendering, which is serialised anyway):
 |---|---:|---|
 | Beam process, this workload (140 generated tokens per item), 12B's processor | ~23 | 1000 / 44 ms, (hb2) |
 | ... with the 26B-A4B's processor (13 ms less rendering) | ~32 | (hb2) minus the host-stage difference |
-| ... at the planner's output lengths (990 tokens per item: detokenizing in the Beam process at <= 32 us per token, (hb2) `engine_front_cpu_s`) | ~14 (12B), ~18 (26B-A4B) | |
+| ... at the planner's output lengths (990 tokens per item: detokenizing in the Beam process at <= 32 us per token, (hb2) `engine_front_cpu_s`) | ~14 (12B), ~17 (26B-A4B) | |
 | ... page-sized scans (decode 18.5 ms instead of 4, rendering +6 ms) | ~-30 % | host stages, "pages" |
 | v6e-1, Gemma 4 12B consumes, planner's workload (800/40/150 output tokens) | 0.52 realistic, 0.80 roofline | `python -m launch.plan --profile tpu-v6e-1` |
 | v6e-1, Gemma 4 12B at the published ~66 requests/s (short outputs) | ~22 | FIELD-NOTES |
@@ -96,16 +96,20 @@ conservative for decode but not for rendering, which is serialised anyway):
 - **v6e-1 running the 12B: fed.** At the planner's decode-heavy workload the chip consumes ~0.5
   items/s, ~25x below one process's feed. Only at the published short-output rate (~22 items/s)
   would the feed (~14-23) be the limit.
-- **v6e-8 running the 26B-A4B: short.** It consumes 30-52 items/s; one process feeds ~20 at
-  realistic output lengths (~18), fewer on page-sized scans: the chip would idle 40-65 % of the time.
+- **v6e-8 running the 26B-A4B: short.** It consumes 30-52 items/s; one process feeds ~17 at the
+  planner's output lengths, fewer on page-sized scans: the chip would idle 45-65 % of the time.
 - **The design that closes it** (not built yet: it needs changes to the Dataflow worker layout):
   several Beam SDK processes per VM, each decoding, rendering and detokenizing its own items,
   all feeding one engine-core process that alone owns the chip. vLLM 0.32 has the machinery:
-  `vllm serve --api-server-count N` starts the engine core with `launch_core_engines(...,
-  num_api_servers=N)` and gives each front end `AsyncMPClient(client_addresses=...,
-  client_count=N, client_index=i)` (vllm/v1/engine/core_client.py); the engine core serves
-  every client's requests in one batch and returns each client's outputs on its own socket.
-  The feed then grows with N: 3 processes at ~18 items/s each cover the v6e-8's roofline. What
+  `vllm serve --api-server-count N` (`run_multi_api_server`, vllm/entrypoints/cli/serve.py)
+  binds one pair of ZMQ sockets per front end (`bind_engine_zmq_listeners(vllm_config, N)`),
+  starts the engine core (`launch_core_engines`), and gives each front-end process an
+  `AsyncLLM(..., client_addresses, client_count=N, client_index=i)` (vllm/v1/engine/async_llm.py);
+  the engine core batches every client's requests together and returns each client's outputs
+  on its own socket. (With N > 1 vLLM itself falls back to the processor-only cache that this
+  pipeline already renders through, so shared preprocessing carries over unchanged.)
+  The feed then grows with N: 2 processes at ~17 items/s each cover the v6e-8's realistic rate,
+  4 its roofline. What
   it needs here: Dataflow's multi-process SDK layout instead of `no_use_multiple_sdk_containers`
   (launch/job.py), a per-VM start of the engine core by the first process (file lock, addresses
   in a file) with N fixed before it starts, an engine client on vLLM's AsyncLLM (its synchronous
