@@ -57,12 +57,14 @@ _ACCELERATOR_MM_CACHE_GB = 2
 # the Beam process is host-bound, and its GIL is the ceiling on items/s: everything Python in it
 # (Beam, decode, rendering, detokenizing, parsing, Parquet) shares one interpreter lock with the
 # engine core's scheduler and model-runner host work if they run in it. Measured in the host-bound
-# regime (BENCHMARKS.md, "The host feed", tiny-26b-a4b at 280 image tokens): the Beam process spent
-# 289 ms of CPU per item with the core in-process, 71 ms with the core in its own process (which
-# spent 245 ms there), at the same items/s on this 2-core box (both processes share its 2 cores;
-# a TPU host has 44-180 vCPUs). Costs: a few seconds of start-up (next to the XLA compile), each
-# request's processed image copied to the core over local IPC, and the core's own copy of the
-# processed-image cache (mm_processor_cache_gb). Not yet run on a TPU or GPU worker.
+# regime (BENCHMARKS.md, "The host feed", tiny-12b-unified at 280 image tokens, two interleaved
+# rounds, preliminary): the Beam process spent 105 ms of CPU per item with the core in-process,
+# 40-48 ms with the core in its own process (which spent 91-99 ms there), at about the same tasks/s
+# on this 2-core box (18.3, 15.1 vs 17.4, 18.6: both processes share its 2 cores; a TPU host has
+# 44-180 vCPUs). The detokenizer stays in the Beam process (vLLM's front end). Costs: a few seconds
+# of start-up (next to the XLA compile), each request's processed image copied to the core over
+# local IPC, and the core's own copy of the processed-image cache (mm_processor_cache_gb). Not yet
+# run on a TPU or GPU worker.
 ACCELERATOR_ENGINE_CORE_PROCESS = True
 
 
