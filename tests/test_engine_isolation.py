@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 
 from tests.conftest import copy_samples, run_pipeline
@@ -108,22 +109,47 @@ def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
     assert all(answer[4] > 0 for answer in shared_answers[1:3] + shared_answers[4:6])
 
 
-def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint):
-    """The accelerator profiles' placement: same answers, same isolation of a rejected request."""
+@pytest.fixture(scope="module")
+def separate_core(tiny_checkpoint):
+    """An engine whose vLLM engine core runs in its own process (the accelerator profiles' placement)."""
     import dataclasses
 
-    from transforms.engine import ENGINES, VisionEngine
+    from transforms.engine import VisionEngine
+
+    engine = VisionEngine(dataclasses.replace(_tiny_settings(tiny_checkpoint, max_model_len=256), engine_core_process=True))
+    yield engine
+    engine.close()
+
+
+def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint, separate_core):
+    """Same answers, same isolation of a rejected request, shared preprocessing."""
+    from transforms.engine import ENGINES
     from transforms.prompts import TASKS, with_max_tokens
 
     # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
-    settings = _tiny_settings(tiny_checkpoint, max_model_len=256)
     specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
-    in_process = _answers(ENGINES.acquire(settings), _images(), specs)
-    separate = VisionEngine(dataclasses.replace(settings, engine_core_process=True))
-    try:
-        assert _answers(separate, _images(), specs) == in_process
-        assert separate.preprocessing().images == 2  # shared across the image's tasks there too
-    finally:
-        separate.close()
+    in_process = _answers(ENGINES.acquire(_tiny_settings(tiny_checkpoint, max_model_len=256)), _images(), specs)
+    assert _answers(separate_core, _images(), specs) == in_process
+    assert separate_core.preprocessing().images == 2  # shared across the image's tasks there too
     assert in_process[1] == in_process[4] and "Error" in in_process[1]  # the OCR requests, rejected alone
     assert in_process[0][:4] == in_process[2][:4] and in_process[2][4] > 0  # the repeat hit the prefix cache
+
+
+def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separate_core):
+    """The engine-core process killed (OOM killer, a crashed runtime): every request fails with
+    EngineDeadError, which fails the bundle for a retry, rather than waiting forever."""
+    import os
+    import signal
+
+    from transforms.engine import EngineDeadError
+    from transforms.prompts import TASKS, with_max_tokens
+
+    image_key, image = next(iter(_images().items()))
+    caption = with_max_tokens(TASKS["caption"], {"caption": 64})  # ~64 steps: still running when the core dies
+    [running] = separate_core.submit(image, image_key, [caption])
+    [core] = separate_core._engine.engine_core.resources.engine_manager.processes
+    os.kill(core.pid, signal.SIGKILL)
+    assert isinstance(running.exception(timeout=60), EngineDeadError)  # raises TimeoutError if it hangs
+    assert separate_core.failed
+    with pytest.raises(EngineDeadError):  # later submissions fail at once: the runner retries the bundle
+        separate_core.submit(image, image_key, [caption])

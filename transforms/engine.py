@@ -12,8 +12,8 @@ answers is `transforms.run_tasks`.
   and unfinished. All requests of one image are admitted as one group, so
   they start in the same step and share the image's prefix.
 - A request the engine rejects (prompt too long, bad image) fails only its
-  own future. A failure of the engine itself fails every outstanding
-  request with `EngineDeadError`.
+  own future. A failure of the engine itself (its engine-core process
+  killed included) fails every outstanding request with `EngineDeadError`.
 - `RequestRenderer` preprocesses each image once for all its tasks. vLLM's
   engine core (scheduler, model runner) runs in this process or in its own,
   as the profile says (`EngineSettings.engine_core_process`).
@@ -146,6 +146,13 @@ def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, settings
     return prompt
 
 
+def _engine_is_dead(exc: BaseException) -> bool:
+    """vLLM's own EngineDeadError: its engine-core process is gone (only with the core in its own process)."""
+    from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
+
+    return isinstance(exc, CoreDeadError)
+
+
 def prepare_process(settings: EngineSettings) -> None:
     """Set up this process for an in-process engine; call before the engine is built.
 
@@ -268,7 +275,27 @@ class VisionEngine:
             return
         finally:
             ready.set()
+        if self.settings.engine_core_process:
+            threading.Thread(target=self._watch_engine_core, name="vllm-core-watch", daemon=True).start()
         self._step_loop()
+
+    def _watch_engine_core(self) -> None:
+        """Wake a step blocked on a dead engine-core process.
+
+        vLLM 0.32 notices the process's exit (its client is marked dead and
+        later calls raise EngineDeadError) but never wakes a `step()` already
+        waiting for outputs: the step loop, and every Beam thread waiting on
+        it, would wait forever. When the process exits, this puts vLLM's
+        EngineDeadError where that step reads its outputs, and the loop
+        fails everything outstanding (which fails the bundle for a retry).
+        """
+        from multiprocessing.connection import wait
+
+        from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
+
+        client = self._engine.engine_core
+        wait([process.sentinel for process in client.resources.engine_manager.processes])
+        client.outputs_queue.put_nowait(CoreDeadError())
 
     @property
     def failed(self) -> bool:
@@ -339,6 +366,8 @@ class VisionEngine:
                 prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
                 self._engine.add_request(request.request_id, prompt, request.params)
             except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
+                if _engine_is_dead(exc):
+                    raise  # not the request's fault: the step loop fails everything outstanding
                 request.future.set_exception(exc)
                 self._release()
                 continue
