@@ -25,6 +25,9 @@ setup(
         "pillow>=10,<13",
         "numpy<2.5",
         "pypdfium2>=4.30",
+        # --task_file: YAML task files, and JSON Schemas that check them and every json answer.
+        "pyyaml>=6,<7",
+        "jsonschema>=4.18,<5",
     ],
     extras_require={
         # Same vLLM 0.32 Python API on all three: code tested on CPU is the code that runs on TPU and GPU.
@@ -32,7 +35,8 @@ setup(
         "tpu": ["vllm-tpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
         "launch": LAUNCH,
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6", "fpdf2>=2.7", *LAUNCH],
+        # duckdb: tests query the results' JSON columns as users would (README "Output").
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "hypothesis>=6", "fpdf2>=2.7", "duckdb>=1.1,<2", *LAUNCH],
         # Quality evaluation (docs/evaluation.md): metric libraries and the RapidOCR baseline, whose
         # 3.10 wheel ships its ONNX models (runs offline). Tesseract comes from Debian (scripts/setup_system.sh).
         "eval": ["jiwer>=3.1", "pycocotools>=2.0.8", "sacrebleu>=2.4", "rapidocr==3.10.0", "onnxruntime>=1.17"],

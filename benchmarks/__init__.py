@@ -1,7 +1,9 @@
-"""Throughput benchmarks: this pipeline against the peers' designs, on the same inputs.
+"""Benchmarks: this pipeline against the peers' designs, and incremental runs against a growing history.
 
-    python -m benchmarks.run [--items N] [--quick]
+    python -m benchmarks.run [--items N] [--quick]            # throughput -> benchmarks/results.json
+    python -m benchmarks.tune                                 # engine knobs -> benchmarks/tuning.json
+    python -m benchmarks.incremental [--sizes ...]            # history size -> benchmarks/incremental.json
 
-Writes BENCHMARKS.md (repo root) and benchmarks/results.json. Benchmarks are
-measurements, never tests: nothing here asserts a timing.
+Each writes its JSON and re-renders BENCHMARKS.md (repo root) from all three.
+Benchmarks are measurements, never tests: nothing here asserts a timing.
 """

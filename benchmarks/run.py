@@ -260,10 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.table(document, "host", report.HOST_COLUMNS))
     print(report.host_stages_table(document["host_stages"]))
     if not args.no_write:
-        (REPO / "benchmarks" / "results.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        tuning_path = REPO / "benchmarks" / "tuning.json"
-        tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else None
-        (REPO / "BENCHMARKS.md").write_text(report.markdown(document, tuning))
+        report.RESULTS_FILES["throughput"].write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        report.write_benchmarks_md()
         _LOG.info("wrote BENCHMARKS.md and benchmarks/results.json")
     return 1 if errors else 0
 

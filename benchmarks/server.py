@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 
 from benchmarks.measure import TaskRecord, TreeRssSampler, own_peak_rss_bytes, process_cpu_seconds, timed
 from benchmarks.workload import Workload, image_files
-from transforms.prompts import TaskSpec, build_messages, sampling_kwargs
+from transforms.engine import EngineRequest
+from transforms.metadata import ItemValues
+from transforms.prompts import build_messages, sampling_kwargs
 
 SERVED_NAME = "bench"
 
@@ -148,9 +150,9 @@ class BusySampler:
 _MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
 
-def chat_messages(spec: TaskSpec, data_uri: str, image_first: bool = True) -> list[dict[str, Any]]:
-    """The pipeline's chat messages for a task, with the image as an OpenAI `image_url` part."""
-    messages = build_messages(spec, image_first)
+def chat_messages(instruction: str, data_uri: str, image_first: bool = True) -> list[dict[str, Any]]:
+    """The pipeline's chat messages for an instruction, with the image as an OpenAI `image_url` part."""
+    messages = build_messages(instruction, image_first)
     for message in messages:
         if isinstance(message["content"], list):  # the system prompt is a plain string
             message["content"] = [
@@ -160,11 +162,11 @@ def chat_messages(spec: TaskSpec, data_uri: str, image_first: bool = True) -> li
     return messages
 
 
-def request_kwargs(spec: TaskSpec, structured_output: bool) -> dict[str, Any]:
+def request_kwargs(request: EngineRequest, structured_output: bool) -> dict[str, Any]:
     """The pipeline's sampling settings as OpenAI chat-completion arguments."""
-    kwargs: dict[str, Any] = dict(sampling_kwargs(spec))
-    if spec.json_schema is not None and structured_output:
-        kwargs["extra_body"] = {"structured_outputs": {"json": dict(spec.json_schema)}}
+    kwargs: dict[str, Any] = dict(sampling_kwargs(request.sampling, request.max_tokens))
+    if request.json_schema is not None and structured_output:
+        kwargs["extra_body"] = {"structured_outputs": {"json": dict(request.json_schema)}}
     return kwargs
 
 
@@ -173,6 +175,7 @@ async def _client(workload: Workload, server: Server, images_in_flight: int) -> 
 
     settings = workload.engine_settings()
     specs = workload.specs()
+    requests = [spec.request(ItemValues(None)) for spec in specs]
     client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=3600)
     slots = asyncio.Semaphore(images_in_flight)
     records: list[TaskRecord] = []
@@ -184,9 +187,10 @@ async def _client(workload: Workload, server: Server, images_in_flight: int) -> 
             data_uri = f"data:{_MIME[path.suffix[1:].lower()]};base64,{base64.b64encode(data).decode()}"
             responses = await asyncio.gather(*[
                 client.chat.completions.create(
-                    model=SERVED_NAME, messages=chat_messages(spec, data_uri), **request_kwargs(spec, settings.structured_output)
+                    model=SERVED_NAME, messages=chat_messages(request.instruction, data_uri),
+                    **request_kwargs(request, settings.structured_output),
                 )
-                for spec in specs
+                for request in requests
             ])
         for spec, response in zip(specs, responses):
             usage = response.usage

@@ -4,7 +4,7 @@
 
 Engine knobs are measured on the raw engine (a), which has no pipeline in
 the way; `max_in_flight` (the pipeline's back-pressure) on the pipeline (b).
-Writes benchmarks/tuning.json; the reasons in pipelines/engine_profiles.py
+Writes benchmarks/tuning.json (and re-renders BENCHMARKS.md); the reasons in pipelines/engine_profiles.py
 quote it. Same caveat as the main benchmark: the machine is shared, so only
 differences well beyond the run-to-run noise (±10-20 %) mean anything.
 """
@@ -19,8 +19,9 @@ import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
+from benchmarks import report
 from benchmarks.measure import load_average, machine
-from benchmarks.run import REPO, run_child, to_result
+from benchmarks.run import run_child, to_result
 from benchmarks.workload import BENCH_MAX_TOKENS, Workload, make_images, prompt_suffix_tokens, task_specs
 from pipelines.engine_profiles import MiB
 from pipelines.options import parse_engine_args
@@ -78,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logging.info("%s", row)
             rows.append(row)
     # Knobs swept now replace their earlier rows; other knobs' rows are kept (sweeps may run separately).
-    path = REPO / "benchmarks" / "tuning.json"
+    path = report.RESULTS_FILES["tuning"]
     earlier = json.loads(path.read_text()) if path.exists() else {"sweeps": []}
     swept = set(args.knobs.split(","))
     sweeps = [sweep for sweep in earlier["sweeps"] if sweep["knob"] not in swept]
@@ -87,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweeps.append({"knob": knob, "date": started.strftime("%Y-%m-%d"), "command": command, "profile": args.profile,
                        "base_overrides": base, "rows": [row for row in rows if row["knob"] == knob]})
     path.write_text(json.dumps({"machine": machine(), "sweeps": sweeps}, indent=2) + "\n")
+    report.write_benchmarks_md()
     for row in rows:
         print(row)
     return 0

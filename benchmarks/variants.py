@@ -31,17 +31,21 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
-from benchmarks.workload import Workload, decode_file, decode_files, image_files
+from benchmarks.workload import Workload, decode_file, decode_files, image_files, instruction
 from pipelines import vision_batch
 from pipelines.options import JobConfig
 from pipelines.runner import make_runner
 from schemas.records import ImageItem, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, engine, parse, sources
+from transforms.errors import ERRORS_TAG
+from transforms.formats import DecodeLimits
 from transforms.engine import ENGINES, EngineSettings, RequestRenderer, engine_prompt, sampling_params
 from transforms.run_tasks import image_key
-from transforms.prompts import TaskSpec, render_prompts
+from transforms.metadata import ItemValues
+from transforms.prompts import render_prompt
 from transforms.shards import ShardSettings
+from transforms.tasks import Task
 from transforms.sinks import WriteTable, to_error_row
 
 
@@ -56,12 +60,12 @@ def load_llm(settings: EngineSettings) -> Any:
     return LLM(model=settings.model_path, **settings.engine_args)
 
 
-def prompt_texts(llm: Any, specs: Sequence[TaskSpec], image_first: bool = True) -> dict[str, str]:
-    return prompt_texts_from(llm.get_tokenizer(), specs, image_first)
+def prompt_texts(llm: Any, tasks: Sequence[Task], image_first: bool = True) -> dict[str, str]:
+    return prompt_texts_from(llm.get_tokenizer(), tasks, image_first)
 
 
-def prompt_texts_from(tokenizer: Any, specs: Sequence[TaskSpec], image_first: bool = True) -> dict[str, str]:
-    return render_prompts(specs, tokenizer.apply_chat_template, image_first)
+def prompt_texts_from(tokenizer: Any, tasks: Sequence[Task], image_first: bool = True) -> dict[str, str]:
+    return {task.name: render_prompt(instruction(task), tokenizer.apply_chat_template, image_first) for task in tasks}
 
 
 def record(image: str, task: str, output: Any) -> TaskRecord:
@@ -101,8 +105,9 @@ def run_raw(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, An
     prompts, params, keys = [], [], []
     for item in items:
         for spec in specs:
-            prompts.append(engine_prompt(texts[spec.name], item.image, image_key(item), settings))
-            params.append(sampling_params(spec, settings))
+            request = spec.request(ItemValues(None))
+            prompts.append(engine_prompt(texts[spec.name], item.image, image_key(item), request.vision_tokens))
+            params.append(sampling_params(request, settings))
             keys.append((image_key(item), spec.name))
     timer = StepTimer(llm.llm_engine, settings.engine_args["max_num_seqs"])
     model = _model_timer(llm.llm_engine)
@@ -194,7 +199,7 @@ def run_pipeline(workload: Workload, out_dir: pathlib.Path, settings: Optional[M
 _LLM: Any = None  # loaded before the clock; the handler's load_model hands it to RunInference
 
 
-class VLLMBatchHandler(ModelHandler[tuple[ImageItem, TaskSpec], PredictionResult, Any]):
+class VLLMBatchHandler(ModelHandler[tuple[ImageItem, Task], PredictionResult, Any]):
     """What Beam's model handlers do: one blocking `llm.generate(batch)` per BatchElements batch."""
 
     def __init__(self, settings: EngineSettings, texts: dict[str, str], batch_size: int):
@@ -206,14 +211,18 @@ class VLLMBatchHandler(ModelHandler[tuple[ImageItem, TaskSpec], PredictionResult
         return _LLM
 
     def run_inference(
-        self, batch: Sequence[tuple[ImageItem, TaskSpec]], model: Any, inference_args: Optional[dict[str, Any]] = None
+        self, batch: Sequence[tuple[ImageItem, Task]], model: Any, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[PredictionResult]:
-        prompts = [engine_prompt(self._texts[spec.name], item.image, image_key(item), self._settings) for item, spec in batch]
-        params = [sampling_params(spec, self._settings) for _, spec in batch]
+        requests = [spec.request(ItemValues(None)) for _, spec in batch]
+        prompts = [
+            engine_prompt(self._texts[spec.name], item.image, image_key(item), request.vision_tokens)
+            for (item, spec), request in zip(batch, requests)
+        ]
+        params = [sampling_params(request, self._settings) for request in requests]
         outputs, window = timed(lambda: model.generate(prompts, params, use_tqdm=False), cpu_of=lambda: 0.0)
         return [PredictionResult(example, (output, window.wall_s)) for example, output in zip(batch, outputs)]
 
-    def get_num_bytes(self, batch: Sequence[tuple[ImageItem, TaskSpec]]) -> int:
+    def get_num_bytes(self, batch: Sequence[tuple[ImageItem, Task]]) -> int:
         # Beam's default pickles the whole batch (images included) just for a metric.
         return sum(item.image.width * item.image.height * 3 for item, _ in batch)
 
@@ -245,17 +254,17 @@ def run_runinference(workload: Workload, out_dir: pathlib.Path, batch_size: int 
         files, _ = pipeline | "MatchInputs" >> sources.MatchInputs(config.inputs, config.manifests, config.manifest_column)
         units = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards))
         items = units | "FanOutUnits" >> beam.Reshuffle() | "DecodeUnits" >> beam.ParDo(
-            decode.DecodeUnits(config.limits, config.shards)).with_outputs(decode.ERRORS_TAG, main="items")
+            decode.DecodeUnits(config.limits, config.shards)).with_outputs(ERRORS_TAG, main="items")
         parsed = (
             items.items
             | "PerTask" >> beam.FlatMap(lambda item: [(item, spec) for spec in config.tasks])
             | "RunInference" >> RunInference(handler)
             | "ToCompletion" >> beam.Map(_completion)
-            | "Parse" >> beam.ParDo(parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)).with_outputs(
-                parse.ERRORS_TAG, main="rows")
+            | "Parse" >> beam.ParDo(parse.ParseCompletions(config.tasks, config.run)).with_outputs(
+                ERRORS_TAG, main="rows")
         )
         parsed.rows | "WriteResults" >> WriteTable(config.output, "results", RESULTS_SCHEMA)
-        (parsed[parse.ERRORS_TAG] | "ErrorRows" >> beam.Map(to_error_row, config.run)
+        (parsed[ERRORS_TAG] | "ErrorRows" >> beam.Map(to_error_row, config.run)
          | "WriteErrors" >> WriteTable(config.output, "errors", ERRORS_SCHEMA))
         pipeline.run().wait_until_finish()
 
@@ -313,11 +322,13 @@ def _host_stage_rows(workload: Workload, page_images: Optional[str], threads: Se
     }
     tokenizer = renderer_from_config(configs["shared"]).get_tokenizer()
     texts = prompt_texts_from(tokenizer, workload.specs())
-    decoder = decode.DecodeUnits(decode.DecodeLimits(), ShardSettings())
+    decoder = decode.DecodeUnits(DecodeLimits(), ShardSettings())
+
+    budgets = {task.name: task.request(ItemValues(None)).vision_tokens for task in workload.specs()}
 
     def render(renderer: RequestRenderer, item: ImageItem) -> None:
-        for spec in workload.specs():
-            renderer.render(engine_prompt(texts[spec.name], item.image, image_key(item), settings))
+        for name, text in texts.items():
+            renderer.render(engine_prompt(text, item.image, image_key(item), budgets[name]))
 
     def cold(mode: str) -> RequestRenderer:  # a fresh renderer: nothing cached from the previous row
         return RequestRenderer(renderer_from_config(configs[mode]), configs[mode].model_config)

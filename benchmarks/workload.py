@@ -13,16 +13,22 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from schemas.records import DecodeUnit, ImageItem
-from transforms.decode import DecodeLimits, DecodeUnits
+from schemas.records import DecodeUnit, ImageItem, UnitKind
+from transforms.decode import DecodeUnits
 from transforms.engine import EngineSettings
-from transforms.prompts import DEFAULT_TASKS, TASKS, TaskSpec, with_max_tokens
+from transforms.formats import DecodeLimits
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
+from transforms.metadata import ItemValues
+from transforms.tasks import Task, with_overrides
 from transforms.shards import ShardSettings
+
+if TYPE_CHECKING:
+    from pipelines.options import JobConfig
 
 # Bump when the generator draws different pixels: it names the cache directory.
 GENERATOR_VERSION = "1"
@@ -120,21 +126,29 @@ def draw_image(index: int, seed: int = 0, max_side: int = 1024) -> tuple[Image.I
     return _photo(rng, size), "jpeg"
 
 
-def make_images(root: pathlib.Path, count: int, seed: int = 0, max_side: int = 1024) -> pathlib.Path:
-    """A directory holding exactly `count` generated images (cached: built once, renamed into place)."""
-    target = root / f"images-v{GENERATOR_VERSION}-seed{seed}-side{max_side}-n{count}"
+def cached_directory(target: pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """`target`, built once by `build(staging)` and renamed into place, so an interrupted build is never reused."""
     if target.is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".images-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        for index in range(count):
-            image, fmt = draw_image(index, seed, max_side)
-            image.save(staging / f"img_{index:05d}.{'jpg' if fmt == 'jpeg' else fmt}", fmt, quality=85)
+        build(staging)
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def make_images(root: pathlib.Path, count: int, seed: int = 0, max_side: int = 1024) -> pathlib.Path:
+    """A directory holding exactly `count` generated images (cached)."""
+
+    def build(staging: pathlib.Path) -> None:
+        for index in range(count):
+            image, fmt = draw_image(index, seed, max_side)
+            image.save(staging / f"img_{index:05d}.{'jpg' if fmt == 'jpeg' else fmt}", fmt, quality=85)
+
+    return cached_directory(root / f"images-v{GENERATOR_VERSION}-seed{seed}-side{max_side}-n{count}", build)
 
 
 def image_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -143,7 +157,7 @@ def image_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 def decode_file(decoder: DecodeUnits, path: pathlib.Path) -> ImageItem:
     """One image file -> its ImageItem through the pipeline's own decode stage (read, hash, decode, orient, resize)."""
-    unit = DecodeUnit(uri=str(path), kind="image", first_page=0, end_page=1, page_count=1)
+    unit = DecodeUnit(uri=str(path), kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1)
     items = [out for out in decoder.process(unit) if isinstance(out, ImageItem)]
     if len(items) != 1:
         raise RuntimeError(f"benchmark image {path} did not decode")
@@ -156,8 +170,13 @@ def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLim
     return [decode_file(decoder, path) for path in paths]
 
 
-def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[TaskSpec, ...]:
-    return tuple(with_max_tokens(TASKS[name], max_tokens) for name in names)
+def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[Task, ...]:
+    return tuple(with_overrides(BUILTIN_TASKS[name], max_tokens.get(name)) for name in names)
+
+
+def instruction(task: Task) -> str:
+    """A built-in task's instruction as sent (its template names no item values)."""
+    return task.request(ItemValues(None)).instruction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +192,7 @@ class Workload:
     max_in_flight: Optional[int] = None  # overrides the profile's
     vision_tokens: Optional[int] = None  # overrides the profile's image soft-token budget
     beam_options: Sequence[str] = ()  # extra Beam options of the pipeline's command line
+    task_vision_tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per-task budgets (benchmarks.budgets)
 
     def pipeline_argv(self, output: str) -> list[str]:
         """The command line of this pipeline (variant b) for this workload."""
@@ -188,30 +208,34 @@ class Workload:
             argv += ["--max_in_flight", str(self.max_in_flight)]
         if self.vision_tokens:
             argv += ["--vision_tokens", str(self.vision_tokens)]
+        for task, budget in self.task_vision_tokens.items():
+            argv += ["--task_vision_tokens", f"{task}={budget}"]
         return argv + list(self.beam_options)
 
-    def engine_settings(self, image_first: bool = True) -> EngineSettings:
-        """Exactly the engine settings the pipeline resolves from `pipeline_argv` (same engine args for all variants)."""
+    def job_config(self) -> "JobConfig":
+        """Exactly the job the pipeline resolves from `pipeline_argv` (same engine args and tasks for all variants)."""
         from apache_beam.options.pipeline_options import PipelineOptions
 
-        from pipelines.options import JobConfig
-
         from pipelines.checkpoint_shape import CheckpointShape
+        from pipelines.options import JobConfig
 
         options = PipelineOptions(self.pipeline_argv("unused"))
         checkpoint = CheckpointShape.read(self.model_path)  # as vision_batch.run: the profile is fitted to it
-        settings = JobConfig.from_options(options, self.model_path, self.model_id, True, checkpoint=checkpoint).engine
-        return dataclasses.replace(settings, image_first=image_first)
+        return JobConfig.from_options(options, self.model_path, self.model_id, True, checkpoint=checkpoint)
 
-    def specs(self) -> tuple[TaskSpec, ...]:
-        return task_specs(self.max_tokens)
+    def engine_settings(self, image_first: bool = True) -> EngineSettings:
+        return dataclasses.replace(self.job_config().engine, image_first=image_first)
+
+    def specs(self) -> tuple[Task, ...]:
+        """The pipeline's tasks, each with the image budget its requests carry (the job's or its own)."""
+        return self.job_config().tasks
 
 
 def _json(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str, int]:
+def prompt_suffix_tokens(checkpoint: str, specs: Sequence[Task]) -> dict[str, int]:
     """Prompt tokens after the prefix all tasks of an image share (system + image), per task.
 
     From the checkpoint's own processor, as vLLM tokenizes it. The image's token
@@ -220,11 +244,11 @@ def prompt_suffix_tokens(checkpoint: str, specs: Sequence[TaskSpec]) -> dict[str
     """
     from transformers import AutoProcessor
 
-    from transforms.prompts import render_prompts
+    from transforms.prompts import render_prompt
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     template = processor.tokenizer.apply_chat_template
-    texts = render_prompts(specs, template)
+    texts = {task.name: render_prompt(instruction(task), template) for task in specs}
     image = Image.new("RGB", (320, 240), "white")
     ids = {name: list(processor(text=[text], images=[image])["input_ids"][0]) for name, text in texts.items()}
     shared = next(i for i, tokens in enumerate(zip(*ids.values())) if len(set(tokens)) > 1)

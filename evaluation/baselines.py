@@ -26,9 +26,10 @@ from apache_beam import pvalue
 from PIL import Image
 
 from evaluation.storage import write_parquet
-from schemas.records import ErrorRecord, ImageItem, RunInfo, SourceFile, TaskCompletion
+from schemas.records import ErrorRecord, ImageItem, ParsedAnswer, RunInfo, SourceFile, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
-from transforms.decode import DecodeLimits, DecodeUnits, PlanUnits
+from transforms.decode import DecodeUnits, PlanUnits
+from transforms.formats import DecodeLimits
 from transforms.shards import ShardSettings
 
 
@@ -110,7 +111,7 @@ def _ocr_row(engine: OcrEngine, item: ImageItem, run: RunInfo) -> dict:
         info=item.info, task="ocr", text=text, finish_reason="stop",
         prompt_tokens=0, generated_tokens=0, cached_tokens=0, latency_s=time.perf_counter() - started,
     )
-    row = result_row(completion, run)
+    row = result_row(completion, run, ParsedAnswer(text))
     row.update(prompt_tokens=None, generated_tokens=None, cached_tokens=None)  # no tokens: not a language model
     return row
 
@@ -134,7 +135,7 @@ def run_baseline(
         except Exception as exc:  # noqa: BLE001 - one unreadable item is an error row, as in the pipeline
             info = item.info
             failure = ErrorRecord.from_exception(
-                info.ref, "engine", exc, task="ocr", content_hash=info.content_hash, metadata=info.metadata
+                info.ref, Stage.ENGINE, exc, task="ocr", content_hash=info.content_hash, metadata=info.metadata
             )
             errors.append(error_row(failure, run))
     output = output.rstrip("/")

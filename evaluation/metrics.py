@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import io
+import re
 import unicodedata
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -31,6 +33,49 @@ def normalize_text(text: str) -> str:
     where the model may not; neither is a reading error.
     """
     return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+_FENCE = re.compile(r"^\s*```.*$", re.MULTILINE)
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$", re.MULTILINE)
+_HORIZONTAL_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$", re.MULTILINE)
+_LINE_MARKERS = re.compile(r"^\s*(#{1,6}\s+|>\s?|[-*+]\s+(\[[ xX]\]\s+)?)", re.MULTILINE)
+_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_HTML_BREAK = re.compile(r"<\s*(br|/?p|/?tr|/?td|/?th|/?li|/?div|/?table)\b[^>]*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_STRONG = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
+_EMPHASIS = re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])")
+# Math delimiters, not dollar amounts: $$...$$, \(...\), \[...\], and $...$ with no space inside its
+# ends and no digit right after it (pandoc's rule), so "$4.50 and $3" stays as written.
+_DISPLAY_MATH = re.compile(r"\$\$(.+?)\$\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_INLINE_MATH = re.compile(r"(?<!\$)\$(?=\S)([^$\n]+?)(?<=\S)\$(?!\d)")
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|$])")
+_ESCAPED = 0xE000  # escaped ASCII characters wait in the Unicode private use area
+_SET_ASIDE = re.compile("[\ue000-\ue07f]")
+
+
+def markdown_to_text(markdown: str) -> str:
+    """The text a Markdown answer holds, its markup removed, so it is scored like a transcription.
+
+    Removes code fences, table rules and pipes, HTML tags (cells and line
+    breaks become spaces; entities are decoded), heading, quote and bullet
+    markers, emphasis, link and image syntax (a link keeps its text, an
+    image goes), horizontal rules, math delimiters (the LaTeX inside stays),
+    inline-code backticks and backslash escapes. Numbered-list numbers stay:
+    they are the page's text. `normalize_text` then folds the whitespace.
+    """
+    text = _FENCE.sub("", markdown)
+    text = _TABLE_RULE.sub("", text)
+    text = _HORIZONTAL_RULE.sub("", text)
+    text = _DISPLAY_MATH.sub(lambda m: next(group for group in m.groups() if group is not None), text)
+    # Escaped characters are text, never markup: set aside until the markup is gone.
+    text = _ESCAPE.sub(lambda m: chr(_ESCAPED + ord(m.group(1))), text)
+    text = html.unescape(_HTML_TAG.sub("", _HTML_BREAK.sub(" ", text)))
+    text = _LINE_MARKERS.sub("", text).replace("|", " ")
+    text = _LINK.sub(r"\1", _IMAGE.sub("", text))
+    text = _EMPHASIS.sub(r"\2", _STRONG.sub(r"\2", text))
+    text = _INLINE_MATH.sub(r"\1", text).replace("`", "")
+    return _SET_ASIDE.sub(lambda m: chr(ord(m.group()) - _ESCAPED), text)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ A PDF produced by software (not a scan) already says what text each page
 holds and where: PDFium's text API gives the page text, a box per
 character and PDFium's own segmentation of the text into line runs. Each
 page is rendered exactly as the pipeline renders it
-(`transforms.decode.render_pdf_page`), so the reference's size is the
+(`transforms.formats.render_pdf_page`), so the reference's size is the
 item's size, and boxes are mapped to that render with PDFium's
 page-to-device transform (which applies the crop box and /Rotate the same
 way rendering does), then normalised to 0-1.
@@ -24,7 +24,7 @@ import pypdfium2.raw as pdfium_c
 
 from schemas.records import ItemRef, SourceFile
 from schemas.references import GRANULARITIES, TEXT_REGION_LABEL, ReferenceBox, ReferenceItem
-from transforms.decode import DecodeLimits, pdf_page_count, read_bytes, render_pdf_page, sniff_kind
+from transforms.formats import DecodeLimits, Format, pdf_page_count, read_bytes, render_pdf_page, sniff
 
 _LOG = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def pdf_references(sources: Iterable[SourceFile], limits: DecodeLimits, granular
     """References for every page with a text layer in every PDF among `sources` (others are logged and skipped)."""
     for source in sources:
         data = read_bytes(source.uri, limits.max_file_bytes)
-        if sniff_kind(data[:1024]) != "pdf":
+        if sniff(data[:1024]) is not Format.PDF:
             _LOG.warning("skipping %s: not a PDF", source.uri)
             continue
         for page_index in range(pdf_page_count(data)):

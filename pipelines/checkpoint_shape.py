@@ -35,6 +35,9 @@ class CheckpointShape:
     bidirectional_vision: bool  # `use_bidirectional_attention: "vision"`: image tokens attend both ways
     per_layer_embeddings: bool  # `hidden_size_per_layer_input > 0` (E2B/E4B)
     weight_bytes: int  # the weight files' size: what loading them takes in memory at their own dtype
+    # Image soft tokens per image when a request sets no budget: vision_config's default_output_length
+    # (vision-tower models, read by vllm gemma4_mm.py) or num_soft_tokens (the unified 12B); None if absent.
+    vision_tokens: Optional[int] = None
 
     def kv_bytes_per_sequence(self, tokens: int, dtype_bytes: int, windowed: bool) -> int:
         """KV bytes of one sequence of `tokens` tokens.
@@ -52,6 +55,7 @@ class CheckpointShape:
     def from_config(config: Mapping[str, Any], weight_bytes: int) -> "CheckpointShape":
         """From a Gemma 4 `config.json` (tower or unified): per-layer head sizes and KV heads as vLLM reads them."""
         text = config.get("text_config", config)
+        vision = config.get("vision_config") or {}
         layer_types = list(text["layer_types"])
         shared = int(text.get("num_kv_shared_layers") or 0)
         overrides = {int(index): values for index, values in (text.get("per_layer_config") or {}).items()}
@@ -71,6 +75,7 @@ class CheckpointShape:
             bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
             per_layer_embeddings=int(text.get("hidden_size_per_layer_input") or 0) > 0,
             weight_bytes=weight_bytes,
+            vision_tokens=vision.get("default_output_length") or vision.get("num_soft_tokens"),
         )
 
     @staticmethod

@@ -18,23 +18,20 @@ from pipelines import engine_profiles
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
-from transforms.decode import DecodeLimits
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
-from transforms.prompts import (
-    DEFAULT_TASKS,
-    TASKS,
-    VISION_TOKEN_BUDGETS,
-    TaskSpec,
-    parse_task_list,
-    prompt_version,
-    with_max_tokens,
-    with_thinking_budget,
-)
+from transforms.formats import DecodeLimits
+from transforms.prompts import VISION_TOKEN_BUDGETS, prompt_version
 from transforms.shards import ShardSettings
 from transforms.storage import RetryBudget
+from transforms.task_file import load_task_file
+from transforms.tasks import OutputKind, Task, with_overrides
 
 _DEFAULT_LIMITS = DecodeLimits()
 _DEFAULT_RETRY = RetryBudget()
+# The image budget Gemma 4's processor uses when a request sets none and the checkpoint does not say
+# (transformers Gemma4ImageProcessor max_soft_tokens default; FIELD-NOTES "Gemma 4 prompts").
+GEMMA4_DEFAULT_VISION_TOKENS = 280
 
 
 class VisionBatchOptions(PipelineOptions):
@@ -77,8 +74,15 @@ class VisionBatchOptions(PipelineOptions):
             help="Parquet shards: comma-separated columns copied into each row's metadata JSON.",
         )
         group.add_argument(
-            "--tasks", default=",".join(DEFAULT_TASKS),
-            help=f"Comma-separated subset of {','.join(TASKS)} (default: all).",
+            "--tasks", default=None,
+            help=f"Comma-separated tasks to run: built-in ({','.join(BUILTIN_TASKS)}) and --task_file's. "
+                 f"Default: the task file's tasks, else {','.join(DEFAULT_TASKS)}.",
+        )
+        group.add_argument(
+            "--task_file", default=None,
+            help="YAML or JSON file of your own tasks (local or gs://): name, instruction with {placeholders} "
+                 "filled from each item's metadata, output text|boxes|json (json with a JSON Schema), "
+                 "max_tokens, sampling, vision_tokens. See README 'Your own tasks'.",
         )
         group.add_argument(
             "--model", default=None,
@@ -125,6 +129,11 @@ class VisionBatchOptions(PipelineOptions):
         group.add_argument(
             "--max_tokens", dest="max_tokens", action="append", default=None, metavar="TASK=N",
             help="Override a task's output token limit, e.g. ocr=512 (or ocr=512,caption=64). Repeatable.",
+        )
+        group.add_argument(
+            "--task_vision_tokens", dest="task_vision_tokens", action="append", default=None, metavar="TASK=N",
+            help="A task's own image budget (70/140/280/560/1120), e.g. ocr=1120,caption=140; tasks without one "
+                 "use --vision_tokens. Tasks of an image with different budgets do not share its prefix. Repeatable.",
         )
         group.add_argument("--pdf_dpi", type=float, default=_DEFAULT_LIMITS.pdf_dpi, help="PDF render resolution.")
         group.add_argument(
@@ -193,6 +202,45 @@ def parse_engine_args(pairs: Optional[Sequence[str]]) -> dict[str, Any]:
     return {key: parse_json_value(value) for key, value in parse_key_values(pairs, "--engine_arg").items()}
 
 
+def _task_limits(values: Optional[Sequence[str]], option: str, known: set[str]) -> dict[str, int]:
+    """`TASK=N` pairs of a per-task option, for tasks that exist."""
+    pairs = parse_key_values(split_commas(values), option)
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise ValueError(f"{option} names unknown task(s) {unknown}; tasks are {sorted(known)}")
+    try:
+        return {task: int(value) for task, value in pairs.items()}
+    except ValueError:
+        raise ValueError(f"{option} values are whole numbers, got {values}") from None
+
+
+def resolve_tasks(
+    opts: "VisionBatchOptions", vision_tokens: Optional[int], checkpoint: Optional[CheckpointShape], thinking: bool
+) -> tuple[tuple[Task, ...], Optional[int]]:
+    """The job's tasks with their overrides, and the job's image budget.
+
+    Tasks with their own image budget (a task file's `vision_tokens`,
+    `--task_vision_tokens`) get requests with that budget; the others the
+    job's (`--vision_tokens`, else the profile's). When budgets differ, the
+    engine is planned for the largest, so every request carries its own:
+    the job's falls back to the checkpoint's default.
+    """
+    file_tasks = load_task_file(opts.task_file)
+    known = set(BUILTIN_TASKS) | {task.name for task in file_tasks}
+    max_tokens = _task_limits(opts.max_tokens, "--max_tokens", known)
+    budgets = _task_limits(opts.task_vision_tokens, "--task_vision_tokens", known)
+    refused = sorted(f"{task}={n}" for task, n in budgets.items() if n not in VISION_TOKEN_BUDGETS)
+    if refused:
+        raise ValueError(f"--task_vision_tokens {', '.join(refused)}: budgets are {', '.join(map(str, VISION_TOKEN_BUDGETS))}")
+    tasks = tuple(
+        with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking)
+        for task in select_tasks(opts.tasks, file_tasks)
+    )
+    if {task.vision_tokens for task in tasks if task.vision_tokens} - {vision_tokens}:
+        vision_tokens = vision_tokens or (checkpoint and checkpoint.vision_tokens) or GEMMA4_DEFAULT_VISION_TOKENS
+    return tuple(dataclasses.replace(task, vision_tokens=task.vision_tokens or vision_tokens) for task in tasks), vision_tokens
+
+
 def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -209,7 +257,7 @@ class JobConfig:
     output: str
     num_output_shards: int
     progress_interval_s: float
-    tasks: tuple[TaskSpec, ...]
+    tasks: tuple[Task, ...]
     engine: EngineSettings
     limits: DecodeLimits
     run: RunInfo
@@ -227,20 +275,15 @@ class JobConfig:
         if not opts.output:
             raise ValueError("--output is required")
         RetryBudget.from_options(options)  # refuse an impossible --gcs_retry_* budget at launch, not on a worker
-        max_tokens = {k: int(v) for k, v in parse_key_values(split_commas(opts.max_tokens), "--max_tokens").items()}
-        unknown = sorted(set(max_tokens) - set(TASKS))
-        if unknown:
-            raise ValueError(f"--max_tokens names unknown task(s) {unknown}")
         thinking = opts.thinking == "on"
-        tasks = tuple(
-            with_thinking_budget(with_max_tokens(TASKS[name], max_tokens), thinking) for name in parse_task_list(opts.tasks)
-        )
         profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
-        vision_tokens = opts.vision_tokens or profile.vision_tokens
+        tasks, vision_tokens = resolve_tasks(opts, opts.vision_tokens or profile.vision_tokens, checkpoint, thinking)
+        # vLLM plans memory and the encoder budget for the engine-level budget: the largest any task uses.
+        largest = max([vision_tokens or 0, *(task.vision_tokens or 0 for task in tasks)]) or None
         engine = EngineSettings(
             model_path=model_path,
-            engine_args=engine_profiles.request_engine_args(profile, vision_tokens, thinking, structured_output),
+            engine_args=engine_profiles.request_engine_args(profile, largest, thinking, structured_output),
             max_in_flight=opts.max_in_flight or profile.max_in_flight,
             structured_output=structured_output,
             thinking=thinking,
@@ -288,6 +331,12 @@ class JobConfig:
             "output": self.output,
             "tasks": [t.name for t in self.tasks],
             "max_tokens": {t.name: t.max_tokens for t in self.tasks},
+            "task_vision_tokens": {t.name: t.vision_tokens for t in self.tasks},
+            # What each task asks: the report shows its output kind, instruction template and schema.
+            "task_definitions": {
+                t.name: {"output": t.output.value, "instruction": t.instruction, **({"schema": t.schema} if t.output is OutputKind.JSON else {})}
+                for t in self.tasks
+            },
             "engine_args": dict(self.engine.engine_args),
             "max_in_flight": self.engine.max_in_flight,
             "vision_tokens": self.engine.vision_tokens,

@@ -21,7 +21,7 @@ from evaluation.pdf_references import pdf_references
 from evaluation.storage import match_sources, read_text, write_references
 from evaluation.text_render import Degradation, Layout, find_font, paragraphs, write_rendered_set
 from schemas.references import GRANULARITIES
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 
 _DEFAULT_LIMITS = DecodeLimits()
 

@@ -20,7 +20,7 @@ from reporting.html import render
 from reporting.images import THUMBNAIL_SIDE, load_images
 from reporting.run import SAMPLE_ORDERS, load_run
 from schemas.records import ItemRef
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 from transforms.shards import ShardSettings
 
 

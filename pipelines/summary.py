@@ -3,9 +3,10 @@
 Written by the pipeline itself, as its last step (after both tables are
 finalised), so a Dataflow or flex-template run that nobody waits for still
 gets one. Counts are tallied from the pipeline's own collections (exact on
-any runner, retries included, unlike best-effort metrics) and the row counts
-are cross-checked against the Parquet files actually written, so the
-accounting line (results + errors = inputs) is about real rows.
+any runner, retries included, unlike best-effort metrics) and cross-checked
+against the rows the sinks report they wrote into each file
+(`transforms.sinks.WrittenFile`), so the accounting line (results + errors =
+inputs) is about real rows.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import platform
 from typing import Any, Iterable, Mapping, Optional
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.options import JobConfig
-from schemas.records import DecodeUnit, ImageItem, SourceFile
+from schemas.records import DecodeUnit, ImageItem, SkippedItem, SourceFile, Stage
+from transforms.sinks import WrittenFile
 
-ITEM_STAGES = ("match", "plan", "decode")  # errors that stop an item before the engine
-TASK_STAGES = ("engine", "parse")  # errors of one task of a decoded item
+ITEM_STAGES = tuple(stage.value for stage in Stage if not stage.per_task)  # errors that stop an item before the engine
+TASK_STAGES = tuple(stage.value for stage in Stage if stage.per_task)  # errors of one task of a decoded item
 SUMMARY_FILE = "run_summary.json"
 
 RANDOM_MODEL_WARNING = (
@@ -73,11 +74,13 @@ def tally_unit(unit: DecodeUnit) -> Tally:
 
 
 def tally_item(item: ImageItem) -> Tally:
-    return {"items": 1, "pages": int(item.info.ref.page is not None)}
+    """A decoded item, with the tasks it goes to the engine for (all but those answered before)."""
+    return {"items": 1, "pages": int(item.info.ref.page is not None), "items_selected": 1, "tasks_submitted": len(item.tasks)}
 
 
-def tally_selected(item: ImageItem, tasks_per_item: int) -> Tally:
-    return {"items_selected": 1, "tasks_submitted": len(item.tasks) or tasks_per_item}
+def tally_skipped(item: SkippedItem) -> Tally:
+    """An item every task of which an earlier run answered: counted as an item, never decoded."""
+    return {"items": 1, "pages": int(item.ref.page is not None)}
 
 
 def tally_result(row: Mapping[str, Any]) -> Tally:
@@ -106,14 +109,9 @@ def tally_error(row: Mapping[str, Any]) -> Tally:
     }
 
 
-def written_files(output: str, table: str) -> list[dict[str, Any]]:
-    """Parquet files of one table with their row counts (footer reads only)."""
-    files = []
-    for meta in sorted(FileSystems.match([f"{output}/{table}/*.parquet"])[0].metadata_list, key=lambda m: m.path):
-        with FileSystems.open(meta.path) as handle:
-            rows = pq.ParquetFile(handle).metadata.num_rows
-        files.append({"path": meta.path, "rows": rows, "bytes": meta.size_in_bytes})
-    return files
+def written_files(files: Iterable[WrittenFile]) -> list[dict[str, Any]]:
+    """The files a sink reports, by path, for the summary."""
+    return [{"path": f.path, "rows": f.rows} for f in sorted(files, key=lambda f: f.path)]
 
 
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,6 +173,10 @@ def build_summary(
             "tasks_per_item": tasks_per_item,
             "skipped_items": items_ok - count("items_selected"),
             "skipped_tasks": skipped_tasks,
+            # --incremental_from: key rows of earlier results read, and those of this model and
+            # prompt version that the current items' filter let through to the exact join.
+            "history_rows": count("history_rows"),
+            "history_candidates": count("history_candidates"),
             "tasks_submitted": count("tasks_submitted"),
             "result_rows": result_rows,
             "result_rows_by_task": _prefixed(tally, "result_rows_"),
@@ -249,19 +251,19 @@ class WriteRunSummary(beam.PTransform):
             | "Write" >> beam.Map(
                 self._write,
                 tally=beam.pvalue.AsSingleton(total),
-                # Side inputs of the sinks' outputs: this step runs after both tables are final.
+                # The sinks' outputs (files written, with their rows): this step runs after both tables are final.
                 results_done=beam.pvalue.AsList(results_written),
                 errors_done=beam.pvalue.AsList(errors_written),
             )
         )
 
-    def _write(self, _: None, tally: Tally, results_done: list, errors_done: list) -> str:
+    def _write(self, _: None, tally: Tally, results_done: list[WrittenFile], errors_done: list[WrittenFile]) -> str:
         config = self._config
         summary = build_summary(
             config,
             tally,
-            written_files(config.output, "results"),
-            written_files(config.output, "errors"),
+            written_files(results_done),
+            written_files(errors_done),
             self._launched_at,
             datetime.datetime.now(datetime.timezone.utc),
             self._options,
@@ -276,7 +278,7 @@ def distinct_sources(units: beam.PCollection) -> beam.PCollection:
     """One tally per shard (tar or Parquet) among the decode units."""
     return (
         units
-        | "ShardUnits" >> beam.Filter(lambda unit: unit.kind in ("member", "parquet"))
+        | "ShardUnits" >> beam.Filter(lambda unit: unit.kind.in_shard)
         | "ShardUri" >> beam.Map(lambda unit: unit.uri)
         | "DistinctShards" >> beam.Distinct()
         | "TallyShards" >> beam.Map(lambda _: {"shards": 1})

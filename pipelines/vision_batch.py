@@ -5,8 +5,8 @@
 
 Graph (one stage per module under transforms/):
 
-    MatchInputs -> PlanUnits -> Reshuffle -> DecodeUnits -> SelectTasks -> RunTasks -> ParseCompletions -> results/
-         \\______________\\_________________________\\___________________________\\______________\\_________-> errors/
+    MatchInputs -> PlanUnits -> Reshuffle [-> AttachAnswers] -> DecodeUnits -> RunTasks -> ParseCompletions -> results/
+         \\______________\\______________________________________________\\____________\\______________\\_________-> errors/
 
 Every input item ends as result rows (one per task) or error rows, and
 run_summary.json accounts for both.
@@ -29,6 +29,7 @@ from pipelines.runner import make_runner
 from pipelines import summary
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, incremental, parse, run_tasks, sources, storage
+from transforms.errors import ERRORS_TAG
 from transforms.sinks import WriteTable, remove_new_objects, table_objects, to_error_row
 
 _LOG = logging.getLogger("vision_batch")
@@ -42,30 +43,29 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.inputs, config.manifests, config.manifest_column
     )
     planned = files | "PlanUnits" >> beam.ParDo(decode.PlanUnits(config.limits, config.shards)).with_outputs(
-        decode.ERRORS_TAG, main="units"
+        ERRORS_TAG, main="units"
     )
-    decoded = (
-        planned.units
-        # Fan page ranges, row groups and tar members out across workers: without
-        # it every page of a long PDF is rendered and inferred by the worker that planned it.
-        | "FanOutUnits" >> beam.Reshuffle()
-        | "DecodeUnits" >> beam.ParDo(decode.DecodeUnits(config.limits, config.shards)).with_outputs(
-            decode.ERRORS_TAG, main="items"
+    # Fan page ranges, row groups and tar members out across workers: without
+    # it every page of a long PDF is rendered and inferred by the worker that planned it.
+    units = planned.units | "FanOutUnits" >> beam.Reshuffle()
+    history_tallies = []
+    if config.incremental_from:
+        units, scan_tallies = units | "AttachAnswers" >> incremental.AttachAnswers(
+            config.incremental_from, config.run, config.tasks, config.engine, config.limits, config.shards
         )
-    )
-    done_keys = pipeline | "ReadDoneKeys" >> incremental.ReadDoneKeys(config.incremental_from, config.run)
-    selected = decoded.items | "SelectTasks" >> beam.ParDo(
-        incremental.SelectTasks([t.name for t in config.tasks], config.run), done=beam.pvalue.AsIter(done_keys)
-    )
-    completed = selected | "RunTasks" >> beam.ParDo(run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)).with_outputs(
-        run_tasks.ERRORS_TAG, main="completions"
-    )
+        history_tallies.append(scan_tallies)
+    decoded = units | "DecodeUnits" >> beam.ParDo(
+        decode.DecodeUnits(config.limits, config.shards, [t.name for t in config.tasks])
+    ).with_outputs(ERRORS_TAG, decode.SKIPPED_TAG, main="items")
+    completed = decoded.items | "RunTasks" >> beam.ParDo(
+        run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)
+    ).with_outputs(ERRORS_TAG, main="completions")
     parsed = completed.completions | "Parse" >> beam.ParDo(
-        parse.ParseCompletions({t.name: t for t in config.tasks}, config.run)
-    ).with_outputs(parse.ERRORS_TAG, main="rows")
+        parse.ParseCompletions(config.tasks, config.run)
+    ).with_outputs(ERRORS_TAG, main="rows")
 
     error_rows = (
-        (match_errors, planned[decode.ERRORS_TAG], decoded[decode.ERRORS_TAG], completed[run_tasks.ERRORS_TAG], parsed[parse.ERRORS_TAG])
+        (match_errors, planned[ERRORS_TAG], decoded[ERRORS_TAG], completed[ERRORS_TAG], parsed[ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(to_error_row, config.run)
     )
@@ -77,7 +77,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         planned.units | "TallyUnits" >> beam.Map(summary.tally_unit),
         summary.distinct_sources(planned.units),
         decoded.items | "TallyItems" >> beam.Map(summary.tally_item),
-        selected | "TallySelected" >> beam.Map(summary.tally_selected, len(config.tasks)),
+        decoded[decode.SKIPPED_TAG] | "TallySkipped" >> beam.Map(summary.tally_skipped),
+        *history_tallies,
         parsed.rows | "TallyResults" >> beam.Map(summary.tally_result),
         error_rows | "TallyErrors" >> beam.Map(summary.tally_error),
     ) | "AllTallies" >> beam.Flatten()

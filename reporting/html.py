@@ -16,12 +16,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from reporting.images import SourceImage, data_uri, draw_detections, label_colours, thumbnail
 from reporting.run import ErrorGroup, RunData, SampledItem, TaskStats
 from reporting.text import safe
+from transforms.tasks import Template
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-TASK_TITLES = {"ocr": "OCR text", "caption": "Caption", "detect": "Detections"}
+TASK_TITLES = {"ocr": "OCR text", "caption": "Caption", "detect": "Detections", "markdown": "Markdown"}
 MESSAGE_CHARS = 400  # error messages in the breakdown; the item cards show them whole
-CONFIG_KEYS = ("inputs", "manifests", "incremental_from", "output", "tasks", "max_tokens", "vision_tokens",
-               "max_in_flight", "decode_limits", "shards", "engine_args")
+CONFIG_KEYS = ("inputs", "manifests", "incremental_from", "output", "tasks", "task_definitions", "max_tokens",
+               "vision_tokens", "task_vision_tokens", "max_in_flight", "decode_limits", "shards", "engine_args")
 
 STYLE = """
 :root { --ink: #1f2933; --muted: #616e7c; --line: #d9dee5; --page: #f4f6f8; --card: #fff; --accent: #2457c5;
@@ -88,6 +89,8 @@ figcaption { color: var(--muted); font-size: 12px; margin-top: 4px; }
   background: #f8f9fb; border-radius: 4px; padding: 8px; font-size: 12.5px; }
 .panel .empty { color: var(--muted); font-style: italic; }
 .panel .stats { color: var(--muted); font-size: 11.5px; margin: 8px 0 0; }
+.panel .question { margin: 0 0 8px; padding: 6px 8px; border-left: 3px solid var(--accent); background: #eaf1fb;
+  font-size: 12.5px; white-space: pre-wrap; word-break: break-word; }
 .dets { margin: 0; padding-left: 0; list-style: none; max-height: 22em; overflow: auto; }
 .dets li { margin: 3px 0; display: flex; gap: 6px; align-items: baseline; }
 .dets .swatch { flex: none; width: 11px; height: 11px; border-radius: 2px; display: inline-block; position: relative; top: 1px; }
@@ -230,7 +233,7 @@ def _tasks_section(tasks: Sequence[TaskStats]) -> str:
     if not tasks:
         return "<h2>Tasks</h2><p>No result rows.</p>"
     rows = [
-        [f"<b>{_e(t.task)}</b>", _n(t.rows), _n(t.truncated), _n(t.detections) if t.task == "detect" else "—",
+        [f"<b>{_e(t.task)}</b>", _n(t.rows), _n(t.truncated), _n(t.detections),
          _n(t.prompt_tokens), _n(t.generated_tokens), _n(t.cached_tokens), _n(t.mean_latency_ms)]
         for t in tasks
     ]
@@ -282,28 +285,54 @@ def _detections_list(detections: Sequence[Mapping[str, Any]]) -> str:
     return f'<ol class="dets">{"".join(items)}</ol>'
 
 
-def _panel(task: str, row: Optional[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]], lead_rows: int = 0) -> str:
-    """One task's answer; `lead_rows` > 0: the wide first column, as tall as that many other panels."""
+def asks_per_item(definition: Optional[Mapping[str, Any]]) -> bool:
+    """A task whose instruction is filled from each item's metadata (a question per item), or one the run does not describe."""
+    return definition is None or bool(Template(definition.get("instruction") or "").placeholders)
+
+
+def _question(row: Mapping[str, Any], errors: Sequence[Mapping[str, Any]], definition: Optional[Mapping[str, Any]]) -> str:
+    """What this item was asked, when the task asks each item its own question."""
+    asked = row.get("instruction") or next((e.get("instruction") for e in errors if e.get("instruction")), None)
+    return f'<p class="question">{_e(asked)}</p>' if asked and asks_per_item(definition) else ""
+
+
+def _panel(
+    task: str,
+    row: Optional[Mapping[str, Any]],
+    errors: Sequence[Mapping[str, Any]],
+    lead_rows: int = 0,
+    definition: Optional[Mapping[str, Any]] = None,
+) -> str:
+    """One task's answer; `lead_rows` > 0: the wide first column, as tall as that many other panels.
+
+    `definition`: the task as the run summary describes it (output kind, instruction template).
+    """
     title = _e(TASK_TITLES.get(task, task))
     lead = f' lead" style="grid-row: span {lead_rows}' if lead_rows else ""
     if row is None:
         if errors:
             reasons = "".join(f'<p><span class="pill bad">{_e(e["stage"])}</span> <code>{_e(e["error_type"])}</code></p>'
                               f'<pre class="text">{_e(e.get("message") or "")}</pre>' for e in errors)
-            return f'<section class="panel failed{lead}"><h4>{title}</h4>{reasons}</section>'
+            return f'<section class="panel failed{lead}"><h4>{title}</h4>{_question({}, errors, definition)}{reasons}</section>'
         return f'<section class="panel{lead}"><h4>{title}</h4><p class="empty">no result</p></section>'
     flags = ' <span class="pill warn">truncated</span>' if row.get("truncated") else ""
     text = row.get("text") or ""
-    if task == "detect" or row.get("detections") is not None:
+    if row.get("detections") is not None:
         detections = row.get("detections") or []
         body = _detections_list(detections)
         body += f'<details><summary>model output</summary><pre>{_e(text)}</pre></details>'
         title += f" ({len(detections)})"
+    elif row.get("data") is not None:  # a json task: the validated document, laid out to be read
+        document = json.dumps(json.loads(row["data"]), indent=2, ensure_ascii=False)
+        body = f'<pre class="text json">{_e(document)}</pre>'
+        body += f'<details><summary>model output</summary><pre>{_e(text)}</pre></details>'
+        title += " (JSON)"
     else:
         body = f'<pre class="text">{_e(text)}</pre>' if text.strip() else '<p class="empty">(empty)</p>'
     if row.get("thought"):  # thinking mode: what the model thought before this answer
         body += f'<details><summary>thought</summary><pre>{_e(row["thought"])}</pre></details>'
-    return f'<section class="panel{lead}"><h4>{title}{flags}</h4>{body}{_task_stats_line(row)}</section>'
+    question = _question(row, errors, definition)
+    return f'<section class="panel{lead}"><h4>{title}{flags}</h4>{question}{body}{_task_stats_line(row)}</section>'
 
 
 def _picture(item: SampledItem, source: Optional[SourceImage], side: int) -> str:
@@ -362,15 +391,19 @@ def _item_pills(item: SampledItem) -> str:
     return "".join(pills)
 
 
-def _item_card(number: int, anchor: str, item: SampledItem, tasks: Sequence[str], source: Optional[SourceImage], side: int) -> str:
+def _item_card(
+    number: int, anchor: str, item: SampledItem, tasks: Sequence[str], definitions: Mapping[str, Mapping[str, Any]],
+    source: Optional[SourceImage], side: int,
+) -> str:
     by_task = {r["task"]: r for r in item.results}
     item_tasks = list(tasks) + [t for t in by_task if t not in tasks]
     decoded = bool(item.results) or any(e.get("task") for e in item.errors)
     # Text tasks (OCR first) get the wide first column, the others stack beside it.
-    split = len(item_tasks) > 1 and item_tasks[0] != "detect"
+    first = by_task.get(item_tasks[0]) if item_tasks else None
+    split = len(item_tasks) > 1 and (first or {}).get("detections") is None
     panels = "".join(
         _panel(task, by_task.get(task), [e for e in item.errors if e.get("task") == task],
-               len(item_tasks) - 1 if split and index == 0 else 0)
+               len(item_tasks) - 1 if split and index == 0 else 0, definitions.get(task))
         for index, task in enumerate(item_tasks)
     ) if decoded else '<section class="panel failed"><h4>No tasks ran</h4><p>The item failed before the engine: see below.</p></section>'
     metadata = (f'<div class="item-meta"><details><summary>metadata</summary><pre>{_e(item.metadata)}</pre></details></div>'
@@ -386,6 +419,7 @@ def _item_card(number: int, anchor: str, item: SampledItem, tasks: Sequence[str]
 def _sample_section(
     run: RunData, images: Mapping[str, SourceImage], tasks: Sequence[str], side: int, anchors: Mapping[str, str]
 ) -> str:
+    definitions = (run.summary.get("config") or {}).get("task_definitions") or {}
     index_rows = [
         [_n(n), f'<a href="#{anchors[item.item_id]}">{_e(item.item_id)}</a>',
          _e(f"{item.width}×{item.height}") if item.width else "—",
@@ -400,7 +434,8 @@ def _sample_section(
              "sources with the pipeline's decoder; boxes are drawn where the model put them.</p>")
     index = _table(["#", "item", "size", "results", "flags"], index_rows, [True, False, False, False, False])
     cards = "".join(
-        _item_card(n, anchors[item.item_id], item, tasks, images.get(item.item_id), side) for n, item in enumerate(run.sample, 1)
+        _item_card(n, anchors[item.item_id], item, tasks, definitions, images.get(item.item_id), side)
+        for n, item in enumerate(run.sample, 1)
     )
     return f"<h2>Sample of items</h2>{intro}{index}{cards}"
 

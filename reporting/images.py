@@ -1,6 +1,6 @@
 """Sampled items' images, re-read through the pipeline's own decode functions, with their boxes drawn.
 
-An item is decoded exactly as the pipeline decoded it (`transforms.decode`
+An item is decoded exactly as the pipeline decoded it (`transforms.formats`
 with the run's limits: EXIF orientation applied, PDF pages rendered at the
 run's dpi; shard members found by key with `transforms.shards`), so its
 detection boxes, fractions of that frame, land where the model put them.
@@ -22,10 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reporting.text import visible
 from schemas.records import ItemRef
-from transforms.decode import (
-    HEAD_BYTES, DecodeError, DecodeLimits, MissingImage, decode_image_frame, item_hash, read_bytes, read_head,
-    render_pdf_page, sniff_kind,
-)
+from transforms.decode import item_hash
+from transforms.formats import HEAD_BYTES, DecodeError, DecodeLimits, Format, MissingImage, read_bytes, read_head, render_item, sniff
 from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 THUMBNAIL_SIDE = 512
@@ -47,16 +45,6 @@ def _unavailable(exc: BaseException) -> SourceImage:
     return SourceImage(None, f"{type(exc).__name__}: {exc}")
 
 
-def decode_payload(data: bytes, page: Optional[int], limits: DecodeLimits) -> Image.Image:
-    """One item of a file's or member's bytes: a PDF page or an image frame."""
-    kind = sniff_kind(data[:HEAD_BYTES])
-    if kind == "pdf":
-        return render_pdf_page(data, page or 0, limits)
-    if kind in ("tar", "parquet"):
-        raise DecodeError(f"the item is a whole {kind} shard, not one image")
-    return decode_image_frame(data, page or 0, limits)
-
-
 def _decode_each(refs: Sequence[ItemRef], payload: Callable[[ItemRef], bytes], limits: DecodeLimits) -> dict[str, SourceImage]:
     images = {}
     digests: dict[int, str] = {}  # one hash per payload, however many of its pages are sampled
@@ -64,7 +52,8 @@ def _decode_each(refs: Sequence[ItemRef], payload: Callable[[ItemRef], bytes], l
         try:
             data = payload(ref)
             digest = digests.setdefault(id(data), hashlib.sha256(data).hexdigest())
-            images[ref.item_id] = SourceImage(decode_payload(data, ref.page, limits), content_hash=item_hash(digest, ref.page))
+            image = render_item(data, sniff(data[:HEAD_BYTES]), ref.page, limits)
+            images[ref.item_id] = SourceImage(image, content_hash=item_hash(digest, ref.page))
         except Exception as exc:  # noqa: BLE001 - shown on the item instead of its image
             images[ref.item_id] = _unavailable(exc)
     return images
@@ -110,13 +99,13 @@ def _source_images(uri: str, refs: Sequence[ItemRef], limits: DecodeLimits, shar
     if not members:
         data = read_bytes(uri, limits.max_file_bytes)
         return _decode_each(refs, lambda ref: data, limits)
-    kind = sniff_kind(read_head(uri))
-    if kind == "tar":
+    fmt = sniff(read_head(uri))
+    if fmt is Format.TAR:
         payloads = _tar_payloads(uri, members, limits)
-    elif kind == "parquet":
+    elif fmt is Format.PARQUET:
         payloads = _parquet_payloads(uri, members, shards)
     else:
-        raise DecodeError(f"the source is no longer a tar or Parquet shard (it reads as {kind})")
+        raise DecodeError(f"the source is no longer a tar or Parquet shard (it reads as {fmt.value})")
     return _decode_each(refs, lambda ref: _member_payload(payloads, ref), limits)
 
 

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from evaluation.storage import matching_files, read_text
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms.prompts import DEFAULT_TASKS
+from transforms.builtin_tasks import DEFAULT_TASKS
 
 SAMPLE_ORDERS = ("item_id", "errors_first", "spread")
 EXAMPLES_PER_ERROR = 3
@@ -36,7 +36,7 @@ class TaskStats:
     task: str
     rows: int
     truncated: int
-    detections: int
+    detections: Optional[int]  # boxes in the task's answers; None for tasks that give no boxes
     prompt_tokens: int
     generated_tokens: int
     cached_tokens: int
@@ -127,7 +127,7 @@ def task_stats(results: pa.Table) -> list[TaskStats]:
             task=task,
             rows=rows.num_rows,
             truncated=_sum(rows.column("truncated")),
-            detections=_sum(pc.list_value_length(rows.column("detections"))),
+            detections=_sum(pc.list_value_length(rows.column("detections"))) if rows.column("detections").null_count < rows.num_rows else None,
             prompt_tokens=_sum(rows.column("prompt_tokens")),
             generated_tokens=_sum(rows.column("generated_tokens")),
             cached_tokens=_sum(rows.column("cached_tokens")),
@@ -175,7 +175,7 @@ def computed_summary(results: pa.Table, errors: pa.Table, item_ids: set[str], st
             "error_rows": errors.num_rows,
             "error_rows_by_stage": dict(sorted(by_stage.items())),
             "truncated_outputs": sum(s.truncated for s in stats),
-            "detections": sum(s.detections for s in stats),
+            "detections": sum(s.detections or 0 for s in stats),
         },
         "accounting": {"items_in": len(item_ids)},
         "tokens": {

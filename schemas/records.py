@@ -8,6 +8,7 @@ replaced on its own. Rows written to Parquet are built from them in
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, Optional
 
 from PIL import Image
@@ -19,6 +20,20 @@ class SourceFile:
 
     uri: str
     size_bytes: int
+    metadata: Optional[str] = None  # JSON of the manifest row's other columns (transforms.metadata)
+
+
+class UnitKind(enum.Enum):
+    """What a DecodeUnit holds, which decides how it is read."""
+
+    IMAGE = "image"  # frames of an image file (one, or a range of a multi-frame TIFF)
+    PDF = "pdf"  # a page range of a PDF file
+    PARQUET = "parquet"  # one row group of a Parquet shard
+    MEMBER = "member"  # one tar sample's image bytes, carried in the unit
+
+    @property
+    def in_shard(self) -> bool:
+        return self in (UnitKind.PARQUET, UnitKind.MEMBER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +48,20 @@ class DecodeUnit:
     """
 
     uri: str
-    kind: str  # "image" | "pdf" (page range of a file) | "parquet" (row groups) | "member" (payload bytes)
-    first_page: int  # 0-based, inclusive (row group for "parquet")
+    kind: UnitKind
+    first_page: int  # 0-based, inclusive (row group for PARQUET)
     end_page: int  # 0-based, exclusive
     page_count: int  # pages in the whole source; 1 for single-frame images
-    member: Optional[str] = None  # shard member key ("member" units)
-    payload: Optional[bytes] = None  # the member's bytes ("member" units)
-    metadata: Optional[str] = None  # JSON carried to the rows (tar sidecars)
+    member: Optional[str] = None  # shard member key (MEMBER units)
+    payload: Optional[bytes] = None  # the member's bytes (MEMBER units)
+    metadata: Optional[str] = None  # JSON carried to the rows: the source's, with a member's sidecars merged in
+    # Incremental runs: (item id, tasks earlier runs answered) for this unit's items that have answers;
+    # set by transforms.incremental, empty otherwise.
+    answered: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def is_paged(self) -> bool:
-        return self.page_count > 1 or self.kind == "pdf"
+        return self.page_count > 1 or self.kind is UnitKind.PDF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +98,22 @@ class ItemInfo:
     metadata: Optional[str] = None  # JSON from the shard (tar sidecar, Parquet pass-through columns)
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedItem:
+    """An item whose every task an earlier run answered: counted, never decoded."""
+
+    ref: ItemRef
+    content_hash: str
+    tasks: tuple[str, ...]  # the answered tasks (all the run's tasks)
+
+
 @dataclasses.dataclass
 class ImageItem:
     """A decoded RGB image ready for the engine."""
 
     info: ItemInfo
     image: Image.Image  # RGB; possibly downscaled from info.width x info.height
-    tasks: tuple[str, ...] = ()  # tasks still to run (set by the incremental stage)
+    tasks: tuple[str, ...] = ()  # tasks still to run (DecodeUnits: the run's tasks minus those answered before; empty: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +130,33 @@ class TaskCompletion:
     latency_s: float  # from submission to the engine until the request finished
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
     thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
+    instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
+    task_fingerprint: Optional[str] = None  # the task definition + the item's values (transforms.tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedAnswer:
+    """An answer as typed output columns (a task's `parse`)."""
+
+    text: str  # the answer, a wrapping code fence removed
+    detections: Optional[tuple["Detection", ...]] = None  # boxes tasks
+    data: Optional[str] = None  # json tasks: the validated document, as compact JSON text
+
+
+class Stage(enum.Enum):
+    """Where an input stopped: the `stage` column of error rows."""
+
+    MATCH = "match"  # an input pattern or manifest entry
+    PLAN = "plan"  # a file refused before decoding (size, format, page count, shard structure)
+    DECODE = "decode"  # an image or page that could not be decoded
+    PROMPT = "prompt"  # a task whose instruction could not be built for the item (a missing value)
+    ENGINE = "engine"  # a request the engine rejected
+    PARSE = "parse"  # an answer that failed validation
+
+    @property
+    def per_task(self) -> bool:
+        """Errors of one task of a decoded item (the others stop the whole item)."""
+        return self in (Stage.PROMPT, Stage.ENGINE, Stage.PARSE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +169,7 @@ class ErrorRecord:
     """
 
     ref: ItemRef
-    stage: str  # match | plan | decode | engine | parse
+    stage: Stage
     error_type: str
     message: str
     task: Optional[str] = None
@@ -123,9 +177,11 @@ class ErrorRecord:
     raw_output: Optional[str] = None
     metadata: Optional[str] = None
     attempts: Optional[int] = None  # engine requests made for the task, when it reached the engine
+    instruction: Optional[str] = None  # the instruction as sent, when the task reached the engine
+    task_fingerprint: Optional[str] = None  # of the task and the item's values, for errors of one task
 
     @staticmethod
-    def from_exception(ref: ItemRef, stage: str, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
+    def from_exception(ref: ItemRef, stage: Stage, exc: BaseException, **kwargs: Any) -> "ErrorRecord":
         message = str(exc) or repr(exc)
         return ErrorRecord(ref=ref, stage=stage, error_type=type(exc).__name__, message=message[:2000], **kwargs)
 

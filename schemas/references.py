@@ -2,8 +2,10 @@
 
 One row per item, keyed like a results row (`source_uri`, `page`, `member`
 -> the same `item_id` the pipeline computes with `ItemRef.make`), holding
-whichever references exist for it: a transcription, labelled boxes,
-captions. A null field means "no reference for that task" and the task is
+whichever references exist for it: a transcription (scores `ocr` and
+`markdown`), labelled boxes, captions, and the expected answers of other
+tasks (`answers`: your own tasks' questions and JSON extractions). A null
+field means "no reference for that task" and the task is
 not scored for the item; an empty box list means "nothing to detect here",
 which is scored. Boxes are 0-1 fractions of the item's width/height,
 `ymin, xmin, ymax, xmax` as in the results' `detections[].box`, so
@@ -15,6 +17,7 @@ names; docs/evaluation.md documents both. Rows are built and read only here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Mapping, Optional
 
@@ -45,6 +48,8 @@ REFERENCES_SCHEMA = pa.schema(
         pa.field("text", pa.string()),  # reference transcription; null: OCR not scored for the item
         pa.field("boxes", pa.list_(REFERENCE_BOX_TYPE)),  # null: detection not scored; []: nothing to detect
         pa.field("captions", pa.list_(pa.string())),  # one or more acceptable captions; null: not scored
+        # JSON object {task: expected answer}: a string for text tasks, a JSON document for json tasks.
+        pa.field("answers", pa.string()),
         pa.field("origin", pa.string()),  # how the reference was made: pdf-text-layer, render-text, manual, ...
     ]
 )
@@ -73,6 +78,7 @@ class ReferenceItem:
     text: Optional[str] = None
     boxes: Optional[tuple[ReferenceBox, ...]] = None
     captions: Optional[tuple[str, ...]] = None
+    answers: Optional[Mapping[str, Any]] = None  # task -> expected answer (text, or a JSON document)
     origin: Optional[str] = None
 
 
@@ -110,6 +116,7 @@ def reference_row(item: ReferenceItem) -> dict[str, Any]:
         "text": item.text,
         "boxes": boxes,
         "captions": None if item.captions is None else list(item.captions),
+        "answers": None if item.answers is None else json.dumps(item.answers, ensure_ascii=False, sort_keys=True),
         "origin": item.origin,
     }
 
@@ -142,6 +149,14 @@ def reference_from_row(row: Mapping[str, Any]) -> ReferenceItem:
     captions = row.get("captions")
     if isinstance(captions, str):
         raise InvalidReference(f"{ref.item_id}: captions must be a list of strings")
+    answers = row.get("answers")
+    if isinstance(answers, str):  # Parquet holds the object as JSON text; JSON Lines as an object
+        try:
+            answers = json.loads(answers)
+        except json.JSONDecodeError:
+            raise InvalidReference(f"{ref.item_id}: answers is not JSON") from None
+    if answers is not None and not isinstance(answers, dict):
+        raise InvalidReference(f"{ref.item_id}: answers must be an object of task -> expected answer")
     return ReferenceItem(
         ref=ref,
         width=row.get("width"),
@@ -149,5 +164,6 @@ def reference_from_row(row: Mapping[str, Any]) -> ReferenceItem:
         text=row.get("text"),
         boxes=boxes,
         captions=None if captions is None else tuple(str(c) for c in captions),
+        answers=answers,
         origin=row.get("origin"),
     )

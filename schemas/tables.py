@@ -2,7 +2,9 @@
 
 Designed for the people who query them (pyarrow, DuckDB, BigQuery external
 tables): flat scalar columns for filtering and joining, one nested list of
-boxes, explicit types (no "object" columns), UTC timestamps. README.md
+boxes, JSON documents as JSON text (`data`, `metadata`: DuckDB's and
+BigQuery's JSON functions read them), explicit types (no "object" columns),
+UTC timestamps. README.md
 documents every column; `tests/test_tables.py` round-trips both schemas.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from schemas.records import Detection, ErrorRecord, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemRef, ParsedAnswer, RunInfo, TaskCompletion
 
 
 def _box(value_type: pa.DataType) -> pa.StructType:
@@ -52,7 +54,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("task", pa.string(), nullable=False),
         pa.field("text", pa.string()),
         pa.field("thought", pa.string()),  # the model's thought channel (thinking mode); never part of text
-        pa.field("detections", pa.list_(DETECTION_TYPE)),
+        pa.field("detections", pa.list_(DETECTION_TYPE)),  # boxes tasks
+        pa.field("data", pa.string()),  # json tasks: the document, valid against the task's schema, as JSON text
         pa.field("finish_reason", pa.string()),
         pa.field("truncated", pa.bool_()),
         pa.field("prompt_tokens", pa.int32()),
@@ -60,6 +63,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("cached_tokens", pa.int32()),
         pa.field("latency_ms", pa.float64()),
         pa.field("attempts", pa.int32()),
+        pa.field("instruction", pa.string()),  # as sent: the task's instruction with the item's values filled in
+        pa.field("task_fingerprint", pa.string()),  # task definition + item values: part of incremental-run keys
     ]
     + _RUN_FIELDS
 )
@@ -73,6 +78,8 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("message", pa.string()),
         pa.field("raw_output", pa.string()),
         pa.field("attempts", pa.int32()),
+        pa.field("instruction", pa.string()),
+        pa.field("task_fingerprint", pa.string()),
     ]
     + _RUN_FIELDS
 )
@@ -109,19 +116,18 @@ def _detection_row(d: Detection) -> dict[str, Any]:
     return {"label": d.label, "box_1000": as_box(d.box_1000), "box": as_box(d.box_norm), "box_px": as_box(d.box_px)}
 
 
-def result_row(
-    completion: TaskCompletion, run: RunInfo, detections: Optional[Sequence[Detection]] = None
-) -> dict[str, Any]:
-    """A results-table row; `detections` is None for tasks that don't produce boxes."""
+def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -> dict[str, Any]:
+    """A results-table row: the completion's provenance and tokens, the answer's typed columns."""
     info = completion.info
     row = _item_columns(info.ref, info.content_hash, info.metadata)
     row.update(
         width=info.width,
         height=info.height,
         task=completion.task,
-        text=completion.text,
+        text=parsed.text,
         thought=completion.thought,
-        detections=None if detections is None else [_detection_row(d) for d in detections],
+        detections=None if parsed.detections is None else [_detection_row(d) for d in parsed.detections],
+        data=parsed.data,
         finish_reason=completion.finish_reason,
         truncated=completion.finish_reason == "length",
         prompt_tokens=completion.prompt_tokens,
@@ -129,6 +135,8 @@ def result_row(
         cached_tokens=completion.cached_tokens,
         latency_ms=round(completion.latency_s * 1000.0, 3),
         attempts=completion.attempts,
+        instruction=completion.instruction,
+        task_fingerprint=completion.task_fingerprint,
     )
     row.update(_run_columns(run))
     return row
@@ -138,11 +146,13 @@ def error_row(error: ErrorRecord, run: RunInfo) -> dict[str, Any]:
     row = _item_columns(error.ref, error.content_hash, error.metadata)
     row.update(
         task=error.task,
-        stage=error.stage,
+        stage=error.stage.value,
         error_type=error.error_type,
         message=error.message,
         raw_output=error.raw_output,
         attempts=error.attempts,
+        instruction=error.instruction,
+        task_fingerprint=error.task_fingerprint,
     )
     row.update(_run_columns(run))
     return row

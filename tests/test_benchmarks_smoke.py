@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from benchmarks.measure import TaskRecord, prefix_reuse, ratio
 from benchmarks.server import chat_messages, server_flags
-from transforms.prompts import TASKS
+from transforms.builtin_tasks import BUILTIN_TASKS
+from transforms.metadata import ItemValues
 
 SUFFIX = {"ocr": 10, "caption": 4, "detect": 12}  # prompt tokens after the shared system + image prefix
 
@@ -43,10 +44,11 @@ def test_server_flags_mirror_engine_args():
 
 
 def test_server_messages_are_the_pipeline_messages_with_an_image_url():
-    messages = chat_messages(TASKS["caption"], "data:image/png;base64,AAAA")
+    caption = BUILTIN_TASKS["caption"].request(ItemValues(None)).instruction
+    messages = chat_messages(caption, "data:image/png;base64,AAAA")
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[1]["content"][0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    assert messages[1]["content"][1]["text"] == TASKS["caption"].instruction
+    assert messages[1]["content"][1]["text"] == caption
 
 
 def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
@@ -88,3 +90,71 @@ def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
     assert "| (hb) this pipeline, engine core in-process" in host_table and "| (b) " not in host_table
     assert "| 100 | 0.000 | - | 10 / 30 |" in host_table  # 1.0 s / 10 items; 10 images preprocessed for 30 requests
     assert "| workload | tiny-12b-unified | decode | 250.0 (1.0 cores) | 480.0 (1.9 cores) | 4.0 |" in host_table
+
+
+def template_rows(items: int = 8) -> "pa.Table":
+    """Result rows of `items` items x 3 tasks, as a run of the pipeline writes them."""
+    import datetime
+    import hashlib
+
+    import pyarrow as pa
+
+    from schemas.tables import RESULTS_SCHEMA
+
+    now = datetime.datetime(2026, 11, 22, tzinfo=datetime.timezone.utc)
+    rows = [
+        {"item_id": f"/in/img_{i}.png", "source_uri": f"/in/img_{i}.png", "content_hash": hashlib.sha256(bytes([i])).hexdigest(),
+         "task": task, "text": "x" * (i + 1), "model_id": "m", "prompt_version": "v", "run_id": "r", "created_at": now}
+        for i in range(items) for task in ("caption", "detect", "ocr")
+    ]
+    return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+def test_synthetic_history_has_the_rows_asked_for_and_the_planted_answers(tmp_path, monkeypatch):
+    import collections
+
+    import pyarrow.parquet as pq
+
+    from benchmarks import history
+    from schemas.tables import RESULTS_SCHEMA
+
+    monkeypatch.setattr(history, "NIGHT_ROWS", 2000)  # several nights and files, small
+    monkeypatch.setattr(history, "FILE_ROWS", 700)
+    template = template_rows()
+    plan = history.Plan.of(template)
+    assert (len(plan.full), len(plan.partial), len(plan.foreign)) == (2, 2, 2)
+    assert (plan.expected_skipped_items, plan.expected_skipped_tasks) == (2, 2 * 3 + 2)
+    directory = history.write_history(tmp_path, 5000, template, plan)
+    assert history.write_history(tmp_path, 5000, template, plan) == directory  # cached
+    assert history.history_rows(directory) == 5000
+    table = pq.ParquetDataset(sorted(str(p) for p in directory.glob("night-*/results/*.parquet")), schema=RESULTS_SCHEMA).read()
+    assert table.schema.equals(RESULTS_SCHEMA)
+    assert len({p.parent.parent.name for p in directory.glob("night-*/results/*.parquet")}) == 3
+    hashes = table.column("content_hash").to_pylist()
+    template_hashes = set(template.column("content_hash").to_pylist())
+    planted = [h for h in hashes if h in template_hashes]
+    assert len(planted) == 2 * 3 + 2 + 2 * 3 * 2  # full, partial, foreign (two variants)
+    synthetic = [h for h in hashes if h not in template_hashes]
+    # A fresh hash per replicated item, shared by its task rows (an item cut at a file's end keeps fewer).
+    assert max(collections.Counter(synthetic).values()) == 3 and len(set(synthetic)) >= len(synthetic) / 3
+
+
+def test_report_renders_the_incremental_section():
+    from benchmarks import report
+
+    run = {"peak_rss_mib": 1100.0, "rss_over_no_history": 1.1, "wall_s": 30.0, "run_wall_s": 18.0, "cpu_s": 20.0,
+           "skipped_items": 2, "skipped_tasks": 8, "history_candidates": 8, "load_1min_before": 1.5}
+    document = {
+        "command": "python -m benchmarks.incremental", "date": "2026-11-29", "started_utc": "x", "duration_s": 60,
+        "machine": {"cores": 2, "ram_gib": 24}, "expected": {"skipped_items": 2, "skipped_tasks": 8},
+        "input": {"items": 8, "tasks": ["caption", "detect", "ocr"], "max_tokens": {}, "kv_cache_memory_bytes": 2**25,
+                  "model": "tiny-dense", "template_rows": 24},
+        "history": {"night_rows": 10, "file_rows": 5, "row_group_rows": 5, "planted_items": {"full": 2, "partial": 2, "foreign": 2}},
+        "baseline_commit": "fe068fd01cdeeb3d", "no_history": {**run, "peak_rss_mib": 1000.0, "rss_over_no_history": 1.0},
+        "runs": [{**run, "design": "join", "history_rows": 10_000_000},
+                 {**run, "design": "side-input", "history_rows": 10_000_000, "peak_rss_mib": 2500.0, "error": "exit -9, no run summary"}],
+        "target": {"history_rows": 10_000_000, "goal": 1.2, "measured": 1.1, "met": True},
+    }
+    text = report.incremental_markdown(document)
+    assert "| 10,000,000 | join (this tree) | 1,100 | 1.100 |" in text
+    assert "**exit -9, no run summary**" in text and "at 10,000,000 history rows" in text and "measured 1.100, met" in text

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
-from transforms.decode import ImageTooLarge, DecodeLimits, DecodeUnits, PlanUnits, decode_image_frame, to_rgb
+from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile, Stage
+from transforms.decode import DecodeUnits, PlanUnits
+from transforms.formats import DecodeLimits, ImageTooLarge, decode_image_frame, to_rgb
 from transforms.shards import ShardSettings
 
 
@@ -50,6 +51,15 @@ def test_pdf_is_recognised_by_content_not_extension(tmp_path):
     assert [i.info.ref.page for i in items] == [0, 1]
 
 
+def test_tar_whose_first_member_is_a_pdf_is_read_as_a_shard(tmp_path):
+    from tests.shard_data import image_bytes, tar_bytes
+
+    members = [("doc/0001.pdf", pdf_bytes(2)), ("img/0002.png", image_bytes((200, 30, 30)))]
+    items, errors = run_file(write(tmp_path / "shard.tar", tar_bytes(members)))
+    assert not errors
+    assert sorted((i.info.ref.member, i.info.ref.page) for i in items) == [("doc/0001", 0), ("doc/0001", 1), ("img/0002", None)]
+
+
 def test_long_pdf_is_cut_into_page_ranges(tmp_path):
     path = write(tmp_path / "long.pdf", pdf_bytes(5))
     units = list(PlanUnits(DecodeLimits(pages_per_unit=2), ShardSettings()).process(SourceFile(path, 1)))
@@ -59,7 +69,7 @@ def test_long_pdf_is_cut_into_page_ranges(tmp_path):
 
 def test_page_limit_gives_a_clear_error(tmp_path):
     _, [error] = run_file(write(tmp_path / "long.pdf", pdf_bytes(4)), DecodeLimits(max_pages=3))
-    assert error.stage == "plan" and "max_pages" in error.message
+    assert error.stage is Stage.PLAN and "max_pages" in error.message
 
 
 def test_pages_have_distinct_content_hashes(tmp_path):
@@ -70,21 +80,21 @@ def test_pages_have_distinct_content_hashes(tmp_path):
 @pytest.mark.parametrize(
     "name, data, stage",
     [
-        ("empty.png", b"", "plan"),
-        ("not-a-pdf.pdf", b"%PDF-1.7\nthis is not really a pdf", "plan"),
-        ("notes.txt", b"just some text, not an image", "decode"),
+        ("empty.png", b"", Stage.PLAN),
+        ("not-a-pdf.pdf", b"%PDF-1.7\nthis is not really a pdf", Stage.PLAN),
+        ("notes.txt", b"just some text, not an image", Stage.DECODE),
     ],
 )
 def test_bad_files_become_error_rows(tmp_path, name, data, stage):
     items, [error] = run_file(write(tmp_path / name, data))
     assert not items
-    assert error.stage == stage and error.ref.source_uri.endswith(name) and error.message
+    assert error.stage is stage and error.ref.source_uri.endswith(name) and error.message
 
 
 def test_truncated_png_is_a_decode_error(tmp_path):
     data = png_bytes(Image.new("RGB", (64, 64), "red"))
     _, [error] = run_file(write(tmp_path / "cut.png", data[: len(data) // 2]))
-    assert error.stage == "decode"
+    assert error.stage is Stage.DECODE
 
 
 def test_decompression_bomb_is_refused_before_loading_pixels():

@@ -33,7 +33,6 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     from pipelines.checkpoint_shape import CheckpointShape
     from pipelines.engine_profiles import resolve
     from transforms.engine import ENGINES, EngineSettings
-    from transforms.prompts import TASKS, with_max_tokens
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
@@ -41,7 +40,7 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
         max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
     )
     engine = ENGINES.acquire(settings)
-    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
+    specs = _requests(("caption", "ocr", "caption"))
     image = Image.effect_noise((320, 240), 64).convert("RGB")
     futures = engine.submit(image, "noise-320x240", specs)
     caption, ocr, again = (f.exception(timeout=120) or f.result() for f in futures)
@@ -64,6 +63,15 @@ def _tiny_settings(tiny_checkpoint, **engine_args):
     profile = resolve("cpu-tiny", engine_args, CheckpointShape.read(str(tiny_checkpoint)))
     return EngineSettings(model_path=str(tiny_checkpoint), engine_args=profile.engine_args, max_in_flight=8,
                           structured_output=True, preprocess_on_step_thread=True)
+
+
+def _requests(names, max_tokens=4):
+    """The built-in tasks' engine requests for an item without metadata, each capped at `max_tokens`."""
+    from transforms.builtin_tasks import BUILTIN_TASKS
+    from transforms.metadata import ItemValues
+    from transforms.tasks import with_overrides
+
+    return [with_overrides(BUILTIN_TASKS[name], max_tokens=max_tokens).request(ItemValues(None)) for name in names]
 
 
 def _answers(engine, images, specs):
@@ -91,9 +99,8 @@ def _images():
 def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
     """One preprocessing per image for all its tasks, with the same answers as preprocessing per task."""
     from transforms.engine import ENGINES
-    from transforms.prompts import TASKS, with_max_tokens
 
-    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("ocr", "caption", "detect")]
+    specs = _requests(("ocr", "caption", "detect"))
     shared = ENGINES.acquire(_tiny_settings(tiny_checkpoint))
     before = shared.preprocessing()
     shared_answers = _answers(shared, _images(), specs)
@@ -124,10 +131,9 @@ def separate_core(tiny_checkpoint):
 def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint, separate_core):
     """Same answers, same isolation of a rejected request, shared preprocessing."""
     from transforms.engine import ENGINES
-    from transforms.prompts import TASKS, with_max_tokens
 
     # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
-    specs = [with_max_tokens(TASKS[name], {name: 4}) for name in ("caption", "ocr", "caption")]
+    specs = _requests(("caption", "ocr", "caption"))
     in_process = _answers(ENGINES.acquire(_tiny_settings(tiny_checkpoint, max_model_len=256)), _images(), specs)
     assert _answers(separate_core, _images(), specs) == in_process
     assert separate_core.preprocessing().images == 2  # shared across the image's tasks there too
@@ -142,10 +148,9 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     import signal
 
     from transforms.engine import EngineDeadError
-    from transforms.prompts import TASKS, with_max_tokens
 
     image_key, image = next(iter(_images().items()))
-    caption = with_max_tokens(TASKS["caption"], {"caption": 64})  # ~64 steps: still running when the core dies
+    [caption] = _requests(("caption",), max_tokens=64)  # ~64 steps: still running when the core dies
     [running] = separate_core.submit(image, image_key, [caption])
     [core] = separate_core._engine.engine_core.resources.engine_manager.processes
     os.kill(core.pid, signal.SIGKILL)

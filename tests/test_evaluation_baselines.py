@@ -14,7 +14,7 @@ from pipelines import evaluate
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.evaluation_data import PARAGRAPHS, make_pdf, small_layout
 from tests.gcs_emulator import BUCKET
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 
 MAX_CER = 0.1
 MODEL_PREFIX = {"tesseract": "tesseract-5.", "rapidocr": "rapidocr-3."}

@@ -7,12 +7,28 @@ from evaluation.metrics import (
     LabeledBox,
     caption_chrf,
     detection_scores,
+    markdown_to_text,
     normalize_text,
     text_errors,
     total_text_errors,
 )
 
 SENTENCE = "the quick brown fox jumps"  # 25 characters, 5 words
+
+
+@pytest.mark.parametrize(
+    "markdown, text",
+    [
+        ("# The **quick** _brown_ fox\n\n- jumps", "The quick brown fox jumps"),
+        ("| item | price |\n|:---|---:|\n| tax | $4.50 |", "item price tax $4.50"),  # a dollar amount is no math
+        ('<table><tr><td rowspan="2">A &amp; B</td><td>x</td></tr></table>', "A & B x"),
+        ("$$E = mc^2$$ and \\(a_1\\) and $x$", "E = mc^2 and a_1 and x"),
+        ("See [the table](#t) ![chart](c.png) 1. first\n\n---\n```\ncode\n```", "See the table 1. first code"),
+        ("snake_case stays, 2 * 3 = 6, \\*literal\\*", "snake_case stays, 2 * 3 = 6, *literal*"),
+    ],
+)
+def test_markdown_loses_its_markup_and_keeps_the_text(markdown, text):
+    assert normalize_text(markdown_to_text(markdown)) == text
 
 
 def test_perfect_transcription_scores_zero():

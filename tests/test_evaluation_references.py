@@ -13,7 +13,7 @@ from pipelines import references as references_cli
 from schemas.records import ItemRef
 from schemas.references import ReferenceBox, InvalidReference, ReferenceItem, reference_from_row
 from tests.evaluation_data import PARAGRAPHS, PDF_PAGES, make_pdf, small_layout
-from transforms.decode import DecodeLimits, render_pdf_page
+from transforms.formats import DecodeLimits, render_pdf_page
 
 DARK = 128  # grey level below which a pixel is ink
 
@@ -30,6 +30,7 @@ def test_reference_format_round_trips_through_parquet_and_jsonl(tmp_path):
     item = ReferenceItem(
         ref=ItemRef.make("gs://bucket/a.pdf", page=2), width=100, height=200, text="hello",
         boxes=(ReferenceBox("text", (0.1, 0.2, 0.3, 0.4), "hello"),), captions=("a page",), origin="manual",
+        answers={"invoice": {"number": "A-7", "total": 12.5}, "answer": "four"},
     )
     only_text = ReferenceItem(ref=ItemRef.make("b.png"), text="just text")
     for name in ("refs.parquet", "refs.jsonl"):
@@ -37,6 +38,7 @@ def test_reference_format_round_trips_through_parquet_and_jsonl(tmp_path):
         loaded = read_references(str(tmp_path / name))
         assert loaded[1] == only_text
         assert loaded[0].ref == item.ref and loaded[0].captions == item.captions and loaded[0].text == "hello"
+        assert loaded[0].answers == item.answers
         assert loaded[0].boxes[0].box == pytest.approx(item.boxes[0].box)  # float32 in Parquet
 
 
@@ -59,6 +61,8 @@ def test_hand_written_jsonl_needs_only_the_key_and_some_references(tmp_path):
         {"source_uri": "a.png", "item_id": "b.png"},  # key disagrees with the URI
         {"page": 1, "text": "no uri"},
         {"source_uri": "a.png", "captions": "one caption, not a list"},
+        {"source_uri": "a.png", "answers": ["four"]},  # task -> answer, not a list
+        {"source_uri": "a.png", "answers": "{not json"},
     ],
 )
 def test_invalid_reference_rows_are_refused(row):

@@ -11,7 +11,7 @@ from evaluation.runs import load_run
 from evaluation.scoring import keyed_references, score_run
 from evaluation.storage import write_parquet, write_references
 from pipelines import evaluate
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.references import ReferenceBox, ReferenceItem
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 
@@ -29,7 +29,8 @@ def answer(uri: str, task: str, text: str, page: Optional[int] = None, boxes: Se
     completion = TaskCompletion(info=info, task=task, text=text, finish_reason="stop", prompt_tokens=10,
                                 generated_tokens=5, cached_tokens=0, latency_s=0.1)
     detections = [Detection("text", tuple(round(v * 1000) for v in b), b, tuple(round(v * 100) for v in b)) for b in boxes]
-    return result_row(completion, RunInfo("run-1", model, "v1"), detections if task == "detect" else None)
+    parsed = ParsedAnswer(text, tuple(detections) if task == "detect" else None)
+    return result_row(completion, RunInfo("run-1", model, "v1"), parsed)
 
 
 def write_run(out: pathlib.Path, rows: list[dict], errors: Sequence[ErrorRecord] = ()) -> str:
@@ -56,7 +57,7 @@ def test_missing_answers_score_as_empty_and_unattempted_tasks_are_not_scored(tmp
 
 def test_failed_task_is_scored_as_a_failure(tmp_path):
     # Every detect answer failed to parse: the errors table says the run tried, so AP is 0, not "not run".
-    failures = [ErrorRecord(ref=r.ref, stage="parse", error_type="DetectionParseError", message="x", task="detect")
+    failures = [ErrorRecord(ref=r.ref, stage=Stage.PARSE, error_type="DetectionParseError", message="x", task="detect")
                 for r in REFERENCES]
     run = write_run(tmp_path / "run", [answer("/data/a.png", "ocr", "the quick brown fox jumps")], failures)
     scores = score(run)
@@ -76,6 +77,46 @@ def test_every_task_scored(tmp_path):
     # a found its box, b found nothing: 1 of 2 boxes -> 51/101 (see test_evaluation_metrics).
     assert scores.detection.map == pytest.approx(51 / 101)
     assert scores.caption_chrf == pytest.approx(100.0)
+
+
+def test_markdown_is_scored_like_ocr_once_its_markup_is_removed(tmp_path):
+    rows = [
+        answer("/data/a.png", "ocr", "the quick fox jumps"),
+        answer("/data/a.png", "markdown", "# the **quick** fox\n\n| jumps |"),  # the same words as the ocr answer
+        answer("/data/b.pdf", "markdown", "second page text", page=0),
+    ]
+    scores = score(write_run(tmp_path / "run", rows))
+    [ocr_a, _] = scores.ocr_items
+    markdown_a, markdown_b = scores.markdown_items
+    assert markdown_a.errors == ocr_a.errors and markdown_a.hypothesis.split() == "the quick fox jumps".split()
+    assert markdown_b.errors.cer == 0.0 and scores.markdown.cer == pytest.approx(6 / 41)
+
+
+def invoice_row(uri: str, data: Optional[str], instruction: str) -> dict:
+    row = answer(uri, "invoice", data or "")
+    row.update(data=data, instruction=instruction)
+    return row
+
+
+def test_expected_answers_score_questions_exactly_and_json_field_by_field(tmp_path):
+    references = {r.ref.item_id: r for r in [
+        ReferenceItem(ref=ItemRef.make("/data/a.png"), answers={"answer": "Four cats.", "invoice": {"number": "A-7", "total": 12.5}}),
+        ReferenceItem(ref=ItemRef.make("/data/b.png"), answers={"answer": "two", "invoice": {"number": "B-1", "total": 3}}),
+    ]}
+    question = answer("/data/a.png", "answer", " four  CATS. ")
+    question["instruction"] = "How many cats? Answer briefly."
+    rows = [question, answer("/data/b.png", "answer", "three"),
+            invoice_row("/data/a.png", '{"number": "a-7", "total": 12.50, "extra": 1}', "Extract."),
+            invoice_row("/data/b.png", '{"number": "B-1", "total": 4}', "Extract.")]
+    scores = score_run(load_run(write_run(tmp_path / "run", rows)), references)
+    by_key = {i.key: i for i in scores.answer_items}
+    assert by_key["/data/a.png answer"].score == 1.0 and by_key["/data/a.png answer"].question == "How many cats? Answer briefly."
+    assert by_key["/data/b.png answer"].score == 0.0
+    assert by_key["/data/a.png invoice"].score == 1.0  # case, numeric spelling and extra fields do not matter
+    assert by_key["/data/b.png invoice"].score == 0.5 and by_key["/data/b.png invoice"].expected == '{"number": "B-1", "total": 3}'
+    report = evaluate.render_markdown([scores], "refs")
+    assert "| Answer score ↑ | 0.6250 |" in report and "### Answers: lowest scores (run)" in report
+    assert "| b.png | answer | 0.00 | – | two | three |" in report and "How many cats? Answer briefly." in report
 
 
 def test_newest_row_wins_for_a_repeated_answer(tmp_path):

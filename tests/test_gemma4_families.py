@@ -13,7 +13,8 @@ import pytest
 from pipelines.tiny_checkpoint import DEFAULT_PRESET
 from schemas.tables import RESULTS_SCHEMA
 from tests.conftest import SAMPLES, run_pipeline
-from transforms.prompts import DEFAULT_TASKS, prompt_version
+from transforms.builtin_tasks import DEFAULT_TASKS
+from transforms.prompts import prompt_version
 
 ITEMS = ("receipt.png", "chart.webp")
 MARKERS = ("<|channel>", "<channel|>", "<turn|>")
@@ -68,15 +69,16 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
 
     from pipelines.checkpoint_shape import CheckpointShape
     from pipelines.engine_profiles import resolve
+    from transforms.builtin_tasks import BUILTIN_TASKS
     from transforms.engine import EngineSettings, prepare_process, sampling_params
-    from transforms.prompts import TASKS
+    from transforms.metadata import ItemValues
 
     args = resolve("cpu-tiny", checkpoint=CheckpointShape.read(str(tiny_checkpoint))).engine_args
     settings = EngineSettings(model_path=str(tiny_checkpoint), engine_args=args, max_in_flight=1, structured_output=False)
     prepare_process(settings)
     llm = LLM(model=str(tiny_checkpoint), **args)
     markers = llm.get_tokenizer().convert_tokens_to_ids(["<|channel>", "<channel|>"])
-    ours = sampling_params(TASKS["caption"], settings).clone()
+    ours = sampling_params(BUILTIN_TASKS["caption"].request(ItemValues(None)), settings).clone()
     ours.max_tokens, ours.allowed_token_ids, ours.output_kind = 6, markers, RequestOutputKind.FINAL_ONLY
     default = ours.clone()
     default.skip_special_tokens = True

@@ -177,6 +177,7 @@ def test_the_h100_profile_takes_the_guides_26b_settings_and_the_l4_quantises_the
     [
         ("tpu-v6e-4", ["--engine_arg", "tensor_parallel_size=8"], "does not use the 4 chips"),
         ("tpu-v6e-4", ["--vision_tokens", "560"], "vision_tokens 560; at most 280"),
+        ("tpu-v6e-4", ["--task_vision_tokens", "ocr=1120"], "vision_tokens 1120; at most 280"),  # a task's own budget
         ("tpu-v6e-1", ["--engine_arg", "quantization=fp8"], "no fp8 matmuls"),
         ("tpu-v6e-4", ["--engine_profile", "cpu-tiny"], "choose the worker shape with --profile"),
         ("gpu-l4", ["--engine_arg", "tensor_parallel_size=2"], "does not use the 1 chips"),

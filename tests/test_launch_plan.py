@@ -10,6 +10,7 @@ from launch.accelerators import V6E, Chip
 from launch.capacity import ROOFLINE, Efficiency, EngineShape, Hardware, TaskLoad, Workload, decode_batch, estimates
 from launch.model_shapes import GEMMA4_12B, GEMMA4_26B_A4B, GEMMA4_31B, AttentionGroup, ModelShape
 from launch.profiles import PROFILES
+from transforms.builtin_tasks import select_tasks
 
 
 def test_gemma4_26b_a4b_shape_reproduces_the_published_sizes():
@@ -181,7 +182,7 @@ def test_the_l4_profile_is_planned_with_fp8_weights_and_every_other_in_bf16():
 
 def test_roofline_is_never_slower_than_realistic():
     profile = PROFILES["tpu-v6e-4"]
-    load = plan.workload(1000, 1.0, ("ocr", "caption", "detect"), 280, plan.EXPECTED_OUTPUT_TOKENS)
+    load = plan.workload(1000, 1.0, select_tasks("ocr,caption,detect"), 280, plan.EXPECTED_OUTPUT_TOKENS)
     hardware = Hardware(profile.worker.chip, profile.worker.chips)
     roofline, realistic = estimates(GEMMA4_26B_A4B, plan.engine_shape(profile, None), hardware, load, REALISTIC, 4, 2.7)
     assert ROOFLINE.overlap and roofline.seconds_per_image < realistic.seconds_per_image
@@ -226,7 +227,7 @@ def test_the_billing_statement_follows_the_platform(name, billing, tmp_path, cap
 
 def test_a_task_without_an_expected_length_must_be_given_one():
     with pytest.raises(ValueError, match="--output-tokens"):
-        plan.workload(1, 1.0, ("ocr",), 280, {})
+        plan.workload(1, 1.0, select_tasks("ocr"), 280, {})
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pathlib
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +15,9 @@ from PIL import Image
 
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import copy_samples, run_pipeline
-from transforms.prompts import DEFAULT_TASKS, TASKS, render_prompts
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
+from transforms.metadata import ItemValues
+from transforms.prompts import render_prompt
 
 SAMPLE_ITEMS = {  # item id suffix -> pages; data/samples holds 5 files, 8 items
     "chart.webp": None,
@@ -117,6 +120,10 @@ def test_summary_counts_match_the_files(sample_run):
     assert counts["items"] == N_ITEMS and counts["pages"] == 5
     assert counts["result_rows"] == results.num_rows == counts["tasks_submitted"]
     assert counts["error_rows"] == read(out, "errors").num_rows == 3
+    # The files and rows the sinks reported, as the files themselves say (the summary opens none of them).
+    for table in ("results", "errors"):
+        listed = {f["path"]: f["rows"] for f in on_disk["outputs"][table]}
+        assert listed == {str(path): pq.ParquetFile(path).metadata.num_rows for path in (out / table).glob("*.parquet")}
     assert counts["error_rows_by_stage"] == {"plan": 2, "decode": 1}
     tokens = on_disk["tokens"]
     assert tokens["prompt"] == sum(results.column("prompt_tokens").to_pylist())
@@ -126,15 +133,23 @@ def test_summary_counts_match_the_files(sample_run):
     assert on_disk["versions"]["apache-beam"] and on_disk["wall_time_s"] > 0
 
 
-def prefix_lengths(checkpoint: pathlib.Path) -> tuple[int, int]:
-    """(tokens before the image, tokens shared by all tasks through the image) per the checkpoint's processor."""
+def prefix_lengths(
+    checkpoint: pathlib.Path, instructions: Optional[Sequence[str]] = None, vision_tokens: Optional[int] = None
+) -> tuple[int, int]:
+    """(tokens before the image, tokens shared by the prompts through the image) per the checkpoint's processor.
+
+    `instructions`: the tasks' (default: the default tasks'); `vision_tokens`: the image budget (default: the model's).
+    """
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(checkpoint))
     tokenizer = processor.tokenizer
-    prompts = render_prompts([TASKS[name] for name in DEFAULT_TASKS], tokenizer.apply_chat_template)
+    if instructions is None:
+        instructions = [BUILTIN_TASKS[name].request(ItemValues(None)).instruction for name in DEFAULT_TASKS]
+    prompts = [render_prompt(text, tokenizer.apply_chat_template) for text in instructions]
     image = Image.new("RGB", (320, 240), "white")
-    ids = [list(processor(text=[prompt], images=[image])["input_ids"][0]) for prompt in prompts.values()]
+    budget = {"max_soft_tokens": vision_tokens} if vision_tokens else {}
+    ids = [list(processor(text=[prompt], images=[image], **budget)["input_ids"][0]) for prompt in prompts]
     shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)
     image_token = tokenizer.convert_tokens_to_ids("<|image|>")
     return ids[0].index(image_token), shared

@@ -1,33 +1,22 @@
 """Prompt building without an engine."""
-import pytest
+from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
+from transforms.metadata import ItemValues
+from transforms.prompts import PROMPT_VERSION, SYSTEM_PROMPT, Sampling, build_messages, prompt_version, render_prompt, sampling_kwargs
 
-from transforms.prompts import (
-    DEFAULT_TASKS,
-    PROMPT_VERSION,
-    SYSTEM_PROMPT,
-    TASKS,
-    THINKING_BUDGET,
-    build_messages,
-    parse_task_list,
-    prompt_version,
-    render_prompts,
-    sampling_kwargs,
-    with_max_tokens,
-    with_thinking_budget,
-)
+OCR = BUILTIN_TASKS["ocr"].request(ItemValues(None)).instruction
 
 
 def test_messages_are_system_then_image_then_instruction():
-    messages = build_messages(TASKS["ocr"])
+    messages = build_messages(OCR)
     # A string: Google's templates print the system content as-is (`| trim`), a list as its Python repr.
     assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
     assert messages[1]["role"] == "user"
     assert messages[1]["content"][0] == {"type": "image"}
-    assert messages[1]["content"][1] == {"type": "text", "text": TASKS["ocr"].instruction}
+    assert messages[1]["content"][1] == {"type": "text", "text": OCR}
 
 
 def test_text_first_ablation_moves_the_image_after_the_instruction():
-    content = build_messages(TASKS["caption"], image_first=False)[1]["content"]
+    content = build_messages(OCR, image_first=False)[1]["content"]
     assert [part["type"] for part in content] == ["text", "image"]
 
 
@@ -42,49 +31,23 @@ def fake_template(messages, *, tokenize, add_generation_prompt, enable_thinking)
 
 
 def test_thinking_is_passed_to_the_template_explicitly():
-    assert render_prompts([TASKS["ocr"]], fake_template)["ocr"].startswith("NO-THINK|")
-    assert render_prompts([TASKS["ocr"]], fake_template, thinking=True)["ocr"].startswith("THINK|")
-
-
-def test_thinking_adds_its_budget_and_its_own_prompt_version():
-    assert with_thinking_budget(TASKS["caption"], True).max_tokens == TASKS["caption"].max_tokens + THINKING_BUDGET
-    assert with_thinking_budget(TASKS["caption"], False) is TASKS["caption"]
+    assert render_prompt(OCR, fake_template).startswith("NO-THINK|")
+    assert render_prompt(OCR, fake_template, thinking=True).startswith("THINK|")
     assert prompt_version(False) == PROMPT_VERSION and prompt_version(True) != PROMPT_VERSION
 
 
-def test_sampled_requests_use_the_checkpoints_top_k_and_top_p():
+def test_sampled_requests_use_the_tasks_then_the_checkpoints_top_k_and_top_p():
     generation_config = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}  # Google's generation_config.json
-    sampled = TASKS["detect"].retries[0].apply(TASKS["detect"])
-    assert sampled.temperature > 0
-    assert {"top_k": 64, "top_p": 0.95}.items() <= sampling_kwargs(sampled, model_defaults=generation_config).items()
-    assert sampling_kwargs(sampled, model_defaults=generation_config)["temperature"] == sampled.temperature
-    greedy = sampling_kwargs(TASKS["detect"], model_defaults=generation_config)
-    assert "top_k" not in greedy and greedy["temperature"] == 0.0
+    sampled = sampling_kwargs(Sampling(temperature=0.7), 64, model_defaults=generation_config)
+    assert sampled == {"max_tokens": 64, "temperature": 0.7, "seed": 0, "top_k": 64, "top_p": 0.95}
+    own = sampling_kwargs(Sampling(temperature=0.7, top_k=5), 64, model_defaults=generation_config)
+    assert (own["top_k"], own["top_p"]) == (5, 0.95)
+    greedy = sampling_kwargs(Sampling(top_k=5), 64, model_defaults=generation_config)
+    assert "top_k" not in greedy and "top_p" not in greedy and greedy["temperature"] == 0.0
 
 
 def test_all_tasks_share_the_prefix_up_to_and_including_the_image():
-    prompts = render_prompts([TASKS[name] for name in DEFAULT_TASKS], fake_template)
-    prefixes = {prompt[: prompt.index("<IMG>") + len("<IMG>")] for prompt in prompts.values()}
+    prompts = [render_prompt(BUILTIN_TASKS[name].request(ItemValues(None)).instruction, fake_template) for name in DEFAULT_TASKS]
+    prefixes = {prompt[: prompt.index("<IMG>") + len("<IMG>")] for prompt in prompts}
     assert len(prefixes) == 1
-    assert len(set(prompts.values())) == len(DEFAULT_TASKS)
-
-
-def test_task_list_parsing():
-    assert parse_task_list("ocr, detect,ocr") == ("ocr", "detect")
-    with pytest.raises(ValueError, match="unknown task"):
-        parse_task_list("ocr,translate")
-    with pytest.raises(ValueError, match="no task"):
-        parse_task_list(" , ")
-
-
-def test_sampling_is_greedy_for_ocr_and_detect_and_overridable():
-    for name in ("ocr", "detect"):
-        assert sampling_kwargs(TASKS[name])["temperature"] == 0.0
-    assert with_max_tokens(TASKS["ocr"], {"ocr": 12}).max_tokens == 12
-    assert with_max_tokens(TASKS["caption"], {"ocr": 12}) is TASKS["caption"]
-
-
-def test_only_detect_is_constrained_to_json():
-    assert TASKS["detect"].json_schema is not None and TASKS["detect"].produces_boxes
-    assert TASKS["ocr"].json_schema is None and TASKS["caption"].json_schema is None
-
+    assert len(set(prompts)) == len(DEFAULT_TASKS)

@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile
-from transforms.decode import DecodeLimits, DecodeUnits, PlanUnits, to_rgb
+from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile, Stage
+from transforms.decode import DecodeUnits, PlanUnits
+from transforms.formats import DecodeLimits, to_rgb
 from transforms.parse import DetectionParseError, parse_detections, split_answer
 from transforms.shards import ShardSettings
 
@@ -122,7 +123,7 @@ def test_images_of_any_mode_and_size_decode_or_fail_cleanly(tmp_path, mode, widt
             assert (output.info.width, output.info.height) == (width, height)
             assert width * height <= SMALL.max_image_pixels
         else:
-            assert output.value.stage in ("plan", "decode")
+            assert output.value.stage in (Stage.PLAN, Stage.DECODE)
 
 
 @given(mode=st.sampled_from(["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr", "HSV", "LAB"]))

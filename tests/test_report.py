@@ -10,6 +10,7 @@ import base64
 import collections
 import html
 import io
+import json
 import pathlib
 import re
 import shutil
@@ -24,12 +25,12 @@ from pipelines import report
 from reporting.images import PALETTE, draw_detections, load_images
 from reporting.run import choose_sample
 from reporting.text import redact, visible
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
 from tests.shard_data import write_parquet_shard, write_tar
-from transforms.decode import DecodeLimits
+from transforms.formats import DecodeLimits
 from transforms.shards import ShardSettings
 
 FILES = ("receipt.png", "shapes_rotated.jpg", "report.pdf")
@@ -45,9 +46,12 @@ ERROR_ITEMS = {  # item -> the reason shown instead of its image
 }
 HOSTILE_OCR = "<script>alert(1)</script>"
 HOSTILE_CAPTION = "<img src=x onerror=alert(2)>"
+DETECT_ANSWER = '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'
 HOSTILE_LABEL = "<b>square</b>"
 HOSTILE_MESSAGE = "</pre><script>alert(3)</script>"
 HOSTILE_THOUGHT = "</details><script>alert(4)</script>"
+HOSTILE_DATA = {"note": "</pre><script>alert(5)</script>", "total": 12.5}  # a json task's document
+HOSTILE_QUESTION = "Answer briefly: is <i>this</i> a square?"  # a question filled from the item's metadata
 SECRET_URI = "https://reader:s3cr3t-pass@example.com/scan.png?X-Goog-Signature=abcdef123"
 SQUARE = (0.1, 0.2, 0.5, 0.6)  # ymin, xmin, ymax, xmax fractions of shapes_rotated.jpg's upright 400x300 frame
 
@@ -119,6 +123,7 @@ def test_report_lists_every_item_with_its_image_or_the_reason(pipeline_run, pipe
         assert f'<td class="">{stage}</td><td class=""><code>{error_type}</code></td><td class="num">{count}</td>' in page
     for task in ("OCR text", "Caption", "Detections"):
         assert page.count(f"<h4>{task}") == len(GOOD_ITEMS)
+    assert 'class="question"' not in page  # the built-in tasks ask every item the same
 
 
 def test_report_images_are_the_frames_the_pipeline_saw(pipeline_run):
@@ -187,22 +192,26 @@ def hostile_location(root: str, image_uri: str) -> None:
     run = RunInfo(run_id="hand-made", model_id="hostile-model", prompt_version="v0")
     info = ItemInfo(ref=ItemRef.make(image_uri), width=400, height=300, content_hash="0" * 64)
 
-    def completion(task: str, text: str, thought: str | None = None) -> TaskCompletion:
+    def completion(task: str, text: str, thought: str | None = None, instruction: str | None = None) -> TaskCompletion:
         return TaskCompletion(info=info, task=task, text=text, finish_reason="stop", prompt_tokens=300,
-                              generated_tokens=12, cached_tokens=256, latency_s=0.25, thought=thought)
+                              generated_tokens=12, cached_tokens=256, latency_s=0.25, thought=thought,
+                              instruction=instruction)
 
     ymin, xmin, ymax, xmax = SQUARE
     square = Detection(label=HOSTILE_LABEL, box_1000=tuple(round(v * 1000) for v in SQUARE), box_norm=SQUARE,
                        box_px=(round(ymin * 300), round(xmin * 400), round(ymax * 300), round(xmax * 400)))
     results = [
-        result_row(completion("ocr", HOSTILE_OCR), run),
-        result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run),
-        result_row(completion("detect", '[{"box_2d": [100, 200, 500, 600], "label": "<b>square</b>"}]'), run, [square]),
+        result_row(completion("ocr", HOSTILE_OCR), run, ParsedAnswer(HOSTILE_OCR)),
+        result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run, ParsedAnswer(HOSTILE_CAPTION)),
+        result_row(completion("detect", DETECT_ANSWER), run, ParsedAnswer(DETECT_ANSWER, (square,))),
+        result_row(completion("invoice", json.dumps(HOSTILE_DATA), instruction="Extract."), run,
+                   ParsedAnswer(json.dumps(HOSTILE_DATA), data=json.dumps(HOSTILE_DATA))),
+        result_row(completion("answer", "yes", instruction=HOSTILE_QUESTION), run, ParsedAnswer("yes")),
     ]
     errors = [
-        error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage="parse", error_type="DetectionParseError",
+        error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage=Stage.PARSE, error_type="DetectionParseError",
                               message=HOSTILE_MESSAGE, task="detect", raw_output=HOSTILE_MESSAGE), run),
-        error_row(ErrorRecord(ref=ItemRef.make(SECRET_URI), stage="plan", error_type="DecodeError",
+        error_row(ErrorRecord(ref=ItemRef.make(SECRET_URI), stage=Stage.PLAN, error_type="DecodeError",
                               message=f"could not read {SECRET_URI}"), run),
     ]
     write_parquet(f"{root}/results/part-00000-of-00001.parquet", results, RESULTS_SCHEMA)
@@ -217,6 +226,9 @@ def assert_hostile_text_is_text(page: str) -> None:
     assert "https://***@example.com/scan.png?X-Goog-Signature=***" in page
     assert "computed from the tables" in page
     assert "<summary>thought</summary>" in page  # a thinking-mode thought is shown, collapsed, beside its answer
+    # A json task's document, laid out; each item's own question above its answer (no summary: every instruction shown).
+    assert html.escape(json.dumps(HOSTILE_DATA, indent=2)) in page and "invoice (JSON)" in page
+    assert f'<p class="question">{html.escape(HOSTILE_QUESTION)}</p>' in page
 
 
 def test_model_output_is_shown_as_text(tmp_path):

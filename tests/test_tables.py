@@ -2,7 +2,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, RunInfo, TaskCompletion
+from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 
 RUN = RunInfo(run_id="r1", model_id="m", prompt_version="v1")
@@ -22,9 +22,10 @@ def test_item_ids_are_stable_and_readable():
 def test_results_round_trip(tmp_path):
     box = Detection("cat", (100, 200, 300, 400), (0.1, 0.2, 0.3, 0.4), (60, 160, 180, 320))
     rows = [
-        result_row(completion("ocr"), RUN),
-        result_row(completion("detect", "[...]", "length"), RUN, [box]),
-        result_row(completion("detect", "[]"), RUN, []),
+        result_row(completion("ocr"), RUN, ParsedAnswer("hello")),
+        result_row(completion("detect", "[...]", "length"), RUN, ParsedAnswer("[...]", (box,))),
+        result_row(completion("detect", "[]"), RUN, ParsedAnswer("[]", ())),
+        result_row(completion("invoice", '{"n": "7"}'), RUN, ParsedAnswer('{"n": "7"}', data='{"n":"7"}')),
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), tmp_path / "r.parquet")
     back = pq.read_table(tmp_path / "r.parquet")
@@ -38,11 +39,12 @@ def test_results_round_trip(tmp_path):
     assert d["box_px"] == {"ymin": 60, "xmin": 160, "ymax": 180, "xmax": 320}
     assert abs(d["box"]["ymax"] - 0.3) < 1e-6
     assert got[2]["detections"] == []
+    assert got[0]["data"] is None and got[3]["data"] == '{"n":"7"}' and got[3]["detections"] is None
     assert got[0]["created_at"].tzinfo is not None
 
 
 def test_errors_round_trip(tmp_path):
-    error = ErrorRecord.from_exception(ItemRef.make("/x/bad.png"), "decode", OSError("truncated file"))
+    error = ErrorRecord.from_exception(ItemRef.make("/x/bad.png"), Stage.DECODE, OSError("truncated file"))
     rows = [error_row(error, RUN)]
     pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), tmp_path / "e.parquet")
     [got] = pq.read_table(tmp_path / "e.parquet").to_pylist()

@@ -20,6 +20,7 @@ answers is `transforms.run_tasks`.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -34,9 +35,11 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 from PIL import Image
 
 from transforms.model_staging import stage_checkpoint
-from transforms.prompts import TaskSpec, render_prompts, sampling_kwargs
+from transforms.prompts import Sampling, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
+# Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
+PROMPT_CACHE_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +49,8 @@ class EngineSettings:
     model_path: str  # Hugging Face-format checkpoint: local directory or gs:// URI (staged once per worker)
     engine_args: Mapping[str, Any]  # passed to vllm.EngineArgs
     max_in_flight: int  # back-pressure: requests admitted but not finished, per process
-    structured_output: bool  # constrain detection JSON with a schema (not available on TPU)
-    vision_tokens: Optional[int] = None  # per-request image soft-token budget; None = model default
+    structured_output: bool  # constrain JSON answers (boxes, json tasks) with their schema (not available on TPU)
+    vision_tokens: Optional[int] = None  # the job's image soft-token budget (tasks may set their own); None = model default
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
     thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
@@ -64,6 +67,17 @@ class EngineSettings:
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    """One task of one image as the engine runs it (built by `transforms.tasks.Task.request`)."""
+
+    instruction: str  # the task's instruction for this item (placeholders filled)
+    max_tokens: int
+    sampling: Sampling
+    json_schema: Optional[Mapping[str, Any]] = None  # constrains decoding where the engine supports it
+    vision_tokens: Optional[int] = None  # image soft-token budget; None = the model's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +125,8 @@ def _quiet_per_request_warnings() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
-def sampling_params(spec: TaskSpec, settings: EngineSettings, model_defaults: Optional[Mapping[str, Any]] = None) -> Any:
-    """`vllm.SamplingParams` for one task (the benchmarks' peer designs send exactly these too).
+def sampling_params(request: EngineRequest, settings: EngineSettings, model_defaults: Optional[Mapping[str, Any]] = None) -> Any:
+    """`vllm.SamplingParams` for one request (the benchmarks' peer designs send exactly these too).
 
     `model_defaults` are the checkpoint's generation-config sampling values
     (vLLM applies them only to the requests its own server builds).
@@ -120,10 +134,10 @@ def sampling_params(spec: TaskSpec, settings: EngineSettings, model_defaults: Op
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     structured = None
-    if spec.json_schema is not None and settings.structured_output:
-        structured = StructuredOutputsParams(json=dict(spec.json_schema))
+    if request.json_schema is not None and settings.structured_output:
+        structured = StructuredOutputsParams(json=dict(request.json_schema))
     return SamplingParams(
-        **sampling_kwargs(spec, settings.seed, model_defaults),
+        **sampling_kwargs(request.sampling, request.max_tokens, settings.seed, model_defaults),
         structured_outputs=structured,
         output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
         # Keep <|channel>/<channel|>/<turn|> in the text: vLLM's default (True) deletes them, and a
@@ -134,15 +148,20 @@ def sampling_params(spec: TaskSpec, settings: EngineSettings, model_defaults: Op
     )
 
 
-def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, settings: EngineSettings) -> dict[str, Any]:
-    """The vLLM prompt of one task of one image (the benchmarks' peer designs send exactly these too)."""
+def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, vision_tokens: Optional[int]) -> dict[str, Any]:
+    """The vLLM prompt of one task of one image (the benchmarks' peer designs send exactly these too).
+
+    The image's multimodal id carries its budget: the same image at another
+    budget is other soft tokens, so tasks of one image share its prefix with
+    the tasks of the same budget only (one prefix group per budget).
+    """
     prompt: dict[str, Any] = {
         "prompt": prompt_text,
         "multi_modal_data": {"image": image},
-        "multi_modal_uuids": {"image": [f"{image_key}:{settings.vision_tokens or 'default'}"]},
+        "multi_modal_uuids": {"image": [f"{image_key}:{vision_tokens or 'default'}"]},
     }
-    if settings.vision_tokens:
-        prompt["mm_processor_kwargs"] = {"max_soft_tokens": settings.vision_tokens}
+    if vision_tokens:
+        prompt["mm_processor_kwargs"] = {"max_soft_tokens": vision_tokens}
     return prompt
 
 
@@ -234,7 +253,8 @@ class VisionEngine:
         started = time.monotonic()
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
-        self._prompt_cache: dict[str, str] = {}
+        self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
+        self._prompts_lock = threading.Lock()
         self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
         self._capacity = threading.Condition()
         self._in_flight = 0
@@ -301,38 +321,47 @@ class VisionEngine:
     def failed(self) -> bool:
         return self._failure is not None
 
-    def prompt_for(self, spec: TaskSpec) -> str:
-        # Keyed by instruction: retry rungs reuse a task's name with other wording.
-        if spec.instruction not in self._prompt_cache:
-            rendered = render_prompts([spec], self._apply_chat_template, self.settings.image_first, self.settings.thinking)
-            self._prompt_cache[spec.instruction] = rendered[spec.name]
-        return self._prompt_cache[spec.instruction]
+    def prompt_for(self, instruction: str) -> str:
+        """The prompt text of an instruction, rendered with the checkpoint's chat template.
 
-    def _sampling_params(self, spec: TaskSpec) -> Any:
-        return sampling_params(spec, self.settings, self._model_defaults)
+        Remembered for the most recent PROMPT_CACHE_SIZE instructions: a task's
+        fixed instruction is rendered once, per-item questions each time.
+        """
+        with self._prompts_lock:
+            if instruction in self._prompts:
+                self._prompts.move_to_end(instruction)
+                return self._prompts[instruction]
+        text = render_prompt(instruction, self._apply_chat_template, self.settings.image_first, self.settings.thinking)
+        with self._prompts_lock:
+            self._prompts[instruction] = text
+            if len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        return text
 
-    def submit(self, image: Image.Image, image_key: str, specs: Sequence[TaskSpec]) -> list[concurrent.futures.Future]:
+    def submit(self, image: Image.Image, image_key: str, requests: Sequence[EngineRequest]) -> list[concurrent.futures.Future]:
         """Queue all tasks of one image as one admission; blocks while the engine is full.
 
         `image_key` must identify the image's pixels uniquely: vLLM uses it
         instead of hashing the pixels for every task, as the multimodal part
         of prefix-cache keys. Equal keys for different images would make one
-        image's answers come from another's KV.
+        image's answers come from another's KV. Requests with different image
+        budgets form separate prefix groups, admitted together.
         """
         if self._failure is not None:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
         futures, group = [], []
-        for spec in specs:
+        for request in requests:
             future: concurrent.futures.Future = concurrent.futures.Future()
             futures.append(future)
             try:
-                prompt = engine_prompt(self.prompt_for(spec), image, image_key, self.settings)
+                prompt = engine_prompt(self.prompt_for(request.instruction), image, image_key, request.vision_tokens)
                 if not self.settings.preprocess_on_step_thread:
                     prompt = self._renderer.render(prompt)
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
                 future.set_exception(exc)
                 continue
-            group.append(_Request(f"r{next(self._ids)}", prompt, self._sampling_params(spec), future))
+            params = sampling_params(request, self.settings, self._model_defaults)
+            group.append(_Request(f"r{next(self._ids)}", prompt, params, future))
         if not group:
             return futures
         with self._capacity:

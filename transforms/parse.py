@@ -1,32 +1,35 @@
 """Parse stage: engine completions -> result rows, or error rows when validation fails.
 
-The parsing functions are pure and defensive, and reusable for any task whose
-answer is JSON. The engine keeps special tokens in its text
+The parsing functions are pure and defensive; each task's `parse`
+(`transforms.tasks`) picks the one its output kind needs. The engine keeps special tokens in its text
 (`skip_special_tokens=False`), so a thought the model emits
 (`<|channel>thought\n...<channel|>`, even with thinking off) is split off with
 vLLM's own Gemma 4 utility and lands in the `thought` column, never in `text`.
-TPU vLLM has no structured output for Gemma 4, so detection JSON arrives
-free-form there: prose and code fences around it, swapped corners,
-coordinates past 1000 and truncated lists all occur and are repaired here
-instead of failing the pipeline.
+TPU vLLM has no structured output for Gemma 4, so JSON arrives free-form
+there: prose and code fences around it, swapped corners, coordinates past
+1000 and truncated lists all occur and are repaired here where that is safe,
+instead of failing the pipeline. JSON documents are then validated against
+their task's JSON Schema (`jsonschema`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
+import jsonschema
 
-from schemas.records import Detection, ErrorRecord, RunInfo, TaskCompletion
+from schemas.records import Detection, RunInfo, Stage, TaskCompletion
 from schemas.tables import result_row
 from transforms import metrics
-from transforms.prompts import TaskSpec
+from transforms.errors import task_failure
 
-ERRORS_TAG = "errors"
+if TYPE_CHECKING:
+    from transforms.tasks import Task
 
 # Gemma 4's thought-channel markers (special tokens, kept in the engine's text).
 _THOUGHT_START = "<|channel>"
@@ -36,8 +39,20 @@ _JSON_START = re.compile(r"[\[{]")
 _BOX_LIST_START = re.compile(r"\[\s*\{")
 
 
-class DetectionParseError(ValueError):
+class AnswerError(ValueError):
+    """An answer that does not hold what its task's output kind needs (a `parse` error row)."""
+
+
+class DetectionParseError(AnswerError):
     """Model output that is not a usable detection list."""
+
+
+class NoJSONDocument(AnswerError):
+    """An answer of a json task that holds no JSON document."""
+
+
+class SchemaMismatch(AnswerError):
+    """A JSON document that does not validate against its task's schema."""
 
 
 class NoJSONFound(ValueError):
@@ -86,17 +101,16 @@ def strip_code_fence(text: str) -> str:
     return fenced.group(1).strip() if fenced else text.strip()
 
 
-def extract_json(text: str, accept: Callable[[Any], bool] = lambda value: True) -> Any:
-    """The first JSON array or object in `text` that `accept` takes, wherever it stands.
+def json_values(text: str) -> Iterator[Any]:
+    """Every JSON array or object in `text`, in order of where it starts (nested ones too).
 
     Models wrap JSON in prose and code fences ("Here are the boxes: ```json
     [...]``` The image shows ..."). Every `[` or `{` is tried in order with the
     standard library's `raw_decode`, which reads one complete value and ignores
     what follows; strings are decoded properly, so brackets inside labels do
-    not confuse it. `accept` skips values of the wrong shape (a `[1]` in prose
-    before the real answer). `strict=False`: constrained decoding (xgrammar)
-    emits raw control characters inside strings (seen in 2 of 3 constrained
-    outputs), which strict JSON rejects.
+    not confuse it. `strict=False`: constrained decoding (xgrammar) emits raw
+    control characters inside strings (seen in 2 of 3 constrained outputs),
+    which strict JSON rejects.
     """
     decoder = json.JSONDecoder(strict=False)
     for match in _JSON_START.finditer(text):
@@ -104,6 +118,15 @@ def extract_json(text: str, accept: Callable[[Any], bool] = lambda value: True) 
             value, _ = decoder.raw_decode(text, match.start())
         except (json.JSONDecodeError, RecursionError):
             continue
+        yield value
+
+
+def extract_json(text: str, accept: Callable[[Any], bool] = lambda value: True) -> Any:
+    """The first JSON array or object in `text` that `accept` takes, wherever it stands.
+
+    `accept` skips values of the wrong shape (a `[1]` in prose before the real answer).
+    """
+    for value in json_values(text):
         if accept(value):
             return value
     raise NoJSONFound("no JSON value of the expected shape in the answer")
@@ -226,42 +249,90 @@ def parse_detections(answer: str, width: int, height: int, truncated: bool = Fal
     return detections
 
 
-class ParseCompletions(beam.DoFn):
-    """TaskCompletion -> results row; completions that fail validation -> ErrorRecord (tag `errors`)."""
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> Any:
+    schema = json.loads(schema_json)
+    return jsonschema.validators.validator_for(schema)(schema)
 
-    def __init__(self, tasks: dict[str, TaskSpec], run: RunInfo):
-        self._tasks = tasks
+
+def _whole(answer: str) -> Iterator[Any]:
+    try:
+        yield json.loads(strip_code_fence(answer), strict=False)
+    except (json.JSONDecodeError, RecursionError):
+        return
+
+
+def _json_candidates(answer: str, schema: Mapping[str, Any], truncated: bool) -> Iterator[Any]:
+    """What the answer may hold, most literal first: itself, then each JSON value in it, then a cut-off list's elements."""
+    yield from _whole(answer)
+    yield from json_values(answer)
+    if truncated and schema.get("type") == "array":
+        opening = answer.find("[")
+        if opening != -1:
+            yield salvage_json_list(answer, opening)
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or Infinity anywhere: Python's json reads them, but they are not JSON (DuckDB, BigQuery refuse them)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_json_document(answer: str, schema: Mapping[str, Any], truncated: bool = False) -> str:
+    """The JSON document in an answer that validates against `schema`, as compact JSON text; or NoJSONDocument / SchemaMismatch.
+
+    Repairs only what cannot change the document's meaning: prose and code
+    fences around it (the first JSON value that validates wins), raw control
+    characters inside strings, and, when the answer was cut off by
+    `max_tokens` and the schema asks for a list, the list's complete
+    elements (the cut one is dropped; the rest must still validate). A
+    document that does not validate is reported with the schema's first
+    complaint about the first candidate, and the raw answer is kept.
+    """
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    complaint = None
+    for value in _json_candidates(answer, schema, truncated):
+        if not _finite(value):
+            complaint = complaint or "answer holds NaN or Infinity, which JSON does not allow"
+            continue
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if error is None:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if complaint is None:
+            where = "/".join(str(part) for part in error.absolute_path) or "the document"
+            complaint = f"answer does not match the schema at {where}: {error.message}"
+    if complaint is not None:
+        raise SchemaMismatch(complaint[:1000])
+    raise NoJSONDocument("no JSON document in the answer" + (" (cut off by max_tokens)" if truncated else ""))
+
+
+class ParseCompletions(beam.DoFn):
+    """TaskCompletion -> results row; completions that fail their task's validation -> ErrorRecord (tag `errors`)."""
+
+    def __init__(self, tasks: Sequence["Task"], run: RunInfo):
+        self._tasks = {task.name: task for task in tasks}
         self._run = run
 
     def process(self, completion: TaskCompletion) -> Iterator[Any]:
-        spec = self._tasks[completion.task]
+        task = self._tasks[completion.task]
         truncated = completion.finish_reason == "length"
         if truncated:
             metrics.count("truncated_outputs")
         answer = split_answer(completion.text)
-        detections = None
-        if spec.produces_boxes:
-            info = completion.info
-            try:
-                detections = parse_detections(answer.text, info.width, info.height, truncated=truncated)
-            except DetectionParseError as exc:
-                metrics.count("errors_parse")
-                if completion.attempts > 1:
-                    exc = DetectionParseError(f"{exc} (after {completion.attempts} attempts)")
-                yield pvalue.TaggedOutput(
-                    ERRORS_TAG,
-                    ErrorRecord.from_exception(
-                        info.ref,
-                        "parse",
-                        exc,
-                        task=completion.task,
-                        content_hash=info.content_hash,
-                        raw_output=completion.text,
-                        metadata=info.metadata,
-                        attempts=completion.attempts,
-                    ),
-                )
-                return
-            metrics.count("detections", len(detections))
-        parsed = dataclasses.replace(completion, text=strip_code_fence(answer.text), thought=answer.thought)
-        yield result_row(parsed, self._run, detections)
+        info = completion.info
+        try:
+            parsed = task.parse(answer.text, info.width, info.height, truncated)
+        except AnswerError as exc:
+            if completion.attempts > 1:
+                exc = type(exc)(f"{exc} (after {completion.attempts} attempts)")
+            yield task_failure(
+                info, completion.task, Stage.PARSE, exc, raw_output=completion.text, attempts=completion.attempts,
+                instruction=completion.instruction, task_fingerprint=completion.task_fingerprint,
+            )
+            return
+        if parsed.detections is not None:
+            metrics.count("detections", len(parsed.detections))
+        yield result_row(dataclasses.replace(completion, thought=answer.thought), self._run, parsed)

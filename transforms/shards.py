@@ -12,6 +12,8 @@ import posixpath
 import tarfile
 from typing import IO, Any, Iterator, Optional, Sequence
 
+from transforms.metadata import encode
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "pdf")
 TEXT_EXTENSIONS = ("txt", "cls", "caption", "label")
 
@@ -70,8 +72,7 @@ def _sample(key: str, members: list[tuple[str, bytes]]) -> TarSample:
             image_name, image = name, data
         elif extension.endswith("json") or extension in TEXT_EXTENSIONS:
             sidecars[extension] = _sidecar_value(extension, data)
-    metadata = json.dumps(sidecars, sort_keys=True, ensure_ascii=False, default=str) if sidecars else None
-    return TarSample(key, image_name, image, metadata, tuple(name for name, _ in members))
+    return TarSample(key, image_name, image, encode(sidecars), tuple(name for name, _ in members))
 
 
 def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[TarSample]:
@@ -150,5 +151,5 @@ def iter_parquet_rows(handle: IO[bytes], row_group: int, settings: ShardSettings
         yield ParquetRow(
             member=str(identifier) if identifier is not None else f"row-{first_row + offset}",
             image=_image_bytes(row.get(settings.parquet_bytes_column)),
-            metadata=json.dumps(passthrough, sort_keys=True, ensure_ascii=False, default=str) if passthrough else None,
+            metadata=encode(passthrough),
         )

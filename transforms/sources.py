@@ -9,26 +9,43 @@ counts.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from schemas.records import ErrorRecord, ItemRef, SourceFile
+from schemas.records import ItemRef, SourceFile, Stage
 from transforms import metrics, storage
+from transforms.errors import ERRORS_TAG, failure
+from transforms.metadata import encode
 
-ERRORS_TAG = "errors"
+
+class NoMatch(LookupError):
+    """An --input pattern that matched no file."""
+
+
+class NotFound(LookupError):
+    """A manifest entry naming a file that does not exist."""
 
 
 def _is_directory(path: str) -> bool:
     if path.endswith("/"):
         return True  # object-store "folder" placeholder
     return isinstance(FileSystems.get_filesystem(path), LocalFileSystem) and os.path.isdir(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputEntry:
+    """An `--input` glob, or one file a manifest lists (taken literally) with the row's other columns."""
+
+    pattern: str
+    literal: bool = False
+    metadata: Optional[str] = None
 
 
 def match_pattern(pattern: str) -> list[SourceFile]:
@@ -42,39 +59,29 @@ def match_pattern(pattern: str) -> list[SourceFile]:
     return sorted(files, key=lambda f: f.uri)
 
 
-def stat_literal(uri: str) -> list[SourceFile]:
+def stat_literal(uri: str, metadata: Optional[str] = None) -> list[SourceFile]:
     """The one file a manifest names, taken literally (`[`, `?` and `*` are legal in object names)."""
     try:
         meta = FileSystems.get_filesystem(uri).metadata(uri)
     except Exception as exc:  # noqa: BLE001 - BeamIOError/FileNotFoundError/IOError by filesystem: all mean "not there"
         storage.raise_if_outage(exc)  # ... except storage being down
         return []
-    return [] if _is_directory(meta.path) else [SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes)]
+    return [] if _is_directory(meta.path) else [SourceFile(uri=meta.path, size_bytes=meta.size_in_bytes, metadata=metadata)]
 
 
 class _MatchPattern(beam.DoFn):
-    """(pattern, literal) -> SourceFiles; literal entries come from manifests."""
+    """InputEntry -> SourceFiles; literal entries come from manifests."""
 
-    def process(self, entry: tuple[str, bool]) -> Iterator[object]:
-        pattern, literal = entry
+    def process(self, entry: InputEntry) -> Iterator[object]:
+        pattern, literal = entry.pattern, entry.literal
         try:
-            files = stat_literal(pattern) if literal else match_pattern(pattern)
+            files = stat_literal(pattern, entry.metadata) if literal else match_pattern(pattern)
         except Exception as exc:  # noqa: BLE001 - e.g. a bucket that doesn't exist
-            storage.raise_if_outage(exc)
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(pattern), "match", exc))
+            yield failure(ItemRef.make(pattern), Stage.MATCH, exc)
             return
         if not files:
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(
-                ERRORS_TAG,
-                ErrorRecord(
-                    ref=ItemRef.make(pattern),
-                    stage="match",
-                    error_type="NotFound" if literal else "NoMatch",
-                    message="manifest entry does not exist" if literal else "pattern matched no files",
-                ),
-            )
+            missing = NotFound("manifest entry does not exist") if literal else NoMatch("pattern matched no files")
+            yield failure(ItemRef.make(pattern), Stage.MATCH, missing)
             return
         yield from files
 
@@ -86,46 +93,56 @@ def _resolve(entry: str, manifest_dir: str) -> str:
     return FileSystems.join(manifest_dir, entry)
 
 
-def _csv_entries(handle: IO[bytes], column: str) -> Iterator[str]:
+Row = tuple[str, dict[str, Any]]  # a manifest entry and its row's other columns
+
+
+def _csv_entries(handle: IO[bytes], column: str) -> Iterator[Row]:
     reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
     header = next(reader, None)
     if header is None:
         return
-    if column in header:
-        index = header.index(column)
-    else:
-        index = 0
-        yield header[0]  # no header row: the first line is an entry
+    if column not in header:
+        # No header row: the first line is an entry, and no column has a name to be used by.
+        yield from ((row[0], {}) for row in [header, *reader] if row)
+        return
+    index = header.index(column)
     for row in reader:
         if len(row) > index:
-            yield row[index]
+            # An empty cell is no value: CSV cannot tell it from a missing one.
+            yield row[index], {name: value for name, value in zip(header, row) if name != column and value != ""}
 
 
-def _parquet_entries(handle: IO[bytes], column: str) -> Iterator[str]:
+def _parquet_entries(handle: IO[bytes], column: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(handle)
     if column not in parquet.schema_arrow.names:
         raise ValueError(f"manifest has no column {column!r} (--manifest_column); columns: {parquet.schema_arrow.names}")
-    for batch in parquet.iter_batches(columns=[column]):
-        yield from (value for value in batch.column(0).to_pylist() if value)
+    for batch in parquet.iter_batches():
+        for row in batch.to_pylist():
+            if row[column]:
+                yield row[column], {name: value for name, value in row.items() if name != column and value is not None}
 
 
-def manifest_entries(uri: str, column: str = "uri") -> Iterator[str]:
-    """URIs listed by a manifest: Parquet (`column`), CSV (`column` or the first column) or text (one per line)."""
+def manifest_entries(uri: str, column: str = "uri") -> Iterator[InputEntry]:
+    """Files a manifest lists: Parquet (`column`), CSV (`column` or the first column) or text (one per line).
+
+    A CSV or Parquet row's other columns become the file's metadata (values
+    for task instructions, written to its rows).
+    """
     manifest_dir = FileSystems.split(uri)[0]
     lower = uri.lower()
     with FileSystems.open(uri, compression_type=CompressionTypes.AUTO) as handle:
         if lower.endswith(".parquet"):
-            entries: Iterable[str] = _parquet_entries(handle, column)
+            entries: Iterable[Row] = _parquet_entries(handle, column)
         elif lower.endswith(".csv") or lower.endswith(".csv.gz"):
             entries = _csv_entries(handle, column)
         else:
-            entries = (line.decode("utf-8").strip() for line in handle)
-        for entry in entries:
+            entries = ((line.decode("utf-8"), {}) for line in handle)
+        for entry, columns in entries:
             entry = entry.strip()
             if entry and not entry.startswith("#"):
-                yield _resolve(entry, manifest_dir)
+                yield InputEntry(_resolve(entry, manifest_dir), literal=True, metadata=encode(columns))
 
 
 class _ReadManifest(beam.DoFn):
@@ -136,13 +153,12 @@ class _ReadManifest(beam.DoFn):
         try:
             yield from manifest_entries(uri, self._column)
         except Exception as exc:  # noqa: BLE001 - an unreadable manifest is an error row, not a failed job
-            storage.raise_if_outage(exc)
-            metrics.count("errors_match")
-            yield pvalue.TaggedOutput(ERRORS_TAG, ErrorRecord.from_exception(ItemRef.make(uri), "match", exc))
+            yield failure(ItemRef.make(uri), Stage.MATCH, exc)
 
 
 def _first(uri_and_files: tuple[str, Iterable[SourceFile]]) -> SourceFile:
-    return next(iter(uri_and_files[1]))
+    """One SourceFile per URI, the same on every run: a manifest row's columns before none, then the smallest."""
+    return min(uri_and_files[1], key=lambda f: (f.metadata is None, f.metadata or ""))
 
 
 class MatchInputs(beam.PTransform):
@@ -163,12 +179,12 @@ class MatchInputs(beam.PTransform):
         listed = (
             pbegin
             | "Manifests" >> beam.Create(self._manifests)
-            | "ReadManifests" >> beam.ParDo(_ReadManifest(self._manifest_column)).with_outputs(ERRORS_TAG, main="uris")
+            | "ReadManifests" >> beam.ParDo(_ReadManifest(self._manifest_column)).with_outputs(ERRORS_TAG, main="entries")
         )
         patterns = (
             (
-                pbegin | "Patterns" >> beam.Create([(pattern, False) for pattern in self._patterns]),
-                listed.uris | "Literal" >> beam.Map(lambda uri: (uri, True)) | "FanOutListed" >> beam.Reshuffle(),
+                pbegin | "Patterns" >> beam.Create([InputEntry(pattern) for pattern in self._patterns]),
+                listed.entries | "FanOutListed" >> beam.Reshuffle(),
             )
             | "AllPatterns" >> beam.Flatten()
         )

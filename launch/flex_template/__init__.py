@@ -19,11 +19,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 from launch.profiles import PROFILES, TPU_MAX_VISION_TOKENS
 from pipelines.options import VisionBatchOptions
-from transforms.prompts import TASKS
+from transforms.tasks import TASK_NAME
 
 METADATA_PATH = pathlib.Path(__file__).resolve().parent / "metadata.json"
 _GCS = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$"  # gs://BUCKET[/PATH], bucket naming rules
-_TASK = "|".join(TASKS)
+_TASK = TASK_NAME.pattern.strip("^$")  # built-in tasks and a task file's (checked against both at launch)
 # Gemma 4's image budgets (FIELD-NOTES). One template serves TPU and GPU profiles: launch.submit and
 # launch.schedule refuse budgets above TPU_MAX_VISION_TOKENS for TPU profiles.
 _VISION_BUDGETS = ["70", "140", "280", "560", "1120"]
@@ -48,6 +48,7 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     # Dataflow workers need a real checkpoint in GCS; the tiny local default does not exist on them.
     "model": ParameterUI("Gemma 4 checkpoint (Hugging Face format)", [_GCS], "GCS_READ_FOLDER", required=True),
     "tasks": ParameterUI("Tasks", [rf"^({_TASK})(,({_TASK}))*$"]),
+    "task_file": ParameterUI("Your own tasks (YAML or JSON task file)", [_GCS], "GCS_READ_FILE"),
     # Only the accelerator engine profiles: the launcher's workers are TPU or GPU VMs.
     "engine_profile": ParameterUI(
         "vLLM engine profile", [f"^({'|'.join(sorted({p.engine_profile for p in PROFILES.values()}))})$"]
@@ -58,6 +59,9 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     "xla_cache_path": ParameterUI("Persistent XLA compile cache", [_GCS], "GCS_WRITE_FOLDER"),
     "engine_arg": ParameterUI("vLLM engine argument override (one KEY=VALUE)", [r"^[a-z_]+=.+$"]),
     "max_tokens": ParameterUI("Output token limit override (one TASK=N)", [rf"^({_TASK})=[0-9]+$"]),
+    "task_vision_tokens": ParameterUI(
+        "A task's own image budget (one TASK=N)", [rf"^({_TASK})=({'|'.join(_VISION_BUDGETS)})$"]
+    ),
 }
 
 
