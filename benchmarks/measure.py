@@ -154,6 +154,12 @@ def process_cpu_seconds(pid: Optional[int] = None) -> float:
     return total
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this process alone (all its threads), not of its children."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def timed(call: Callable[[], Any], cpu_of: Callable[[], float] = process_cpu_seconds) -> tuple[Any, Window]:
     started, cpu_started = time.perf_counter(), cpu_of()
     value = call()
@@ -194,6 +200,35 @@ class StepTimer:
     @property
     def occupancy(self) -> float:
         return round(self._slot_seconds / self.seconds, 3) if self.seconds else 0.0
+
+
+class CallTimer:
+    """Time spent in some methods of an object, summed over calls (wrapped in place).
+
+    `clock` is `time.perf_counter` for wall time, or `time.thread_time` for
+    the CPU time of the calling thread (what a call costs the process's
+    GIL-holding work, waits excluded). Uses: the model runner of an
+    in-process engine (`execute_model`, `sample_tokens`: the rest of the
+    engine's busy time is host work around the model, which stays on the
+    host's CPU on an accelerator), and the engine's front end (inputs
+    processed, requests sent to the core, outputs turned into text).
+    """
+
+    def __init__(self, methods: Sequence[tuple[Any, str]], clock: Callable[[], float] = time.perf_counter):
+        self.seconds = 0.0
+        self._clock = clock
+        for target, name in methods:
+            setattr(target, name, self._timed(getattr(target, name)))
+
+    def _timed(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = self._clock()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds += self._clock() - started
+
+        return timed_call
 
 
 def own_peak_rss_bytes() -> int:

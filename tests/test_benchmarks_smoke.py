@@ -62,21 +62,37 @@ def test_report_has_every_variant_ratio_and_the_step_cost_table(tmp_path):
     def result(key: str, wall_s: float) -> VariantResult:
         return VariantResult(key, 10, 30, wall_s, 3000, 600, 1500, 0.9 * wall_s, 2**30, notes={"engine_steps": 40})
 
-    results = {"a": result("a", 10.0), "b": result("b", 12.5), "d1": result("d1", 25.0)}
+    results = {"a": result("a", 10.0), "b": result("b", 12.5), "d1": result("d1", 25.0), "ha": result("ha", 2.0),
+               "hb": result("hb", 2.5)}
+    results["hb"].notes.update(front_cpu_s=1.0, child_cpu_s=0.0, requests_rendered=30, images_preprocessed=10)
     now = datetime.datetime(2026, 11, 22, tzinfo=datetime.timezone.utc)
+    workloads = {"bench": Workload(tmp_path, "ckpt", "bench", "cpu-tiny", {"ocr": 8}),
+                 "host": Workload(tmp_path, "tiny", "tiny-26b-a4b", "cpu-tiny", {"ocr": 8}, vision_tokens=280)}
+    stage = {"images": "workload", "model": "tiny-12b-unified", "stage": "decode", "items_per_s": 250.0, "cpu_ms_per_item": 4.0, "cores_busy": 1.0}
     document = report.results_document(
         command="python -m benchmarks.run", started=now, finished=now, machine={"cores": 2, "cpu_model": "x", "ram_gib": 24},
-        load_at_start=0.5, loads={}, workload=Workload(tmp_path, "ckpt", "bench", "cpu-tiny", {"ocr": 8}), parameters=10**8,
+        load_at_start=0.5, loads={}, workloads=workloads, parameters=10**8,
         variants=VARIANTS, results=results, step_cost=[{"sequences": 1, "ms_per_step": 20.0, "tokens_per_s": 50.0}],
-        streaming={}, errors={}, suffix_tokens=SUFFIX,
+        streaming={}, errors={}, suffix_tokens={"bench": SUFFIX, "host": SUFFIX},
+        host_stages=[{**stage, "threads": 1}, {**stage, "threads": 2, "items_per_s": 480.0, "cores_busy": 1.9}],
+        host_parameters=10**6,
     )
     assert document["ratios"]["b_over_a"] == 0.8 and document["ratios"]["b_over_d1"] == 2.0
     assert document["ratios"]["b_over_c"] is None  # (c) not run: no figure, not a zero
+    assert document["ratios"]["hb_over_ha"] == 0.8 and document["ratios"]["hb2_over_hb"] is None
     assert document["targets"]["b_over_a"]["met"] is False and document["targets"]["b_over_c"]["met"] is None
     text = report.markdown(document)
     assert "(b)/(d1) = 2.000" in text
     assert "| 1 | 20.0 | 50.0 |" in text
     assert "| (d1) vllm serve as shipped" in text
+    # Host-bound rows only in the host table, with CPU per item and shared preprocessing; the stages by threads.
+    host_table = text[text.index("## The host feed"):]
+    assert "| (hb) this pipeline, engine core in-process" in host_table and "| (b) " not in host_table
+    assert "| 100 | 0.000 | - | 10 / 30 |" in host_table  # 1.0 s / 10 items; 10 images preprocessed for 30 requests
+    assert "| workload | tiny-12b-unified | decode | 250.0 (1.0 cores) | 480.0 (1.9 cores) | 4.0 |" in host_table
+    # Results stored before the host-bound regime existed still render (every benchmark command re-renders BENCHMARKS.md).
+    earlier = {key: value for key, value in document.items() if key not in ("host_model", "host_workload", "host_stages")}
+    assert "(no host-bound figures in benchmarks/results.json" in report.markdown(earlier)
 
 
 def template_rows(items: int = 8) -> "pa.Table":

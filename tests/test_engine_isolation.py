@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 
 from tests.conftest import copy_samples, run_pipeline
@@ -32,9 +33,6 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     from pipelines.checkpoint_shape import CheckpointShape
     from pipelines.engine_profiles import resolve
     from transforms.engine import ENGINES, EngineSettings
-    from transforms.builtin_tasks import BUILTIN_TASKS
-    from transforms.metadata import ItemValues
-    from transforms.tasks import with_overrides
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
@@ -42,7 +40,7 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
         max_in_flight=8, structured_output=True, preprocess_on_step_thread=False,
     )
     engine = ENGINES.acquire(settings)
-    specs = [with_overrides(BUILTIN_TASKS[name], max_tokens=4).request(ItemValues(None)) for name in ("caption", "ocr", "caption")]
+    specs = _requests(("caption", "ocr", "caption"))
     image = Image.effect_noise((320, 240), 64).convert("RGB")
     futures = engine.submit(image, "noise-320x240", specs)
     caption, ocr, again = (f.exception(timeout=120) or f.result() for f in futures)
@@ -55,3 +53,108 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     assert caption.prompt_tokens == again.prompt_tokens < 128 + 72
     assert max(caption.cached_tokens, again.cached_tokens) >= 128
     assert engine.busy_seconds > 0 and not engine.failed
+
+
+def _tiny_settings(tiny_checkpoint, **engine_args):
+    from pipelines.checkpoint_shape import CheckpointShape
+    from pipelines.engine_profiles import resolve
+    from transforms.engine import EngineSettings
+
+    profile = resolve("cpu-tiny", engine_args, CheckpointShape.read(str(tiny_checkpoint)))
+    return EngineSettings(model_path=str(tiny_checkpoint), engine_args=profile.engine_args, max_in_flight=8,
+                          structured_output=True, preprocess_on_step_thread=True)
+
+
+def _requests(names, max_tokens=4):
+    """The built-in tasks' engine requests for an item without metadata, each capped at `max_tokens`."""
+    from transforms.builtin_tasks import BUILTIN_TASKS
+    from transforms.metadata import ItemValues
+    from transforms.tasks import with_overrides
+
+    return [with_overrides(BUILTIN_TASKS[name], max_tokens=max_tokens).request(ItemValues(None)) for name in names]
+
+
+def _answers(engine, images, specs):
+    """Each task of each image alone, one after the other: the same batches (of one) on any engine."""
+    import dataclasses
+
+    answers = []
+    for key, image in images.items():
+        for spec in specs:
+            [future] = engine.submit(image, key, [spec])
+            error = future.exception(timeout=120)
+            answers.append(repr(type(error)) if error else dataclasses.astuple(future.result())[:5])  # text .. cached
+    return answers
+
+
+def _images():
+    """Two seeded noise images by key (the key names the pixels, as a content hash would)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    return {f"noise-{w}x{h}": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((320, 240), (200, 300))}
+
+
+def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
+    """One preprocessing per image for all its tasks, with the same answers as preprocessing per task."""
+    from transforms.engine import ENGINES
+
+    specs = _requests(("ocr", "caption", "detect"))
+    shared = ENGINES.acquire(_tiny_settings(tiny_checkpoint))
+    before = shared.preprocessing()
+    shared_answers = _answers(shared, _images(), specs)
+    after = shared.preprocessing()
+    assert (after.requests - before.requests, after.images - before.images) == (6, 2)
+
+    per_task = ENGINES.acquire(_tiny_settings(tiny_checkpoint, mm_processor_cache_gb=0))
+    before = per_task.preprocessing()
+    assert _answers(per_task, _images(), specs) == shared_answers
+    after = per_task.preprocessing()
+    assert (after.requests - before.requests, after.images - before.images) == (6, 6)
+    # The image's later tasks took its KV from the prefix cache (cached_tokens is the 5th field).
+    assert all(answer[4] > 0 for answer in shared_answers[1:3] + shared_answers[4:6])
+
+
+@pytest.fixture(scope="module")
+def separate_core(tiny_checkpoint):
+    """An engine whose vLLM engine core runs in its own process (the accelerator profiles' placement)."""
+    import dataclasses
+
+    from transforms.engine import VisionEngine
+
+    engine = VisionEngine(dataclasses.replace(_tiny_settings(tiny_checkpoint, max_model_len=256), engine_core_process=True))
+    yield engine
+    engine.close()
+
+
+def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint, separate_core):
+    """Same answers, same isolation of a rejected request, shared preprocessing."""
+    from transforms.engine import ENGINES
+
+    # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
+    specs = _requests(("caption", "ocr", "caption"))
+    in_process = _answers(ENGINES.acquire(_tiny_settings(tiny_checkpoint, max_model_len=256)), _images(), specs)
+    assert _answers(separate_core, _images(), specs) == in_process
+    assert separate_core.preprocessing().images == 2  # shared across the image's tasks there too
+    assert in_process[1] == in_process[4] and "Error" in in_process[1]  # the OCR requests, rejected alone
+    assert in_process[0][:4] == in_process[2][:4] and in_process[2][4] > 0  # the repeat hit the prefix cache
+
+
+def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separate_core):
+    """The engine-core process killed (OOM killer, a crashed runtime): every request fails with
+    EngineDeadError, which fails the bundle for a retry, rather than waiting forever."""
+    import os
+    import signal
+
+    from transforms.engine import EngineDeadError
+
+    image_key, image = next(iter(_images().items()))
+    [caption] = _requests(("caption",), max_tokens=64)  # ~64 steps: still running when the core dies
+    [running] = separate_core.submit(image, image_key, [caption])
+    [core] = separate_core._engine.engine_core.resources.engine_manager.processes
+    os.kill(core.pid, signal.SIGKILL)
+    assert isinstance(running.exception(timeout=60), EngineDeadError)  # raises TimeoutError if it hangs
+    assert separate_core.failed
+    with pytest.raises(EngineDeadError):  # later submissions fail at once: the runner retries the bundle
+        separate_core.submit(image, image_key, [caption])

