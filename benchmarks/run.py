@@ -153,6 +153,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="first wait (up to 20 min) for the 1-minute load average to drop below LOAD")
     parser.add_argument("--no_write", action="store_true", help="print the table only (sweeps, experiments)")
     args = parser.parse_args(argv)
+    if args.only and not args.no_write:
+        # results.json holds one whole run (the planner reads its pipeline efficiency): a partial
+        # run written over it lost every figure it did not re-measure.
+        parser.error("--only measures a subset: add --no_write (results.json and BENCHMARKS.md keep one whole run)")
     if args.quick:
         args.items = 60 if args.items == 200 else args.items
         args.host_items = 120 if args.host_items == 400 else args.host_items

@@ -165,21 +165,30 @@ def fresh_images(directory: pathlib.Path, count: int) -> None:
 
 
 def test_tasks_of_an_image_reuse_its_prefix_and_images_never_share(tmp_path, tiny_checkpoint):
-    fresh_images(tmp_path / "in", 4)
+    fresh_images(tmp_path / "in", 6)
     run_pipeline("--input", f"{tmp_path}/in/*", "--output", str(tmp_path / "out"))
     before_image, through_image = prefix_lengths(tiny_checkpoint)
-    cached_by_item: dict[str, list[int]] = {}
+    rows_by_item: dict[str, list[dict]] = {}
     for row in read(tmp_path / "out", "results").to_pylist():
-        cached_by_item.setdefault(row["item_id"], []).append(row["cached_tokens"])
+        rows_by_item.setdefault(row["item_id"], []).append(row)
     # KV blocks are cached whole: the hybrid sliding/full layout of this model
     # shares in 64-token units, so up to 63 tokens of the shared prefix are recomputed.
     block = 64
-    for item_id, cached in cached_by_item.items():
-        first, *others = sorted(cached)
+    checked = 0
+    for item_id, rows in rows_by_item.items():
+        if any(row["attempts"] > 1 for row in rows):
+            # A retried answer (a boxes answer that failed validation) was re-asked with a prompt the engine had
+            # just computed whole, and its row keeps only the last attempt's counts: no order to check, only
+            # that no task of the image reused more than its own prompt.
+            assert all(row["cached_tokens"] <= row["prompt_tokens"] for row in rows), (item_id, rows)
+            continue
+        first, *others = sorted(row["cached_tokens"] for row in rows)
         # The first task of an image can reuse only the system prompt: never another image's blocks.
-        assert first <= before_image, (item_id, cached)
+        assert first <= before_image, (item_id, first)
         # The other tasks reuse the whole shared prefix through the image, up to block granularity.
-        assert all(through_image - block < c <= through_image for c in others), (item_id, cached, through_image)
+        assert all(through_image - block < c <= through_image for c in others), (item_id, others, through_image)
+        checked += 1
+    assert checked >= 3, "too few images answered without retries to check their prefix sharing"
 
 
 def test_task_subset(tmp_path, private_model_cache):
