@@ -113,6 +113,11 @@ class VisionBatchOptions(PipelineOptions):
         )
         group.add_argument("--max_in_flight", type=int, default=None, help="Override the profile's in-flight request limit.")
         group.add_argument(
+            "--host_feeders", type=int, default=None,
+            help="Worker processes of one host that feed one shared engine core (default: the profile's; 1: an "
+                 "engine per process). The profile's in-flight limit and image cache are split between them.",
+        )
+        group.add_argument(
             "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
             help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's, "
                  "else the checkpoint's.",
@@ -236,6 +241,7 @@ class JobConfig:
             with_thinking_budget(with_max_tokens(TASKS[name], max_tokens), thinking) for name in parse_task_list(opts.tasks)
         )
         profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
+        profile = engine_profiles.shared_by_feeders(profile, opts.host_feeders or profile.host_feeders)
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
         vision_tokens = opts.vision_tokens or profile.vision_tokens
         engine = EngineSettings(
@@ -248,6 +254,7 @@ class JobConfig:
             xla_cache_path=opts.xla_cache_path,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
             engine_core_process=profile.engine_core_process,
+            host_feeders=profile.host_feeders,
             environment=profile.environment,
         )
         limits = DecodeLimits(
@@ -290,6 +297,7 @@ class JobConfig:
             "max_tokens": {t.name: t.max_tokens for t in self.tasks},
             "engine_args": dict(self.engine.engine_args),
             "max_in_flight": self.engine.max_in_flight,
+            "host_feeders": self.engine.host_feeders,
             "vision_tokens": self.engine.vision_tokens,
             "thinking": self.engine.thinking,
             "structured_output": self.engine.structured_output,
