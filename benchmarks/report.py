@@ -53,7 +53,7 @@ HOST_COLUMNS = (
     ("wall s", "wall_s"),
 )
 BENCH_KEYS = ("a", "b", "c", "d", "d1", "e1", "e2")
-HOST_KEYS = ("ha", "hb", "hb2", "hb0")
+HOST_KEYS = ("ha", "hb", "hb2", "hb0", "hf1", "hf2")
 
 
 def _host_figures(figures: Mapping[str, Any]) -> dict[str, Any]:
