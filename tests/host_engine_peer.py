@@ -3,7 +3,7 @@
 Run as `python -m tests.host_engine_peer CHECKPOINT`; reads one JSON command per
 line on stdin, writes one JSON answer per line on stdout:
 
-- {"cmd": "attach"} -> {"pid", "core_pid", "slot"}
+- {"cmd": "attach"} -> {"pid", "core_pid", "slot"}, or {"error"} when the engine cannot start
 - {"cmd": "submit", "seed": S, "key": K, "tasks": [...], "max_tokens": N} -> {"submitted": n}
   (an image of noise from seed S, its tasks queued without waiting)
 - {"cmd": "collect", "timeout": T} -> {"results": [{"ok", "error", "prompt_tokens", "cached_tokens"}, ...]}
@@ -43,8 +43,11 @@ def main(checkpoint: str) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "attach":
-            client = ENGINES.acquire(engine_settings)._engine
-            answer = {"pid": os.getpid(), "core_pid": client.core_pid, "slot": client.slot.index}
+            try:
+                client = ENGINES.acquire(engine_settings)._engine
+                answer = {"pid": os.getpid(), "core_pid": client.core_pid, "slot": client.slot.index}
+            except RuntimeError as exc:  # the engine failed to start: say why
+                answer = {"error": f"{type(exc.__cause__).__name__}: {exc.__cause__}"}
         elif command["cmd"] == "submit":
             image = Image.effect_noise((320, 240), 64 + command["seed"]).convert("RGB")
             specs = [with_max_tokens(TASKS[name], {name: command["max_tokens"]}) for name in command["tasks"]]

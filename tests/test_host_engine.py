@@ -108,6 +108,30 @@ def test_two_processes_feed_one_engine_core_and_share_its_prefix_cache(peers):
     assert other[0]["ok"] and other[0]["cached_tokens"] < 128
 
 
+def test_a_process_finding_every_slot_taken_by_a_live_process_fails_its_start(peers, host_dir, tiny_checkpoint):
+    first, _ = peers
+    core_pid = first.ask(cmd="attach")["core_pid"]
+    [state] = [path for path in host_dir.glob("*/g*/core.json") if json.loads(path.read_text())["core"]["pid"] == core_pid]
+    slots = json.loads(state.read_text())["slots"]
+    # Live processes hold the remaining slots (as restarted worker processes would).
+    holders = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(slots - 2)]
+    try:
+        for index, holder in enumerate(holders, start=2):
+            claim = {"pid": holder.pid, "started": psutil.Process(holder.pid).create_time()}
+            (state.parent / f"slot-{index}.json").write_text(json.dumps(claim))
+        third = Peer(tiny_checkpoint)
+        try:
+            answer = third.ask(cmd="attach")
+        finally:
+            third.close()
+        assert answer["error"].startswith("HostEngineFull: all 6 client slots"), answer
+        assert psutil.Process(core_pid).is_running()  # the core goes on serving its clients
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
 def test_a_killed_process_and_the_starter_leave_the_core_serving_the_others(peers):
     first, second = peers
     core_pid = first.ask(cmd="attach")["core_pid"]

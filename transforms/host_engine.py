@@ -60,6 +60,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -338,8 +339,17 @@ def _serve(generation: pathlib.Path) -> int:
         inputs=[f"ipc://{generation}/in-{index}" for index in range(slots)],
         outputs=[f"ipc://{generation}/out-{index}" for index in range(slots)],
     )
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    serving = threading.Event()
+    stop = threading.Event()
+
+    def on_sigterm(*_: Any) -> None:
+        # While the core starts, leave at once: launch_core_engines then stops the half-started core
+        # (it must not be left holding the device). Once it runs, the watch loop stops it.
+        if not serving.is_set():
+            raise SystemExit("SIGTERM while the engine core was starting")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     with launch_core_engines(vllm_config, Executor.get_class(vllm_config), False, addresses) as launch:
         pass  # leaving the block waits until the core is ready (its startup handshake)
     manager = launch.engine_manager
@@ -353,6 +363,7 @@ def _serve(generation: pathlib.Path) -> int:
         outputs=tuple(addresses.outputs),
     )
     _write_atomic(generation / "core.json", state.to_json())
+    serving.set()
     _LOG.info("host engine core ready: pid %d, %d client slots, %s", core.pid, slots, generation)
     try:
         reason = _watch(generation, state, core, stop)
@@ -362,10 +373,10 @@ def _serve(generation: pathlib.Path) -> int:
     return 1 if reason == "engine core died" else 0
 
 
-def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: list) -> str:
+def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: threading.Event) -> str:
     host = generation.parent
     idle_since = time.monotonic()
-    while not stop:
+    while not stop.is_set():
         if not core.is_alive():
             return "engine core died"
         claims = _claims(generation, state.slots)
@@ -383,8 +394,8 @@ def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: list) ->
                         if _current_generation(host) == generation:
                             (host / "current").unlink()
                         return "no client left"
-        time.sleep(MONITOR_INTERVAL_S)
-    return stop[0]
+        stop.wait(MONITOR_INTERVAL_S)
+    return "SIGTERM"
 
 
 def client_engine_args(settings: Any, local_model: str, slots: int, client_index: int) -> Any:
