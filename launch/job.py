@@ -172,12 +172,15 @@ def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> en
     engine = engine_profiles.resolve(profile.engine_profile, overrides)
     engine = dataclasses.replace(engine, vision_tokens=opts.vision_tokens or engine.vision_tokens)
     check_engine_fits(profile.worker, engine)
-    return engine_profiles.shared_by_feeders(engine, _worker_feeders(profile, opts.host_feeders or engine.host_feeders))
+    wanted = engine.host_feeders if opts.host_feeders is None else opts.host_feeders
+    return engine_profiles.shared_by_feeders(engine, _worker_feeders(profile, wanted))
 
 
 def _worker_feeders(profile: LaunchProfile, wanted: int) -> int:
     """1 (one SDK process), or every vCPU's process when the engine wants several feeders (see FEEDER_HARNESS_THREADS)."""
     vcpus = profile.worker.vcpus
+    if wanted < 1:
+        raise ValueError(f"--host_feeders must be at least 1, not {wanted}")
     if wanted in (1, vcpus):
         return wanted
     if wanted > vcpus:

@@ -241,7 +241,7 @@ class JobConfig:
             with_thinking_budget(with_max_tokens(TASKS[name], max_tokens), thinking) for name in parse_task_list(opts.tasks)
         )
         profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
-        profile = engine_profiles.shared_by_feeders(profile, opts.host_feeders or profile.host_feeders)
+        profile = engine_profiles.shared_by_feeders(profile, profile.host_feeders if opts.host_feeders is None else opts.host_feeders)
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
         vision_tokens = opts.vision_tokens or profile.vision_tokens
         engine = EngineSettings(

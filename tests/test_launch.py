@@ -303,3 +303,5 @@ def test_the_host_feeders_choose_the_worker_layout():
     assert planned("--host_feeders=1") == (1, [SINGLE_PROCESS_EXPERIMENT])
     with pytest.raises(ValueError, match=f"at most {vcpus} SDK processes"):
         planned(f"--host_feeders={vcpus + 1}")
+    with pytest.raises(ValueError, match="at least 1"):
+        planned("--host_feeders=0")

@@ -16,7 +16,9 @@ answers is `transforms.run_tasks`.
   request with `EngineDeadError`.
 - `RequestRenderer` preprocesses each image once for all its tasks. vLLM's
   engine core (scheduler, model runner) runs in this process or in its own,
-  as the profile says (`EngineSettings.engine_core_process`).
+  as the profile says (`EngineSettings.engine_core_process`), or, with
+  `host_feeders` > 1, once per host for several worker processes
+  (`transforms.host_engine`).
 """
 from __future__ import annotations
 

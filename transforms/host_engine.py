@@ -40,8 +40,9 @@ launcher, is done by a per-host directory:
   * the engine core or its supervisor dies: every client sees it within
     `MONITOR_INTERVAL_S` (pid watch) and fails all its outstanding requests
     with `EngineDeadError` (never a hang); its bundles fail and are retried,
-    and the next engine start on the host retires what is left of that
-    generation (terminates the survivors it recorded) and starts a new one;
+    and the next engine start on the host retires what is left of earlier
+    generations (terminates the survivors they recorded, so only one core
+    ever holds the device) and starts a new one;
   * every client gone (closed, or dead for `idle_grace_s()`): the
     supervisor shuts the core down and the generation ends, so a finished
     local run leaves no engine behind.
@@ -56,6 +57,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,8 +267,6 @@ def acquire_slot(settings: Any, local_model: str) -> Slot:
                     f"{len(live)} by live processes {live}: more worker processes feed this host than "
                     f"--host_feeders={settings.host_feeders} (+{SPARE_SLOTS} spare slots for restarted processes)"
                 )
-        if generation is not None:
-            _retire(generation, state)
         state = _start_generation(host, settings, local_model)
         return _claim(state, 0)
 
@@ -278,23 +278,31 @@ def _claim(state: CoreState, index: int) -> Slot:
     return Slot(state, index)
 
 
-def _retire(generation: pathlib.Path, state: Optional[CoreState]) -> None:
-    """End what is left of a generation: its supervisor shuts its core down, or both are killed."""
-    if state is None:
-        # The supervisor died before its core was ready, or is still starting it: its pid is in the spawn record.
-        record = generation / "supervisor.json"
-        if record.exists():
-            ProcessId(**json.loads(record.read_text())).terminate(_RETIRE_TIMEOUT_S)
-    else:
-        state.supervisor.terminate(_RETIRE_TIMEOUT_S)
-        state.core.terminate(_RETIRE_TIMEOUT_S)
-    _LOG.warning("retired the host's engine-core generation %s", generation.name)
+def _generations(host: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((path for path in host.glob("g*") if path.name[1:].isdigit()), key=lambda path: int(path.name[1:]))
+
+
+def _retire_all(host: pathlib.Path) -> None:
+    """End what is left of earlier generations before a new one starts, so that only one core ever holds
+    the device: each supervisor is told to stop its core, and whatever outlives the timeout is killed."""
+    for generation in _generations(host):
+        state = _read_state(generation)
+        if state is None:  # its supervisor died before its core was ready, or is still starting it
+            record = generation / "supervisor.json"
+            if record.exists():
+                ProcessId(**json.loads(record.read_text())).terminate(_RETIRE_TIMEOUT_S)
+        else:
+            if state.alive():
+                _LOG.warning("retiring the host's engine-core generation %s (core pid %d)", generation.name, state.core.pid)
+            state.supervisor.terminate(_RETIRE_TIMEOUT_S)
+            state.core.terminate(_RETIRE_TIMEOUT_S)
+        shutil.rmtree(generation, ignore_errors=True)
 
 
 def _start_generation(host: pathlib.Path, settings: Any, local_model: str) -> CoreState:
-    previous = _current_generation(host)
-    number = int(previous.name.lstrip("g")) + 1 if previous is not None else 1
-    generation = host / f"g{number}"
+    earlier = _generations(host)
+    _retire_all(host)
+    generation = host / f"g{int(earlier[-1].name[1:]) + 1 if earlier else 1}"
     generation.mkdir()
     slots = settings.host_feeders + SPARE_SLOTS
     (generation / "request.json").write_text(
