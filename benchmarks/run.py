@@ -82,6 +82,11 @@ VARIANTS: tuple[Variant, ...] = (
             workload="host", options={"settings": _CORE_PROCESS}),
     Variant("hb0", "pipeline", "(hb) with each task preprocessing its image again (no processed-image cache)",
             workload="host", engine_args={"mm_processor_cache_gb": 0}, options={"settings": _IN_PROCESS}),
+    # The host-feed design (transforms/host_engine.py): Beam worker processes feeding one shared engine core.
+    Variant("hf1", "feeders", "this pipeline, 1 Beam worker process feeding the host's shared engine core",
+            workload="host", options={"feeders": 1}),
+    Variant("hf2", "feeders", "this pipeline, 2 Beam worker processes feeding one shared engine core",
+            workload="host", options={"feeders": 2}),
 )
 
 
@@ -141,7 +146,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--host_items", type=int, default=400, help="images (x3 tasks) per host-bound variant")
     parser.add_argument("--quick", action="store_true", help="60 items, streaming check at 200/1000: for iterating")
     parser.add_argument("--only", default="",
-                        help="comma-separated variant keys (a,b,c,d,d1,e1,e2,ha,hb,hb2,hb0,host,steps,rss) to run")
+                        help="comma-separated variant keys (a,b,c,d,d1,e1,e2,ha,hb,hb2,hb0,hf1,hf2,host,steps,rss) to run")
     parser.add_argument("--profile", default="cpu-tiny", help="engine profile for every variant")
     parser.add_argument("--engine_arg", action="append", default=[], metavar="KEY=JSON", help="override for every variant")
     parser.add_argument("--max_in_flight", type=int, default=None)

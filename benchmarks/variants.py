@@ -22,10 +22,12 @@ import functools
 import json
 import pathlib
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
+import psutil
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -192,6 +194,78 @@ def run_pipeline(workload: Workload, out_dir: pathlib.Path, settings: Optional[M
     output = str(out_dir / "out")
     engine_settings = _with_settings(workload, settings or {})
     return _run_with_engine(engine_settings, output, lambda: vision_batch.run(workload.pipeline_argv(output)))
+
+
+# ---------------------------------------------------------------- (hf1), (hf2) several processes feeding one engine core
+
+
+class _DescendantCpu:
+    """CPU seconds of every descendant process of this one, sampled while they live (they exit before the end)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self._last: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while True:
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    times = process.cpu_times()
+                    self._last[(process.pid, process.create_time())] = times.user + times.system
+                except psutil.Error:
+                    continue
+            if self._stop.wait(interval_s):
+                return
+
+    def stop(self) -> dict[int, float]:
+        """CPU seconds by pid, as last seen."""
+        self._stop.set()
+        self._thread.join()
+        return {pid: seconds for (pid, _), seconds in self._last.items()}
+
+
+def run_feeders(workload: Workload, out_dir: pathlib.Path, feeders: int, **_: Any) -> dict[str, Any]:
+    """The pipeline on Beam's local runner with `feeders` worker processes, all feeding one shared engine core.
+
+    Both rows use the shared-core machinery (transforms/host_engine.py) with the same total requests in
+    flight, so they differ only in how many processes decode, render and detokenize. The engine core is
+    started before the clock (this process attaches first and stays attached, idle); Beam's worker
+    processes start inside the window, so the steady-state rate (between the first and the last answer
+    written, from the rows' created_at) is reported beside the whole window's.
+    """
+    import os
+
+    os.environ["VISION_BATCH_HOST_ENGINE_DIR"] = str(out_dir / "he")
+    total_in_flight = workload.max_in_flight or workload.engine_settings().max_in_flight
+    shared = dataclasses.replace(
+        workload,
+        max_in_flight=-(-total_in_flight // feeders),
+        beam_options=(*workload.beam_options, "--host_feeders=2", "--direct_running_mode=multi_processing",
+                      f"--direct_num_workers={feeders}"),
+    )
+    output = str(out_dir / "out")
+    settings = _with_settings(shared, {"preprocess_on_step_thread": False})
+    client = ENGINES.acquire(settings)._engine  # starts the host's engine core before the clock
+    core_processes = {client.slot.state.core.pid, client.slot.state.supervisor.pid}
+    sampler = _DescendantCpu()
+    cpu_before = dict(sampler._last)
+    _, window = timed(lambda: vision_batch.run(shared.pipeline_argv(output)))
+    cpu = sampler.stop()
+    before = {pid: seconds for (pid, _), seconds in cpu_before.items()}
+    core_cpu = sum(cpu.get(pid, 0.0) - before.get(pid, 0.0) for pid in core_processes)
+    feeding_cpu = sum(seconds - before.get(pid, 0.0) for pid, seconds in cpu.items() if pid not in core_processes)
+    records, task_errors = parquet_records(output)
+    created = sorted(row["created_at"] for row in pq.read_table(f"{output}/results", columns=["created_at"]).to_pylist())
+    steady_s = (created[-1] - created[0]).total_seconds()
+    items = len({r.image for r in records})
+    return {"items": items, "wall_s": window.wall_s, "cpu_s": window.cpu_s, "records": records,
+            "task_errors": task_errors,
+            "notes": {"feeding_processes": feeders, "front_cpu_s": round(feeding_cpu, 2), "child_cpu_s": round(core_cpu, 2),
+                      # Answers per second between the first and the last written (worker start-up excluded).
+                      "steady_tasks_per_s": round((len(created) - 1) / steady_s, 2) if steady_s else None,
+                      "steady_items_per_s": round((len(created) - 1) / steady_s / len(workload.specs()), 2) if steady_s else None}}
 
 
 # ---------------------------------------------------------------- (c) RunInference-style synchronous batches
@@ -400,6 +474,7 @@ def _server(workload: Workload, out_dir: pathlib.Path, **kwargs: Any) -> dict[st
 VARIANTS: dict[str, Callable[..., dict[str, Any]]] = {
     "raw": run_raw,
     "pipeline": run_pipeline,
+    "feeders": run_feeders,
     "host-stages": run_host_stages,
     "runinference": run_runinference,
     "server": _server,

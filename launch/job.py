@@ -24,8 +24,24 @@ from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_va
 
 # One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
 # holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs and worker parallelism), and
-# one engine per process serves all harness threads.
+# one engine per process serves all harness threads. Used where the engine profile's host_feeders is 1.
 SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
+# Where the engine profile's host_feeders is above 1, the worker VM runs several SDK processes feeding one
+# engine core (transforms/host_engine.py). Dataflow has no option for how many: without the experiment above,
+# Runner v2 "launches one Apache Beam SDK process per VM core" (Dataflow docs, "Dataflow support for GPUs",
+# GPUs and worker parallelism), and --sdk_worker_parallelism is read only by the Flink/Spark job servers, not
+# by Dataflow (apache/beam#21839). So every vCPU's process is a feeder: --host_feeders is set to the worker's
+# vCPU count, and the profile's in-flight limit and image cache are split between them
+# (engine_profiles.shared_by_feeders). Each process runs few harness threads: it holds only its share of the
+# requests in flight. Beam's Python boot starts the processes of one container side by side (sibling worker
+# ids) and restarts a crashed one in place (apache/beam sdks/python/container/boot.go), so they share the
+# temp dir where the host's engine core keeps its lock and sockets, as Beam's own per-VM model sharing
+# (apache_beam.utils.multi_process_shared, RunInference large_model) does.
+# Unverified on real Dataflow (not run from this project): that a TPU VM gets one SDK process per vCPU in
+# one container (the docs describe GPU workers), that the temp dir is shared between them, that the
+# processes importing vLLM (front ends only) leave the TPU to the engine core, and their memory
+# (~1-2 GB each, ~180-360 GB of a ct6e-standard-8t's 1,440 GB).
+FEEDER_HARNESS_THREADS = 4
 # Beam's --autoscaling_algorithm values and their Dataflow API names (flex template environment).
 AUTOSCALING_API_NAMES = {"THROUGHPUT_BASED": "AUTOSCALING_ALGORITHM_BASIC", "NONE": "AUTOSCALING_ALGORITHM_NONE"}
 
@@ -117,7 +133,10 @@ class JobSettings:
         return environment
 
 
-def job_settings(profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str) -> JobSettings:
+def job_settings(
+    profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str, host_feeders: int = 1
+) -> JobSettings:
+    """`host_feeders` > 1: one SDK process per vCPU, all feeding one engine core (see FEEDER_HARNESS_THREADS)."""
     return JobSettings(
         job_name=job_name,
         project=deployment.project,
@@ -128,8 +147,8 @@ def job_settings(profile: LaunchProfile, deployment: Deployment, workers: Worker
         service_account=deployment.service_account_email,
         machine_type=profile.worker.machine_type,
         service_options=(profile.worker.service_option(),),
-        experiments=(SINGLE_PROCESS_EXPERIMENT,),
-        harness_threads=profile.harness_threads,
+        experiments=(SINGLE_PROCESS_EXPERIMENT,) if host_feeders == 1 else (),
+        harness_threads=profile.harness_threads if host_feeders == 1 else min(profile.harness_threads, FEEDER_HARNESS_THREADS),
         disk_size_gb=profile.disk_size_gb,
         workers=workers,
         sdk_container_image=deployment.worker_image(profile),
@@ -156,7 +175,20 @@ def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> en
     tasks, _ = resolve_tasks(opts, engine.vision_tokens, None, opts.thinking == "on")
     largest = max([engine.vision_tokens or 0, *(task.vision_tokens or 0 for task in tasks)]) or None
     check_engine_fits(profile.worker, dataclasses.replace(engine, vision_tokens=largest))
-    return engine
+    wanted = engine.host_feeders if opts.host_feeders is None else opts.host_feeders
+    return engine_profiles.shared_by_feeders(engine, _worker_feeders(profile, wanted))
+
+
+def _worker_feeders(profile: LaunchProfile, wanted: int) -> int:
+    """1 (one SDK process), or every vCPU's process when the engine wants several feeders (see FEEDER_HARNESS_THREADS)."""
+    vcpus = profile.worker.vcpus
+    if wanted < 1:
+        raise ValueError(f"--host_feeders must be at least 1, not {wanted}")
+    if wanted in (1, vcpus):
+        return wanted
+    if wanted > vcpus:
+        raise ValueError(f"--host_feeders {wanted}: a {profile.worker.machine_type} worker runs at most {vcpus} SDK processes")
+    return vcpus
 
 
 def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engine_profiles.EngineProfile) -> str:
@@ -182,6 +214,7 @@ def profile_pipeline_args(profile: LaunchProfile, deployment: Deployment, user_a
     base = [f"--engine_profile={profile.engine_profile}", *user_args]
     engine = effective_engine(profile, base)
     decided = [f"--vision_tokens={engine.vision_tokens}"] if engine.vision_tokens else []
+    decided.append(f"--host_feeders={engine.host_feeders}")
     if profile.platform == TPU:
         # XLA programs compiled at engine start (~30 min for 26B/31B): reused from GCS (VLLM_XLA_CACHE_PATH).
         decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}")
@@ -202,5 +235,7 @@ class Launch:
 def plan_launch(
     profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str, user_args: Sequence[str]
 ) -> Launch:
-    settings = job_settings(profile, deployment, workers, job_name)
-    return Launch(settings, tuple(profile_pipeline_args(profile, deployment, user_args)))
+    pipeline_args = profile_pipeline_args(profile, deployment, user_args)
+    host_feeders = PipelineOptions(pipeline_args).view_as(VisionBatchOptions).host_feeders
+    settings = job_settings(profile, deployment, workers, job_name, host_feeders)
+    return Launch(settings, tuple(pipeline_args))

@@ -48,6 +48,10 @@ class EngineProfile:
     engine_core_process: bool  # vLLM's engine core (scheduler, model runner) in its own process
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
     limits: Optional[CheckpointLimits] = None  # checked against the checkpoint (CPU profiles); None: not checked
+    # Worker processes of one host that feed one shared engine core (transforms/host_engine.py); 1: each
+    # process has its own engine (placed by engine_core_process). The least the engine needs to be fed:
+    # on Dataflow, launch/job.py runs one process per vCPU where this is above 1.
+    host_feeders: int = 1
 
 
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
@@ -70,7 +74,8 @@ ACCELERATOR_ENGINE_CORE_PROCESS = True
 
 # What every Dataflow TPU engine shares; the per-shape values are arguments, commented at each profile.
 def _tpu_profile(
-    name: str, description: str, tensor_parallel_size: int, max_num_batched_tokens: int, max_num_seqs: int
+    name: str, description: str, tensor_parallel_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+    host_feeders: int = 1,
 ) -> EngineProfile:
     """vllm-tpu 0.32 on one single-host v6e slice, Gemma 4 in bf16 (AI-Hypercomputer/tpu-recipes Trillium recipe)."""
     return EngineProfile(
@@ -123,6 +128,7 @@ def _tpu_profile(
         # step-loop thread every image would pause stepping for its preprocessing.
         preprocess_on_step_thread=False,
         engine_core_process=ACCELERATOR_ENGINE_CORE_PROCESS,
+        host_feeders=host_feeders,
     )
 
 
@@ -339,6 +345,15 @@ PROFILES: Mapping[str, EngineProfile] = {
                 max_num_batched_tokens=4096,
                 # The same ~0.29 GB per sequence as on v6e-4 with ~179 GB of KV (8 x 32 GB x 0.9 - 51.5 GB).
                 max_num_seqs=512,
+                # One process cannot feed this slice (BENCHMARKS.md, "The host feed", projection): at the
+                # planner's output lengths one Beam process feeds ~17 items/s (3 tasks each; its own CPU per
+                # item, measured in the host-bound regime with the 26B-A4B's processor), while the slice
+                # consumes ~30 items/s (realistic) to ~52 (roofline) (`python -m launch.plan --profile
+                # tpu-v6e-8`): the chip would idle 45-65 %. Feeders add up (each renders and detokenizes its
+                # own items; the engine core batches them all): 2 cover the realistic rate, 4 (~68 items/s)
+                # the roofline with room for page-sized scans (~-30 % per process). Measured on CPU: the
+                # host-feed benchmark's N=1 vs N=2 rows (BENCHMARKS.md). Not yet run on a TPU worker.
+                host_feeders=4,
             ),
             _tpu_profile(
                 "tpu-v6e-8-gemma4-31b",
@@ -400,6 +415,26 @@ def resolve(
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})
+
+
+def shared_by_feeders(profile: EngineProfile, host_feeders: int) -> EngineProfile:
+    """The profile as each of `host_feeders` processes sharing one engine core runs it.
+
+    The profile's per-host budgets are split between them: requests in
+    flight (the engine core's batch is fed by all of them together) and the
+    processed-image cache (with several front ends vLLM keeps it in each of
+    them and none in the core: vllm/multimodal/cache/factories.py).
+    """
+    if host_feeders < 1:
+        raise ValueError(f"--host_feeders must be at least 1, not {host_feeders}")
+    if host_feeders == 1:
+        return dataclasses.replace(profile, host_feeders=1)
+    args = dict(profile.engine_args)
+    if args.get("mm_processor_cache_gb"):
+        args["mm_processor_cache_gb"] = args["mm_processor_cache_gb"] / host_feeders
+    return dataclasses.replace(
+        profile, engine_args=args, host_feeders=host_feeders, max_in_flight=-(-profile.max_in_flight // host_feeders)
+    )
 
 
 def _accelerator_profiles() -> str:

@@ -237,6 +237,11 @@ class VisionBatchOptions(PipelineOptions):
             help="Requests admitted to the engine per worker process (back-pressure). Default: the profile's.",
         )
         engine.add_argument(
+            "--host_feeders", type=int, default=None, metavar="N",
+            help="Worker processes of one host that feed one shared engine core (1: an engine per process). The "
+                 "profile's in-flight limit and image cache are split between them. Default: the profile's.",
+        )
+        engine.add_argument(
             "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
             help="Image soft-token budget per request (Gemma 4: 70/140/280/560/1120). Default: the profile's, "
                  "else the checkpoint's.",
@@ -370,6 +375,7 @@ _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("num_output_shards", lambda v: v >= 0, "0 (runner decides) or a positive number of files"),
     ("progress_interval_s", lambda v: v >= 0 and math.isfinite(v), "seconds, 0 or more (0: no progress lines)"),
     ("max_in_flight", lambda v: v >= 1, "at least 1"),
+    ("host_feeders", lambda v: v >= 1, "at least 1 (1: an engine per worker process)"),
     ("pdf_dpi", lambda v: 0 < v <= 1200 and math.isfinite(v), "a resolution above 0 and at most 1200"),
     ("pages_per_unit", lambda v: v >= 1, "at least 1"),
     ("max_pages", lambda v: v >= 1, "at least 1"),
@@ -568,6 +574,9 @@ class JobConfig:
         thinking = opts.thinking == "on"
         with usage_errors():
             profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
+            profile = engine_profiles.shared_by_feeders(
+                profile, profile.host_feeders if opts.host_feeders is None else opts.host_feeders
+            )
         structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
         tasks, vision_tokens = resolve_tasks(opts, opts.vision_tokens or profile.vision_tokens, checkpoint, thinking)
         # vLLM plans memory and the encoder budget for the engine-level budget: the largest any task uses.
@@ -582,6 +591,7 @@ class JobConfig:
             xla_cache_path=opts.xla_cache_path,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
             engine_core_process=profile.engine_core_process,
+            host_feeders=profile.host_feeders,
             environment=profile.environment,
         )
         limits = DecodeLimits(
@@ -641,6 +651,7 @@ class JobConfig:
             },
             "engine_args": dict(self.engine.engine_args),
             "max_in_flight": self.engine.max_in_flight,
+            "host_feeders": self.engine.host_feeders,
             "vision_tokens": self.engine.vision_tokens,
             "thinking": self.engine.thinking,
             "structured_output": self.engine.structured_output,

@@ -18,7 +18,8 @@ from apache_beam.options.pipeline_options import (
 from launch import run_dataflow, submit
 from launch.accelerators import GPU_WORKERS, TPU, TPU_WORKERS, AcceleratorError, find_gpu_worker, find_tpu_worker
 from launch.deployment import Deployment
-from launch.job import SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
+from launch.job import FEEDER_HARNESS_THREADS, SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
+from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from pipelines import engine_profiles
 from pipelines.options import VisionBatchOptions
@@ -59,8 +60,14 @@ def test_every_profile_parses_into_the_dataflow_options_it_promises(name):
     tag = f"vision-batch-tpu:0.1.0-{profile.worker.name}" if profile.platform == TPU else "vision-batch-gpu:0.1.0"
     assert workers.sdk_container_image == f"us-east5-docker.pkg.dev/my-project/vision-batch/{tag}"
     debug = options.view_as(DebugOptions)
-    assert SINGLE_PROCESS_EXPERIMENT in debug.experiments
-    assert debug.number_of_worker_harness_threads == profile.harness_threads <= 32
+    if ENGINE_PROFILES[profile.engine_profile].host_feeders == 1:  # one SDK process owns the engine
+        assert SINGLE_PROCESS_EXPERIMENT in debug.experiments
+        assert debug.number_of_worker_harness_threads == profile.harness_threads <= 32
+        assert options.view_as(VisionBatchOptions).host_feeders == 1
+    else:  # one SDK process per vCPU (Dataflow's multi-process layout), all feeding one engine core
+        assert SINGLE_PROCESS_EXPERIMENT not in (debug.experiments or ())
+        assert debug.number_of_worker_harness_threads == FEEDER_HARNESS_THREADS
+        assert options.view_as(VisionBatchOptions).host_feeders == profile.worker.vcpus
     assert options.view_as(SetupOptions).sdk_location == "container"
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
 
@@ -280,3 +287,22 @@ def test_the_cache_path_and_tpu_engine_reach_the_engine_settings(monkeypatch, tm
     assert config.engine.engine_args["dtype"] == "bfloat16"
     assert config.engine.structured_output is False and config.engine.vision_tokens == 280
     assert config.engine.model_path == MODEL
+
+
+def test_the_host_feeders_choose_the_worker_layout():
+    """--host_feeders 1 keeps one SDK process; any other count means every vCPU's process feeds the core."""
+    profile = PROFILES["tpu-v6e-8"]
+    vcpus = profile.worker.vcpus
+
+    def planned(*extra):
+        launch = plan_launch(profile, DEPLOYMENT, Workers.batch(1), "j", [*USER_ARGS, *extra])
+        options = PipelineOptions(launch.dataflow_args())
+        return options.view_as(VisionBatchOptions).host_feeders, options.view_as(DebugOptions).experiments or []
+
+    assert planned() == (vcpus, [])  # the profile's 4 at least: Dataflow runs one process per vCPU
+    assert planned("--host_feeders=3") == (vcpus, [])
+    assert planned("--host_feeders=1") == (1, [SINGLE_PROCESS_EXPERIMENT])
+    with pytest.raises(ValueError, match=f"at most {vcpus} SDK processes"):
+        planned(f"--host_feeders={vcpus + 1}")
+    with pytest.raises(ValueError, match="at least 1"):
+        planned("--host_feeders=0")

@@ -16,7 +16,8 @@ import pytest
 
 from launch import flex_launch, image, run_dataflow
 from launch.accelerators import TPU
-from launch.job import SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
+from launch.job import FEEDER_HARNESS_THREADS, SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
+from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import PROFILES
 from tests.launch_support import (
     BUCKET,
@@ -75,12 +76,14 @@ def test_the_flex_launcher_invocation_writes_the_job_object(name, gcs, staged_mo
     assert sdk["containerImage"] == worker_image
     # What no_use_multiple_sdk_containers does: one SDK harness container (one process) per worker VM.
     assert sdk["useSingleCorePerContainer"] is True
-    assert SINGLE_PROCESS_EXPERIMENT in environment["experiments"]
+    # Profiles whose engine core several processes feed (host_feeders > 1) run one per vCPU instead.
+    single = ENGINE_PROFILES[profile.engine_profile].host_feeders == 1
+    assert (SINGLE_PROCESS_EXPERIMENT in environment["experiments"]) is single
     assert profile.worker.service_option() in environment["experiments"]  # flex templates: as an experiment
     assert pool["diskSizeGb"] == profile.disk_size_gb and environment["workerZone"] == "us-east5-b"
     assert pool["numWorkers"] == 1
     assert pool["autoscalingSettings"] == {"algorithm": "AUTOSCALING_ALGORITHM_BASIC", "maxNumWorkers": profile.max_workers}
-    assert pool["numThreadsPerWorker"] == profile.harness_threads
+    assert pool["numThreadsPerWorker"] == (profile.harness_threads if single else FEEDER_HARNESS_THREADS)
     assert environment["tempStoragePrefix"].startswith(f"storage.googleapis.com/{BUCKET}/tmp/")
 
     options = environment["sdkPipelineOptions"]["options"]

@@ -16,6 +16,7 @@ from google.cloud.dataflow_v1beta3.services.flex_templates_service.transports.re
 from launch import flex_launch, flex_template, schedule
 from launch.composer import vision_batch_launch
 from launch.job import Workers, plan_launch
+from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import PROFILES
 from tests.launch_support import BUCKET, DEPLOYMENT, USER_ARGS, go_offline
 
@@ -69,7 +70,8 @@ def test_launch_bodies_fit_the_api_and_the_template(name):
     assert environment.machine_type == profile.worker.machine_type
     assert environment.staging_location == f"gs://{BUCKET}/vision-batch/staging"
     assert profile.worker.service_option() in environment.additional_experiments
-    assert "no_use_multiple_sdk_containers" in environment.additional_experiments
+    single = ENGINE_PROFILES[profile.engine_profile].host_feeders == 1  # else one SDK process per vCPU
+    assert ("no_use_multiple_sdk_containers" in environment.additional_experiments) is single
     assert environment.autoscaling_algorithm == dataflow_v1beta3.AutoscalingAlgorithm.AUTOSCALING_ALGORITHM_BASIC
     assert environment.sdk_container_image == DEPLOYMENT.worker_image(profile)
     _accepted_by_template(body["launchParameter"]["parameters"])

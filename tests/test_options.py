@@ -48,6 +48,14 @@ def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeyp
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
 
 
+def test_host_feeders_split_the_profiles_per_host_budgets():
+    one, two = config("--input", "a").engine, config("--input", "a", "--host_feeders", "2").engine
+    assert (one.host_feeders, two.host_feeders) == (1, 2)
+    assert two.max_in_flight == one.max_in_flight // 2
+    assert two.engine_args["mm_processor_cache_gb"] == one.engine_args["mm_processor_cache_gb"] / 2
+    assert config("--input", "a", "--host_feeders", "2", "--max_in_flight", "10").engine.max_in_flight == 10
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -55,6 +63,7 @@ def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeyp
         (("--input", "a", "--max_tokens", "translate=5"), "unknown task"),
         (("--input", "a", "--tasks", "ocr,poetry"), "unknown task"),
         (("--input", "a", "--engine_arg", "novalue"), "KEY=VALUE"),
+        (("--input", "a", "--host_feeders", "0"), "at least 1"),
     ],
 )
 def test_bad_options_are_refused_with_a_reason(args, message):

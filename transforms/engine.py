@@ -16,7 +16,9 @@ answers is `transforms.run_tasks`.
   killed included) fails every outstanding request with `EngineDeadError`.
 - `RequestRenderer` preprocesses each image once for all its tasks. vLLM's
   engine core (scheduler, model runner) runs in this process or in its own,
-  as the profile says (`EngineSettings.engine_core_process`).
+  as the profile says (`EngineSettings.engine_core_process`), or, with
+  `host_feeders` > 1, once per host for several worker processes
+  (`transforms.host_engine`).
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ class EngineSettings:
     # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
     # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
     engine_core_process: bool = False
+    # Worker processes of one host that feed ONE engine core (transforms.host_engine): 1 = this
+    # process's own engine, as placed by engine_core_process. The reason for each profile's value is
+    # in engine_profiles.py.
+    host_feeders: int = 1
     # Process environment the engine's native libraries read when they start (set before the engine
     # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -292,10 +298,16 @@ class VisionEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         try:
-            self._engine = LLMEngine.from_engine_args(
-                EngineArgs(model=local_model, **self.settings.engine_args),
-                enable_multiprocessing=self.settings.engine_core_process,
-            )
+            if self.settings.host_feeders > 1:
+                # A client of the host's shared engine core, behind LLMEngine's add_request/step surface.
+                from transforms.host_engine_client import HostEngineClient
+
+                self._engine = HostEngineClient(self.settings, local_model)
+            else:
+                self._engine = LLMEngine.from_engine_args(
+                    EngineArgs(model=local_model, **self.settings.engine_args),
+                    enable_multiprocessing=self.settings.engine_core_process,
+                )
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return

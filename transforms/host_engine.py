@@ -1,0 +1,424 @@
+"""One vLLM engine core per host, fed by several worker processes (`EngineSettings.host_feeders` > 1).
+
+On an accelerator VM one Python process cannot feed the chip (BENCHMARKS.md,
+"The host feed"): decoding, rendering (vLLM's multimodal processing) and
+detokenizing all share its GIL. With `host_feeders = N`, N worker (Beam SDK)
+processes of a host each do that work for their own items and send the
+rendered requests to ONE engine-core process, which alone owns the device and
+batches every process's requests together (one scheduler, one KV cache, so
+the prefix cache is shared across processes). This is vLLM 0.32's own layout
+for `vllm serve --api-server-count N` (vllm/entrypoints/cli/serve.py
+`run_multi_api_server`): the engine core started by `launch_core_engines`
+with one input/output socket pair per front end, and each front end an
+`AsyncLLM(..., client_addresses, client_count, client_index)`
+(`transforms.host_engine_client`). What vLLM cannot do for us, because the
+front ends here are processes the runner starts, not children of one
+launcher, is done by a per-host directory:
+
+- The first process to take the host's file lock starts a *supervisor*
+  (`python -m transforms.host_engine GENERATION_DIR`, in its own session so
+  it outlives the process that started it), which starts the engine core
+  with `launch_core_engines` and writes `core.json` (pids, socket addresses)
+  once the core is ready. Every process, the starter included, then claims
+  a *slot* (a `slot-I.json` file) under the lock and attaches as client I.
+  The sockets are `ipc://` paths in the same directory, bound by each client
+  (vLLM's clients bind, its engine core connects), so nothing is chosen
+  twice and no port can be taken in between.
+- Slots are single-use: vLLM's engine core greets each client socket once,
+  at start, and a client waits for that greeting before it sends anything
+  (`MPClient.__init__`), so a dead client's slot cannot be taken over. The
+  core has `N + SPARE_SLOTS` slots, so that restarted processes can attach
+  (Beam's Python boot restarts a crashed SDK process up to 3 times in the
+  same container: apache/beam sdks/python/container/boot.go). A process that
+  finds no free slot while other clients live fails its engine start
+  (`HostEngineFull`), which fails its bundles; Beam retries them.
+- Lifetime (a *generation* is one supervisor + its engine core):
+  * a client process dies (killed, crashed): its requests run to their end
+    in the core and their outputs are dropped; the other clients go on;
+  * the process that started the core dies: nothing changes, the supervisor
+    does not belong to it;
+  * the engine core or its supervisor dies: every client sees it within
+    `MONITOR_INTERVAL_S` (pid watch) and fails all its outstanding requests
+    with `EngineDeadError` (never a hang); its bundles fail and are retried,
+    and the next engine start on the host retires what is left of earlier
+    generations (terminates the survivors they recorded, so only one core
+    ever holds the device) and starts a new one;
+  * every client gone (closed, or dead for `idle_grace_s()`): the
+    supervisor shuts the core down and the generation ends, so a finished
+    local run leaves no engine behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+_LOG = logging.getLogger(__name__)
+
+# Slots beyond host_feeders, for processes that replace crashed ones (see the module docstring).
+SPARE_SLOTS = 4
+# How often clients check that the engine core and its supervisor live, and how often the supervisor
+# checks its core and its clients: a dead core fails outstanding requests within this time.
+MONITOR_INTERVAL_S = 0.5
+# How long the engine core may take to become ready: vLLM's own wait for a starting core is 600 s
+# (VLLM_ENGINE_READY_TIMEOUT_S), but an uncached XLA compile of 26B-A4B/31B takes ~30 min (FIELD-NOTES).
+START_TIMEOUT_S = 3600.0
+# A core with no live client is kept this long, so that a client process the runner restarts (vLLM and
+# the model's processor take ~10-20 s to import here) finds it still running instead of paying for a
+# new engine start (an XLA compile on TPU). A client that closes its engine releases its slot at once.
+_IDLE_GRACE_S = 30.0
+# How long a new generation waits for the old supervisor to shut its core down before killing it.
+_RETIRE_TIMEOUT_S = 30.0
+
+
+class HostEngineFull(RuntimeError):
+    """Every client slot of this host's engine core is taken by a live process."""
+
+
+def host_engine_root() -> pathlib.Path:
+    """Where hosts keep their engine-core state: the temp dir, which every SDK process of a Dataflow VM
+    shares (Beam's own per-VM sharing, apache_beam.utils.multi_process_shared, keeps its lock and address
+    file there); `VISION_BATCH_HOST_ENGINE_DIR` overrides it (tests)."""
+    return pathlib.Path(os.environ.get("VISION_BATCH_HOST_ENGINE_DIR") or os.path.join(tempfile.gettempdir(), "vb-host-engine"))
+
+
+def idle_grace_s() -> float:
+    """`_IDLE_GRACE_S`, or `VISION_BATCH_HOST_ENGINE_IDLE_S` (tests)."""
+    return float(os.environ.get("VISION_BATCH_HOST_ENGINE_IDLE_S", _IDLE_GRACE_S))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessId:
+    """A process, told apart from a later one that reuses its pid by its start time."""
+
+    pid: int
+    started: float
+
+    @staticmethod
+    def of(pid: int) -> "ProcessId":
+        import psutil
+
+        return ProcessId(pid, psutil.Process(pid).create_time())
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            process = psutil.Process(self.pid)
+            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; nothing if it is already gone."""
+        import psutil
+
+        if not self.alive():
+            return
+        process = psutil.Process(self.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreState:
+    """`core.json`: one generation's engine core, written by its supervisor once the core is ready."""
+
+    generation_dir: str
+    supervisor: ProcessId
+    core: ProcessId
+    slots: int
+    inputs: tuple[str, ...]  # ZMQ address of each client's input socket (requests)
+    outputs: tuple[str, ...]  # ... and of its output socket (results)
+
+    def alive(self) -> bool:
+        return self.supervisor.alive() and self.core.alive()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "CoreState":
+        raw = json.loads(text)
+        return CoreState(
+            generation_dir=raw["generation_dir"],
+            supervisor=ProcessId(**raw["supervisor"]),
+            core=ProcessId(**raw["core"]),
+            slots=raw["slots"],
+            inputs=tuple(raw["inputs"]),
+            outputs=tuple(raw["outputs"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One client's place on the host's engine core."""
+
+    state: CoreState
+    index: int
+
+    @property
+    def claim(self) -> pathlib.Path:
+        return _claim_path(pathlib.Path(self.state.generation_dir), self.index)
+
+    def client_addresses(self) -> dict[str, str]:
+        """What `AsyncLLM(client_addresses=...)` takes for an engine launched elsewhere."""
+        return {"input_address": self.state.inputs[self.index], "output_address": self.state.outputs[self.index]}
+
+    def release(self) -> None:
+        """This process is done with its slot (the slot is not reused; the core may retire once all are)."""
+        with contextlib.suppress(OSError):
+            claim = json.loads(self.claim.read_text())
+            _write_atomic(self.claim, json.dumps({**claim, "closed": True}))
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _claim_path(generation: pathlib.Path, index: int) -> pathlib.Path:
+    return generation / f"slot-{index}.json"
+
+
+def _host_dir(settings_key: str) -> pathlib.Path:
+    # One directory per engine settings: processes of another job (other settings) never attach to this
+    # core. Short names: ipc:// paths must fit a Unix socket address (107 bytes).
+    path = host_engine_root() / hashlib.sha256(settings_key.encode()).hexdigest()[:12]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _host_lock(host: pathlib.Path, blocking: bool = True) -> Iterator[bool]:
+    with open(host / "lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _current_generation(host: pathlib.Path) -> Optional[pathlib.Path]:
+    pointer = host / "current"
+    return host / pointer.read_text().strip() if pointer.exists() else None
+
+
+def _read_state(generation: pathlib.Path) -> Optional[CoreState]:
+    path = generation / "core.json"
+    return CoreState.from_json(path.read_text()) if path.exists() else None
+
+
+def _claims(generation: pathlib.Path, slots: int) -> dict[int, dict[str, Any]]:
+    claims = {}
+    for index in range(slots):
+        path = _claim_path(generation, index)
+        if path.exists():
+            claims[index] = json.loads(path.read_text())
+    return claims
+
+
+def _claim_live(claim: dict[str, Any]) -> bool:
+    return not claim.get("closed") and ProcessId(claim["pid"], claim["started"]).alive()
+
+
+def acquire_slot(settings: Any, local_model: str) -> Slot:
+    """This process's slot on the host's engine core for `settings`, starting the core if none runs.
+
+    Blocks while another process starts the core (minutes on TPU). Raises
+    HostEngineFull when every slot is held by a live process.
+    """
+    host = _host_dir(settings.key())
+    with _host_lock(host):
+        generation = _current_generation(host)
+        state = _read_state(generation) if generation is not None else None
+        if state is not None and state.alive():
+            claims = _claims(generation, state.slots)
+            free = next((index for index in range(state.slots) if index not in claims), None)
+            if free is not None:
+                return _claim(state, free)
+            live = sorted(claim["pid"] for claim in claims.values() if _claim_live(claim))
+            if live:
+                raise HostEngineFull(
+                    f"all {state.slots} client slots of this host's engine core ({state.generation_dir}) are taken, "
+                    f"{len(live)} by live processes {live}: more worker processes feed this host than "
+                    f"--host_feeders={settings.host_feeders} (+{SPARE_SLOTS} spare slots for restarted processes)"
+                )
+        state = _start_generation(host, settings, local_model)
+        return _claim(state, 0)
+
+
+def _claim(state: CoreState, index: int) -> Slot:
+    me = ProcessId.of(os.getpid())
+    _write_atomic(_claim_path(pathlib.Path(state.generation_dir), index), json.dumps(dataclasses.asdict(me)))
+    _LOG.info("attaching to the host's engine core (pid %d) as client %d of %d", state.core.pid, index, state.slots)
+    return Slot(state, index)
+
+
+def _generations(host: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((path for path in host.glob("g*") if path.name[1:].isdigit()), key=lambda path: int(path.name[1:]))
+
+
+def _retire_all(host: pathlib.Path) -> None:
+    """End what is left of earlier generations before a new one starts, so that only one core ever holds
+    the device: each supervisor is told to stop its core, and whatever outlives the timeout is killed."""
+    for generation in _generations(host):
+        state = _read_state(generation)
+        if state is None:  # its supervisor died before its core was ready, or is still starting it
+            record = generation / "supervisor.json"
+            if record.exists():
+                ProcessId(**json.loads(record.read_text())).terminate(_RETIRE_TIMEOUT_S)
+        else:
+            if state.alive():
+                _LOG.warning("retiring the host's engine-core generation %s (core pid %d)", generation.name, state.core.pid)
+            state.supervisor.terminate(_RETIRE_TIMEOUT_S)
+            state.core.terminate(_RETIRE_TIMEOUT_S)
+        shutil.rmtree(generation, ignore_errors=True)
+
+
+def _start_generation(host: pathlib.Path, settings: Any, local_model: str) -> CoreState:
+    earlier = _generations(host)
+    _retire_all(host)
+    generation = host / f"g{int(earlier[-1].name[1:]) + 1 if earlier else 1}"
+    generation.mkdir()
+    slots = settings.host_feeders + SPARE_SLOTS
+    (generation / "request.json").write_text(
+        json.dumps({"settings": dataclasses.asdict(settings), "local_model": local_model, "slots": slots}, default=str)
+    )
+    # Its own session: the supervisor (and the engine core it starts) outlive the process that started
+    # it, and a signal to that process's group (Beam's boot stops workers that way) does not reach them.
+    # Its output goes where this process's goes (the worker's log).
+    supervisor = subprocess.Popen([sys.executable, "-m", "transforms.host_engine", str(generation)], start_new_session=True)
+    _write_atomic(generation / "supervisor.json", json.dumps(dataclasses.asdict(ProcessId.of(supervisor.pid))))
+    _write_atomic(host / "current", generation.name)
+    _LOG.info("starting the host's engine core (generation %s, %d client slots)", generation.name, slots)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = _read_state(generation)
+        if state is not None:
+            return state
+        if supervisor.poll() is not None:
+            raise RuntimeError(f"the host's engine core failed to start (supervisor exit code {supervisor.returncode}; see the log above)")
+        time.sleep(MONITOR_INTERVAL_S)
+    supervisor.terminate()
+    raise TimeoutError(f"the host's engine core did not become ready within {START_TIMEOUT_S:.0f} s")
+
+
+# ---- the supervisor process -------------------------------------------------------------------
+
+
+def _serve(generation: pathlib.Path) -> int:
+    """Start the engine core for the clients of `generation`, keep it while they live; the exit code says why it ended."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
+    from vllm.v1.executor import Executor
+
+    from transforms.engine import EngineSettings, prepare_process
+
+    request = json.loads((generation / "request.json").read_text())
+    settings = EngineSettings(**request["settings"])
+    slots = request["slots"]
+    prepare_process(settings)
+    vllm_config = client_engine_args(settings, request["local_model"], slots, -1).create_engine_config(UsageContext.ENGINE_CONTEXT)
+    addresses = EngineZmqAddresses(
+        inputs=[f"ipc://{generation}/in-{index}" for index in range(slots)],
+        outputs=[f"ipc://{generation}/out-{index}" for index in range(slots)],
+    )
+    serving = threading.Event()
+    stop = threading.Event()
+
+    def on_sigterm(*_: Any) -> None:
+        # While the core starts, leave at once: launch_core_engines then stops the half-started core
+        # (it must not be left holding the device). Once it runs, the watch loop stops it.
+        if not serving.is_set():
+            raise SystemExit("SIGTERM while the engine core was starting")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    with launch_core_engines(vllm_config, Executor.get_class(vllm_config), False, addresses) as launch:
+        pass  # leaving the block waits until the core is ready (its startup handshake)
+    manager = launch.engine_manager
+    (core,) = manager.processes
+    state = CoreState(
+        generation_dir=str(generation),
+        supervisor=ProcessId.of(os.getpid()),
+        core=ProcessId.of(core.pid),
+        slots=slots,
+        inputs=tuple(addresses.inputs),
+        outputs=tuple(addresses.outputs),
+    )
+    _write_atomic(generation / "core.json", state.to_json())
+    serving.set()
+    _LOG.info("host engine core ready: pid %d, %d client slots, %s", core.pid, slots, generation)
+    try:
+        reason = _watch(generation, state, core, stop)
+    finally:
+        manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+    _LOG.info("host engine core (generation %s) stopped: %s", generation.name, reason)
+    return 1 if reason == "engine core died" else 0
+
+
+def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: threading.Event) -> str:
+    host = generation.parent
+    idle_since = time.monotonic()
+    while not stop.is_set():
+        if not core.is_alive():
+            return "engine core died"
+        claims = _claims(generation, state.slots)
+        live = [claim for claim in claims.values() if _claim_live(claim)]
+        if live:
+            idle_since = time.monotonic()
+        else:
+            # No live client: retire at once if every client closed its engine, else after the grace
+            # (from the last moment one lived, or from the start when none ever attached).
+            grace = 0.0 if claims and all(claim.get("closed") for claim in claims.values()) else idle_grace_s()
+            if time.monotonic() - idle_since >= grace:
+                # Decide under the host lock: a process may be claiming a slot right now.
+                with _host_lock(host, blocking=False) as locked:
+                    if locked and not any(_claim_live(c) for c in _claims(generation, state.slots).values()):
+                        if _current_generation(host) == generation:
+                            (host / "current").unlink()
+                        return "no client left"
+        stop.wait(MONITOR_INTERVAL_S)
+    return "SIGTERM"
+
+
+def client_engine_args(settings: Any, local_model: str, slots: int, client_index: int) -> Any:
+    """`vllm.EngineArgs` of the host's engine core (`client_index` -1, as `vllm serve` builds it) or of one client."""
+    from vllm import EngineArgs
+
+    args = EngineArgs(model=local_model, **settings.engine_args)
+    # What `vllm serve --api-server-count N` sets (vllm/entrypoints/cli/serve.py): with more than one
+    # front end vLLM keeps the multimodal processor cache in each front end only ("processor_only",
+    # vllm/multimodal/cache/factories.py), which is what transforms.engine.RequestRenderer renders through.
+    args._api_process_count = slots
+    args._api_process_rank = client_index
+    return args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s host-engine %(message)s")
+    sys.exit(_serve(pathlib.Path(sys.argv[1])))

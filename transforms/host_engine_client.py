@@ -1,0 +1,169 @@
+"""A worker process's client of the host's shared engine core (`transforms.host_engine`).
+
+`HostEngineClient` is vLLM's `AsyncLLM` attached to an engine core another
+process started (`client_addresses`, `client_count`, `client_index`: the
+front end `vllm serve --api-server-count N` runs in each API process),
+behind the synchronous surface `transforms.engine.VisionEngine` drives an
+`LLMEngine` through: `add_request` raises for a request the front end
+rejects (that request's own error), `step` blocks until requests finish and
+returns their `RequestOutput`s, and raises `EngineDeadError` once the core is
+gone. So VisionEngine's submit/futures, back-pressure, per-request error
+isolation and shared preprocessing work unchanged; only the engine behind
+its step loop differs.
+
+AsyncLLM runs on an asyncio loop in its own thread: its output handler
+receives this client's outputs from the core and detokenizes them there
+(this process's share of the host's front-end work).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, Optional
+
+from transforms.host_engine import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args
+
+_LOG = logging.getLogger(__name__)
+
+
+class HostEngineClient:
+    """This process's front end on the host's engine core (see the module docstring)."""
+
+    def __init__(self, settings: Any, local_model: str):
+        from vllm.usage.usage_lib import UsageContext
+
+        self._slot: Slot = acquire_slot(settings, local_model)
+        slot = self._slot
+        self._finished: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # RequestOutput, or an exception: engine gone
+        self._dead: Optional[BaseException] = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="host-engine-client", daemon=True)
+        self._loop_thread.start()
+        vllm_config = client_engine_args(settings, local_model, slot.state.slots, slot.index).create_engine_config(
+            UsageContext.ENGINE_CONTEXT
+        )
+        try:
+            self._llm = self._call(self._connect(vllm_config))
+        except BaseException:
+            slot.release()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+        self.renderer = self._llm.renderer
+        self.model_config = self._llm.model_config
+        self.engine_core = _Detach(self)  # what VisionEngine.close() shuts down: this client, not the shared core
+        threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
+
+    async def _connect(self, vllm_config: Any) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor import Executor
+
+        # Built on the loop so that its output handler starts on it. Waits for the core's greeting.
+        return AsyncLLM(
+            vllm_config,
+            Executor.get_class(vllm_config),
+            log_stats=False,
+            log_requests=False,
+            client_addresses=self._slot.client_addresses(),
+            client_count=self._slot.state.slots,
+            client_index=self._slot.index,
+        )
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    @property
+    def core_pid(self) -> int:
+        return self._slot.state.core.pid
+
+    @property
+    def slot(self) -> Slot:
+        return self._slot
+
+    def get_tokenizer(self) -> Any:
+        return self._llm.get_tokenizer()
+
+    def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
+        """Hand one rendered request to the core; raises for a request the front end rejects."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
+        self._call(self._add(request_id, prompt, params))
+
+    async def _add(self, request_id: str, prompt: Any, params: Any) -> None:
+        collector = await self._llm.add_request(request_id, prompt, params)
+        task = asyncio.get_running_loop().create_task(self._collect(collector))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _collect(self, collector: Any) -> None:
+        try:
+            while True:
+                output = collector.get_nowait() or await collector.get()
+                if output.finished:
+                    self._finished.put(output)
+                    return
+        except BaseException as exc:  # noqa: BLE001 - the output handler failed: the engine is gone for all requests
+            self._finished.put(exc)
+
+    def step(self) -> list[Any]:
+        """The requests finished since the last call (waits for at least one); raises once the engine is gone."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while True:
+            try:
+                first = self._finished.get(timeout=MONITOR_INTERVAL_S)
+                break
+            except queue.Empty:
+                if self._dead is not None:
+                    raise EngineDeadError(str(self._dead)) from None
+        outputs = [first]
+        while True:
+            try:
+                outputs.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        for output in outputs:
+            if isinstance(output, BaseException):
+                self._dead = self._dead or output
+                raise EngineDeadError(f"the host's engine core failed: {output!r}") from output
+        return outputs
+
+    def _watch_core(self) -> None:
+        # vLLM's client notices a core that dies cleanly (it says ENGINE_CORE_DEAD) but not one that is
+        # killed: it would wait for outputs forever. Watch the processes themselves.
+        state = self._slot.state
+        while not self._closed.wait(MONITOR_INTERVAL_S):
+            for name, process in (("engine core", state.core), ("engine-core supervisor", state.supervisor)):
+                if not process.alive():
+                    self._dead = RuntimeError(f"the host's {name} (pid {process.pid}) exited")
+                    _LOG.error("%s; failing this process's outstanding requests", self._dead)
+                    return
+
+    def shutdown(self) -> None:
+        """Detach from the core (which keeps serving the host's other processes) and release the slot."""
+        self._closed.set()
+        try:
+            if self._dead is None:
+                self._call(self._shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10)
+            self._slot.release()
+
+    async def _shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+class _Detach:
+    """`engine_core` as VisionEngine.close() sees it: for a client, shutting it down detaches the client."""
+
+    def __init__(self, client: HostEngineClient):
+        self._client = client
+
+    def shutdown(self) -> None:
+        self._client.shutdown()
