@@ -35,8 +35,10 @@ def main(checkpoint: str) -> None:
     os.dup2(2, 1)
     from PIL import Image
 
+    from transforms.builtin_tasks import BUILTIN_TASKS
     from transforms.engine import ENGINES
-    from transforms.prompts import TASKS, with_max_tokens
+    from transforms.metadata import ItemValues
+    from transforms.tasks import with_overrides
 
     engine_settings = settings(checkpoint)
     pending: list[concurrent.futures.Future] = []
@@ -50,8 +52,9 @@ def main(checkpoint: str) -> None:
                 answer = {"error": f"{type(exc.__cause__).__name__}: {exc.__cause__}"}
         elif command["cmd"] == "submit":
             image = Image.effect_noise((320, 240), 64 + command["seed"]).convert("RGB")
-            specs = [with_max_tokens(TASKS[name], {name: command["max_tokens"]}) for name in command["tasks"]]
-            futures = ENGINES.acquire(engine_settings).submit(image, command["key"], specs)
+            requests = [with_overrides(BUILTIN_TASKS[name], max_tokens=command["max_tokens"]).request(ItemValues(None))
+                        for name in command["tasks"]]
+            futures = ENGINES.acquire(engine_settings).submit(image, command["key"], requests)
             pending.extend(futures)
             answer = {"submitted": len(futures)}
         elif command["cmd"] == "collect":
