@@ -67,7 +67,8 @@ machine: `python -m benchmarks.run --repeat 2` (all variants, interleaved twice;
   the box's cores for the front end: (hb2)'s engine computed on one core).
 - **Preprocessing once per image: (hb) 17.4, 18.6 vs (hb0) 12.0, 10.4 tasks/s (1.4-1.8x)**; 300
   images preprocessed for 906 requests instead of 906, and 45 ms less CPU per item in the Beam
-  process.
+  process. (Loaded box, where that process's CPU was the limit; the quiet re-run: 53 ms less CPU,
+  ~1.08x tasks/s, the spare core having hidden the work.)
   The host stages alone: one image's three requests rendered in ~26 ms of CPU with the 12B's
   processor (~13 ms with the 26B-A4B's) instead of ~49 (~27) when each task preprocesses.
 - **Host stages by threads.** Rendering is one request at a time per process (vLLM's multimodal

@@ -190,7 +190,9 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     # cpu-tiny's 32 images in flight; an image evicted early is only preprocessed again. Memory
     # stays flat once it is full (streaming check, tiny-31b, OMP_NUM_THREADS=1 on a loaded box:
     # peak RSS 1,348 MiB at 1,000 items, 1,437 at 5,000, ratio 1.07). Measured gain on the
-    # host-bound pipeline: 1.4-1.8x tasks/s (BENCHMARKS.md, "The host feed", (hb) vs (hb0)).
+    # host-bound pipeline: 45-53 ms less CPU per item in the Beam process; 1.4-1.8x tasks/s where that
+    # process's CPU is the limit (loaded box), ~1.08x on a quiet 2-core box where the spare core hid it
+    # (BENCHMARKS.md, "The host feed", (hb) vs (hb0), and its quiet re-run).
     "mm_processor_cache_gb": 0.25,
     # One image per prompt; no audio/video inputs: skips their profiling and memory.
     "limit_mm_per_prompt": {"image": 1, "audio": 0, "video": 0},
