@@ -35,6 +35,7 @@ from launch.deployment import Deployment, add_deployment_args, deployment_from_a
 from launch.job import Workers, plan_launch, timestamped_job_name
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from launch.shell import command_text
+from pipelines.options import parse_args as parse_pipeline_args
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -98,7 +99,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inputs, output, workers = job_inputs(args, deployment, profile, now)
     user_args = [*(f"--input={pattern}" for pattern in inputs), f"--output={output}", f"--model={args.model}", *extra]
     job_name = timestamped_job_name(profile, now, purpose="warmup" if args.warmup else "run")
-    launch = plan_launch(profile, deployment, workers, job_name, user_args)
+    try:
+        # The job's own options, refused here as the pipeline's command line refuses them: without it a
+        # misspelt `--max_token ocr=512` was launched and silently ran with the default budget.
+        parse_pipeline_args(user_args)
+        launch = plan_launch(profile, deployment, workers, job_name, user_args)
+    except ValueError as exc:  # UsageError, and the launch profile's refusals (worker shape, budgets)
+        print(f"python -m launch.submit: error: {exc}", file=sys.stderr)
+        return 2
     dataflow_args = launch.dataflow_args()
 
     started = time.monotonic()

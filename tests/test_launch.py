@@ -243,6 +243,25 @@ def test_dry_run_builds_the_dataflow_graph_offline_and_prints_the_command(monkey
     assert elapsed < 30, f"dry run took {elapsed:.1f} s"
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max_token", "ocr=512"], "unknown option --max_token; did you mean --max_tokens?"),
+        (["--vision_tokens", "100"], "--vision_tokens: invalid choice: 100"),
+        (["--tasks", "captions"], "unknown task 'captions'"),
+        (["--vision_tokens", "560"], "vision_tokens 560; at most 280"),  # the launch profile's own refusal
+    ],
+)
+def test_submit_refuses_a_mistaken_job_option_in_one_line_before_building_anything(monkeypatch, tmp_path, capsys, extra,
+                                                                                    message):
+    go_offline(monkeypatch, tmp_path)
+    assert submit.main(["--profile", "tpu-v6e-4", *USER_ARGS, *DEPLOYMENT_FLAGS, *extra, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("python -m launch.submit: error: ") and message in line
+    assert "transforms built" not in captured.out
+
+
 def test_template_dry_run_prints_the_launch_request_and_gcloud_command(monkeypatch, tmp_path, capsys):
     go_offline(monkeypatch, tmp_path)
     assert submit.main(["--profile", "gpu-l4", *USER_ARGS, *DEPLOYMENT_FLAGS, "--template", "--dry-run"]) == 0
