@@ -67,12 +67,12 @@ def job_inputs(
     """(input globs, output, workers): the user's, or the warm-up's samples on one worker."""
     if args.warmup:
         if profile.platform != TPU:
-            raise SystemExit(f"--warmup fills the TPU XLA compile cache; {profile.name} runs on GPUs, which keep none")
+            raise ValueError(f"--warmup fills the TPU XLA compile cache; {profile.name} runs on GPUs, which keep none")
         if args.input or args.output:
-            raise SystemExit("--warmup chooses its own --input (the bundled samples) and --output")
+            raise ValueError("--warmup chooses its own --input (the bundled samples) and --output")
         return [warmup.samples_glob(deployment)], warmup.output_location(deployment, now), warmup.WARMUP_WORKERS
     if not args.input or not args.output:
-        raise SystemExit("--input and --output are required (or --warmup)")
+        raise ValueError("--input and --output are required (or --warmup)")
     return args.input, args.output, Workers.batch(args.max_workers or profile.max_workers)
 
 
@@ -93,13 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Beam logs every step of graph construction at INFO: noise around the command this prints.
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     args, extra = parse_args(argv)
-    profile = get_profile(args.profile)
-    deployment = deployment_from_args(args)
     now = datetime.datetime.now(datetime.timezone.utc)
-    inputs, output, workers = job_inputs(args, deployment, profile, now)
-    user_args = [*(f"--input={pattern}" for pattern in inputs), f"--output={output}", f"--model={args.model}", *extra]
-    job_name = timestamped_job_name(profile, now, purpose="warmup" if args.warmup else "run")
     try:
+        profile = get_profile(args.profile)
+        deployment = deployment_from_args(args)
+        inputs, output, workers = job_inputs(args, deployment, profile, now)
+        user_args = [*(f"--input={pattern}" for pattern in inputs), f"--output={output}", f"--model={args.model}", *extra]
+        job_name = timestamped_job_name(profile, now, purpose="warmup" if args.warmup else "run")
         # The job's own options, refused here as the pipeline's command line refuses them: without it a
         # misspelt `--max_token ocr=512` was launched and silently ran with the default budget.
         parse_pipeline_args(user_args)

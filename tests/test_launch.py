@@ -250,6 +250,7 @@ def test_dry_run_builds_the_dataflow_graph_offline_and_prints_the_command(monkey
         (["--vision_tokens", "100"], "--vision_tokens: invalid choice: 100"),
         (["--tasks", "captions"], "unknown task 'captions'"),
         (["--vision_tokens", "560"], "vision_tokens 560; at most 280"),  # the launch profile's own refusal
+        (["--profile", "tpu-v6e-9"], "unknown launch profile 'tpu-v6e-9'"),
     ],
 )
 def test_submit_refuses_a_mistaken_job_option_in_one_line_before_building_anything(monkeypatch, tmp_path, capsys, extra,
@@ -285,10 +286,10 @@ def test_warmup_dry_run_uses_the_bundled_samples_on_one_worker(monkeypatch, tmp_
     assert "--max_num_workers=1" in out and "--autoscaling_algorithm=NONE" in out
 
 
-def test_warmup_is_refused_for_gpu_profiles(monkeypatch, tmp_path):
+def test_warmup_is_refused_for_gpu_profiles(monkeypatch, tmp_path, capsys):
     go_offline(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit, match="runs on GPUs"):
-        submit.main(["--profile", "gpu-h100", f"--model={MODEL}", *DEPLOYMENT_FLAGS, "--warmup", "--dry-run"])
+    assert submit.main(["--profile", "gpu-h100", f"--model={MODEL}", *DEPLOYMENT_FLAGS, "--warmup", "--dry-run"]) == 2
+    assert "runs on GPUs" in capsys.readouterr().err
 
 
 def test_date_placeholder_becomes_the_launch_date():
