@@ -313,7 +313,7 @@ class VisionEngine:
             return
         finally:
             ready.set()
-        if self.settings.engine_core_process:
+        if self.settings.engine_core_process and self.settings.host_feeders == 1:  # a host client watches its own core
             threading.Thread(target=self._watch_engine_core, name="vllm-core-watch", daemon=True).start()
         self._step_loop()
 
@@ -438,8 +438,10 @@ class VisionEngine:
         running: dict[str, _Request] = {}
         while True:
             if self._stop_reason is not None:
-                self._engine.abort_request(list(running))
-                self._fail_all(running, EngineStopped(self._stop_reason))
+                try:
+                    self._engine.abort_request(list(running))
+                finally:  # the futures end even if the engine cannot abort: their bundles must not wait forever
+                    self._fail_all(running, EngineStopped(self._stop_reason))
                 return
             try:
                 if not running:

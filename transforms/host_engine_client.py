@@ -54,7 +54,7 @@ class HostEngineClient:
             raise
         self.renderer = self._llm.renderer
         self.model_config = self._llm.model_config
-        self.engine_core = _Detach(self)  # what VisionEngine.close() shuts down: this client, not the shared core
+        self.engine_core = self  # what VisionEngine.close() shuts down: this client, not the shared core
         threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
 
     async def _connect(self, vllm_config: Any) -> Any:
@@ -93,6 +93,11 @@ class HostEngineClient:
         if self._dead is not None:
             raise EngineDeadError(str(self._dead))
         self._call(self._add(request_id, prompt, params))
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        """Cancel running requests in the core (a stopped run), as LLMEngine.abort_request does in-process."""
+        if self._dead is None:
+            self._call(self._llm.abort(request_ids))
 
     async def _add(self, request_id: str, prompt: Any, params: Any) -> None:
         collector = await self._llm.add_request(request_id, prompt, params)
@@ -157,13 +162,3 @@ class HostEngineClient:
 
     async def _shutdown(self) -> None:
         self._llm.shutdown()
-
-
-class _Detach:
-    """`engine_core` as VisionEngine.close() sees it: for a client, shutting it down detaches the client."""
-
-    def __init__(self, client: HostEngineClient):
-        self._client = client
-
-    def shutdown(self) -> None:
-        self._client.shutdown()
