@@ -51,13 +51,13 @@ def grouped(records: Sequence[TaskRecord], budgets: Mapping[str, int]) -> list[T
 
 
 def measure(raw: Mapping[str, Any], budgets: Mapping[str, int], suffix_tokens: Mapping[str, int]) -> dict[str, Any]:
-    records = [TaskRecord(*r) for r in raw["records"]]
-    result = from_records("b", raw["items"], grouped(records, budgets), suffix_tokens, wall_s=raw["wall_s"],
+    records = grouped([TaskRecord(*r) for r in raw["records"]], budgets)
+    result = from_records("b", raw["items"], records, suffix_tokens, wall_s=raw["wall_s"],
                           busy_s=raw.get("busy_s"), peak_rss_bytes=raw["peak_rss_bytes"], cpu_s=raw.get("cpu_s"))
     figures = result.figures()
     if result.reuse is not None and not result.reuse.shareable_tokens:
         figures["prefix_reuse_ratio"] = None  # no group of two or more tasks: nothing to share
-    groups = len({r.image for r in grouped(records, budgets)})
+    groups = len({r.image for r in records})
     return {**{key: figures[key] for key in _FIGURES}, "items": raw["items"], "prefix_groups_per_image": round(groups / raw["items"], 2),
             "computed_prompt_tokens_per_image": round(figures["computed_prompt_tokens"] / raw["items"], 1),
             "task_errors": raw.get("task_errors", 0)}

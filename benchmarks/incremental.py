@@ -41,7 +41,6 @@ from benchmarks.measure import load_average, machine
 from benchmarks.workload import STREAMING_KV_BYTES, STREAMING_MAX_TOKENS, cached_directory, make_images
 from schemas.tables import RESULTS_SCHEMA
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 _LOG = logging.getLogger("benchmarks.incremental")
 
 # The last commit with the side-input design (transforms/incremental.py's ReadDoneKeys + SelectTasks).
@@ -53,10 +52,10 @@ RUN_TIMEOUT_S = 3 * 3600
 
 def baseline_tree(workdir: pathlib.Path, ref: str) -> pathlib.Path:
     """A snapshot of `ref` (git archive), to run the replaced design's own code."""
-    commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=report.REPO, check=True, capture_output=True, text=True).stdout.strip()
 
     def build(staging: pathlib.Path) -> None:
-        archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
+        archive = subprocess.run(["git", "archive", commit], cwd=report.REPO, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(staging)], input=archive, check=True)
 
     return cached_directory(workdir / f"tree-{commit[:12]}", build)
@@ -140,13 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = args.workdir / started.strftime("run-%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True)
     images = make_images(args.workdir, args.items, seed=7, max_side=256)
-    trees = {"join": REPO}
+    trees = {"join": report.REPO}
     if "side-input" in designs:
         trees["side-input"] = baseline_tree(args.workdir, args.baseline)
 
     # The run without history: the reference for the RSS goal, and the real rows the history replicates.
     _LOG.info("run without history")
-    plain = measured_run(pipeline_command(images, run_dir / "plain", None), REPO, run_dir / "plain.log")
+    plain = measured_run(pipeline_command(images, run_dir / "plain", None), report.REPO, run_dir / "plain.log")
     plain = checked(plain, run_dir / "plain", {"skipped_items": 0, "skipped_tasks": 0})
     if "error" in plain:
         raise SystemExit(f"the run without history failed ({plain['error']}); see {run_dir / 'plain.log'}")

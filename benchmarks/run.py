@@ -45,7 +45,6 @@ from benchmarks.workload import (
 )
 from pipelines.options import parse_engine_args
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 _LOG = logging.getLogger("benchmarks")
 
 
@@ -100,7 +99,7 @@ def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: 
     command = [sys.executable, "-m", "benchmarks.variants", variant, str(out_dir / "spec.json"), str(out_dir / "result.json")]
     started = time.monotonic()
     with open(out_dir / "log.txt", "w") as log:
-        code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        code = subprocess.run(command, cwd=report.REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(environment or {})}).returncode
     _LOG.info("%s finished in %.0f s (exit %d)", variant, time.monotonic() - started, code)
     if code != 0:
