@@ -209,8 +209,11 @@ def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engin
     return f"{deployment.xla_cache_root()}/{re.sub(r'[^A-Za-z0-9._-]', '_', version)}/{engine.name}-{digest}"
 
 
-def profile_pipeline_args(profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]) -> list[str]:
-    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, TPU cache)."""
+def profile_pipeline_args(
+    profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]
+) -> tuple[list[str], engine_profiles.EngineProfile]:
+    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, TPU cache),
+    and the engine profile the workers will run."""
     base = [f"--engine_profile={profile.engine_profile}", *user_args]
     engine = effective_engine(profile, base)
     decided = [f"--vision_tokens={engine.vision_tokens}"] if engine.vision_tokens else []
@@ -218,7 +221,7 @@ def profile_pipeline_args(profile: LaunchProfile, deployment: Deployment, user_a
     if profile.platform == TPU:
         # XLA programs compiled at engine start (~30 min for 26B/31B): reused from GCS (VLLM_XLA_CACHE_PATH).
         decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}")
-    return [*base, *decided]
+    return [*base, *decided], engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +238,6 @@ class Launch:
 def plan_launch(
     profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str, user_args: Sequence[str]
 ) -> Launch:
-    pipeline_args = profile_pipeline_args(profile, deployment, user_args)
-    host_feeders = PipelineOptions(pipeline_args).view_as(VisionBatchOptions).host_feeders
-    settings = job_settings(profile, deployment, workers, job_name, host_feeders)
+    pipeline_args, engine = profile_pipeline_args(profile, deployment, user_args)
+    settings = job_settings(profile, deployment, workers, job_name, engine.host_feeders)
     return Launch(settings, tuple(pipeline_args))
