@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 from apache_beam.io.filesystems import FileSystems
 
 SLIDING = "sliding_attention"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,11 @@ class CheckpointShape:
     # Image soft tokens per image when a request sets no budget: vision_config's default_output_length
     # (vision-tower models, read by vllm gemma4_mm.py) or num_soft_tokens (the unified 12B); None if absent.
     vision_tokens: Optional[int] = None
+    stored_dtype_bytes: int = 2  # bytes per weight in the files (config "dtype"; Gemma 4 ships bfloat16)
+
+    def weight_bytes_at(self, dtype_bytes: int) -> int:
+        """What the weights take in memory once loaded at `dtype_bytes` per weight (vLLM casts on load)."""
+        return self.weight_bytes * dtype_bytes // self.stored_dtype_bytes
 
     def kv_bytes_per_sequence(self, tokens: int, dtype_bytes: int, windowed: bool) -> int:
         """KV bytes of one sequence of `tokens` tokens.
@@ -76,6 +82,7 @@ class CheckpointShape:
             per_layer_embeddings=int(text.get("hidden_size_per_layer_input") or 0) > 0,
             weight_bytes=weight_bytes,
             vision_tokens=vision.get("default_output_length") or vision.get("num_soft_tokens"),
+            stored_dtype_bytes=DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "bfloat16", 2),
         )
 
     @staticmethod
@@ -87,17 +94,3 @@ class CheckpointShape:
         [matched] = FileSystems.match([f"{root}/*.safetensors"])
         return CheckpointShape.from_config(config, sum(meta.size_in_bytes for meta in matched.metadata_list))
 
-
-def machine_memory_bytes() -> int:
-    """Memory this process may use: physical memory, or the cgroup's limit when lower."""
-    import os
-
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit: Optional[int] = None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as handle:
-            text = handle.read().strip()
-        limit = int(text) if text.isdigit() else None
-    except OSError:
-        pass
-    return min(physical, limit) if limit else physical

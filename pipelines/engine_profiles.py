@@ -13,7 +13,8 @@ import dataclasses
 import logging
 from typing import Any, Mapping, Optional
 
-from pipelines.checkpoint_shape import CheckpointShape, machine_memory_bytes
+from pipelines.checkpoint_shape import DTYPE_BYTES, CheckpointShape
+from pipelines.machine import CpuInfo, cpu_dtype, machine_memory_bytes, read_cpu
 
 MiB = 2**20
 GiB = 2**30
@@ -199,10 +200,9 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     # Detection JSON constrained by schema; without disable_any_whitespace a
     # random model pads whitespace until max_tokens.
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-    # bf16 (also vLLM's CPU default): measured 4.0 vs 2.6 tasks/s for fp32 on the
-    # 138 M-param bench checkpoint on a 2-core AVX2 box (decode is memory-bound); re-measured
-    # 2.9 vs 1.9 tasks/s on a 2-core AVX-512-BF16 box (benchmarks/tuning.json).
-    "dtype": "bfloat16",
+    # Placeholder: fit_to_cpu sets bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX),
+    # else float32 (pipelines/machine.py, with the measurements; BENCHMARKS.md "CPU dtype").
+    "dtype": None,
     # Reproducible sampling across reruns.
     "seed": 0,
     # No weight-loading progress bar in a local run's log (pipelines/logs.py): vLLM passes
@@ -409,7 +409,7 @@ def resolve(
     """The named profile, fitted to `checkpoint` when given, with single engine arguments overridden."""
     if name not in PROFILES:
         raise ValueError(f"unknown engine profile {name!r}; choose from {sorted(PROFILES)}")
-    profile = PROFILES[name]
+    profile = fit_to_cpu(PROFILES[name], (overrides or {}).get("dtype"))
     if checkpoint is not None:
         profile = fit_to_checkpoint(profile, checkpoint)
     elif profile.limits is not None and profile.limits.size_from_memory:
@@ -417,6 +417,26 @@ def resolve(
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})
+
+
+def fit_to_cpu(profile: EngineProfile, dtype: Optional[str] = None, cpu: Optional[CpuInfo] = None) -> EngineProfile:
+    """A CPU profile (its dtype a placeholder) with the dtype this machine runs fastest, or `dtype` when given.
+
+    cpu-tiny's fixed KV pool was measured in bfloat16 (2 bytes a value); in float32 it is doubled, so
+    it holds the same tokens. Saying bfloat16 where the CPU has no native bf16 is allowed (one warning):
+    vLLM then falls back to slow kernels.
+    """
+    if "dtype" not in profile.engine_args or profile.engine_args["dtype"] is not None:
+        return profile  # an accelerator profile: its dtype is the checkpoint's
+    cpu = cpu or read_cpu()
+    chosen = dtype or cpu_dtype(cpu)
+    if chosen == "bfloat16" and not cpu.native_bf16:
+        _LOG.warning("dtype bfloat16 asked for, but %s: vLLM falls back to slower kernels; float32 is this "
+                     "machine's default (drop --engine_arg dtype=bfloat16)", cpu.describe())
+    args = {**profile.engine_args, "dtype": chosen}
+    if args.get("kv_cache_memory_bytes"):
+        args["kv_cache_memory_bytes"] = args["kv_cache_memory_bytes"] * DTYPE_BYTES.get(chosen, 2) // 2
+    return dataclasses.replace(profile, engine_args=args)
 
 
 def shared_by_feeders(profile: EngineProfile, host_feeders: int) -> EngineProfile:
@@ -492,16 +512,20 @@ def fit_to_checkpoint(profile: EngineProfile, checkpoint: CheckpointShape, memor
 
 def _size_kv(profile: EngineProfile, args: Mapping[str, Any], checkpoint: CheckpointShape, memory: int) -> tuple[int, int]:
     """(max_num_seqs, kv_cache_memory_bytes): full-length sequences that fit beside the weights, at most 64."""
+    dtype_bytes = DTYPE_BYTES.get(args.get("dtype") or "bfloat16", 2)  # weights and KV ("auto" KV: the model's dtype)
     per_sequence = checkpoint.kv_bytes_per_sequence(
-        args["max_model_len"], dtype_bytes=2, windowed=not args.get("disable_hybrid_kv_cache_manager", False)
-    )  # bf16 KV
-    free = memory - checkpoint.weight_bytes - _CPU_PROCESS_BYTES
+        args["max_model_len"], dtype_bytes=dtype_bytes, windowed=not args.get("disable_hybrid_kv_cache_manager", False)
+    )
+    weights = checkpoint.weight_bytes_at(dtype_bytes)
+    free = memory - weights - _CPU_PROCESS_BYTES
     if free < per_sequence:
         raise CheckpointRefused(
-            f"engine profile {profile.name}: this checkpoint needs {checkpoint.weight_bytes / GiB:.1f} GiB of weights, "
+            f"engine profile {profile.name}: this checkpoint needs {weights / GiB:.1f} GiB of weights "
+            f"in {args.get('dtype')}, "
             f"{_CPU_PROCESS_BYTES / GiB:.0f} GiB for the process and {per_sequence / MiB:.0f} MiB of KV per "
             f"{args['max_model_len']}-token sequence; this machine has {memory / GiB:.1f} GiB. Use a smaller "
-            f"checkpoint (Gemma 4 E2B), a larger machine, or --engine_arg max_model_len=N."
+            f"checkpoint (Gemma 4 E2B), a larger machine, --engine_arg max_model_len=N"
+            + (", or --engine_arg dtype=bfloat16 (half the memory, slower on this CPU)." if dtype_bytes == 4 else ".")
         )
     seqs = max(1, min(_CPU_MAX_SEQS, free // 2 // per_sequence))  # at most half the free memory for KV
     return seqs, seqs * per_sequence
