@@ -5,6 +5,8 @@ weights' text is never asserted, only what the pipeline guarantees for any answe
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 
 import pyarrow.parquet as pq
@@ -65,7 +67,7 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
     from an answer.
     """
     from vllm import LLM
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     from pipelines.checkpoint_shape import CheckpointShape
     from pipelines.engine_profiles import resolve
@@ -85,6 +87,19 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
     kept, dropped = (llm.generate(["<bos>hello"], params)[0].outputs[0] for params in (ours, default))
     assert kept.text and set(kept.text.replace("<|channel>", "").replace("<channel|>", "")) == set()
     assert len(kept.token_ids) == len(dropped.token_ids) > 0 and dropped.text == ""
+
+    # A schema-constrained request with thinking off bans the markers (engine.sampling_params): the same
+    # choice between the markers and one ordinary token now always takes the ordinary one.
+    constrained = dataclasses.replace(settings, structured_output=True)
+    banned = sampling_params(BUILTIN_TASKS["detect"].request(ItemValues(None)), constrained, None, markers)
+    assert banned.logit_bias == {markers[0]: -100.0, markers[1]: -100.0}
+    thinking = dataclasses.replace(constrained, thinking=True)
+    assert sampling_params(BUILTIN_TASKS["detect"].request(ItemValues(None)), thinking, None, markers).logit_bias is None
+    ordinary = llm.get_tokenizer().convert_tokens_to_ids("a")
+    probe = SamplingParams(max_tokens=6, temperature=0.0, allowed_token_ids=[*markers, ordinary],
+                           logit_bias=banned.logit_bias, skip_special_tokens=False)
+    free = llm.generate(["<bos>hello"], probe)[0].outputs[0]
+    assert free.token_ids and set(free.token_ids) == {ordinary}
 
 
 def test_thinking_on_the_cpu_profile_keeps_thoughts_out_of_answers(tmp_path, private_model_cache):

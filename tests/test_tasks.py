@@ -13,7 +13,7 @@ from pipelines.options import JobConfig, UsageError
 from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
 from transforms.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
-from transforms.parse import DetectionParseError, NoJSONDocument, SchemaMismatch
+from transforms.parse import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
 from transforms.prompts import THINKING_BUDGET, Sampling
 from transforms import task_file
 from transforms.task_file import TaskFileError, parse_task_file
@@ -137,8 +137,32 @@ def test_json_answers_that_do_not_validate_name_the_schemas_complaint():
         task.parse('{"total": 3}', 1, 1, False)
     with pytest.raises(SchemaMismatch, match="NaN or Infinity"):
         task.parse('{"number": "A-7", "total": Infinity}', 1, 1, False)  # Python reads it; JSON has no Infinity
-    with pytest.raises(NoJSONDocument, match="cut off by max_tokens"):
-        task.parse('{"number": "A-', 1, 1, True)
+    with pytest.raises(NoJSONDocument, match="no JSON document"):
+        task.parse('The invoice', 1, 1, False)
+
+
+@pytest.mark.parametrize("answer, where", [
+    # The answer of issue 25: a JSON string holding "[]" cut off by the limit. Without the cut-off rule
+    # the complaint was the schema's about that inner list: "[] is not of type 'object'".
+    ('{"number": "A-7 [] and', "inside a string"),
+    ('{"number": "A-7", "total": 12', "inside a number"),
+    ('{"number": "A-7", ', "inside an object"),
+    ('[1, 2, ', "inside a list"),
+    ("The invoice number is", "before any JSON began"),
+])
+def test_an_answer_cut_off_by_max_tokens_says_so_and_names_the_option(answer, where):
+    with pytest.raises(CutOffAnswer) as error:
+        json_task().parse(answer, 1, 1, True)
+    assert str(error.value) == (f"answer cut off at max_tokens=512 {where}; raise this task's max_tokens "
+                                "(--max_tokens invoice=N, or max_tokens in the task file)")
+
+
+def test_a_cut_off_boxes_answer_says_so_unless_complete_boxes_survive():
+    detect = BUILTIN_TASKS["detect"]
+    with pytest.raises(CutOffAnswer, match=rf"max_tokens={detect.max_tokens} before any JSON began"):
+        detect.parse("The image shows a cat sitting on", 100, 100, True)
+    kept = detect.parse('[{"box_2d": [1, 2, 300, 400], "label": "a"}, {"box_2d": [5', 100, 100, True)
+    assert [d.label for d in kept.detections] == ["a"]
 
 
 def test_a_cut_off_list_keeps_its_complete_elements_only_when_the_schema_asks_for_a_list():
@@ -147,7 +171,7 @@ def test_a_cut_off_list_keeps_its_complete_elements_only_when_the_schema_asks_fo
     assert json.loads(json_task(items).parse(cut, 1, 1, True).data) == [{"sku": "a"}, {"sku": "b"}]
     with pytest.raises(SchemaMismatch):
         json_task(items).parse(cut, 1, 1, False)  # not cut off by the limit: an element is broken, not missing
-    with pytest.raises(SchemaMismatch):
+    with pytest.raises(CutOffAnswer, match="inside a string"):  # what survives is too short: the limit's fault
         json_task({"type": "array", "items": {"type": "object"}, "minItems": 3}).parse(cut, 1, 1, True)
 
 

@@ -37,7 +37,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 from PIL import Image
 
 from transforms.model_staging import stage_checkpoint
-from transforms.prompts import Sampling, render_prompt, sampling_kwargs
+from transforms.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
 # Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
@@ -135,20 +135,33 @@ def _quiet_per_request_warnings() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
-def sampling_params(request: EngineRequest, settings: EngineSettings, model_defaults: Optional[Mapping[str, Any]] = None) -> Any:
+def sampling_params(
+    request: EngineRequest, settings: EngineSettings, model_defaults: Optional[Mapping[str, Any]] = None,
+    thought_marker_ids: Sequence[int] = (),
+) -> Any:
     """`vllm.SamplingParams` for one request (the benchmarks' peer designs send exactly these too).
 
     `model_defaults` are the checkpoint's generation-config sampling values
     (vLLM applies them only to the requests its own server builds).
+    `thought_marker_ids`: the token ids of `<|channel>`/`<channel|>`. With
+    thinking off they are banned from schema-constrained answers: xgrammar
+    lets a JSON string hold any token that decodes to allowed characters,
+    special tokens included (measured: the tiny random model wrote
+    `<tool_call|>`, `<mask>` into box labels), and a thought marker inside
+    a label would split the answer at it (`transforms.parse.split_answer`)
+    and break the JSON. No effect on a model that never writes them there.
     """
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-    structured = None
+    structured, bias = None, None
     if request.json_schema is not None and settings.structured_output:
         structured = StructuredOutputsParams(json=dict(request.json_schema))
+        if not settings.thinking and thought_marker_ids:
+            bias = {token: -100.0 for token in thought_marker_ids}  # -100: the API's floor, never picked
     return SamplingParams(
         **sampling_kwargs(request.sampling, request.max_tokens, settings.seed, model_defaults),
         structured_outputs=structured,
+        logit_bias=bias,
         output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
         # Keep <|channel>/<channel|>/<turn|> in the text: vLLM's default (True) deletes them, and a
         # thought the model emits could then no longer be told from its answer (transforms/parse.py).
@@ -288,7 +301,12 @@ class VisionEngine:
         if self._engine is None:
             raise RuntimeError(f"vLLM engine for {settings.model_path} failed to start") from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
-        self._apply_chat_template = self._engine.get_tokenizer().apply_chat_template
+        tokenizer = self._engine.get_tokenizer()
+        self._apply_chat_template = tokenizer.apply_chat_template
+        self._thought_marker_ids = [
+            token for token in tokenizer.convert_tokens_to_ids([THOUGHT_START, THOUGHT_END])
+            if token is not None and token != tokenizer.unk_token_id
+        ]
         self._renderer = RequestRenderer(self._engine.renderer, self._engine.model_config)
         # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
@@ -380,7 +398,7 @@ class VisionEngine:
             except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
                 future.set_exception(exc)
                 continue
-            params = sampling_params(request, self.settings, self._model_defaults)
+            params = sampling_params(request, self.settings, self._model_defaults, self._thought_marker_ids)
             group.append(_Request(f"r{next(self._ids)}", prompt, params, future))
         if not group:
             return futures

@@ -27,13 +27,12 @@ from schemas.records import Detection, RunInfo, Stage, TaskCompletion
 from schemas.tables import result_row
 from transforms import metrics
 from transforms.errors import task_failure
+from transforms.prompts import THOUGHT_END, THOUGHT_START
 
 if TYPE_CHECKING:
     from transforms.tasks import Task
 
 # Gemma 4's thought-channel markers (special tokens, kept in the engine's text).
-_THOUGHT_START = "<|channel>"
-_THOUGHT_END = "<channel|>"
 _CODE_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _JSON_START = re.compile(r"[\[{]")
 _BOX_LIST_START = re.compile(r"\[\s*\{")
@@ -53,6 +52,10 @@ class NoJSONDocument(AnswerError):
 
 class SchemaMismatch(AnswerError):
     """A JSON document that does not validate against its task's schema."""
+
+
+class CutOffAnswer(AnswerError):
+    """An answer that its output limit (`max_tokens`) cut off before it held a usable document."""
 
 
 class NoJSONFound(ValueError):
@@ -83,12 +86,12 @@ def split_answer(raw: str) -> Answer:
     parsed = parse_thinking_output(raw)
     thoughts = [parsed["thinking"]]
     answer = parsed["answer"] or ""
-    while _THOUGHT_START in answer or _THOUGHT_END in answer:
-        start, end = answer.find(_THOUGHT_START), answer.find(_THOUGHT_END)
+    while THOUGHT_START in answer or THOUGHT_END in answer:
+        start, end = answer.find(THOUGHT_START), answer.find(THOUGHT_END)
         # Text before a further block's start marker is answer; before a lone end marker, thought (as vLLM reads it).
         cut = start if start != -1 and (end == -1 or start < end) else 0
         head, block = answer[:cut].strip(), answer[cut:]
-        again = parse_thinking_output(block if _THOUGHT_END in block else block + _THOUGHT_END)
+        again = parse_thinking_output(block if THOUGHT_END in block else block + THOUGHT_END)
         thoughts.append(again["thinking"])
         answer = " ".join(part for part in (head, again["answer"] or "") if part)
     thought = "\n\n".join(t for t in thoughts if t)
@@ -148,6 +151,44 @@ def salvage_json_list(text: str, start: int) -> list[Any]:
             break  # the cut-off element
         items.append(item)
     return items
+
+
+def cut_off_position(text: str) -> str:
+    """Where a JSON text that stops mid-way stopped: "inside a string", "inside an object", ... (pure).
+
+    Read from the first `[` or `{` on, as a JSON scanner would: strings (with escapes) and the
+    nesting of objects and lists. Tells a user of a cut-off answer what the limit interrupted.
+    """
+    start = _JSON_START.search(text)
+    if start is None:
+        return "before any JSON began"
+    stack: list[str] = []
+    in_string = escaped = False
+    last = ""
+    for char in text[start.start():]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            stack.append(char)
+        elif char in "]}" and stack:
+            stack.pop()
+        if not char.isspace():
+            last = char
+    if in_string:
+        return "inside a string"
+    if last and (last.isdigit() or last in "-.eE+"):
+        return "inside a number"
+    if not stack:
+        return "after a complete JSON value"
+    return "inside an object" if stack[-1] == "{" else "inside a list"
 
 
 def _is_box_list(value: Any) -> bool:

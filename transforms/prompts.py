@@ -27,6 +27,11 @@ VISION_TOKEN_BUDGETS: tuple[int, ...] = (70, 140, 280, 560, 1120)
 # "length", an empty text), so the budget errs large; --max_tokens still sets the answer's share.
 THINKING_BUDGET = 1024
 
+# Gemma 4's thought-channel markers as they decode (vllm/reasoning/gemma4_utils.py). An answer is split
+# at them (transforms/parse.py); with thinking off they have no place in an answer (see engine.py).
+THOUGHT_START = "<|channel>"
+THOUGHT_END = "<channel|>"
+
 SYSTEM_PROMPT = (
     "You are a meticulous document and image analyst. "
     "Answer only with what the task asks for, without preamble."

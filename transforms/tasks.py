@@ -31,7 +31,9 @@ from typing import Any, Mapping, Optional, Sequence
 from schemas.records import ParsedAnswer
 from transforms.engine import EngineRequest, EngineSettings
 from transforms.metadata import ItemValues
-from transforms.parse import parse_detections, parse_json_document, strip_code_fence
+from transforms.parse import (
+    AnswerError, CutOffAnswer, cut_off_position, parse_detections, parse_json_document, strip_code_fence,
+)
 from transforms.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
 
 # Task names end up in columns, metric names (`retries_<task>`) and command lines.
@@ -152,11 +154,21 @@ class Task:
     def parse(self, answer: str, width: int, height: int, truncated: bool) -> ParsedAnswer:
         """Typed output columns of an answer (thought already split off), or AnswerError."""
         text = strip_code_fence(answer)
-        if self.output is OutputKind.BOXES:
-            return ParsedAnswer(text=text, detections=tuple(parse_detections(answer, width, height, truncated)))
-        if self.output is OutputKind.JSON:
-            assert self.schema is not None
-            return ParsedAnswer(text=text, data=parse_json_document(answer, self.schema, truncated))
+        try:
+            if self.output is OutputKind.BOXES:
+                return ParsedAnswer(text=text, detections=tuple(parse_detections(answer, width, height, truncated)))
+            if self.output is OutputKind.JSON:
+                assert self.schema is not None
+                return ParsedAnswer(text=text, data=parse_json_document(answer, self.schema, truncated))
+        except AnswerError as exc:
+            if not truncated:
+                raise
+            # What the complaint would say about a fragment (e.g. a schema error about a list inside a
+            # cut string) misleads: the cause is the limit, and the fix is raising it.
+            raise CutOffAnswer(
+                f"answer cut off at max_tokens={self.max_tokens} {cut_off_position(answer)}; raise this task's "
+                f"max_tokens (--max_tokens {self.name}=N, or max_tokens in the task file)"
+            ) from exc
         return ParsedAnswer(text=text)
 
 
