@@ -15,6 +15,34 @@ import pytest
 from tests.gcs_emulator import gcs  # noqa: F401 - session fixture: a real local GCS server
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true",
+        help="the fast tier: every test that needs no vLLM engine (tests marked `engine` are deselected)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--fast"):
+        return
+    kept = [item for item in items if item.get_closest_marker("engine") is None]
+    config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("engine") is not None])
+    items[:] = kept
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --fast, an unmarked test that starts the engine in this process fails, naming the fix."""
+    if not request.config.getoption("--fast"):
+        return
+    from transforms import engine
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{request.node.nodeid} started the vLLM engine under --fast: mark it @pytest.mark.engine")
+
+    monkeypatch.setattr(engine.VisionEngine, "__init__", refuse)
 SAMPLES = REPO / "data" / "samples"
 
 # Small output budgets: tests check structure and accounting, not the random model's text.

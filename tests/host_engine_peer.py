@@ -4,14 +4,16 @@ Run as `python -m tests.host_engine_peer CHECKPOINT`; reads one JSON command per
 line on stdin, writes one JSON answer per line on stdout:
 
 - {"cmd": "attach"} -> {"pid", "core_pid", "slot"}, or {"error"} when the engine cannot start
-- {"cmd": "submit", "seed": S, "key": K, "tasks": [...], "max_tokens": N} -> {"submitted": n}
-  (an image of noise from seed S, its tasks queued without waiting)
+- {"cmd": "submit", "seed": S, "key": K, "tasks": [...], "max_tokens": N, "unending": B} -> {"submitted": n}
+  (an image of noise from seed S, its tasks queued without waiting; `unending`: each answer is
+  constrained to a 100,000-character string, so it runs to max_tokens whatever the random weights)
 - {"cmd": "collect", "timeout": T} -> {"results": [{"ok", "error", "prompt_tokens", "cached_tokens"}, ...]}
   (every request submitted since the last collect, settled within T seconds or reported as "timeout")
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import sys
@@ -54,6 +56,8 @@ def main(checkpoint: str) -> None:
             image = Image.effect_noise((320, 240), 64 + command["seed"]).convert("RGB")
             requests = [with_overrides(BUILTIN_TASKS[name], max_tokens=command["max_tokens"]).request(ItemValues(None))
                         for name in command["tasks"]]
+            if command.get("unending"):
+                requests = [dataclasses.replace(r, json_schema={"type": "string", "minLength": 100_000}) for r in requests]
             futures = ENGINES.acquire(engine_settings).submit(image, command["key"], requests)
             pending.extend(futures)
             answer = {"submitted": len(futures)}

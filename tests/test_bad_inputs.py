@@ -11,6 +11,8 @@ from tests import bad_corpus
 from tests.conftest import run_pipeline
 from tests.gcs_emulator import BUCKET
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 ARGS = ("--tasks", "caption", "--max_pages", str(bad_corpus.MAX_PAGES))
 
 

@@ -45,6 +45,7 @@ def rows(out: pathlib.Path, table: str = "results") -> list[dict]:
 
 # --- exit codes and the summary's state ------------------------------------------------------------------
 
+@pytest.mark.engine
 def test_exit_codes_and_state_per_outcome(cli, tmp_path, capsys):
     good = tmp_path / "good"
     copy_samples(good)
@@ -97,6 +98,7 @@ def test_usage_errors_exit_2_without_a_traceback_from_the_real_command():
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.engine
 def test_a_job_nobody_waits_for_fails_in_its_last_step(tmp_path):
     """Dataflow's case, on a runner this process does not report for: the summary step fails the job."""
     (tmp_path / "in").mkdir()
@@ -109,6 +111,7 @@ def test_a_job_nobody_waits_for_fails_in_its_last_step(tmp_path):
 
 # --- output safety --------------------------------------------------------------------------------------
 
+@pytest.mark.engine
 def test_a_rerun_into_the_same_folder_keeps_the_first_runs_rows(tmp_path):
     out = tmp_path / "out"
     first = run_pipeline("--input", str(SAMPLES / "receipt.png"), "--output", str(out), *CAPTION)
@@ -126,6 +129,7 @@ def test_a_rerun_into_the_same_folder_keeps_the_first_runs_rows(tmp_path):
     assert [r["source_uri"] for r in rows(out)] == [str(SAMPLES / "chart.webp")]
 
 
+@pytest.mark.engine
 def test_an_output_with_files_the_pipeline_did_not_write_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for extra in ([], ["--replace_output"]):
@@ -134,6 +138,7 @@ def test_an_output_with_files_the_pipeline_did_not_write_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.engine
 def test_nightly_pattern_skips_earlier_nights_and_never_reads_its_own_output(tmp_path):
     nightly = tmp_path / "nightly"
     first = run_pipeline("--input", str(SAMPLES), "--output", str(nightly / "d1"), *CAPTION, "--limit", "3",
@@ -155,6 +160,7 @@ def test_nightly_pattern_skips_earlier_nights_and_never_reads_its_own_output(tmp
     assert len(rows(d2)) == 8 - 3 and not list((d2 / "results").glob("beam-temp-*"))
 
 
+@pytest.mark.engine
 def test_results_written_with_as_typed_ids_still_count_as_history(tmp_path):
     """Result files from before ids were canonical carry the path as typed: incremental runs key on content, not ids."""
     old = tmp_path / "old"
@@ -172,6 +178,7 @@ def test_results_written_with_as_typed_ids_still_count_as_history(tmp_path):
 
 # --- inputs as people give them -------------------------------------------------------------------------
 
+@pytest.mark.engine
 def test_a_folder_means_its_files_minus_hidden_and_excluded(tmp_path):
     folder = tmp_path / "scans"
     (folder / "sub").mkdir(parents=True)
@@ -189,6 +196,7 @@ def test_a_folder_means_its_files_minus_hidden_and_excluded(tmp_path):
     assert sorted(r["item_id"] for r in rows(tmp_path / "out2")) == [f"{folder}/.git/c.png", f"{folder}/a.png"]
 
 
+@pytest.mark.engine
 def test_limit_takes_the_first_items_in_input_order(tmp_path):
     # data/samples: chart.webp, fax.tiff (2 pages), receipt.png, report.pdf (3 pages), shapes_rotated.jpg
     summary = run_pipeline("--input", str(SAMPLES), "--output", str(tmp_path / "out"), *CAPTION, "--limit", "4")
@@ -202,6 +210,7 @@ def test_limit_takes_the_first_items_in_input_order(tmp_path):
 
 # --- stable ids and redaction ---------------------------------------------------------------------------
 
+@pytest.mark.engine
 def test_ids_are_the_same_from_relative_and_dotdot_paths_and_manifests(tmp_path, monkeypatch):
     data = tmp_path / "data"
     copy_samples(data)
@@ -215,6 +224,7 @@ def test_ids_are_the_same_from_relative_and_dotdot_paths_and_manifests(tmp_path,
     assert got == [(f"{data}/chart.webp",) * 2, (f"{data}/receipt.png",) * 2]
 
 
+@pytest.mark.engine
 def test_a_password_in_a_uri_is_never_written(cli, tmp_path, capsys):
     secret = "hunter2-s3cr3t"
     manifest = tmp_path / "m.txt"

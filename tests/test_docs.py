@@ -8,6 +8,8 @@ import pytest
 
 from scripts import check_docs
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DOC_FILES = check_docs.doc_files(REPO)
 

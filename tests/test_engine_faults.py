@@ -4,8 +4,11 @@ from __future__ import annotations
 import collections
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import copy_samples, run_pipeline
+
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 
 
 def test_unparseable_detections_climb_the_retry_ladder_then_become_errors(tmp_path):

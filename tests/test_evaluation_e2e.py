@@ -9,12 +9,16 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 from evaluation.storage import write_references
 from evaluation.text_render import write_rendered_set
 from pipelines import baselines as baselines_cli
 from pipelines import evaluate
 from tests.conftest import run_pipeline
 from tests.evaluation_data import PARAGRAPHS, small_layout
+
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 
 
 def test_evaluating_the_tiny_model_beside_tesseract(tmp_path, private_model_cache, capsys):

@@ -94,6 +94,7 @@ TRANSIENT = [
 ]
 
 
+@pytest.mark.engine
 def test_transient_faults_everywhere_leave_a_complete_balanced_run(gcs, faulty, inputs, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("VISION_BATCH_MODEL_DIR", str(tmp_path / "staged"))  # stage the weights through the faults
     model = gcs.upload(tiny_checkpoint, f"{ROOT}/models/transient")
@@ -145,6 +146,7 @@ def assert_nothing_left(gcs, output: str) -> None:
     assert objects(gcs, output) == [], "a failed run left files behind"
 
 
+@pytest.mark.engine
 def test_input_that_stays_unreadable_fails_the_run_naming_it(gcs, faulty, inputs, capsys):
     output = f"{ROOT}/runs/unreadable-input"
     faulty.set_rules([Rule("read", "503", object_contains="/listed/report.pdf")])
@@ -156,6 +158,7 @@ def test_input_that_stays_unreadable_fails_the_run_naming_it(gcs, faulty, inputs
     assert_nothing_left(gcs, output)
 
 
+@pytest.mark.engine
 def test_finalisation_failing_after_one_table_is_published_removes_it(gcs, faulty, inputs, capsys):
     output = f"{ROOT}/runs/half-finalised"
     # Both tables are renamed into place by batch copy + delete; only the errors table's copy keeps failing.
@@ -168,6 +171,7 @@ def test_finalisation_failing_after_one_table_is_published_removes_it(gcs, fault
     assert_nothing_left(gcs, output)
 
 
+@pytest.mark.engine
 def test_summary_that_cannot_be_written_fails_the_run_and_unpublishes_the_tables(gcs, faulty, inputs, capsys):
     output = f"{ROOT}/runs/no-summary"
     faulty.set_rules([Rule("write-start", "reset", object_contains="/no-summary/run_summary.json")])
@@ -178,6 +182,7 @@ def test_summary_that_cannot_be_written_fails_the_run_and_unpublishes_the_tables
     assert_nothing_left(gcs, output)
 
 
+@pytest.mark.engine
 def test_model_weights_that_stay_unreadable_fail_the_run_naming_them(gcs, faulty, inputs, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     staged = tmp_path / "staged"
     monkeypatch.setenv("VISION_BATCH_MODEL_DIR", str(staged))
@@ -191,6 +196,7 @@ def test_model_weights_that_stay_unreadable_fail_the_run_naming_them(gcs, faulty
     assert_nothing_left(gcs, output)
 
 
+@pytest.mark.engine
 def test_budget_reaches_separate_worker_processes(gcs, faulty, inputs, capsys):
     """Workers are other processes (other VMs on Dataflow): the budget travels in the pipeline options."""
     output = f"{ROOT}/runs/multi-process"

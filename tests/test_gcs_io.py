@@ -61,6 +61,7 @@ def first_run(gcs, bucket_inputs):
     return summary, output
 
 
+@pytest.mark.engine
 def test_gs_to_gs_with_mixed_shards(gcs, first_run, bucket_inputs):
     summary, output = first_run
     results = read_gs(gcs, output, "results").to_pylist()
@@ -88,6 +89,7 @@ def test_gs_to_gs_with_mixed_shards(gcs, first_run, bucket_inputs):
     assert json.loads(summary_blob)["counts"]["result_rows"] == len(results)
 
 
+@pytest.mark.engine
 def test_incremental_rerun_writes_nothing_new(gcs, first_run, bucket_inputs):
     _, first = first_run
     output = f"{ROOT}/runs/second"
@@ -101,6 +103,7 @@ def test_incremental_rerun_writes_nothing_new(gcs, first_run, bucket_inputs):
     assert read_gs(gcs, output, "errors").num_rows == EXPECTED_ERRORS
 
 
+@pytest.mark.engine
 def test_incremental_reprocesses_a_new_prompt_version_or_model(gcs, first_run, bucket_inputs, monkeypatch):
     _, first = first_run
     scans = ["--input", f"{bucket_inputs}/scans/receipt.png", "--incremental_from", first, "--incremental_from", f"{ROOT}/runs/never"]
@@ -113,6 +116,7 @@ def test_incremental_reprocesses_a_new_prompt_version_or_model(gcs, first_run, b
     assert summary["counts"]["skipped_tasks"] == 0 and summary["counts"]["result_rows"] == 3
 
 
+@pytest.mark.engine
 def test_model_weights_from_gs_are_staged_once(gcs, tiny_checkpoint, bucket_inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("VISION_BATCH_MODEL_DIR", str(tmp_path / "staged"))
     model_uri = gcs.upload(tiny_checkpoint, f"{ROOT}/models/tiny-gemma4")
@@ -131,6 +135,7 @@ def test_model_weights_from_gs_are_staged_once(gcs, tiny_checkpoint, bucket_inpu
     assert (staged / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
 
 
+@pytest.mark.engine
 def test_multi_process_run_matches_single_process(gcs, first_run, bucket_inputs):
     output = f"{ROOT}/runs/multi"
     run_pipeline(*input_args(bucket_inputs), "--output", output,

@@ -18,6 +18,8 @@ from tests.conftest import SAMPLES, run_pipeline
 from transforms.builtin_tasks import DEFAULT_TASKS
 from transforms.prompts import prompt_version
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 ITEMS = ("receipt.png", "chart.webp")
 MARKERS = ("<|channel>", "<channel|>", "<turn|>")
 

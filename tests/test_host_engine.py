@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import REPO, copy_samples, run_pipeline
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 # Generous: two peers import vLLM and one starts the engine core on a 2-core box shared with other work.
 _ANSWER_TIMEOUT_S = 600
 
@@ -56,6 +58,33 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def host_dir(tmp_path_factory, tiny_checkpoint):
+    yield from _host(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def peers(host_dir, tiny_checkpoint):
+    yield from _pair(tiny_checkpoint)
+
+
+@pytest.fixture
+def own_host(tmp_path_factory, tiny_checkpoint):
+    """A host of its own, for a test that kills a peer or the core: the others keep theirs (any order)."""
+    yield from _host(tmp_path_factory)
+
+
+@pytest.fixture
+def own_peers(own_host, tiny_checkpoint):
+    yield from _pair(tiny_checkpoint)
+
+
+def _pair(checkpoint):
+    first, second = Peer(checkpoint), Peer(checkpoint)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def _host(tmp_path_factory):
     path = tmp_path_factory.mktemp("host-engine")
     # Inherited by the peers and Beam's workers. A core with no client left stops after 2 s, not 30.
     environment = {"VISION_BATCH_HOST_ENGINE_DIR": str(path), "VISION_BATCH_HOST_ENGINE_IDLE_S": "2"}
@@ -72,14 +101,6 @@ def host_dir(tmp_path_factory, tiny_checkpoint):
             raw = json.loads(state.read_text())[role]
             if psutil.pid_exists(raw["pid"]) and psutil.Process(raw["pid"]).create_time() == raw["started"]:
                 os.kill(raw["pid"], signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def peers(host_dir, tiny_checkpoint):
-    first, second = Peer(tiny_checkpoint), Peer(tiny_checkpoint)
-    yield first, second
-    first.close()
-    second.close()
 
 
 def _engine_cores(core_pid: int) -> list[psutil.Process]:
@@ -132,21 +153,21 @@ def test_a_process_finding_every_slot_taken_by_a_live_process_fails_its_start(pe
             holder.wait()
 
 
-def test_a_killed_process_and_the_starter_leave_the_core_serving_the_others(peers):
-    first, second = peers
+def test_a_killed_process_and_the_starter_leave_the_core_serving_the_others(own_peers):
+    first, second = own_peers
     core_pid = first.ask(cmd="attach")["core_pid"]
     # The first peer started the core; kill it with requests in flight.
-    first.ask(cmd="submit", seed=3, key="abandoned", tasks=["ocr", "detect"], max_tokens=512)
+    first.ask(cmd="submit", seed=3, key="abandoned", tasks=["ocr", "detect"], max_tokens=512, unending=True)
     first.kill()
     results = second.run(seed=4, key="after-the-kill")
     assert [r["ok"] for r in results] == [True, True, True], results
     assert psutil.Process(core_pid).is_running() and second.ask(cmd="attach")["core_pid"] == core_pid
 
 
-def test_a_killed_engine_core_fails_requests_instead_of_hanging_then_a_new_core_starts(peers, host_dir):
-    _, second = peers
+def test_a_killed_engine_core_fails_requests_instead_of_hanging_then_a_new_core_starts(own_peers):
+    _, second = own_peers
     core_pid = second.ask(cmd="attach")["core_pid"]
-    second.ask(cmd="submit", seed=5, key="in-flight", tasks=["ocr", "detect"], max_tokens=2048)
+    second.ask(cmd="submit", seed=5, key="in-flight", tasks=["ocr", "detect"], max_tokens=2048, unending=True)
     os.kill(core_pid, signal.SIGKILL)
     started = time.monotonic()
     failed = second.ask(cmd="collect", timeout=60)["results"]

@@ -215,6 +215,7 @@ def partial_run(runs):
     return summary, root / "c", counter.calls
 
 
+@pytest.mark.engine
 def test_incremental_run_answers_exactly_the_missing_tasks(partial_run):
     summary, output, _ = partial_run
     done = {"receipt.png", "report.pdf#page=0", "report.pdf#page=1", "report.pdf#page=2"}
@@ -228,12 +229,14 @@ def test_incremental_run_answers_exactly_the_missing_tasks(partial_run):
     assert summary["accounting"]["items_in"] == 9 and summary["accounting"]["balanced"]
 
 
+@pytest.mark.engine
 def test_fully_answered_items_are_not_decoded(partial_run):
     _, _, calls = partial_run
     # chart, two fax frames, shapes and the truncated PNG are decoded; receipt and the report's pages are not.
     assert sorted(calls) == ["decode_image_frame"] * 5
 
 
+@pytest.mark.engine
 def test_rerun_of_a_finished_input_skips_everything(runs, partial_run, monkeypatch):
     root, inputs = runs
     counter = DecodeCounter(monkeypatch)
@@ -245,6 +248,7 @@ def test_rerun_of_a_finished_input_skips_everything(runs, partial_run, monkeypat
     assert summary["accounting"]["balanced"]
 
 
+@pytest.mark.engine
 def test_filter_false_positives_never_skip_and_other_models_are_not_used(runs, partial_run, tmp_path, monkeypatch):
     """A saturated filter lets most unrelated history through; the exact join still skips only real answers."""
     root, inputs = runs

@@ -25,6 +25,8 @@ import pytest
 from tests.conftest import REPO, SMALL_OUTPUTS, run_pipeline
 from tests.test_pipeline_e2e import fresh_images
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 IMAGES = 60
 CAPTION = ["--tasks", "caption"]
 # One request at a time, longer answers: the tiny model otherwise answers all 60 captions

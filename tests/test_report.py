@@ -104,6 +104,7 @@ def pipeline_report(pipeline_run, tmp_path_factory) -> tuple[pathlib.Path, str]:
     return page, render_report(str(out), page)
 
 
+@pytest.mark.engine
 def test_report_lists_every_item_with_its_image_or_the_reason(pipeline_run, pipeline_report):
     inputs, out = pipeline_run
     _, page = pipeline_report
@@ -126,6 +127,7 @@ def test_report_lists_every_item_with_its_image_or_the_reason(pipeline_run, pipe
     assert 'class="question"' not in page  # the built-in tasks ask every item the same
 
 
+@pytest.mark.engine
 def test_report_images_are_the_frames_the_pipeline_saw(pipeline_run):
     """Re-decoded sources have the size the results record (EXIF-rotated, PDF pages, tar and Parquet members)."""
     _, out = pipeline_run
@@ -140,6 +142,7 @@ def test_report_images_are_the_frames_the_pipeline_saw(pipeline_run):
     assert {item_id: images[item_id].image.size for item_id in sizes} == sizes
 
 
+@pytest.mark.engine
 def test_report_is_self_contained(pipeline_report):
     _, page = pipeline_report
     assert "<script" not in page.lower()
@@ -149,6 +152,7 @@ def test_report_is_self_contained(pipeline_report):
     assert "url(" not in page and "@import" not in page
 
 
+@pytest.mark.engine
 def test_report_renders_in_headless_chromium(pipeline_run, pipeline_report, tmp_path):
     inputs, _ = pipeline_run
     page_path, _ = pipeline_report
@@ -165,6 +169,7 @@ def test_report_renders_in_headless_chromium(pipeline_run, pipeline_report, tmp_
         assert html.escape(f"{inputs}/{item}", quote=False) in dom
 
 
+@pytest.mark.engine
 def test_errors_first_sample(pipeline_run, tmp_path):
     inputs, out = pipeline_run
     page = render_report(str(out), tmp_path / "errors.html", "--sample", "3", "--order", "errors_first")

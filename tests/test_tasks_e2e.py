@@ -17,6 +17,8 @@ from tests.test_pipeline_e2e import fresh_images, prefix_lengths
 from transforms.builtin_tasks import BUILTIN_TASKS
 from transforms.metadata import ItemValues
 
+pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
+
 # Tight enough that the random model, constrained by it, finishes well inside max_tokens.
 INVOICE_SCHEMA = {
     "type": "object",

@@ -326,6 +326,11 @@ class VisionEngine:
                     EngineArgs(model=local_model, **self.settings.engine_args),
                     enable_multiprocessing=self.settings.engine_core_process,
                 )
+                # vLLM 0.32's add_request asks the core for its supported tasks on the first request
+                # (a utility round trip, then cached: vllm/v1/engine/llm_engine.py). A core that dies
+                # during that call leaves it waiting forever (call_utility has no timeout), so it is
+                # made here, where a failure is a failed start.
+                self._engine.get_supported_tasks()
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
@@ -352,6 +357,10 @@ class VisionEngine:
         client = self._engine.engine_core
         wait([process.sentinel for process in client.resources.engine_manager.processes])
         client.outputs_queue.put_nowait(CoreDeadError())
+        # A utility call waiting for the dead core (vLLM's SyncMPClient.call_utility) would wait forever too.
+        for future in list(client.utility_results.values()):
+            if not future.done():
+                future.set_exception(CoreDeadError())
 
     @property
     def failed(self) -> bool:
