@@ -99,7 +99,8 @@ class VisionBatchOptions(PipelineOptions):
             "--manifest", dest="manifest", action="append", default=None,
             help="File listing inputs, one URI per entry: text (one per line), CSV or Parquet "
                  "(column --manifest_column; a row's other columns become the item's metadata). Relative "
-                 "entries are relative to the manifest. Repeatable, or comma-separated.",
+                 "entries are relative to the manifest. Repeatable, or comma-separated (a value naming an existing "
+                 "local file is that one file, commas and all).",
         )
         inputs.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
         inputs.add_argument(
