@@ -99,6 +99,14 @@ def test_every_tar_member_that_is_not_a_file_gets_an_error_row(tmp_path):
     messages = {e.ref.member: e.message for e in errors}
     assert "symbolic link to ../../etc/passwd" in messages["s/0001.json"] and "not followed" in messages["s/0001.json"]
     assert "hard link to s/0001.png" in messages["s/0003.png"] and "FIFO" in messages["s/0004"]
+    # The report re-reads the shard: a link's place shows why it has no image, the sample beside it its image.
+    from reporting.images import load_images
+    from schemas.records import ItemRef
+
+    shown = load_images([ItemRef.make(path, member="s/0002.png"), ItemRef.make(path, member="s/0001")], DecodeLimits(),
+                        ShardSettings())
+    assert shown[f"{path}#member=s/0002.png"].reason.startswith("UnsupportedMember: tar member is a symbolic link to 0001.png")
+    assert shown[f"{path}#member=s/0001"].image is not None
     # A shard of links only is those rows, not an "empty shard".
     _, [only] = run_file(link_tar(tmp_path / "links.tar", [("a.png", tarfile.SYMTYPE, "/tmp/a.png")]))
     assert (only.ref.member, only.error_type) == ("a.png", "UnsupportedMember")

@@ -35,7 +35,6 @@ from transforms.formats import (
     FileTooLarge,
     Format,
     MissingImage,
-    UnsupportedMember,
     fit,
     is_paged,
     page_count,
@@ -44,7 +43,7 @@ from transforms.formats import (
     render_item,
     sniff,
 )
-from transforms.shards import LinkMember, ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from transforms.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 
@@ -131,15 +130,10 @@ class PlanUnits(beam.DoFn):
                     if self._max_items is not None and samples >= self._max_items:
                         break
                     samples += 1  # a link member too: it is one outcome (an error row), as an imageless sample is
-                    if isinstance(sample, LinkMember):
+                    if isinstance(sample, SpecialMember):
                         # Named by the whole member name: its key may also be a sample's, with results of its own.
-                        yield failure(
-                            ItemRef.make(source.uri, member=sample.name),
-                            Stage.PLAN,
-                            UnsupportedMember(f"tar member is a {sample.kind}: links and special files in shards are "
-                                              f"not followed; store the file itself in the shard"),
-                            metadata=source.metadata,
-                        )
+                        yield failure(ItemRef.make(source.uri, member=sample.name), Stage.PLAN, sample.refusal(),
+                                      metadata=source.metadata)
                         continue
                     sample_metadata = merge(source.metadata, sample.metadata)
                     if sample.image is None:

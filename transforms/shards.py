@@ -12,6 +12,7 @@ import posixpath
 import tarfile
 from typing import IO, Any, Iterator, Optional, Sequence, Union
 
+from transforms.formats import UnsupportedMember
 from transforms.metadata import encode
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "pdf")
@@ -39,11 +40,18 @@ class TarSample:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinkMember:
+class SpecialMember:
     """A tar member that is no file: a symbolic or hard link, a device or a FIFO. Never followed or read."""
 
     name: str
     kind: str  # e.g. "symbolic link to ../a.jpg"
+
+    def refusal(self) -> UnsupportedMember:
+        """Why it has no item: the error of its row (the pipeline) and of its place in the report."""
+        return UnsupportedMember(
+            f"tar member is a {self.kind}: links and special files in shards are not followed; "
+            f"store the file itself in the shard"
+        )
 
 
 def _link_kind(info: tarfile.TarInfo) -> str:
@@ -93,14 +101,14 @@ def _sample(key: str, members: list[tuple[str, bytes]]) -> TarSample:
     return TarSample(key, image_name, image, encode(sidecars), tuple(name for name, _ in members))
 
 
-def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[Union[TarSample, LinkMember]]:
+def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[Union[TarSample, SpecialMember]]:
     """Stream a .tar / .tar.gz, grouping consecutive members by key.
 
     Raises TruncatedShard (after yielding every complete sample) when the
     archive breaks off. Members over `max_member_bytes` are not read; their
     sample then has no image and is reported by the caller. Folders are
     passed over; every other member that is not a file (links, devices) is
-    yielded as a LinkMember for the caller to report: a link's target is
+    yielded as a SpecialMember for the caller to report: a link's target is
     never followed, inside the archive or out of it (member names never
     become paths), and silently dropping it broke "every input is accounted for".
     """
@@ -112,7 +120,7 @@ def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[Union
                 if info.isdir():
                     continue
                 if not info.isfile():
-                    yield LinkMember(info.name, _link_kind(info))
+                    yield SpecialMember(info.name, _link_kind(info))
                     continue
                 member_key, _ = split_key(info.name)
                 if member_key != key and members:
@@ -179,7 +187,7 @@ def iter_parquet_rows(handle: IO[bytes], row_group: int, settings: ShardSettings
     table = parquet.read_row_group(row_group, columns=list(wanted))
     for offset, row in enumerate(table.to_pylist()):
         identifier = row.get(settings.parquet_id_column)
-        passthrough = {c: row[c] for c in settings.parquet_passthrough if c in row}
+        passthrough = {c: row[c] for c in settings.parquet_passthrough}  # present: parquet_row_groups checked
         yield ParquetRow(
             member=str(identifier) if identifier is not None else f"row-{first_row + offset}",
             image=_image_bytes(row.get(settings.parquet_bytes_column)),

@@ -14,7 +14,10 @@
 Fields of a task (`TASK_FIELDS`): `name` and `instruction` are required;
 `output` is `text` (default), `boxes` or `json`; `schema` (a JSON Schema) is
 required for `json` and only for it; `max_tokens`, `temperature`, `top_k`,
-`top_p`, `vision_tokens` and `retries` are optional. `{placeholders}` in
+`top_p`, `vision_tokens` and `retries` are optional; `max_tokens` is bounded
+by the caller (the longest context any engine profile holds). Every mistake of
+a file is reported at once: the schema's, the entries' own checks and the
+task contract's. `{placeholders}` in
 the instruction are filled from each item's metadata
 (`transforms.metadata`). Files ending `.json` are read as JSON, others as
 YAML; local paths and gs:// URIs both work (read once, at launch).
