@@ -271,6 +271,15 @@ def test_max_tokens_are_bounded_by_the_longest_context_of_any_engine_profile(tmp
         parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--task_file", str(tmp_path / "tasks.yaml")])
 
 
+def test_a_task_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    import yaml
+
+    from transforms.task_file import load_task_file
+
+    (tmp_path / "tasks.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(yaml.safe_load(ISSUE_EXAMPLE)).encode())
+    assert load_task_file(str(tmp_path / "tasks.json")) == parse_task_file(ISSUE_EXAMPLE, "tasks.yaml")
+
+
 def test_the_task_file_schema_itself_is_a_valid_json_schema():
     from transforms.task_file import TASK_FILE_SCHEMA
 

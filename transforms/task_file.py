@@ -240,7 +240,7 @@ def load_task_file(path: Optional[str], max_tokens_limit: Optional[int] = None) 
         return ()
     try:
         with FileSystems.open(path) as handle:
-            text = handle.read().decode("utf-8")
+            text = handle.read().decode("utf-8-sig")  # a byte-order mark (Notepad, Excel) is not JSON
     except UnicodeDecodeError:
         raise TaskFileError(path, ["not UTF-8 text"]) from None
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable file: one line naming it
