@@ -445,10 +445,12 @@ def _missing_local_paths(opts: "VisionBatchOptions") -> list[str]:
 
 
 def _manifest_mistakes(opts: "VisionBatchOptions") -> list[str]:
-    """What is wrong with the header of each local CSV or Parquet manifest (read now, not after the engine started)."""
+    """What is wrong with each local manifest: a folder given as one, a CSV or Parquet header (read now, not after the engine started)."""
     mistakes = []
     for path in split_manifests(opts.manifest):
-        if not is_uri(path) and os.path.isfile(os.path.expanduser(path)):
+        if not is_uri(path) and os.path.isdir(os.path.expanduser(path)):
+            mistakes.append(f"--manifest {path} is a folder: a manifest is a file listing inputs (give a folder as --input)")
+        elif not is_uri(path) and os.path.isfile(os.path.expanduser(path)):
             try:
                 next(manifest_entries(canonical_uri(path), opts.manifest_column), None)
             except ManifestError as exc:

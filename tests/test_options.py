@@ -229,6 +229,8 @@ def test_a_local_csv_manifest_without_its_column_is_refused_at_launch(tmp_path):
                                          r"its columns are 'URI', 'question'; did you mean --manifest_column 'URI'\?"):
         parse_args(["--manifest", str(manifest), "--output", str(tmp_path / "out")])
     assert parse_args(["--manifest", str(manifest), "--manifest_column", "URI", "--output", str(tmp_path / "out")])
+    with pytest.raises(UsageError, match=rf"--manifest {tmp_path} is a folder: a manifest is a file listing inputs"):
+        parse_args(["--manifest", str(tmp_path), "--output", str(tmp_path / "out")])
 
 
 def test_the_command_line_exits_2_in_one_line_before_the_engine_starts(tmp_path, capsys):
