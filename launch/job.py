@@ -21,6 +21,7 @@ from launch.accelerators import TPU
 from launch.profiles import LaunchProfile, check_engine_fits
 from pipelines import engine_profiles
 from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values, resolve_tasks
+from schemas.uris import without_credentials
 
 # One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
 # holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs and worker parallelism), and
@@ -238,6 +239,9 @@ class Launch:
 def plan_launch(
     profile: LaunchProfile, deployment: Deployment, workers: Workers, job_name: str, user_args: Sequence[str]
 ) -> Launch:
+    # The job's options travel to Dataflow (the console shows them, the launch request and the dry run print
+    # them): URIs without credentials, as the job would read them anyway (schemas.uris.canonical_uri).
+    user_args = [without_credentials(arg) for arg in user_args]
     pipeline_args, engine = profile_pipeline_args(profile, deployment, user_args)
     settings = job_settings(profile, deployment, workers, job_name, engine.host_feeders)
     return Launch(settings, tuple(pipeline_args))

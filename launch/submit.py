@@ -36,6 +36,7 @@ from launch.job import Workers, plan_launch, timestamped_job_name
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from launch.shell import command_text
 from pipelines.options import parse_args as parse_pipeline_args
+from schemas.uris import mask_credentials
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -77,15 +78,18 @@ def job_inputs(
 
 
 def print_dry_run(args: argparse.Namespace, deployment: Deployment, dataflow_args: Sequence[str], body: Optional[dict]) -> None:
+    """What would be launched; credentials in any URI masked (the deployment's locations too)."""
+    lines = []
     if args.warmup:
         files = ", ".join(path.name for path in warmup.sample_files())
-        print(f"# would stage {files} to {warmup.samples_location(deployment)}/")
+        lines.append(f"# would stage {files} to {warmup.samples_location(deployment)}/")
     if body is None:
-        print(command_text([sys.executable, "-m", "launch.run_dataflow", *dataflow_args]))
+        lines.append(command_text([sys.executable, "-m", "launch.run_dataflow", *dataflow_args]))
     else:
-        print(json.dumps(body, indent=2))
-        print(command_text(flex_launch.gcloud_run_command(deployment.project, deployment.region, body)))
-    print("# dry run: nothing was staged or submitted")
+        lines.append(json.dumps(body, indent=2))
+        lines.append(command_text(flex_launch.gcloud_run_command(deployment.project, deployment.region, body)))
+    lines.append("# dry run: nothing was staged or submitted")
+    print(mask_credentials("\n".join(lines)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -105,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parse_pipeline_args(user_args)
         launch = plan_launch(profile, deployment, workers, job_name, user_args)
     except ValueError as exc:  # UsageError, and the launch profile's refusals (worker shape, budgets)
-        print(f"python -m launch.submit: error: {exc}", file=sys.stderr)
+        print(f"python -m launch.submit: error: {mask_credentials(str(exc))}", file=sys.stderr)
         return 2
     dataflow_args = launch.dataflow_args()
 

@@ -403,6 +403,11 @@ PROFILES: Mapping[str, EngineProfile] = {
 }
 
 
+# The longest sequence (prompt and answer) any profile's engine holds: a task's max_tokens above it can
+# never be reached, so it is a mistake (max_tokens: 100000000), refused at launch (pipelines/options.py).
+LARGEST_CONTEXT = max(profile.engine_args["max_model_len"] for profile in PROFILES.values())
+
+
 def resolve(
     name: str, overrides: Optional[Mapping[str, Any]] = None, checkpoint: Optional[CheckpointShape] = None
 ) -> EngineProfile:

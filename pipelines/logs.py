@@ -74,6 +74,9 @@ HARMLESS: tuple[Harmless, ...] = (
              "the tiny random checkpoint is stored in float32; real Gemma 4 checkpoints are bfloat16"),
     Harmless("torch.distributed.reduce_op", "a deprecation inside vLLM's Triton shim"),
     Harmless("No semi_persistent_directory found", "local worker processes have no Dataflow-style persistent directory"),
+    Harmless("_get_credentials_with_retrys",
+             "Beam retries its credential look-up, a traceback each time; without credentials its next warning "
+             "says so in two lines, and a storage request that then fails ends the run in one line naming it"),
     Harmless("Discarding unparseable args",
              "multi-process workers parse the options before this pipeline's option class is imported; the job's "
              "settings reach them inside the graph, not through these arguments"),

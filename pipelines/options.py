@@ -22,6 +22,7 @@ import datetime
 import difflib
 import json
 import math
+import os
 import sys
 import uuid
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence
@@ -32,13 +33,13 @@ from pipelines import engine_profiles
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
 from schemas.records import RunInfo
-from schemas.uris import canonical_uri
+from schemas.uris import canonical_uri, is_uri
 from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
 from transforms.formats import DecodeLimits
 from transforms.prompts import VISION_TOKEN_BUDGETS, prompt_version
 from transforms.shards import ShardSettings
-from transforms.sources import InputSelection
+from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
 from transforms.storage import RetryBudget
 from transforms.task_file import load_task_file
 from transforms.tasks import OutputKind, Task, with_overrides
@@ -98,7 +99,8 @@ class VisionBatchOptions(PipelineOptions):
             "--manifest", dest="manifest", action="append", default=None,
             help="File listing inputs, one URI per entry: text (one per line), CSV or Parquet "
                  "(column --manifest_column; a row's other columns become the item's metadata). Relative "
-                 "entries are relative to the manifest. Repeatable, or comma-separated.",
+                 "entries are relative to the manifest. Repeatable, or comma-separated (a value naming an existing "
+                 "local file is that one file, commas and all).",
         )
         inputs.add_argument("--manifest_column", default="uri", help="Column of CSV/Parquet manifests holding the URIs.")
         inputs.add_argument(
@@ -289,6 +291,16 @@ def split_commas(values: Optional[Sequence[str]]) -> tuple[str, ...]:
     return tuple(part.strip() for value in values or () for part in value.split(",") if part.strip())
 
 
+def split_manifests(values: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """`split_commas` for manifests, except that a value naming an existing local file is one location:
+    `--manifest "orders, march.csv"` is that file, not `orders` and `march.csv`."""
+    return tuple(
+        location
+        for value in values or ()
+        for location in ((value,) if not is_uri(value) and os.path.exists(os.path.expanduser(value)) else split_commas([value]))
+    )
+
+
 def parse_key_values(pairs: Optional[Sequence[str]], what: str) -> dict[str, str]:
     result = {}
     for pair in pairs or ():
@@ -325,12 +337,14 @@ def _check_task_names(option: str, shown: str, names: Sequence[str], known: Sequ
         )
 
 
-def _task_limits(values: Optional[Sequence[str]], option: str, known: Sequence[str], meaning: str) -> dict[str, int]:
-    """`TASK=N` pairs of a per-task option, for tasks that exist, N a positive whole number."""
+def _task_limits(
+    values: Optional[Sequence[str]], option: str, known: Sequence[str], meaning: str, most: Optional[int] = None
+) -> dict[str, int]:
+    """`TASK=N` pairs of a per-task option, for tasks that exist, N a positive whole number (at most `most`)."""
     pairs = parse_key_values(split_commas(values), option)
     _check_task_names(option, ",".join(f"{task}={n}" for task, n in pairs.items()), list(pairs), known)
     for task, count in pairs.items():
-        if not count.isdigit() or int(count) < 1:
+        if not count.isdigit() or int(count) < 1 or (most is not None and int(count) > most):
             raise UsageError(f"{option} {task}={count}: N must be {meaning}")
     return {task: int(count) for task, count in pairs.items()}
 
@@ -347,22 +361,32 @@ def resolve_tasks(
     the job's falls back to the checkpoint's default.
     """
     with usage_errors():
-        file_tasks = load_task_file(opts.task_file)
+        file_tasks = load_task_file(opts.task_file, engine_profiles.LARGEST_CONTEXT)
     known = [*BUILTIN_TASKS, *(task.name for task in file_tasks)]  # a task file cannot redefine a built-in
     if opts.tasks is not None:
         names = [name.strip() for name in opts.tasks.split(",") if name.strip()]
         if not names:
             raise UsageError(f"--tasks {opts.tasks!r}: no task given; choose from {', '.join(known)}")
         _check_task_names("--tasks", opts.tasks, names, known)
-    max_tokens = _task_limits(opts.max_tokens, "--max_tokens", known, "a whole number of tokens, at least 1")
+    max_tokens = _task_limits(
+        opts.max_tokens, "--max_tokens", known,
+        f"a whole number of tokens, at least 1 and at most {engine_profiles.LARGEST_CONTEXT} (the longest context "
+        f"of any engine profile)", engine_profiles.LARGEST_CONTEXT,
+    )
     budgets = _task_limits(opts.task_vision_tokens, "--task_vision_tokens", known, "a whole number of soft tokens")
     refused = sorted(f"{task}={n}" for task, n in budgets.items() if n not in VISION_TOKEN_BUDGETS)
     if refused:
         raise UsageError(f"--task_vision_tokens {', '.join(refused)}: budgets are {', '.join(map(str, VISION_TOKEN_BUDGETS))}")
-    tasks = tuple(
-        with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking)
-        for task in select_tasks(opts.tasks, file_tasks)
-    )
+    selected = select_tasks(opts.tasks, file_tasks)
+    # An image budget for a task the run does not run changes nothing: a sign the run is not the one meant.
+    # (--max_tokens may name such tasks: one set of limits serves several runs, e.g. a scheduler's template.)
+    idle = sorted(f"{task}={n}" for task, n in budgets.items() if task not in {t.name for t in selected})
+    if idle:
+        raise UsageError(
+            f"--task_vision_tokens {', '.join(idle)}: not among the tasks this run runs "
+            f"({', '.join(t.name for t in selected)}); add the task to --tasks or drop its budget"
+        )
+    tasks = tuple(with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking) for task in selected)
     if {task.vision_tokens for task in tasks if task.vision_tokens} - {vision_tokens}:
         vision_tokens = vision_tokens or (checkpoint and checkpoint.vision_tokens) or GEMMA4_DEFAULT_VISION_TOKENS
     return tuple(dataclasses.replace(task, vision_tokens=task.vision_tokens or vision_tokens) for task in tasks), vision_tokens
@@ -404,10 +428,44 @@ def check_values(options: PipelineOptions) -> None:
     parse_engine_args(opts.engine_arg)
 
 
+def _missing_local_paths(opts: "VisionBatchOptions") -> list[str]:
+    """Local --input files and folders (globs aside), manifests and task files that do not exist.
+
+    Caught before the engine starts; a glob that matches nothing stays an
+    error row of the run ("no file matched"): a nightly feed's empty folder is
+    no usage mistake. Object-store locations are found out by the run itself.
+    """
+    named = [
+        *(("--input", path) for path in opts.input or () if not is_glob(path)),
+        *(("--manifest", path) for path in split_manifests(opts.manifest)),
+        *([("--task_file", opts.task_file)] if opts.task_file else []),
+    ]
+    return [f"{option} {path} does not exist" for option, path in named
+            if not is_uri(path) and not os.path.exists(os.path.expanduser(path))]
+
+
+def _manifest_mistakes(opts: "VisionBatchOptions") -> list[str]:
+    """What is wrong with each local manifest: a folder given as one, a CSV or Parquet header (read now, not after the engine started)."""
+    mistakes = []
+    for path in split_manifests(opts.manifest):
+        if not is_uri(path) and os.path.isdir(os.path.expanduser(path)):
+            mistakes.append(f"--manifest {path} is a folder: a manifest is a file listing inputs (give a folder as --input)")
+        elif not is_uri(path) and os.path.isfile(os.path.expanduser(path)):
+            try:
+                next(manifest_entries(canonical_uri(path), opts.manifest_column), None)
+            except ManifestError as exc:
+                mistakes.append(f"--manifest {path}: {exc}")
+    return mistakes
+
+
 def validate(options: PipelineOptions) -> None:
-    """Every check before the model is looked at: `check_values`, then the tasks (reading --task_file)."""
+    """Every check before the model is looked at: `check_values`, the local paths named, then the tasks (reading --task_file)."""
     check_values(options)
     opts = options.view_as(VisionBatchOptions)
+    mistakes = _missing_local_paths(opts)
+    mistakes += _manifest_mistakes(opts)
+    if mistakes:
+        raise UsageError("; ".join(mistakes))
     resolve_tasks(opts, opts.vision_tokens, None, opts.thinking == "on")
 
 
@@ -515,17 +573,22 @@ def _unknown_message(unknown: Sequence[str], argv: Sequence[str], parser: argpar
     return "; ".join(problems) + " (see --help)"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
-    """The command line as PipelineOptions, or UsageError naming the first mistake.
-
-    `--help` and `--help_beam` print and exit (SystemExit 0), as argparse does.
-    """
+def parse_command_line(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
+    """The command line as PipelineOptions, its options and values checked, nothing read yet (see `parse_args`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     _, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UsageError(_unknown_message(unknown, argv, parser))
-    options = PipelineOptions(argv)
+    return PipelineOptions(argv)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
+    """The command line as PipelineOptions, or UsageError naming the first mistake.
+
+    `--help` and `--help_beam` print and exit (SystemExit 0), as argparse does.
+    """
+    options = parse_command_line(argv)
     validate(options)
     return options
 
@@ -618,7 +681,7 @@ class JobConfig:
         # working directory, and what every worker process reads.
         return JobConfig(
             inputs=tuple(canonical_uri(pattern) for pattern in opts.input or ()),
-            manifests=tuple(canonical_uri(manifest) for manifest in split_commas(opts.manifest)),
+            manifests=tuple(canonical_uri(manifest) for manifest in split_manifests(opts.manifest)),
             manifest_column=opts.manifest_column,
             selection=selection,
             incremental_from=tuple(canonical_uri(location).rstrip("/") for location in split_commas(opts.incremental_from)),

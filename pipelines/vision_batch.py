@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import logs, output_safety, summary
 from pipelines.checkpoint_shape import CheckpointShape
 from pipelines.models import resolve_model
-from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args
+from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
 from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from schemas.uris import canonical_uri, mask_credentials
@@ -342,13 +342,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global _claimed_output
     started, _claimed_output = time.monotonic(), None
     try:
-        options = parse_args(argv)
+        options = parse_command_line(argv)
+        # Before the checks that read (task file, manifests): the client libraries' lines while
+        # storage is reached (Beam's credential look-up retries, with tracebacks) go through this log.
+        logs.configure(options.view_as(VisionBatchOptions).log_level, local=is_local(options))
+        validate(options)
     except UsageError as exc:
         print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - e.g. storage down while the task file is read
         return _failed(exc)
-    logs.configure(options.view_as(VisionBatchOptions).log_level, local=is_local(options))
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     # The run goes on a thread; this (main) thread only waits, so a signal never lands inside

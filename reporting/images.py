@@ -24,7 +24,7 @@ from reporting.text import visible
 from schemas.records import ItemRef
 from transforms.decode import item_hash
 from transforms.formats import HEAD_BYTES, DecodeError, DecodeLimits, Format, MissingImage, read_bytes, read_head, render_item, sniff
-from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from transforms.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 THUMBNAIL_SIDE = 512
 MIN_SIDE = 240  # smaller images are enlarged by a whole factor (nearest neighbour) so they can be seen
@@ -64,7 +64,10 @@ def _tar_payloads(uri: str, members: set[str], limits: DecodeLimits) -> dict[str
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
         try:
             for sample in iter_tar_samples(stream, limits.max_file_bytes):
-                if sample.key in members:
+                if isinstance(sample, SpecialMember):  # a link's error row names the member itself
+                    if sample.name in members:
+                        found[sample.name] = sample.refusal()
+                elif sample.key in members:
                     found[sample.key] = sample.image
                     if len(found) == len(members):
                         break

@@ -24,12 +24,19 @@ import posixpath
 import re
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s?#]+@", re.IGNORECASE)
-_SECRET_PARAMS = re.compile(
-    r"([?&](?:access_token|token|key|api_key|apikey|sig|signature|password|secret|credential|"
-    r"x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s]+",
-    re.IGNORECASE,
+# User-info runs to the last '@' before the path: a password holding '@' is masked whole. The same
+# forms percent-encoded (`gs%3A%2F%2Falice%3Ahunter2%40b`) appear in request URLs that client
+# libraries put in their errors, as does a bucket named with the user-info Beam kept in it
+# (GCS JSON API `/b/alice:hunter2@b/o/...`: a bucket name never holds '@').
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*(?:://|%3A%2F%2F))(?:(?!%2F)[^/\s?#])+(?:@|%40)", re.IGNORECASE)
+_BUCKET_USERINFO = re.compile(r"(/b/)[^/\s?#]*(?:@|%40)", re.IGNORECASE)
+_SECRET_NAMES = (
+    r"(?:access_token|token|key|api_key|apikey|sig|signature|password|secret|credential|"
+    r"x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token)"
 )
+_SECRET_PARAMS = re.compile(rf"([?&]{_SECRET_NAMES}=)[^&#\s'\"<>]+", re.IGNORECASE)
+# Encoded (`t.yaml%3Ftoken%3DTOK123`, an object name in a request URL): `%26` ends the value there.
+_ENCODED_SECRET_PARAMS = re.compile(rf"((?:%3F|%26){_SECRET_NAMES}%3D)(?:(?!%26)[^&#?\s'\"<>])+", re.IGNORECASE)
 MASK = "***"
 
 
@@ -39,14 +46,27 @@ def is_uri(location: str) -> bool:
 
 
 def mask_credentials(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`; `?token=...` / `&X-Goog-Signature=...` -> `=***`."""
-    return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(rf"\1{MASK}@", text))
+    """`scheme://user:password@host` -> `scheme://***@host`; `?token=...` / `&X-Goog-Signature=...` -> `=***`.
+
+    Percent-encoded forms too, and the user-info Beam keeps in a bucket name of a GCS request URL.
+    """
+    text = _BUCKET_USERINFO.sub(rf"\1{MASK}@", _USERINFO.sub(rf"\1{MASK}@", text))
+    return _ENCODED_SECRET_PARAMS.sub(rf"\1{MASK}", _SECRET_PARAMS.sub(rf"\1{MASK}", text))
+
+
+def without_credentials(text: str) -> str:
+    """URIs in `text` as a job may be given them: user-info dropped, secret query parameters masked.
+
+    What `canonical_uri` does to a URI; `launch.submit` applies it to the options it sends to Dataflow
+    (and prints), so a password pasted into a URI never leaves the machine.
+    """
+    return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(r"\1", text))
 
 
 def canonical_uri(location: str) -> str:
     """The canonical spelling of a file location (see the module docstring). Globs pass through unchanged."""
     if is_uri(location):
-        return _SECRET_PARAMS.sub(rf"\1{MASK}", _USERINFO.sub(r"\1", location))
+        return without_credentials(location)
     return os.path.abspath(os.path.expanduser(location))
 
 

@@ -1,5 +1,6 @@
 """Decode stage without an engine: format sniffing, page planning, guards, colour handling."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -29,14 +30,14 @@ def pdf_bytes(pages: int) -> bytes:
     return buffer.getvalue()
 
 
-def run_file(path: str, limits: DecodeLimits = DecodeLimits()):
+def run_file(path: str, limits: DecodeLimits = DecodeLimits(), shards: ShardSettings = ShardSettings()):
     """PlanUnits + DecodeUnits on one file: (items, errors)."""
     import os
 
     outputs = []
-    for unit_or_error in PlanUnits(limits, ShardSettings()).process(SourceFile(path, os.path.getsize(path))):
+    for unit_or_error in PlanUnits(limits, shards).process(SourceFile(path, os.path.getsize(path))):
         if isinstance(unit_or_error, DecodeUnit):
-            outputs.extend(DecodeUnits(limits, ShardSettings()).process(unit_or_error))
+            outputs.extend(DecodeUnits(limits, shards).process(unit_or_error))
         else:
             outputs.append(unit_or_error)
     items = [o for o in outputs if isinstance(o, ImageItem)]
@@ -58,6 +59,69 @@ def test_tar_whose_first_member_is_a_pdf_is_read_as_a_shard(tmp_path):
     items, errors = run_file(write(tmp_path / "shard.tar", tar_bytes(members)))
     assert not errors
     assert sorted((i.info.ref.member, i.info.ref.page) for i in items) == [("doc/0001", 0), ("doc/0001", 1), ("img/0002", None)]
+
+
+def link_tar(path, entries) -> str:
+    """A tar of (name, TarInfo type, data or link target) entries."""
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+            else:
+                info.linkname = payload
+                archive.addfile(info)
+    return str(path)
+
+
+def test_every_tar_member_that_is_not_a_file_gets_an_error_row(tmp_path):
+    import tarfile
+
+    from tests.shard_data import image_bytes
+
+    path = link_tar(tmp_path / "shard.tar", [
+        ("s", tarfile.DIRTYPE, ""),  # a folder: no input, no row
+        ("s/0001.png", tarfile.REGTYPE, image_bytes((200, 30, 30))),
+        ("s/0001.json", tarfile.SYMTYPE, "../../etc/passwd"),  # beside a real image: its sample still runs
+        ("s/0002.png", tarfile.SYMTYPE, "0001.png"),
+        ("s/0003.png", tarfile.LNKTYPE, "s/0001.png"),
+        ("s/0004", tarfile.FIFOTYPE, ""),
+    ])
+    items, errors = run_file(path)
+    assert [i.info.ref.member for i in items] == ["s/0001"]
+    assert sorted((e.ref.member, e.error_type, e.stage) for e in errors) == [
+        (name, "UnsupportedMember", Stage.PLAN) for name in ("s/0001.json", "s/0002.png", "s/0003.png", "s/0004")
+    ]
+    messages = {e.ref.member: e.message for e in errors}
+    assert "symbolic link to ../../etc/passwd" in messages["s/0001.json"] and "not followed" in messages["s/0001.json"]
+    assert "hard link to s/0001.png" in messages["s/0003.png"] and "FIFO" in messages["s/0004"]
+    # The report re-reads the shard: a link's place shows why it has no image, the sample beside it its image.
+    from reporting.images import load_images
+    from schemas.records import ItemRef
+
+    shown = load_images([ItemRef.make(path, member="s/0002.png"), ItemRef.make(path, member="s/0001")], DecodeLimits(),
+                        ShardSettings())
+    assert shown[f"{path}#member=s/0002.png"].reason.startswith("UnsupportedMember: tar member is a symbolic link to 0001.png")
+    assert shown[f"{path}#member=s/0001"].image is not None
+    # A shard of links only is those rows, not an "empty shard".
+    _, [only] = run_file(link_tar(tmp_path / "links.tar", [("a.png", tarfile.SYMTYPE, "/tmp/a.png")]))
+    assert (only.ref.member, only.error_type) == ("a.png", "UnsupportedMember")
+
+
+def test_a_misspelt_passthrough_column_is_an_error_row_listing_the_shards_columns(tmp_path):
+    from tests.shard_data import image_bytes, parquet_bytes
+
+    path = write(tmp_path / "rows.parquet", parquet_bytes({"id": ["a"], "image": [image_bytes((1, 2, 3))], "question": ["Why?"]}))
+    items, [error] = run_file(path, shards=ShardSettings(parquet_passthrough=("question", "qestion")))
+    assert not items and (error.error_type, error.stage) == ("MissingColumn", Stage.PLAN)
+    assert error.message == ("Parquet shard has no column 'qestion' (--parquet_passthrough_columns); "
+                             "columns: ['id', 'image', 'question']")
+    items, errors = run_file(path, shards=ShardSettings(parquet_passthrough=("question",)))
+    assert not errors and [json.loads(i.info.metadata) for i in items] == [{"question": "Why?"}]
 
 
 def test_long_pdf_is_cut_into_page_ranges(tmp_path):

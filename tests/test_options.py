@@ -96,7 +96,7 @@ REQUIRED = ["--input", "in/*", "--output", "out"]
         (["--vision_tokens", "300"], r"argument --vision_tokens: invalid choice: 300 \(choose from 70, 140, 280, 560, 1120\)"),
         (["--thinking", "yes"], r"argument --thinking: invalid choice: 'yes'"),
         (["--tiny_preset", "tiny-dense"], r"argument --tiny_preset: invalid choice: 'tiny-dense'"),
-        (["--task_file", "/nowhere/tasks.yaml"], r"/nowhere/tasks.yaml: cannot be read"),
+        (["--task_file", "/nowhere/tasks.yaml"], r"--task_file /nowhere/tasks.yaml does not exist"),
         (["--gcs_retry_timeout_s", "0"], r"--gcs_retry_timeout_s 0.0: must be seconds, above 0"),
         (["--gcs_retry_initial_delay_s", "5", "--gcs_retry_max_delay_s", "1"], r"GCS retry budget needs .*--gcs_retry_max_delay_s"),
         (["--engine_profile", "gpu"], r"argument --engine_profile: invalid choice: 'gpu' \(choose from 'cpu', 'cpu-tiny', 'gpu-h100"),
@@ -194,3 +194,50 @@ def test_every_option_is_documented_in_the_readme():
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     flags = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
     assert [flag for flag in flags if f"`{flag}" not in readme] == []
+
+
+# --- local paths, checked before anything starts (issue 26) ------------------------------------------
+
+def test_a_manifest_whose_name_holds_a_comma_is_one_manifest(tmp_path):
+    manifest = tmp_path / "orders, march.csv"
+    manifest.write_text("uri\na.png\n")
+    assert config("--input", "a", "--manifest", str(manifest)).manifests == (str(manifest),)
+    # A value naming no existing file is a list, as a flex-template parameter passes several.
+    assert config("--input", "a", "--manifest", f"{tmp_path}/a.txt,{tmp_path}/b.txt").manifests == (
+        f"{tmp_path}/a.txt", f"{tmp_path}/b.txt")
+
+
+def test_missing_local_inputs_manifests_and_task_files_are_named_in_one_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as refused:
+        parse_args([
+            "--input", str(tmp_path / "scans"), "--input", str(tmp_path / "empty"),  # an empty folder: the run's row
+            "--input", f"{tmp_path}/nowhere/*.png", "--input", "gs://my-bucket/x",  # globs and buckets: the run's
+            "--manifest", str(tmp_path / "list.csv"), "--task_file", str(tmp_path / "tasks.yaml"),
+            "--output", str(tmp_path / "out"),
+        ])
+    assert str(refused.value) == (
+        f"--input {tmp_path}/scans does not exist; --manifest {tmp_path}/list.csv does not exist; "
+        f"--task_file {tmp_path}/tasks.yaml does not exist"
+    )
+
+
+def test_a_local_csv_manifest_without_its_column_is_refused_at_launch(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes("\ufeffURI,question\r\na.png,Why?\r\n".encode())
+    with pytest.raises(UsageError, match=rf"--manifest {manifest}: CSV manifest has no column 'uri' \(--manifest_column\); "
+                                         r"its columns are 'URI', 'question'; did you mean --manifest_column 'URI'\?"):
+        parse_args(["--manifest", str(manifest), "--output", str(tmp_path / "out")])
+    assert parse_args(["--manifest", str(manifest), "--manifest_column", "URI", "--output", str(tmp_path / "out")])
+    with pytest.raises(UsageError, match=rf"--manifest {tmp_path} is a folder: a manifest is a file listing inputs"):
+        parse_args(["--manifest", str(tmp_path), "--output", str(tmp_path / "out")])
+
+
+def test_the_command_line_exits_2_in_one_line_before_the_engine_starts(tmp_path, capsys):
+    from pipelines import vision_batch
+
+    with vision_batch.restoring_process_state():
+        code = vision_batch.main(["--input", str(tmp_path / "scans"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [f"vision_batch: error: --input {tmp_path}/scans does not exist"]
+    assert not (tmp_path / "out").exists()

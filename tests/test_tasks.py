@@ -9,7 +9,9 @@ import jsonschema
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import JobConfig, UsageError
+from pipelines.engine_profiles import LARGEST_CONTEXT
+from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
+from pipelines.options import JobConfig, UsageError, parse_args
 from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from transforms.engine import EngineSettings
 from transforms.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
@@ -261,6 +263,47 @@ def test_every_mistake_of_a_file_is_listed_at_once():
     assert str(refused.value).count("\n") == 2
 
 
+def test_schema_structure_and_contract_mistakes_come_in_one_pass():
+    """Before, the schema's mistakes hid the others until they were fixed: a file took several rounds."""
+    text = (
+        "tasks: [{name: a, instruction: x, output: jsn}, {name: ocr, instruction: y, schema: {type: object}},"
+        " {name: c, instruction: 'Q: {q}', output: json, schema: {type: object}, retries: [{temperature: 0, instruction: '{hint}'}]},"
+        " {name: d, instruction: x, max_tokens: 100000000}, {name: e, instrucion: x, output: json}]"
+    )
+    with pytest.raises(TaskFileError) as refused:
+        parse_task_file(text, "tasks.yaml", LARGEST_CONTEXT)
+    expected = [
+        "task 'a' (tasks[0]), field output: 'jsn' is not allowed",
+        "task 'ocr' (tasks[1]): name 'ocr' is a built-in task",
+        "task 'ocr' (tasks[1]), field schema: only json tasks have a schema",
+        "task c: a retry instruction names hint",
+        f"task 'd' (tasks[3]), field max_tokens: 100000000 is more than any engine profile's context holds ({LARGEST_CONTEXT} tokens",
+        "task 'e' (tasks[4]): 'instruction' is required",
+        "task 'e' (tasks[4]): unknown field 'instrucion'",
+        "task 'e' (tasks[4]): output json needs a schema",
+    ]
+    assert len(refused.value.mistakes) == len(expected), refused.value.mistakes
+    for got, fragment in zip(refused.value.mistakes, expected):
+        assert got.startswith(fragment), (got, fragment)
+
+
+def test_max_tokens_are_bounded_by_the_longest_context_of_any_engine_profile(tmp_path):
+    assert LARGEST_CONTEXT == max(profile.engine_args["max_model_len"] for profile in ENGINE_PROFILES.values())
+    assert parse_task_file(f"tasks: [{{name: a, instruction: x, max_tokens: {LARGEST_CONTEXT}}}]", "t.yaml", LARGEST_CONTEXT)
+    (tmp_path / "tasks.yaml").write_text("tasks: [{name: a, instruction: x, max_tokens: 100000000}]")
+    with pytest.raises(UsageError, match="field max_tokens: 100000000 is more than any engine profile's context holds"):
+        parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--task_file", str(tmp_path / "tasks.yaml")])
+
+
+def test_a_task_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    import yaml
+
+    from transforms.task_file import load_task_file
+
+    (tmp_path / "tasks.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(yaml.safe_load(ISSUE_EXAMPLE)).encode())
+    assert load_task_file(str(tmp_path / "tasks.json")) == parse_task_file(ISSUE_EXAMPLE, "tasks.yaml")
+
+
 def test_the_task_file_schema_itself_is_a_valid_json_schema():
     from transforms.task_file import TASK_FILE_SCHEMA
 
@@ -309,6 +352,12 @@ def test_without_per_task_budgets_requests_keep_the_models_default(tmp_path):
         (("--task_vision_tokens", "ocr=300"), "--task_vision_tokens ocr=300: budgets are 70, 140"),
         (("--task_vision_tokens", "ocr=big"), "--task_vision_tokens ocr=big: N must be a whole number"),
         (("--tasks", "invoice,poem"), "unknown task"),
+        # A budget for a task the run does not run (here the file's two) changed nothing, silently.
+        (("--task_vision_tokens", "ocr=280"), r"--task_vision_tokens ocr=280: not among the tasks this run runs "
+                                               r"\(invoice, answer\); add the task to --tasks or drop its budget"),
+        (("--tasks", "caption", "--task_vision_tokens", "caption=140,ocr=1120"), r"--task_vision_tokens ocr=1120: not among"),
+        (("--max_tokens", "answer=100000000"), rf"--max_tokens answer=100000000: N must be a whole number of tokens, at "
+                                               rf"least 1 and at most {LARGEST_CONTEXT} \(the longest context of any engine profile\)"),
     ],
 )
 def test_bad_task_options_are_refused_with_a_reason(tmp_path, args, message):

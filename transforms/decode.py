@@ -43,7 +43,7 @@ from transforms.formats import (
     render_item,
     sniff,
 )
-from transforms.shards import ShardSettings, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from transforms.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 
@@ -129,7 +129,12 @@ class PlanUnits(beam.DoFn):
                 for sample in iter_tar_samples(stream, self._limits.max_file_bytes):
                     if self._max_items is not None and samples >= self._max_items:
                         break
-                    samples += 1
+                    samples += 1  # a link member too: it is one outcome (an error row), as an imageless sample is
+                    if isinstance(sample, SpecialMember):
+                        # Named by the whole member name: its key may also be a sample's, with results of its own.
+                        yield failure(ItemRef.make(source.uri, member=sample.name), Stage.PLAN, sample.refusal(),
+                                      metadata=source.metadata)
+                        continue
                     sample_metadata = merge(source.metadata, sample.metadata)
                     if sample.image is None:
                         yield failure(

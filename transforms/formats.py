@@ -98,6 +98,10 @@ class EmptyShard(DecodeError):
     pass
 
 
+class UnsupportedMember(DecodeError):
+    """A tar member that is a link (symbolic or hard), a device or a FIFO: not followed, not read."""
+
+
 class EncryptedPdf(DecodeError):
     pass
 

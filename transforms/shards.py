@@ -10,8 +10,9 @@ import dataclasses
 import json
 import posixpath
 import tarfile
-from typing import IO, Any, Iterator, Optional, Sequence
+from typing import IO, Any, Iterator, Optional, Sequence, Union
 
+from transforms.formats import UnsupportedMember
 from transforms.metadata import encode
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "pdf")
@@ -36,6 +37,31 @@ class TarSample:
     image: Optional[bytes]
     metadata: Optional[str]  # JSON of the sidecars
     member_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialMember:
+    """A tar member that is no file: a symbolic or hard link, a device or a FIFO. Never followed or read."""
+
+    name: str
+    kind: str  # e.g. "symbolic link to ../a.jpg"
+
+    def refusal(self) -> UnsupportedMember:
+        """Why it has no item: the error of its row (the pipeline) and of its place in the report."""
+        return UnsupportedMember(
+            f"tar member is a {self.kind}: links and special files in shards are not followed; "
+            f"store the file itself in the shard"
+        )
+
+
+def _link_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symbolic link to {info.linkname}"
+    if info.islnk():
+        return f"hard link to {info.linkname}"
+    if info.isfifo():
+        return "FIFO"
+    return "device" if info.isdev() else "special member"
 
 
 class TruncatedShard(ValueError):
@@ -75,19 +101,26 @@ def _sample(key: str, members: list[tuple[str, bytes]]) -> TarSample:
     return TarSample(key, image_name, image, encode(sidecars), tuple(name for name, _ in members))
 
 
-def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[TarSample]:
+def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[Union[TarSample, SpecialMember]]:
     """Stream a .tar / .tar.gz, grouping consecutive members by key.
 
     Raises TruncatedShard (after yielding every complete sample) when the
     archive breaks off. Members over `max_member_bytes` are not read; their
-    sample then has no image and is reported by the caller.
+    sample then has no image and is reported by the caller. Folders are
+    passed over; every other member that is not a file (links, devices) is
+    yielded as a SpecialMember for the caller to report: a link's target is
+    never followed, inside the archive or out of it (member names never
+    become paths), and silently dropping it broke "every input is accounted for".
     """
     key: Optional[str] = None
     members: list[tuple[str, bytes]] = []
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for info in archive:
+                if info.isdir():
+                    continue
                 if not info.isfile():
+                    yield SpecialMember(info.name, _link_kind(info))
                     continue
                 member_key, _ = split_key(info.name)
                 if member_key != key and members:
@@ -107,7 +140,7 @@ def iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[TarSa
 
 
 def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> list[int]:
-    """Rows in each row group of a Parquet shard, after checking it has the image column."""
+    """Rows in each row group of a Parquet shard, after checking it has the image and pass-through columns."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(handle)
@@ -115,6 +148,13 @@ def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> list[int]:
     if settings.parquet_bytes_column not in names:
         raise MissingColumn(
             f"Parquet shard has no column {settings.parquet_bytes_column!r} (--parquet_bytes_column); columns: {names}"
+        )
+    # Checked per shard, where the schema is known (a launch would have to open every shard of a bucket):
+    # a misspelt name was silently dropped from every row's metadata; now each shard is an error row naming it.
+    missing = [column for column in settings.parquet_passthrough if column not in names]
+    if missing:
+        raise MissingColumn(
+            f"Parquet shard has no column {', '.join(map(repr, missing))} (--parquet_passthrough_columns); columns: {names}"
         )
     return [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
 
@@ -147,7 +187,7 @@ def iter_parquet_rows(handle: IO[bytes], row_group: int, settings: ShardSettings
     table = parquet.read_row_group(row_group, columns=list(wanted))
     for offset, row in enumerate(table.to_pylist()):
         identifier = row.get(settings.parquet_id_column)
-        passthrough = {c: row[c] for c in settings.parquet_passthrough if c in row}
+        passthrough = {c: row[c] for c in settings.parquet_passthrough}  # present: parquet_row_groups checked
         yield ParquetRow(
             member=str(identifier) if identifier is not None else f"row-{first_row + offset}",
             image=_image_bytes(row.get(settings.parquet_bytes_column)),

@@ -6,11 +6,18 @@ people give it: a folder means its files, recursively; a glob its matches;
 anything else one file. Files of folders and globs pass the user's
 include/exclude patterns, and hidden files (`.DS_Store`, `.git/`) are
 skipped unless asked for; a file named explicitly, or listed by a manifest,
-is always read. A pattern that matches nothing, or a manifest entry that
-doesn't exist, is an error row, not a silent empty run: a typo in a nightly
-job's input path must show up in its counts (and fails the run's error
-budget). Every URI leaves this stage in its canonical spelling
+is always read. Local folders are walked through symlinked folders too, as
+`find -L` does (named by the path through the link; a link back into a folder
+it is inside is not followed again). A pattern that matches nothing, or a
+manifest entry that doesn't exist, is an error row, not a silent empty run: a
+typo in a nightly job's input path must show up in its counts (and fails the
+run's error budget). Every URI leaves this stage in its canonical spelling
 (`schemas.uris`), so ids do not depend on the working directory.
+
+Manifests are read as people save them: UTF-8 with or without a byte-order
+mark (Excel's "CSV UTF-8"), any line ending. A CSV or Parquet manifest must
+have the `--manifest_column` column and no two columns of one name; anything
+else is refused (`ManifestError`) rather than read with its header as an input.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import re
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes, FileSystem
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
@@ -38,10 +45,19 @@ class NoMatch(LookupError):
 
 
 class NotFound(LookupError):
-    """A manifest entry naming a file that does not exist."""
+    """A manifest entry, or an --input without glob characters, naming nothing that exists."""
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as a list of inputs: not UTF-8, no URI column, duplicate column names."""
 
 
 _MAGIC = re.compile(r"[*?[]")
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether an `--input` is a glob (`*`, `**`, `?`, `[...]`) rather than a file or folder."""
+    return _MAGIC.search(pattern) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +127,51 @@ def expand_input(pattern: str) -> tuple[str, Optional[str]]:
     return f"{folder}/**", folder
 
 
+def _walk_local(folder: str) -> Iterator[FileMetadata]:
+    """Files under a local folder, recursively, through symlinked folders, named by the path walked.
+
+    Beam's local listing (`os.walk` without `followlinks`) skips a symlinked
+    folder inside the walked one, so its files matched nothing. Followed here
+    as `find -L` does: a link whose target is the folder it sits in or one of
+    that folder's ancestors on the walked path (a loop) is not followed again:
+    its files are read under their own names already. Entries that vanish or
+    cannot be read while listing are passed over, as Beam's listing does.
+    """
+    pending = [(folder, frozenset({os.path.realpath(folder)}))]
+    while pending:
+        current, ancestors = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():  # follows links
+                    real = os.path.realpath(entry.path)
+                    if real not in ancestors:
+                        pending.append((entry.path, ancestors | {real}))
+                elif entry.is_file():
+                    stat = entry.stat()
+                    yield FileMetadata(entry.path, stat.st_size, stat.st_mtime)
+            except OSError:
+                continue
+
+
+def _list_matches(glob: str) -> list[FileMetadata]:
+    """What a glob matches; local globs are listed with `_walk_local`, from the folder before the first glob character."""
+    filesystem = FileSystems.get_filesystem(glob)
+    if not isinstance(filesystem, LocalFileSystem) or not is_glob(glob):
+        return FileSystems.match([glob])[0].metadata_list
+    glob = glob + "*" if glob.endswith("/") else glob  # as Beam's match reads a trailing '/'
+    fixed = _MAGIC.split(glob, 1)[0]
+    return list(filesystem.match_files(_walk_local(os.path.dirname(fixed) or "/"), glob))
+
+
 def match_pattern(pattern: str, selection: InputSelection = InputSelection()) -> list[SourceFile]:
     """All files (not directories) an `--input` names and the selection keeps, sorted by URI."""
     glob, root = expand_input(pattern)
-    result = FileSystems.match([glob])[0]
     files = []
-    for meta in result.metadata_list:
+    for meta in _list_matches(glob):
         if _is_directory(meta.path):
             continue
         if root is not None and not selection.keeps(meta.path[len(root):].lstrip("/")):
@@ -151,25 +206,60 @@ class _MatchPattern(beam.DoFn):
             yield failure(ItemRef.make(pattern), Stage.MATCH, exc)
             return
         if not files:
-            missing = NotFound("manifest entry does not exist") if literal else NoMatch("no file matched (or all were excluded)")
-            yield failure(ItemRef.make(pattern), Stage.MATCH, missing)
+            yield failure(ItemRef.make(pattern), Stage.MATCH, nothing_found(pattern, literal))
             return
         yield from files
+
+
+def nothing_found(pattern: str, literal: bool) -> LookupError:
+    """Why an entry gave no file: kept apart are what does not exist and what exists but matched nothing.
+
+    Object stores have no folders, so there a name without glob characters
+    that is neither an object nor a prefix of one "matched nothing" too.
+    """
+    if literal:
+        return NotFound("manifest entry does not exist")
+    local = isinstance(FileSystems.get_filesystem(pattern), LocalFileSystem)
+    if is_glob(pattern):
+        return NoMatch("no file matched (or all were excluded)")
+    if local and not os.path.exists(pattern):
+        return NotFound("does not exist")
+    if local:
+        return NoMatch("folder holds no files (or all were excluded)")
+    return NoMatch("no object of that name or under it as a folder")
 
 
 Row = tuple[str, dict[str, Any]]  # a manifest entry and its row's other columns
 
 
+def uri_column(names: Sequence[str], column: str, kind: str) -> int:
+    """Where `column` is among a manifest's column names, or ManifestError naming the columns it has.
+
+    Refused rather than guessed: a header read as an entry became an input
+    ("does not exist") and every row lost its metadata; of two columns with
+    one name, a row kept only the last value.
+    """
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ManifestError(f"{kind} manifest has several columns named {', '.join(map(repr, duplicates))}; "
+                            f"give each column its own name")
+    if column not in names:
+        close = [name for name in names if name.strip().lower() == column.lower()]
+        hint = f"; did you mean --manifest_column {close[0]!r}?" if close else ""
+        raise ManifestError(
+            f"{kind} manifest has no column {column!r} (--manifest_column); its columns are "
+            f"{', '.join(map(repr, names)) or 'none'}{hint} (a list of URIs alone goes in a text manifest, one per line)"
+        )
+    return names.index(column)
+
+
 def _csv_entries(handle: IO[bytes], column: str) -> Iterator[Row]:
-    reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which `utf-8` kept in the first column's name.
+    reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8-sig", newline=""))
     header = next(reader, None)
     if header is None:
         return
-    if column not in header:
-        # No header row: the first line is an entry, and no column has a name to be used by.
-        yield from ((row[0], {}) for row in [header, *reader] if row)
-        return
-    index = header.index(column)
+    index = uri_column(header, column, "CSV")
     for row in reader:
         if len(row) > index:
             # An empty cell is no value: CSV cannot tell it from a missing one.
@@ -180,8 +270,7 @@ def _parquet_entries(handle: IO[bytes], column: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(handle)
-    if column not in parquet.schema_arrow.names:
-        raise ValueError(f"manifest has no column {column!r} (--manifest_column); columns: {parquet.schema_arrow.names}")
+    uri_column(parquet.schema_arrow.names, column, "Parquet")
     for batch in parquet.iter_batches():
         for row in batch.to_pylist():
             if row[column]:
@@ -192,7 +281,8 @@ def manifest_entries(uri: str, column: str = "uri") -> Iterator[InputEntry]:
     """Files a manifest lists: Parquet (`column`), CSV (`column` or the first column) or text (one per line).
 
     A CSV or Parquet row's other columns become the file's metadata (values
-    for task instructions, written to its rows).
+    for task instructions, written to its rows). Raises ManifestError for a
+    manifest that is not one (see the module docstring).
     """
     manifest_dir = FileSystems.split(uri)[0]
     lower = uri.lower()
@@ -202,11 +292,16 @@ def manifest_entries(uri: str, column: str = "uri") -> Iterator[InputEntry]:
         elif lower.endswith(".csv") or lower.endswith(".csv.gz"):
             entries = _csv_entries(handle, column)
         else:
-            entries = ((line.decode("utf-8"), {}) for line in handle)
-        for entry, columns in entries:
-            entry = entry.strip()
-            if entry and not entry.startswith("#"):
-                yield InputEntry(resolve_relative(entry, manifest_dir), literal=True, metadata=encode(columns))
+            # utf-8-sig: a byte-order mark kept on the first line made an absolute path relative.
+            entries = ((line, {}) for line in io.TextIOWrapper(handle, encoding="utf-8-sig"))
+        try:
+            for entry, columns in entries:
+                entry = entry.strip()
+                if entry and not entry.startswith("#"):
+                    yield InputEntry(resolve_relative(entry, manifest_dir), literal=True, metadata=encode(columns))
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                f"save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
 
 
 class _ReadManifest(beam.DoFn):

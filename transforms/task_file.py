@@ -14,7 +14,10 @@
 Fields of a task (`TASK_FIELDS`): `name` and `instruction` are required;
 `output` is `text` (default), `boxes` or `json`; `schema` (a JSON Schema) is
 required for `json` and only for it; `max_tokens`, `temperature`, `top_k`,
-`top_p`, `vision_tokens` and `retries` are optional. `{placeholders}` in
+`top_p`, `vision_tokens` and `retries` are optional; `max_tokens` is bounded
+by the caller (the longest context any engine profile holds). Every mistake of
+a file is reported at once: the schema's, the entries' own checks and the
+task contract's. `{placeholders}` in
 the instruction are filled from each item's metadata
 (`transforms.metadata`). Files ending `.json` are read as JSON, others as
 YAML; local paths and gs:// URIs both work (read once, at launch).
@@ -115,26 +118,45 @@ def _sentence(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _structure_mistakes(document: Any) -> list[str]:
+def _task_index(path: Sequence[Any]) -> Optional[int]:
+    """The task a location inside the document belongs to (None: the file itself)."""
+    return path[1] if len(path) >= 2 and path[0] == "tasks" and isinstance(path[1], int) else None
+
+
+def _structure_mistakes(document: Any) -> list[tuple[Optional[int], str]]:
+    """(task index, mistake) for everything the file's JSON Schema refuses."""
     validator = jsonschema.Draft202012Validator(TASK_FILE_SCHEMA)
     errors = sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
-    return [f"{_where(document, list(e.absolute_path))}: {_sentence(e)}" for e in errors]
+    return [(_task_index(list(e.absolute_path)), f"{_where(document, list(e.absolute_path))}: {_sentence(e)}") for e in errors]
 
 
-def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str]) -> list[str]:
-    """Mistakes the file's JSON Schema cannot see: names, schemas, templates, retries."""
+def _output_kind(entry: Mapping[str, Any]) -> Optional[OutputKind]:
+    """The entry's output kind; None when it names none there is (the schema check reports that)."""
+    try:
+        return OutputKind(entry.get("output", "text"))
+    except (ValueError, TypeError):
+        return None
+
+
+def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_tokens_limit: Optional[int]) -> list[str]:
+    """Mistakes the file's JSON Schema cannot see: names, schemas, templates, retries, limits.
+
+    Each check looks only at fields of the right type, so it runs beside the
+    schema's own mistakes (which name the others): a file's mistakes all come in one pass.
+    """
     mistakes = []
-    name, output = entry["name"], OutputKind(entry.get("output", "text"))
-    if name in BUILTIN_TASKS:
-        mistakes.append(f"{where}: name {name!r} is a built-in task; choose another name")
-    if name in seen:
-        mistakes.append(f"{where}: name {name!r} is used by an earlier task")
-    seen.add(name)
+    name, output = entry.get("name"), _output_kind(entry)
+    if isinstance(name, str):
+        if name in BUILTIN_TASKS:
+            mistakes.append(f"{where}: name {name!r} is a built-in task; choose another name")
+        if name in seen:
+            mistakes.append(f"{where}: name {name!r} is used by an earlier task")
+        seen.add(name)
     if output is OutputKind.JSON and "schema" not in entry:
         mistakes.append(f"{where}: output json needs a schema (a JSON Schema of the answer)")
-    if output is not OutputKind.JSON and "schema" in entry:
+    if output not in (None, OutputKind.JSON) and "schema" in entry:
         mistakes.append(f"{where}, field schema: only json tasks have a schema (boxes answers use Gemma's box format)")
-    if "schema" in entry:
+    if isinstance(entry.get("schema"), dict):
         try:
             jsonschema.validators.validator_for(entry["schema"]).check_schema(entry["schema"])
         except jsonschema.SchemaError as exc:
@@ -142,10 +164,18 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str]) -> lis
             mistakes.append(f"{where}, field schema: not a valid JSON Schema at {at}: {exc.message}")
     if output is OutputKind.TEXT and "retries" in entry:
         mistakes.append(f"{where}, field retries: only boxes and json answers are validated, so only they are retried")
-    templates = [("instruction", entry["instruction"])] + [
-        (f"retries[{index}].instruction", rung["instruction"]) for index, rung in enumerate(entry.get("retries", ())) if "instruction" in rung
+    max_tokens = entry.get("max_tokens")
+    if max_tokens_limit is not None and isinstance(max_tokens, int) and max_tokens > max_tokens_limit:
+        mistakes.append(f"{where}, field max_tokens: {max_tokens} is more than any engine profile's context holds "
+                        f"({max_tokens_limit} tokens, the prompt included)")
+    rungs = entry.get("retries") if isinstance(entry.get("retries"), list) else []
+    templates = [("instruction", entry.get("instruction"))] + [
+        (f"retries[{index}].instruction", rung["instruction"]) for index, rung in enumerate(rungs)
+        if isinstance(rung, dict) and "instruction" in rung
     ]
     for field, text in templates:
+        if not isinstance(text, str):
+            continue  # missing or not text: the schema's mistake
         try:
             Template(text)
         except ValueError as exc:
@@ -173,36 +203,47 @@ def _task(entry: Mapping[str, Any]) -> Task:
     )
 
 
-def parse_task_file(text: str, path: str) -> tuple[Task, ...]:
-    """The tasks a task file's text defines (JSON when `path` ends in .json, else YAML), or TaskFileError."""
+def parse_task_file(text: str, path: str, max_tokens_limit: Optional[int] = None) -> tuple[Task, ...]:
+    """The tasks a task file's text defines (JSON when `path` ends in .json, else YAML), or TaskFileError.
+
+    Every mistake of the file is listed at once, the file's own first, then
+    task by task. `max_tokens_limit`: the largest `max_tokens` accepted (the
+    caller knows the engines; none here).
+    """
     try:
         document = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise TaskFileError(path, [f"not valid {'JSON' if path.lower().endswith('.json') else 'YAML'}: {' '.join(str(exc).split())}"]) from None
     mistakes = _structure_mistakes(document)
-    if mistakes:
-        raise TaskFileError(path, mistakes)
+    entries = document.get("tasks") if isinstance(document, dict) else None
+    tasks: list[Task] = []
     seen: set[str] = set()
-    for index, entry in enumerate(document["tasks"]):
-        mistakes += _entry_mistakes(entry, _where(document, ["tasks", index]), seen)
+    for index, entry in enumerate(entries if isinstance(entries, list) else ()):
+        if not isinstance(entry, dict):
+            continue
+        found = _entry_mistakes(entry, _where(document, ["tasks", index]), seen, max_tokens_limit)
+        mistakes += [(index, mistake) for mistake in found]
+        if not found and all(at != index for at, _ in mistakes):
+            try:
+                tasks.append(_task(entry))
+            except ValueError as exc:  # the contract's own checks (e.g. a retry naming a value the instruction does not); they name the task
+                mistakes.append((index, str(exc)))
     if mistakes:
-        raise TaskFileError(path, mistakes)
-    try:
-        return tuple(_task(entry) for entry in document["tasks"])
-    except ValueError as exc:  # the contract's own checks (e.g. a retry naming a value the instruction does not)
-        raise TaskFileError(path, [str(exc)]) from None
+        # Stable: the file's own mistakes (-1) first, then each task's in the order they were found.
+        raise TaskFileError(path, [mistake for _, mistake in sorted(mistakes, key=lambda m: -1 if m[0] is None else m[0])])
+    return tuple(tasks)
 
 
-def load_task_file(path: Optional[str]) -> tuple[Task, ...]:
+def load_task_file(path: Optional[str], max_tokens_limit: Optional[int] = None) -> tuple[Task, ...]:
     """The tasks of `--task_file` (local or gs://); none without one."""
     if not path:
         return ()
     try:
         with FileSystems.open(path) as handle:
-            text = handle.read().decode("utf-8")
+            text = handle.read().decode("utf-8-sig")  # a byte-order mark (Notepad, Excel) is not JSON
     except UnicodeDecodeError:
         raise TaskFileError(path, ["not UTF-8 text"]) from None
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable file: one line naming it
         storage.raise_if_outage(exc)  # ... but storage being down is no mistake in the file or its name
         raise TaskFileError(path, [f"cannot be read ({type(exc).__name__}: {exc})"]) from None
-    return parse_task_file(text, path)
+    return parse_task_file(text, path, max_tokens_limit)
