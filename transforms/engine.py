@@ -448,14 +448,18 @@ class VisionEngine:
             self._capacity.notify_all()
 
     def _admit(self, group: list[_Request], running: dict[str, _Request]) -> None:
-        for request in group:
+        for index, request in enumerate(group):
             request.submitted_at = time.monotonic()
             try:
                 prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
                 self._engine.add_request(request.request_id, prompt, request.params)
             except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
                 if _engine_is_dead(exc):
-                    raise  # not the request's fault: the step loop fails everything outstanding
+                    # Not the request's fault: the step loop fails everything outstanding, this group's
+                    # unadmitted rest included (it is in no queue any more: left out, its futures would
+                    # never end, and its bundle would wait forever).
+                    running.update((rest.request_id, rest) for rest in group[index:])
+                    raise
                 request.future.set_exception(exc)
                 self._release()
                 continue

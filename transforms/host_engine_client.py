@@ -73,7 +73,23 @@ class HostEngineClient:
         )
 
     def _call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        """Run `coroutine` on the client's loop and wait for it; EngineDeadError once the core is gone.
+
+        A call into a killed core (an add_request waiting on it) would otherwise wait forever: the
+        watcher's verdict is checked every MONITOR_INTERVAL_S while waiting.
+        """
+        import concurrent.futures
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        while True:
+            try:
+                return future.result(timeout=MONITOR_INTERVAL_S)
+            except concurrent.futures.TimeoutError:
+                if self._dead is not None:
+                    future.cancel()
+                    raise EngineDeadError(str(self._dead)) from None
 
     @property
     def core_pid(self) -> int:
