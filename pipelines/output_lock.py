@@ -238,14 +238,18 @@ def _blob(uri: str, options: PipelineOptions) -> Any:
 
 def _read_gcs(blob: Any, retry: Any) -> tuple[Optional[LockRecord], int]:
     """The lock object's record and generation; (None, 0) when there is none."""
-    from google.api_core.exceptions import NotFound
+    from google.api_core.exceptions import NotFound, PreconditionFailed
 
-    try:
-        blob.reload(retry=retry)
-        data = blob.download_as_bytes(if_generation_match=blob.generation, retry=retry)
-    except NotFound:
-        return None, 0
-    return LockRecord.from_json(data), int(blob.generation)
+    for _ in range(_ATTEMPTS):
+        try:
+            blob.reload(retry=retry)
+            generation = int(blob.generation)  # read first: the download's answer does not carry it
+            return LockRecord.from_json(blob.download_as_bytes(if_generation_match=generation, retry=retry)), generation
+        except NotFound:
+            return None, 0
+        except PreconditionFailed:
+            continue  # rewritten between the two requests (a heartbeat): read the new one
+    raise OutputLocked(f"gs://{blob.bucket.name}/{blob.name.rsplit('/', 1)[0]}", None)  # rewritten all along
 
 
 def _write_gcs(blob: Any, record: LockRecord, generation: int, retry: Any) -> int:
@@ -263,11 +267,11 @@ def _gcs_check(output: str, options: PipelineOptions) -> None:
 class _GcsLock:
     """A held gs:// lock: its generation, and the thread that keeps its heartbeat fresh."""
 
-    def __init__(self, blob: Any, record: LockRecord, generation: int, retry: Any, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, blob: Any, record: LockRecord, generation: int, retry: Any):
         self.record = record
         self._blob, self._generation, self._retry = blob, generation, retry
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), name="output-lock-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(HEARTBEAT_S,), name="output-lock-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self, interval_s: float) -> None:

@@ -11,13 +11,21 @@ doesn't exist, is an error row, not a silent empty run: a typo in a nightly
 job's input path must show up in its counts (and fails the run's error
 budget). Every URI leaves this stage in its canonical spelling
 (`schemas.uris`), so ids do not depend on the working directory.
+
+Folders and globs never read this pipeline's own outputs: a folder holding
+its marker or a run summary of its own (`transforms.sinks`), and everything
+under it, is skipped with a warning, so `--input junk --output junk/out`
+and the next run over `junk` read the user's files only.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import json
+import logging
 import os
+import posixpath
 import re
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
@@ -31,6 +39,9 @@ from schemas.uris import canonical_uri, resolve_relative
 from transforms import metrics, storage
 from transforms.errors import ERRORS_TAG, failure
 from transforms.metadata import encode
+from transforms.sinks import MARKER_FILE, SUMMARY_FILE, is_run_summary
+
+_LOG = logging.getLogger(__name__)
 
 
 class NoMatch(LookupError):
@@ -111,15 +122,62 @@ def expand_input(pattern: str) -> tuple[str, Optional[str]]:
     return f"{folder}/**", folder
 
 
+class _OutputFolders:
+    """Which folders hold this pipeline's output: its marker, or a run summary of its own. Each folder asked once.
+
+    `listed`: every path under the input's root, when the listing is a whole
+    folder's (the answer is then in it, no request needed); None for a glob,
+    whose listing need not show a matched file's neighbours.
+    """
+
+    def __init__(self, listed: Optional[set[str]]):
+        self._listed = listed
+        self._known: dict[str, bool] = {}
+
+    def _exists(self, path: str) -> bool:
+        return path in self._listed if self._listed is not None else FileSystems.exists(path)
+
+    def holds_output(self, folder: str) -> bool:
+        if folder not in self._known:
+            summary = f"{folder}/{SUMMARY_FILE}"
+            self._known[folder] = self._exists(f"{folder}/{MARKER_FILE}") or (self._exists(summary) and _ours(summary))
+            if self._known[folder]:
+                _LOG.warning("%s is skipped: it holds this pipeline's output, which is never read as input", folder)
+        return self._known[folder]
+
+    def skips(self, path: str, root: str) -> bool:
+        """Whether `path` lies in an output folder at or below `root`."""
+        folder = posixpath.dirname(path)
+        while len(folder) >= len(root):
+            if self.holds_output(folder):
+                return True
+            parent = posixpath.dirname(folder)
+            if parent == folder:
+                return False
+            folder = parent
+        return False
+
+
+def _ours(summary_path: str) -> bool:
+    """A run_summary.json of this pipeline's (another tool's file of that name does not hide its folder)."""
+    try:
+        with FileSystems.open(summary_path) as handle:
+            return is_run_summary(json.loads(handle.read()))
+    except ValueError:
+        return False
+
+
 def match_pattern(pattern: str, selection: InputSelection = InputSelection()) -> list[SourceFile]:
-    """All files (not directories) an `--input` names and the selection keeps, sorted by URI."""
+    """All files (not directories) an `--input` names and the selection keeps, minus output folders, sorted by URI."""
     glob, root = expand_input(pattern)
-    result = FileSystems.match([glob])[0]
+    found = [meta for meta in FileSystems.match([glob])[0].metadata_list if not _is_directory(meta.path)]
+    whole_folder = root is not None and glob == f"{root}/**"
+    outputs = _OutputFolders({meta.path for meta in found} if whole_folder else None)
     files = []
-    for meta in result.metadata_list:
-        if _is_directory(meta.path):
-            continue
+    for meta in found:
         if root is not None and not selection.keeps(meta.path[len(root):].lstrip("/")):
+            continue
+        if root is not None and outputs.skips(meta.path, root):
             continue
         files.append(SourceFile(uri=canonical_uri(meta.path), size_bytes=meta.size_in_bytes))
     return sorted(files, key=lambda f: f.uri)
@@ -151,7 +209,7 @@ class _MatchPattern(beam.DoFn):
             yield failure(ItemRef.make(pattern), Stage.MATCH, exc)
             return
         if not files:
-            missing = NotFound("manifest entry does not exist") if literal else NoMatch("no file matched (or all were excluded)")
+            missing = NotFound("manifest entry does not exist") if literal else NoMatch("no file matched (or all were excluded, or in this pipeline's output folders)")
             yield failure(ItemRef.make(pattern), Stage.MATCH, missing)
             return
         yield from files
