@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import REPO, SMALL_OUTPUTS, run_pipeline
 from tests.test_pipeline_e2e import fresh_images
+from transforms.sinks import LOCK_FILE, MARKER_FILE
 
 IMAGES = 60
 CAPTION = ["--tasks", "caption"]
@@ -112,9 +113,10 @@ def test_a_killed_nightly_run_leaves_nothing_complete_and_its_rerun_writes_exact
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     left = files_under(nightly / "d2")
-    # Nothing that looks complete: no summary, no final table files; only Beam's temporaries.
+    # Nothing that looks complete: no summary, no final table files; only Beam's temporaries, the marker the
+    # run wrote first (it makes the folder provably this pipeline's) and its lock file (the kernel freed the lock).
     assert not (nightly / "d2" / "run_summary.json").exists()
-    assert [p for p in left if "beam-temp-" not in str(p)] == []
+    assert sorted(p.name for p in left if "beam-temp-" not in str(p)) == sorted([MARKER_FILE, LOCK_FILE])
 
     # The same command again: leftovers cleared, the earlier night skipped, exactly the rest written once.
     rerun = run_pipeline(*tonight, *CAPTION)
@@ -123,4 +125,4 @@ def test_a_killed_nightly_run_leaves_nothing_complete_and_its_rerun_writes_exact
     keys = collections.Counter((row["item_id"], row["task"]) for row in results)
     assert len(keys) == IMAGES - 10 and set(keys.values()) == {1}
     assert not any("beam-temp-" in str(p) for p in files_under(nightly / "d2"))
-    assert all(p.name.startswith("part-") or p.name == "run_summary.json" for p in files_under(nightly / "d2"))
+    assert all(p.name.startswith("part-") or p.name in ("run_summary.json", MARKER_FILE) for p in files_under(nightly / "d2"))
