@@ -55,7 +55,7 @@ from pipelines import output_lock
 from pipelines.options import PROG, UsageError, VisionBatchOptions, split_commas
 from schemas.uris import canonical_uri, mask_credentials
 from transforms.incremental import results_pattern, run_location
-from transforms.sinks import LOCK_FILE, MARKER_FILE, SUMMARY_FILE, TABLES, is_run_summary, is_table_file
+from transforms.sinks import LOCK_FILE, MARKER_FILE, SUMMARY_FILE, TABLES, is_run_summary, is_table_file, read_json
 from transforms.sources import expand_input
 
 _LOG = logging.getLogger("vision_batch")
@@ -79,14 +79,6 @@ class OutputContents:
         return source.get("run_id") if source else None
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with FileSystems.open(path) as handle:
-            return json.loads(handle.read())
-    except ValueError:
-        return None  # not JSON: not ours
-
-
 def _plausibly_ours(relative: str) -> bool:
     return relative in (MARKER_FILE, SUMMARY_FILE, LOCK_FILE) or is_table_file(relative)
 
@@ -104,16 +96,16 @@ def _listing(output: str) -> list[str]:
     return [path for path in relative(meta.path for meta in FileSystems.match([f"{output}/**"])[0].metadata_list) if path]
 
 
-def is_marker(payload: Any) -> bool:
+def _is_marker(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("tool") == PROG and isinstance(payload.get("run_id"), str)
 
 
 def inspect(output: str) -> OutputContents:
     listed = _listing(output)
     names = set(listed)
-    marker = _read_json(f"{output}/{MARKER_FILE}") if MARKER_FILE in names else None
-    marker = marker if is_marker(marker) else None
-    summary = _read_json(f"{output}/{SUMMARY_FILE}") if SUMMARY_FILE in names else None
+    marker = read_json(f"{output}/{MARKER_FILE}") if MARKER_FILE in names else None
+    marker = marker if _is_marker(marker) else None
+    summary = read_json(f"{output}/{SUMMARY_FILE}") if SUMMARY_FILE in names else None
     if not is_run_summary(summary) or (marker is not None and summary["run_id"] != marker["run_id"]):
         summary = None
     proven = marker is not None or summary is not None
@@ -126,7 +118,10 @@ def inspect(output: str) -> OutputContents:
             or (relative == SUMMARY_FILE and summary is not None)
             or (proven and is_table_file(relative))
         )
-        (ours if mine else foreign).append(f"{output}/{relative}" if mine else relative)
+        if mine:
+            ours.append(f"{output}/{relative}")
+        else:
+            foreign.append(relative)
     return OutputContents(tuple(sorted(ours)), tuple(sorted(foreign)), marker, summary)
 
 
@@ -141,8 +136,11 @@ def _prune_empty_folders(output: str) -> None:
 
 
 def _remove(output: str, files: Sequence[str]) -> None:
-    if files:
-        FileSystems.delete(list(files))
+    # The marker goes last: whatever a deletion cut short leaves behind is still provably this pipeline's.
+    marker = f"{output}/{MARKER_FILE}"
+    for batch in ([path for path in files if path != marker], [path for path in files if path == marker]):
+        if batch:
+            FileSystems.delete(batch)
     if isinstance(FileSystems.get_filesystem(output), LocalFileSystem):
         _prune_empty_folders(output)
 
@@ -235,7 +233,7 @@ def check(options: PipelineOptions) -> tuple[str, ...]:
     return tuple(warnings)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Claim:
     """A run's hold on its --output: the lock, and the right to delete what the run wrote there."""
 

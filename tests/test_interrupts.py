@@ -1,7 +1,8 @@
 """Runs that are interrupted or killed midway, as real processes on the real engine.
 
 - Ctrl-C / SIGTERM: exit 130 / 143, one line saying what was kept, no
-  traceback, nothing left in --output or the temp dir.
+  traceback, nothing of the run's left in --output (a user's file there
+  stays) or the temp dir.
 - SIGKILL (issue 15, "Runs that get killed"): no final file that looks
   complete; the same command, with --incremental_from as a nightly job runs
   it, then completes with exactly the expected rows.
@@ -84,6 +85,9 @@ def test_an_interrupted_run_exits_with_the_signals_code_and_leaves_nothing(tmp_p
     out = tmp_path / "out"
     process, lines = start(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out))
     before = wait_mid_inference(process, lines, IMAGES)
+    # Someone saves a file into the output while the run is going: the cleanup is not theirs to suffer.
+    (out / "results").mkdir(exist_ok=True)
+    (out / "results" / "notes.txt").write_text("mine")
     process.send_signal(signum)
     assert process.wait(timeout=120) == code
     after = drain(lines)
@@ -92,7 +96,7 @@ def test_an_interrupted_run_exits_with_the_signals_code_and_leaves_nothing(tmp_p
     [last] = [line for line in after if line.strip()]
     assert last.startswith(f"vision_batch: interrupted by {signal.Signals(signum).name} after ")
     assert "stopped the engine" in last and "Nothing of this run is kept" in last
-    assert files_under(out) == []
+    assert files_under(out) == [out / "results" / "notes.txt"]  # the run's own files, marker and lock gone
     assert list((tmp_path / "tmp").iterdir()) == []  # Beam's pipeline folder, vLLM's rendezvous file: gone
     # The default log: this pipeline's own lines only (vLLM's start-up warnings, torch's notices, progress bars
     # all filtered), the first progress line within seconds of the engine being up.

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.io import iobase
 from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
 from schemas.records import ErrorRecord, RunInfo
@@ -64,6 +65,15 @@ def table_prefix(output: str, table: str) -> str:
 def is_table_file(relative: str) -> bool:
     """Whether a path relative to an output is named as this pipeline's sink names its table files."""
     return _TABLE_FILE.fullmatch(relative) is not None
+
+
+def read_json(path: str) -> Any:
+    """A small JSON file of an output (its marker, its summary); None when it is not JSON, so not ours."""
+    try:
+        with FileSystems.open(path) as handle:
+            return json.loads(handle.read())
+    except ValueError:
+        return None
 
 
 def is_run_summary(payload: Any) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import os
 import posixpath
@@ -39,7 +38,7 @@ from schemas.uris import canonical_uri, resolve_relative
 from transforms import metrics, storage
 from transforms.errors import ERRORS_TAG, failure
 from transforms.metadata import encode
-from transforms.sinks import MARKER_FILE, SUMMARY_FILE, is_run_summary
+from transforms.sinks import MARKER_FILE, SUMMARY_FILE, is_run_summary, read_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -140,7 +139,10 @@ class _OutputFolders:
     def holds_output(self, folder: str) -> bool:
         if folder not in self._known:
             summary = f"{folder}/{SUMMARY_FILE}"
-            self._known[folder] = self._exists(f"{folder}/{MARKER_FILE}") or (self._exists(summary) and _ours(summary))
+            # Another tool's run_summary.json does not hide its folder: only one with this pipeline's fields.
+            self._known[folder] = self._exists(f"{folder}/{MARKER_FILE}") or (
+                self._exists(summary) and is_run_summary(read_json(summary))
+            )
             if self._known[folder]:
                 _LOG.warning("%s is skipped: it holds this pipeline's output, which is never read as input", folder)
         return self._known[folder]
@@ -155,15 +157,6 @@ class _OutputFolders:
             if parent == folder:
                 return False
             folder = parent
-        return False
-
-
-def _ours(summary_path: str) -> bool:
-    """A run_summary.json of this pipeline's (another tool's file of that name does not hide its folder)."""
-    try:
-        with FileSystems.open(summary_path) as handle:
-            return is_run_summary(json.loads(handle.read()))
-    except ValueError:
         return False
 
 
