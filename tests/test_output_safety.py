@@ -333,3 +333,21 @@ def test_an_output_inside_its_input_is_never_read_by_that_run_or_the_next(tmp_pa
     second = run_pipeline("--input", str(junk), "--output", str(tmp_path / "again"), *CAPTION)
     assert second["state"] == "SUCCEEDED" and second["counts"]["files_matched"] == 1 and second["counts"]["error_rows"] == 0
     assert [r["source_uri"] for r in pq.read_table(tmp_path / "again" / "results").to_pylist()] == [str(junk / "receipt.png")]
+
+
+@pytest.mark.engine
+def test_a_second_run_into_a_live_runs_output_is_refused_and_the_first_keeps_its_results(tmp_path, private_model_cache):
+    """The issue's case: two runs into one output both reported success, and one's results were gone."""
+    from tests.test_interrupts import IMAGES, start, wait_mid_inference
+    from tests.test_pipeline_e2e import fresh_images
+
+    fresh_images(tmp_path / "in", IMAGES)
+    out = tmp_path / "out"
+    first, lines = start(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out))
+    wait_mid_inference(first, lines, IMAGES)
+    line = one_error_line(cli("--output", str(out)))
+    assert first.wait(timeout=600) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert (f"--output {out} is being written by run {summary['run_id']} (started " in line
+            and f"on host {socket.gethostname()}, pid {first.pid})" in line)
+    assert summary["state"] == "SUCCEEDED" and pq.read_table(out / "results").num_rows == IMAGES
