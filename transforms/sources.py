@@ -15,7 +15,9 @@ budget). Every URI leaves this stage in its canonical spelling
 Folders and globs never read this pipeline's own outputs: a folder holding
 its marker or a run summary of its own (`transforms.sinks`), and everything
 under it, is skipped with a warning, so `--input junk --output junk/out`
-and the next run over `junk` read the user's files only.
+and the next run over `junk` read the user's files only. A folder's own
+listing answers this; a glob's costs one or two existence checks per
+distinct folder among its matches (its listing need not show the markers).
 """
 from __future__ import annotations
 
