@@ -292,6 +292,9 @@ def test_a_users_gcs_folder_is_refused_and_kept(gcs, tmp_path):
     assert "cannot prove it wrote (errors/notes.txt, results/q3-report.xlsx)" in line
     assert sorted(m.path for m in FileSystems.match([f"{out}/**"])[0].metadata_list) == [
         f"{out}/errors/notes.txt", f"{out}/results/q3-report.xlsx"]
+    # An object named as --output: one line, as a local file is.
+    with pytest.raises(UsageError, match=rf"^--output {out}/results/q3-report.xlsx is an object, not a folder"):
+        output_safety.check(options(f"{out}/results/q3-report.xlsx"))
 
 
 # --- outputs never read as inputs ---------------------------------------------------------------------------
