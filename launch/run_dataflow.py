@@ -28,7 +28,7 @@ from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 from launch import image
 from pipelines.models import resolve_model
 from pipelines.options import JobConfig, VisionBatchOptions
-from pipelines.output_safety import guard
+from pipelines import output_safety
 from pipelines.vision_batch import build_pipeline
 from transforms.model_staging import is_remote
 
@@ -63,7 +63,11 @@ def build(argv: Sequence[str], check_model: bool = True) -> tuple[beam.Pipeline,
         raise ValueError(f"this entry point submits to Dataflow; got --runner={runner}")
     config = job_config(options, check_model)
     if check_model:  # a real launch (not an offline dry run): --output is checked and an unfinished run cleared
-        config = dataclasses.replace(config, warnings=guard(options))
+        warnings = output_safety.check(options)
+        # Claimed (marker written, an earlier run of ours cleared) and let go: nothing here lives as long as
+        # the job to keep a lock fresh. Dataflow refuses a second job of the same name instead (README).
+        output_safety.claim(options, config.run.run_id).release()
+        config = dataclasses.replace(config, warnings=warnings)
     pipeline = beam.Pipeline(runner=DataflowRunner(), options=options)
     build_pipeline(pipeline, config)
     return pipeline, config

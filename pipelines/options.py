@@ -146,7 +146,8 @@ class VisionBatchOptions(PipelineOptions):
         outputs.add_argument(
             "--output",
             help="Output folder (local or gs://): results/, errors/ and run_summary.json go under it. Must be new "
-                 "or empty, or hold an unfinished run (its leftovers are removed). Required.",
+                 "or empty, or hold an unfinished run of this pipeline (its leftovers are removed); files it did not "
+                 "write are never deleted, and one run at a time writes to it. Required.",
         )
         _add_flag(
             outputs, "--replace_output",

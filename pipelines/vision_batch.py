@@ -15,7 +15,8 @@ Exit codes (`main`): 0 the run succeeded; 1 it failed (error budget
 exceeded, nothing processed, storage down past its retry budget, or the run
 itself broke); 2 usage error (one line, nothing started); 130 interrupted by
 Ctrl-C (SIGINT); 143 terminated (SIGTERM). A failed or interrupted run
-keeps nothing in --output.
+keeps nothing of its own in --output (pipelines/output_safety.py: it deletes
+only what it can prove it wrote).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from pipelines.models import resolve_model
 from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
 from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from schemas.uris import canonical_uri, mask_credentials
+from schemas.uris import mask_credentials
 from transforms import decode, engine, incremental, model_staging, parse, run_tasks, sources, storage
 from transforms.errors import ERRORS_TAG
 from transforms.progress import PROGRESS
@@ -54,9 +55,9 @@ _LOG = logging.getLogger("vision_batch")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 
-# The --output this process's run has checked and may write to. Only it is cleaned when the run is
-# interrupted: a signal during the check itself must not touch an earlier run's files.
-_claimed_output: Optional[str] = None
+# This process's hold on its --output (lock, marker): only a claimed output is cleaned when the run is
+# interrupted, so a signal during the checks never touches an earlier run's files.
+_claim: Optional[output_safety.Claim] = None
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
@@ -116,22 +117,24 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     )
 
 
-def prepare(options: PipelineOptions) -> JobConfig:
-    """Everything between the command line and the graph: output checks, model, settings, warnings.
+def prepare(options: PipelineOptions) -> tuple[JobConfig, output_safety.Claim]:
+    """Everything between the command line and the graph: output checks, model, settings, warnings, the output's claim.
 
-    The checks that need no model come first, so a mistake is reported in seconds.
+    The checks that need no model come first, so a mistake is reported in
+    seconds; the output is claimed (locked, an earlier run cleared, the
+    marker written) only once nothing else can refuse the run.
     """
-    global _claimed_output
-    warnings = output_safety.guard(options)
+    global _claim
+    warnings = output_safety.check(options)
     opts = options.view_as(VisionBatchOptions)
-    _claimed_output = canonical_uri(opts.output).rstrip("/")
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
     config = JobConfig.from_options(
         options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
     )
+    _claim = output_safety.claim(options, config.run.run_id)
     # This process waits for the run and reports its outcome (exit code) itself; a job nobody
     # waits for (another runner) fails in its own last step instead.
-    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=warnings)
+    return dataclasses.replace(config, fail_job_on_failure=not is_local(options), warnings=warnings), _claim
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -148,26 +151,29 @@ def run_parsed(options: PipelineOptions) -> dict[str, Any]:
     # Before make_runner: the local runner hands its workers the options as they are when it is built.
     storage.add_worker_plugin(options)
     FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
-    config = prepare(options)
-    if config.model_is_random:
-        _LOG.warning(summary.RANDOM_MODEL_WARNING)
-    _LOG.info(mask_credentials(
-        f"run {config.run.run_id}: {', '.join(config.inputs + config.manifests)} -> {config.output}, "
-        f"tasks {','.join(t.name for t in config.tasks)}, model {config.run.model_id}"
-    ))
-    PROGRESS.reset()
-    pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-    build_pipeline(pipeline, config)
+    config, claim = prepare(options)
     try:
-        state = pipeline.run().wait_until_finish()
-    except Exception as exc:
-        if _summary_written(config.output):
-            # The run finished and its last step failed it (summary.JobFailed, on runners this
-            # process does not report for): a complete run with state FAILED, kept as written.
-            raise RunFailed(exc, f"the run's outputs and {summary.SUMMARY_FILE} under {config.output} are kept") from exc
-        raise RunFailed(exc, _remove_partial_outputs(config.output)) from exc
+        if config.model_is_random:
+            _LOG.warning(summary.RANDOM_MODEL_WARNING)
+        _LOG.info(mask_credentials(
+            f"run {config.run.run_id}: {', '.join(config.inputs + config.manifests)} -> {config.output}, "
+            f"tasks {','.join(t.name for t in config.tasks)}, model {config.run.model_id}"
+        ))
+        PROGRESS.reset()
+        pipeline = beam.Pipeline(runner=make_runner(options), options=options)
+        build_pipeline(pipeline, config)
+        try:
+            state = pipeline.run().wait_until_finish()
+        except Exception as exc:
+            if _summary_written(config.output):
+                # The run finished and its last step failed it (summary.JobFailed, on runners this
+                # process does not report for): a complete run with state FAILED, kept as written.
+                raise RunFailed(exc, f"the run's outputs and {summary.SUMMARY_FILE} under {config.output} are kept") from exc
+            raise RunFailed(exc, _remove_partial_outputs(claim)) from exc
+        finally:
+            PROGRESS.stop()
     finally:
-        PROGRESS.stop()
+        claim.release()
     written = summary.read_summary(config.output)
     if written is None:
         raise RuntimeError(f"run ended in state {state} without writing {config.output}/{summary.SUMMARY_FILE}")
@@ -189,10 +195,11 @@ def _summary_written(output: str) -> bool:
         return False
 
 
-def _remove_partial_outputs(output: str) -> str:
-    """Remove what the failed run left in its --output (checked empty when it started); say what happened."""
+def _remove_partial_outputs(claim: output_safety.Claim) -> str:
+    """Remove what the failed run wrote in its --output (foreign files stay); say what happened."""
+    output = claim.output
     try:
-        removed = output_safety.remove_run(output)
+        removed = claim.remove_run()
     except Exception as exc:  # noqa: BLE001 - storage may still be down: report, don't mask the run's own failure
         return f"its partial outputs under {output} could not be removed ({storage.failure_line(exc) or storage.one_line(exc)})"
     return f"removed its {removed} partial output file(s) under {output}" if removed else f"no outputs were left under {output}"
@@ -263,7 +270,7 @@ def _terminate_worker_processes() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> NoReturn:
+def _stop(signum: int, started: float, claim: Optional[output_safety.Claim], tempdir: str) -> NoReturn:
     """Stop admitting, cancel the engine's work, remove what the run wrote, say so in one line, exit."""
     name = signal.Signals(signum).name
     # The run's threads now fail one after another (cancelled requests, failed bundles): their
@@ -275,13 +282,13 @@ def _stop(signum: int, started: float, output: Optional[str], tempdir: str) -> N
     done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0] if PROGRESS.counted else "work in worker processes"
     PROGRESS.stop()
     removed = "removed its temporary files"
-    if output is not None:  # None: interrupted before --output was checked, which is then left as it was
+    if claim is not None:  # None: interrupted before --output was claimed, which is then left as it was
         try:
-            # The output was empty (or cleared) when the run started: all of it is this run's.
-            output_safety.remove_run(output)
-            removed += f" and everything it had begun to write under {output}"
+            claim.remove_run()  # what the run wrote (its marker and table files); anything else stays
+            removed += f" and everything it had begun to write under {claim.output}"
         except Exception as exc:  # noqa: BLE001 - report, still exit with the signal's code
-            removed += f"; could not clean {output} ({exc}): a rerun of the same command clears it"
+            removed += f"; could not clean {claim.output} ({exc}): a rerun of the same command clears it"
+        claim.release()
     shutil.rmtree(tempdir, ignore_errors=True)
     line = (
         f"{PROG}: interrupted by {name} after {time.monotonic() - started:.0f} s ({done}): stopped the engine and "
@@ -339,8 +346,8 @@ def _report(written: dict[str, Any]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: run, report the outcome, return the exit code (see the module docstring)."""
-    global _claimed_output
-    started, _claimed_output = time.monotonic(), None
+    global _claim
+    started, _claim = time.monotonic(), None
     try:
         options = parse_command_line(argv)
         # Before the checks that read (task file, manifests): the client libraries' lines while
@@ -366,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except concurrent.futures.TimeoutError:
                     continue
         except Interrupted as interrupt:
-            _stop(interrupt.signum, started, _claimed_output, tempdir)
+            _stop(interrupt.signum, started, _claim, tempdir)
         except UsageError as exc:
             print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
             return EXIT_USAGE

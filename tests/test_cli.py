@@ -12,12 +12,13 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import vision_batch
+from pipelines import output_safety, vision_batch
 from pipelines.options import UsageError
 from tests.conftest import REPO, SAMPLES, SMALL_OUTPUTS, copy_samples, run_pipeline
 
@@ -133,7 +134,7 @@ def test_a_rerun_into_the_same_folder_keeps_the_first_runs_rows(tmp_path):
 def test_an_output_with_files_the_pipeline_did_not_write_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for extra in ([], ["--replace_output"]):
-        with pytest.raises(UsageError, match=r"holds files this pipeline did not write \(.*notes.txt\)"):
+        with pytest.raises(UsageError, match=r"holds files this pipeline cannot prove it wrote \(notes.txt\)"):
             run_pipeline("--input", str(SAMPLES / "receipt.png"), "--output", str(tmp_path), *CAPTION, *extra)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -144,11 +145,14 @@ def test_nightly_pattern_skips_earlier_nights_and_never_reads_its_own_output(tmp
     first = run_pipeline("--input", str(SAMPLES), "--output", str(nightly / "d1"), *CAPTION, "--limit", "3",
                          "--incremental_from", f"{nightly}/*")
     assert first["warnings"][0].startswith(f"--incremental_from {nightly}/* holds no complete earlier run")
-    # A killed second night left a partial results file (as if it died while publishing) and Beam's temporaries.
+    # A killed second night left its marker (written first), a partial results file (as if it died while
+    # publishing) and Beam's temporaries, named as Beam names them.
     d2 = nightly / "d2"
-    (d2 / "results" / "beam-temp-part-1234").mkdir(parents=True)
-    (d2 / "results" / "beam-temp-part-1234" / "x.parquet").write_bytes(b"partial")
+    temp = d2 / "results" / f"beam-temp-part-{uuid.uuid1().hex}"
+    temp.mkdir(parents=True)
+    (temp / f"{uuid.uuid4()}.part.parquet").write_bytes(b"partial")
     shutil.copy(next((nightly / "d1" / "results").glob("*.parquet")), d2 / "results" / "part-00000-of-00001.parquet")
+    output_safety.write_marker(str(d2), "killed-night")
     # A night without a summary is not history, for a later night either.
     later = run_pipeline("--input", str(SAMPLES), "--output", str(nightly / "d3"), *CAPTION, "--limit", "3",
                          "--incremental_from", f"{nightly}/*")

@@ -1,7 +1,8 @@
 """Runs that are interrupted or killed midway, as real processes on the real engine.
 
 - Ctrl-C / SIGTERM: exit 130 / 143, one line saying what was kept, no
-  traceback, nothing left in --output or the temp dir.
+  traceback, nothing of the run's left in --output (a user's file there
+  stays) or the temp dir.
 - SIGKILL (issue 15, "Runs that get killed"): no final file that looks
   complete; the same command, with --incremental_from as a nightly job runs
   it, then completes with exactly the expected rows.
@@ -24,6 +25,7 @@ import pytest
 
 from tests.conftest import REPO, SMALL_OUTPUTS, run_pipeline
 from tests.test_pipeline_e2e import fresh_images
+from transforms.sinks import LOCK_FILE, MARKER_FILE
 
 pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 
@@ -85,6 +87,9 @@ def test_an_interrupted_run_exits_with_the_signals_code_and_leaves_nothing(tmp_p
     out = tmp_path / "out"
     process, lines = start(tmp_path, "--input", str(tmp_path / "in"), "--output", str(out))
     before = wait_mid_inference(process, lines, IMAGES)
+    # Someone saves a file into the output while the run is going: the cleanup is not theirs to suffer.
+    (out / "results").mkdir(exist_ok=True)
+    (out / "results" / "notes.txt").write_text("mine")
     process.send_signal(signum)
     assert process.wait(timeout=120) == code
     after = drain(lines)
@@ -93,7 +98,7 @@ def test_an_interrupted_run_exits_with_the_signals_code_and_leaves_nothing(tmp_p
     [last] = [line for line in after if line.strip()]
     assert last.startswith(f"vision_batch: interrupted by {signal.Signals(signum).name} after ")
     assert "stopped the engine" in last and "Nothing of this run is kept" in last
-    assert files_under(out) == []
+    assert files_under(out) == [out / "results" / "notes.txt"]  # the run's own files, marker and lock gone
     assert list((tmp_path / "tmp").iterdir()) == []  # Beam's pipeline folder, vLLM's rendezvous file: gone
     # The default log: this pipeline's own lines only (vLLM's start-up warnings, torch's notices, progress bars
     # all filtered), the first progress line within seconds of the engine being up.
@@ -114,9 +119,10 @@ def test_a_killed_nightly_run_leaves_nothing_complete_and_its_rerun_writes_exact
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     left = files_under(nightly / "d2")
-    # Nothing that looks complete: no summary, no final table files; only Beam's temporaries.
+    # Nothing that looks complete: no summary, no final table files; only Beam's temporaries, the marker the
+    # run wrote first (it makes the folder provably this pipeline's) and its lock file (the kernel freed the lock).
     assert not (nightly / "d2" / "run_summary.json").exists()
-    assert [p for p in left if "beam-temp-" not in str(p)] == []
+    assert sorted(p.name for p in left if "beam-temp-" not in str(p)) == sorted([MARKER_FILE, LOCK_FILE])
 
     # The same command again: leftovers cleared, the earlier night skipped, exactly the rest written once.
     rerun = run_pipeline(*tonight, *CAPTION)
@@ -125,4 +131,4 @@ def test_a_killed_nightly_run_leaves_nothing_complete_and_its_rerun_writes_exact
     keys = collections.Counter((row["item_id"], row["task"]) for row in results)
     assert len(keys) == IMAGES - 10 and set(keys.values()) == {1}
     assert not any("beam-temp-" in str(p) for p in files_under(nightly / "d2"))
-    assert all(p.name.startswith("part-") or p.name == "run_summary.json" for p in files_under(nightly / "d2"))
+    assert all(p.name.startswith("part-") or p.name in ("run_summary.json", MARKER_FILE) for p in files_under(nightly / "d2"))

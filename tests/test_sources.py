@@ -89,5 +89,5 @@ def no_match_message(pattern: str) -> str:
 def test_what_does_not_exist_and_what_matched_nothing_are_told_apart(tmp_path):
     (tmp_path / "empty").mkdir()
     assert no_match_message(str(tmp_path / "missing")) == "NotFound: does not exist"
-    assert no_match_message(str(tmp_path / "empty")) == "NoMatch: folder holds no files (or all were excluded)"
-    assert no_match_message(f"{tmp_path}/empty/*.png") == "NoMatch: no file matched (or all were excluded)"
+    assert no_match_message(str(tmp_path / "empty")) == "NoMatch: folder holds no files (or all were excluded, or in this pipeline's output folders)"
+    assert no_match_message(f"{tmp_path}/empty/*.png") == "NoMatch: no file matched (or all were excluded, or in this pipeline's output folders)"

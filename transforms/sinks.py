@@ -5,7 +5,7 @@ complete set at the end, so a retried bundle never duplicates rows and no
 file is half-written. The two tables are renamed one after the other, so a
 run can fail with one table in place: the launcher then removes what the
 run wrote (`pipelines.output_safety.remove_run`; the output held no run
-when it started).
+when it started: only files it can prove it wrote, `is_run_file`).
 
 `WriteTable` returns one `WrittenFile` (final path, rows) per file, counted
 by the writer as it wrote them: the run summary lists them without opening
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator
+import re
+from typing import Any, Iterator, Mapping
 
 import apache_beam as beam
 import pyarrow as pa
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.io import iobase
 from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
 from schemas.records import ErrorRecord, RunInfo
@@ -38,10 +40,50 @@ TABLES = ("results", "errors")
 # Written last, after both tables are final: an output location holds a complete run exactly
 # when this file is there (pipelines/summary.py writes it; incremental runs and output checks read it).
 SUMMARY_FILE = "run_summary.json"
+# Written first, when a run claims its --output (pipelines/output_safety.py), and kept: it proves the
+# folder is this pipeline's output even before any table file exists, and input matching skips every
+# folder holding it (sources.py). Hidden, so a folder listing of results does not show it.
+MARKER_FILE = ".vision_batch_output.json"
+# Held while a run writes to --output (pipelines/output_lock.py), removed when it ends.
+LOCK_FILE = ".vision_batch.lock"
+# The names Beam's file sink gives this pipeline's tables (`table_prefix`, suffix .parquet): final
+# shards `part-00000-of-00004.parquet` (Beam's DEFAULT_SHARD_NAME_TEMPLATE), and temporary files
+# `beam-temp-part-<uuid1 hex>/<uuid4>.part.parquet` (FileBasedSink._create_temp_dir, open_writer).
+_TABLE_FILE = re.compile(
+    r"(?:%s)/(?:part-\d{5,}-of-\d{5,}\.parquet|beam-temp-part-[0-9a-f]{32}/[0-9a-f-]{36}\.part\.parquet)"
+    % "|".join(TABLES)
+)
+# Top-level fields every run summary carries (pipelines/summary.py `build_summary`): a run_summary.json
+# without them was not written by this pipeline.
+SUMMARY_FIELDS = ("run_id", "state", "state_reason", "counts", "accounting", "outputs", "config", "versions")
 
 
 def table_prefix(output: str, table: str) -> str:
     return f"{output}/{table}/part"
+
+
+def is_table_file(relative: str) -> bool:
+    """Whether a path relative to an output is named as this pipeline's sink names its table files."""
+    return _TABLE_FILE.fullmatch(relative) is not None
+
+
+def read_json(path: str) -> Any:
+    """A small JSON file of an output (its marker, its summary); None when it is not JSON, so not ours."""
+    try:
+        with FileSystems.open(path) as handle:
+            return json.loads(handle.read())
+    except ValueError:
+        return None
+
+
+def is_run_summary(payload: Any) -> bool:
+    """Whether a parsed run_summary.json is one this pipeline wrote: every field it always writes, a run id."""
+    return (
+        isinstance(payload, Mapping)
+        and all(field in payload for field in SUMMARY_FIELDS)
+        and isinstance(payload["run_id"], str)
+        and bool(payload["run_id"])
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,13 +18,22 @@ Manifests are read as people save them: UTF-8 with or without a byte-order
 mark (Excel's "CSV UTF-8"), any line ending. A CSV or Parquet manifest must
 have the `--manifest_column` column and no two columns of one name; anything
 else is refused (`ManifestError`) rather than read with its header as an input.
+
+Folders and globs never read this pipeline's own outputs: a folder holding
+its marker or a run summary of its own (`transforms.sinks`), and everything
+under it, is skipped with a warning, so `--input junk --output junk/out`
+and the next run over `junk` read the user's files only. A folder's own
+listing answers this; a glob's costs one or two existence checks per
+distinct folder among its matches (its listing need not show the markers).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import logging
 import os
+import posixpath
 import re
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
@@ -38,6 +47,9 @@ from schemas.uris import canonical_uri, resolve_relative
 from transforms import metrics, storage
 from transforms.errors import ERRORS_TAG, failure
 from transforms.metadata import encode
+from transforms.sinks import MARKER_FILE, SUMMARY_FILE, is_run_summary, read_json
+
+_LOG = logging.getLogger(__name__)
 
 
 class NoMatch(LookupError):
@@ -167,14 +179,56 @@ def _list_matches(glob: str) -> list[FileMetadata]:
     return list(filesystem.match_files(_walk_local(os.path.dirname(fixed) or "/"), glob))
 
 
+class _OutputFolders:
+    """Which folders hold this pipeline's output: its marker, or a run summary of its own. Each folder asked once.
+
+    `listed`: every path under the input's root, when the listing is a whole
+    folder's (the answer is then in it, no request needed); None for a glob,
+    whose listing need not show a matched file's neighbours.
+    """
+
+    def __init__(self, listed: Optional[set[str]]):
+        self._listed = listed
+        self._known: dict[str, bool] = {}
+
+    def _exists(self, path: str) -> bool:
+        return path in self._listed if self._listed is not None else FileSystems.exists(path)
+
+    def holds_output(self, folder: str) -> bool:
+        if folder not in self._known:
+            summary = f"{folder}/{SUMMARY_FILE}"
+            # Another tool's run_summary.json does not hide its folder: only one with this pipeline's fields.
+            self._known[folder] = self._exists(f"{folder}/{MARKER_FILE}") or (
+                self._exists(summary) and is_run_summary(read_json(summary))
+            )
+            if self._known[folder]:
+                _LOG.warning("%s is skipped: it holds this pipeline's output, which is never read as input", folder)
+        return self._known[folder]
+
+    def skips(self, path: str, root: str) -> bool:
+        """Whether `path` lies in an output folder at or below `root`."""
+        folder = posixpath.dirname(path)
+        while len(folder) >= len(root):
+            if self.holds_output(folder):
+                return True
+            parent = posixpath.dirname(folder)
+            if parent == folder:
+                return False
+            folder = parent
+        return False
+
+
 def match_pattern(pattern: str, selection: InputSelection = InputSelection()) -> list[SourceFile]:
-    """All files (not directories) an `--input` names and the selection keeps, sorted by URI."""
+    """All files (not directories) an `--input` names and the selection keeps, minus output folders, sorted by URI."""
     glob, root = expand_input(pattern)
+    found = [meta for meta in _list_matches(glob) if not _is_directory(meta.path)]
+    whole_folder = root is not None and glob == f"{root}/**"
+    outputs = _OutputFolders({meta.path for meta in found} if whole_folder else None)
     files = []
-    for meta in _list_matches(glob):
-        if _is_directory(meta.path):
-            continue
+    for meta in found:
         if root is not None and not selection.keeps(meta.path[len(root):].lstrip("/")):
+            continue
+        if root is not None and outputs.skips(meta.path, root):
             continue
         files.append(SourceFile(uri=canonical_uri(meta.path), size_bytes=meta.size_in_bytes))
     return sorted(files, key=lambda f: f.uri)
@@ -221,11 +275,11 @@ def nothing_found(pattern: str, literal: bool) -> LookupError:
         return NotFound("manifest entry does not exist")
     local = isinstance(FileSystems.get_filesystem(pattern), LocalFileSystem)
     if is_glob(pattern):
-        return NoMatch("no file matched (or all were excluded)")
+        return NoMatch("no file matched (or all were excluded, or in this pipeline's output folders)")
     if local and not os.path.exists(pattern):
         return NotFound("does not exist")
     if local:
-        return NoMatch("folder holds no files (or all were excluded)")
+        return NoMatch("folder holds no files (or all were excluded, or in this pipeline's output folders)")
     return NoMatch("no object of that name or under it as a folder")
 
 
