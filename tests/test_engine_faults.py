@@ -23,7 +23,9 @@ def test_unparseable_detections_climb_the_retry_ladder_then_become_errors(tmp_pa
     results = pq.read_table(tmp_path / "out" / "results").to_pylist()
     assert sorted(r["task"] for r in results) == ["caption", "caption"]
     assert all(r["attempts"] == 1 for r in results)
-    assert [(e["task"], e["stage"], e["error_type"]) for e in errors] == [("detect", "parse", "DetectionParseError")] * 2
+    assert [(e["task"], e["stage"]) for e in errors] == [("detect", "parse")] * 2
+    # Which of the two depends on whether the random model stopped before max_tokens (CPU-dependent).
+    assert {e["error_type"] for e in errors} <= {"DetectionParseError", "CutOffAnswer"}
     for error in errors:
         assert "after 3 attempts" in error["message"] and error["raw_output"]
     assert summary["counts"]["retries"] == 2 * 2 and summary["accounting"]["balanced"]

@@ -156,6 +156,7 @@ def test_a_process_finding_every_slot_taken_by_a_live_process_fails_its_start(pe
 def test_a_killed_process_and_the_starter_leave_the_core_serving_the_others(own_peers):
     first, second = own_peers
     core_pid = first.ask(cmd="attach")["core_pid"]
+    assert second.ask(cmd="attach")["core_pid"] == core_pid  # another client of the same core
     # The first peer started the core; kill it with requests in flight.
     first.ask(cmd="submit", seed=3, key="abandoned", tasks=["ocr", "detect"], max_tokens=512, unending=True)
     first.kill()

@@ -126,7 +126,9 @@ def test_invalid_json_climbs_the_retry_ladder_then_becomes_a_parse_error(tmp_pat
     errors = read(tmp_path / "out", "errors")
     assert [(e["task"], e["stage"], e["attempts"]) for e in errors] == [("invoice", "parse", 3)] * 2
     for error in errors:
-        assert error["error_type"] in ("SchemaMismatch", "NoJSONDocument") and "after 3 attempts" in error["message"]
+        # CutOffAnswer where the random model ran to max_tokens (which depends on the CPU), else the parse's own.
+        assert error["error_type"] in ("SchemaMismatch", "NoJSONDocument", "CutOffAnswer")
+        assert "after 3 attempts" in error["message"]
         assert error["raw_output"] is not None and "JSON Schema" in error["instruction"]  # the last rung restates the schema
     assert summary["counts"]["retries"] == 2 * 2 and summary["accounting"]["balanced"]
 
