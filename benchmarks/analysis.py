@@ -316,3 +316,22 @@ BUDGETS_ANALYSIS = """What the figures say:
   differs by up to 1.6x between repeats (three-groups: 0.13 and 0.21 tasks/s), and its
   ratio to one-280 in the same repeat from 0.38 to 0.86. Read the prompt tokens (exact) and
   the CPU seconds; tasks/s only as a direction."""
+
+
+CPU_DTYPE = """Which dtype the CPU profiles run (`pipelines/machine.py`): the same job, bench preset (5 sample
+images, caption + OCR, `--engine_arg dtype=...`, engine start included), bfloat16 (A) against float32 (B),
+interleaved A B A B in one call per condition, whole-process wall time, median of 2 pairs:
+
+| CPU (flags) | bfloat16 s | float32 s | A/B wall | A/B CPU |
+|---|---:|---:|---:|---:|
+| AMD EPYC, AVX-512 BF16 (2026-12-06, load ~0.4-2) | 73.0 | 96.5 | 0.76 | 0.72 |
+| same, `ONEDNN_MAX_CPU_ISA=AVX2` (2026-12-06) | 149.4 | 120.9 | 1.24 | 1.25 |
+| AMD EPYC Zen 3, AVX2 only (issue 25's report, two interleaved runs) | 74-89 | 31-32 | ~2.6 | |
+
+- **Native bf16 pays**: with AVX-512 BF16, bfloat16 is 1.3x faster than float32 and holds half
+  the weights and KV (peak RSS 2.0 against 3.1 GiB).
+- **Without it bf16 loses**: vLLM cannot build a oneDNN bf16 matmul (it logs "Failed to create
+  oneDNN linear, fallback to torch linear") and runs torch's. Capping oneDNN at AVX2 on the
+  AVX-512 box is only a partial stand-in for an AVX2 CPU (vLLM's own kernels and PyTorch's
+  still use AVX-512 there), which is why its gap (1.24x) is smaller than on the real AVX2-only
+  EPYC (~2.6x). Both say the same: float32 where bf16 is not native."""

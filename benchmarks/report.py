@@ -387,7 +387,7 @@ def markdown(
     incremental: Optional[Mapping[str, Any]] = None,
     budgets: Optional[Mapping[str, Any]] = None,
 ) -> str:
-    from benchmarks.analysis import ANALYSIS, DEFINITIONS
+    from benchmarks.analysis import ANALYSIS, CPU_DTYPE, DEFINITIONS
 
     m = document["machine"]
     w = document["workload"]
@@ -449,6 +449,10 @@ One knob at a time from the profile's values, on the bench model: engine knobs o
 `pipelines/engine_profiles.py` quote these runs. Run-to-run noise on this shared box is ±10 %.
 
 {tuning_table(tuning)}
+
+## CPU dtype
+
+{CPU_DTYPE}
 
 ## Incremental runs against a growing history
 

@@ -61,7 +61,8 @@ def cpu_dtype(cpu: CpuInfo) -> str:
 
     Measured (bench preset, 5 images, caption + OCR, engine start included; BENCHMARKS.md, "CPU dtype"):
     on an AVX2-only EPYC (Zen 3) bfloat16 took 74-89 s against 31-32 s in float32 (vLLM falls back to
-    torch's linear); on an AVX-512 BF16 EPYC bfloat16 is the faster of the two.
+    torch's linear); on an AVX-512 BF16 EPYC 73 s against 97 s (and half the memory); there, with
+    ONEDNN_MAX_CPU_ISA=AVX2, 149 s against 121 s.
     """
     return "bfloat16" if cpu.native_bf16 else "float32"
 
