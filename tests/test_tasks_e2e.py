@@ -19,10 +19,13 @@ from transforms.metadata import ItemValues
 
 pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 
-# Tight enough that the random model, constrained by it, finishes well inside max_tokens.
+# Tight enough that the constrained answer ends inside max_tokens whatever the weights: at most 31 tokens even
+# one character a token ({"number":" 11, six ASCII characters, ","total": 10, three digits, }). A maxLength
+# alone would admit \uXXXX escapes and multi-byte characters (up to 36 tokens for the six).
 INVOICE_SCHEMA = {
     "type": "object",
-    "properties": {"number": {"type": "string", "maxLength": 6}, "total": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "properties": {"number": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,6}$"},
+                   "total": {"type": "integer", "minimum": 0, "maximum": 999}},
     "required": ["number", "total"],
     "additionalProperties": False,
 }
