@@ -15,7 +15,12 @@ from typing import Any, Mapping, Optional
 from apache_beam.io.filesystems import FileSystems
 
 SLIDING = "sliding_attention"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(dtype: Optional[str]) -> int:
+    """Bytes per value of a dtype name as configs and vLLM spell it; 2 (bfloat16, Gemma 4's) when unset or "auto"."""
+    return _DTYPE_BYTES.get(dtype or "bfloat16", 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,7 @@ class CheckpointShape:
             per_layer_embeddings=int(text.get("hidden_size_per_layer_input") or 0) > 0,
             weight_bytes=weight_bytes,
             vision_tokens=vision.get("default_output_length") or vision.get("num_soft_tokens"),
-            stored_dtype_bytes=DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "bfloat16", 2),
+            stored_dtype_bytes=dtype_bytes(config.get("dtype") or config.get("torch_dtype")),
         )
 
     @staticmethod

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Any, Mapping, Optional
 
-from pipelines.checkpoint_shape import DTYPE_BYTES, CheckpointShape
+from pipelines.checkpoint_shape import CheckpointShape, dtype_bytes
 from pipelines.machine import CpuInfo, cpu_dtype, machine_memory_bytes, read_cpu
 
 MiB = 2**20
@@ -440,7 +440,7 @@ def fit_to_cpu(profile: EngineProfile, dtype: Optional[str] = None, cpu: Optiona
                      "machine's default (drop --engine_arg dtype=bfloat16)", cpu.describe())
     args = {**profile.engine_args, "dtype": chosen}
     if args.get("kv_cache_memory_bytes"):
-        args["kv_cache_memory_bytes"] = args["kv_cache_memory_bytes"] * DTYPE_BYTES.get(chosen, 2) // 2
+        args["kv_cache_memory_bytes"] = args["kv_cache_memory_bytes"] * dtype_bytes(chosen) // dtype_bytes("bfloat16")
     return dataclasses.replace(profile, engine_args=args)
 
 
@@ -517,11 +517,11 @@ def fit_to_checkpoint(profile: EngineProfile, checkpoint: CheckpointShape, memor
 
 def _size_kv(profile: EngineProfile, args: Mapping[str, Any], checkpoint: CheckpointShape, memory: int) -> tuple[int, int]:
     """(max_num_seqs, kv_cache_memory_bytes): full-length sequences that fit beside the weights, at most 64."""
-    dtype_bytes = DTYPE_BYTES.get(args.get("dtype") or "bfloat16", 2)  # weights and KV ("auto" KV: the model's dtype)
+    width = dtype_bytes(args.get("dtype"))  # weights and KV ("auto" KV: the model's dtype)
     per_sequence = checkpoint.kv_bytes_per_sequence(
-        args["max_model_len"], dtype_bytes=dtype_bytes, windowed=not args.get("disable_hybrid_kv_cache_manager", False)
+        args["max_model_len"], dtype_bytes=width, windowed=not args.get("disable_hybrid_kv_cache_manager", False)
     )
-    weights = checkpoint.weight_bytes_at(dtype_bytes)
+    weights = checkpoint.weight_bytes_at(width)
     free = memory - weights - _CPU_PROCESS_BYTES
     if free < per_sequence:
         raise CheckpointRefused(
@@ -530,7 +530,7 @@ def _size_kv(profile: EngineProfile, args: Mapping[str, Any], checkpoint: Checkp
             f"{_CPU_PROCESS_BYTES / GiB:.0f} GiB for the process and {per_sequence / MiB:.0f} MiB of KV per "
             f"{args['max_model_len']}-token sequence; this machine has {memory / GiB:.1f} GiB. Use a smaller "
             f"checkpoint (Gemma 4 E2B), a larger machine, --engine_arg max_model_len=N"
-            + (", or --engine_arg dtype=bfloat16 (half the memory, slower on this CPU)." if dtype_bytes == 4 else ".")
+            + (", or --engine_arg dtype=bfloat16 (half the memory, slower on this CPU)." if width == 4 else ".")
         )
     seqs = max(1, min(_CPU_MAX_SEQS, free // 2 // per_sequence))  # at most half the free memory for KV
     return seqs, seqs * per_sequence

@@ -36,9 +36,14 @@ class CpuInfo:
     onednn_max_isa: Optional[str] = None  # the ONEDNN_MAX_CPU_ISA cap in force, if any
 
     @property
+    def _capped(self) -> bool:
+        """ONEDNN_MAX_CPU_ISA keeps oneDNN below native bf16, whatever the hardware."""
+        return bool(self.onednn_max_isa) and self.onednn_max_isa.upper() in _ONEDNN_CAPS_BELOW_BF16
+
+    @property
     def native_bf16(self) -> bool:
         """Whether bf16 matmuls run on bf16 hardware here, not on a slow fallback."""
-        if self.onednn_max_isa and self.onednn_max_isa.upper() in _ONEDNN_CAPS_BELOW_BF16:
+        if self._capped:
             return False
         if self.architecture in ("x86_64", "AMD64"):
             return bool(self.flags & _X86_BF16_FLAGS)
@@ -50,8 +55,7 @@ class CpuInfo:
         """One phrase for a log line: what the dtype choice saw."""
         if self.native_bf16:
             return "this CPU computes bfloat16 natively"
-        capped = self.onednn_max_isa and self.onednn_max_isa.upper() in _ONEDNN_CAPS_BELOW_BF16
-        if capped:
+        if self._capped:
             return f"ONEDNN_MAX_CPU_ISA={self.onednn_max_isa} caps oneDNN below native bfloat16"
         return "this CPU has no native bfloat16 (no AVX-512 BF16 or AMX)"
 

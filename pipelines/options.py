@@ -429,7 +429,12 @@ def check_values(options: PipelineOptions) -> None:
     parse_engine_args(opts.engine_arg)
 
 
-def _missing_local_paths(opts: "VisionBatchOptions") -> list[str]:
+def _local(path: str) -> Optional[str]:
+    """The local file-system path of an option's value; None for an object-store URI (the run finds those out)."""
+    return None if is_uri(path) else os.path.expanduser(path)
+
+
+def _missing_local_paths(opts: "VisionBatchOptions", manifests: Sequence[str]) -> list[str]:
     """Local --input files and folders (globs aside), manifests and task files that do not exist.
 
     Caught before the engine starts; a glob that matches nothing stays an
@@ -438,20 +443,21 @@ def _missing_local_paths(opts: "VisionBatchOptions") -> list[str]:
     """
     named = [
         *(("--input", path) for path in opts.input or () if not is_glob(path)),
-        *(("--manifest", path) for path in split_manifests(opts.manifest)),
+        *(("--manifest", path) for path in manifests),
         *([("--task_file", opts.task_file)] if opts.task_file else []),
     ]
     return [f"{option} {path} does not exist" for option, path in named
-            if not is_uri(path) and not os.path.exists(os.path.expanduser(path))]
+            if _local(path) is not None and not os.path.exists(_local(path))]
 
 
-def _manifest_mistakes(opts: "VisionBatchOptions") -> list[str]:
+def _manifest_mistakes(opts: "VisionBatchOptions", manifests: Sequence[str]) -> list[str]:
     """What is wrong with each local manifest: a folder given as one, a CSV or Parquet header (read now, not after the engine started)."""
     mistakes = []
-    for path in split_manifests(opts.manifest):
-        if not is_uri(path) and os.path.isdir(os.path.expanduser(path)):
+    for path in manifests:
+        local = _local(path)
+        if local is not None and os.path.isdir(local):
             mistakes.append(f"--manifest {path} is a folder: a manifest is a file listing inputs (give a folder as --input)")
-        elif not is_uri(path) and os.path.isfile(os.path.expanduser(path)):
+        elif local is not None and os.path.isfile(local):
             try:
                 next(manifest_entries(canonical_uri(path), opts.manifest_column), None)
             except ManifestError as exc:
@@ -463,8 +469,8 @@ def validate(options: PipelineOptions) -> None:
     """Every check before the model is looked at: `check_values`, the local paths named, then the tasks (reading --task_file)."""
     check_values(options)
     opts = options.view_as(VisionBatchOptions)
-    mistakes = _missing_local_paths(opts)
-    mistakes += _manifest_mistakes(opts)
+    manifests = split_manifests(opts.manifest)
+    mistakes = _missing_local_paths(opts, manifests) + _manifest_mistakes(opts, manifests)
     if mistakes:
         raise UsageError("; ".join(mistakes))
     resolve_tasks(opts, opts.vision_tokens, None, opts.thinking == "on")

@@ -118,6 +118,11 @@ def is_stale(record: LockRecord, now: datetime.datetime, host: str, alive: Calla
     return quiet_s > record.stale_after_s or (record.host == host and not alive(record.pid))
 
 
+def _held_live(record: Optional[LockRecord], generation: int, host: str) -> bool:
+    """Whether a gs:// lock read as (`record`, `generation`) is held by a live run (0: no lock object)."""
+    return bool(generation) and not (record is not None and is_stale(record, _now(), host))
+
+
 def new_record(run_id: str, retry_timeout_s: float) -> LockRecord:
     started = _now().isoformat(timespec="seconds")
     return LockRecord(
@@ -206,7 +211,7 @@ def _acquire_local(output: str, record: LockRecord) -> tuple[_LocalLock, Optiona
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            # Held: by a live run, or for an instant by a run's check (`_local_holder`) or a new holder
+            # Held: by a live run, or for an instant by a run's check (`_local_check`) or a new holder
             # still writing its record. Look again briefly before refusing.
             seen = LockRecord.from_json(_read_fd(fd)) or seen
             os.close(fd)
@@ -260,7 +265,7 @@ def _write_gcs(blob: Any, record: LockRecord, generation: int, retry: Any) -> in
 
 def _gcs_check(output: str, options: PipelineOptions) -> None:
     record, generation = _read_gcs(_blob(lock_path(output), options), RetryBudget.from_options(options).retry())
-    if generation and not (record is not None and is_stale(record, _now(), socket.gethostname())):
+    if _held_live(record, generation, socket.gethostname()):
         raise OutputLocked(output, record)
 
 
@@ -313,7 +318,7 @@ def _acquire_gcs(output: str, record: LockRecord, options: PipelineOptions) -> t
     if existing is not None and (existing.run_id, existing.host, existing.pid) == (record.run_id, record.host, record.pid):
         # Our own create, retried after its answer was lost: the first attempt took effect.
         return _GcsLock(blob, record, generation, retry), None
-    if generation and not (existing is not None and is_stale(existing, _now(), record.host)):
+    if _held_live(existing, generation, record.host):
         raise OutputLocked(output, existing)
     try:
         # Over the stale lock, or create if it was removed meanwhile (generation 0): one racer wins.

@@ -89,11 +89,13 @@ def _listing(output: str) -> list[str]:
     A first page answers the common refusal (a mistyped --output naming a full
     folder or bucket) without listing all of it; a run's own files are listed whole.
     """
-    first = [meta.path for meta in FileSystems.match([f"{output}/**"], limits=[_FIRST_PAGE])[0].metadata_list]
-    relative = lambda paths: [path[len(output):].lstrip("/") for path in paths]  # noqa: E731
-    if len(first) < _FIRST_PAGE or not all(_plausibly_ours(path) for path in relative(first)):
-        return [path for path in relative(first) if path]
-    return [path for path in relative(meta.path for meta in FileSystems.match([f"{output}/**"])[0].metadata_list) if path]
+    def relative(limit: Optional[int]) -> list[str]:
+        limits = [limit] if limit else None
+        return [meta.path[len(output):].lstrip("/") for meta in FileSystems.match([f"{output}/**"], limits)[0].metadata_list]
+
+    first = relative(_FIRST_PAGE)
+    everything = first if len(first) < _FIRST_PAGE or not all(_plausibly_ours(path) for path in first) else relative(None)
+    return [path for path in everything if path]
 
 
 def _is_marker(payload: Any) -> bool:
@@ -128,7 +130,7 @@ def inspect(output: str) -> OutputContents:
 def _prune_empty_folders(output: str) -> None:
     """Locally, the table folders (and Beam's temporary folders in them) the deleted files leave empty."""
     for table in TABLES:
-        for folder, _, _ in sorted(os.walk(f"{output}/{table}"), key=lambda entry: -len(entry[0])):
+        for folder, _, _ in os.walk(f"{output}/{table}", topdown=False):  # children before their parents
             try:
                 os.rmdir(folder)  # only ever removes an empty folder: a user's file keeps its folder
             except OSError:

@@ -69,8 +69,8 @@ def _tar_payloads(uri: str, members: set[str], limits: DecodeLimits) -> dict[str
                         found[sample.name] = sample.refusal()
                 elif sample.key in members:
                     found[sample.key] = sample.image
-                    if len(found) == len(members):
-                        break
+                if len(found) == len(members):
+                    break
         except TruncatedShard as exc:  # samples before the break were read, as in the pipeline
             found.update((member, exc) for member in members - set(found))
     return found

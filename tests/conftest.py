@@ -15,6 +15,10 @@ import pytest
 from tests.gcs_emulator import gcs  # noqa: F401 - session fixture: a real local GCS server
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data" / "samples"
+
+# Small output budgets: tests check structure and accounting, not the random model's text.
+SMALL_OUTPUTS = ["--max_tokens", "ocr=24", "--max_tokens", "caption=12", "--max_tokens", "detect=48"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,9 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--fast"):
         return
-    kept = [item for item in items if item.get_closest_marker("engine") is None]
-    config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("engine") is not None])
-    items[:] = kept
+    engine = [item for item in items if item.get_closest_marker("engine") is not None]
+    config.hook.pytest_deselected(items=engine)
+    items[:] = [item for item in items if item not in engine]
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +47,6 @@ def _fast_tier_starts_no_engine(request: pytest.FixtureRequest, monkeypatch: pyt
         raise RuntimeError(f"{request.node.nodeid} started the vLLM engine under --fast: mark it @pytest.mark.engine")
 
     monkeypatch.setattr(engine.VisionEngine, "__init__", refuse)
-SAMPLES = REPO / "data" / "samples"
-
-# Small output budgets: tests check structure and accounting, not the random model's text.
-SMALL_OUTPUTS = ["--max_tokens", "ocr=24", "--max_tokens", "caption=12", "--max_tokens", "detect=48"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,7 +32,6 @@ from transforms.prompts import THOUGHT_END, THOUGHT_START
 if TYPE_CHECKING:
     from transforms.tasks import Task
 
-# Gemma 4's thought-channel markers (special tokens, kept in the engine's text).
 _CODE_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _JSON_START = re.compile(r"[\[{]")
 _BOX_LIST_START = re.compile(r"\[\s*\{")

@@ -145,17 +145,13 @@ def parquet_row_groups(handle: IO[bytes], settings: ShardSettings) -> list[int]:
 
     parquet = pq.ParquetFile(handle)
     names = parquet.schema_arrow.names
-    if settings.parquet_bytes_column not in names:
-        raise MissingColumn(
-            f"Parquet shard has no column {settings.parquet_bytes_column!r} (--parquet_bytes_column); columns: {names}"
-        )
-    # Checked per shard, where the schema is known (a launch would have to open every shard of a bucket):
-    # a misspelt name was silently dropped from every row's metadata; now each shard is an error row naming it.
-    missing = [column for column in settings.parquet_passthrough if column not in names]
-    if missing:
-        raise MissingColumn(
-            f"Parquet shard has no column {', '.join(map(repr, missing))} (--parquet_passthrough_columns); columns: {names}"
-        )
+    # Pass-through columns are checked per shard, where the schema is known (a launch would have to open
+    # every shard of a bucket): a misspelt name was silently dropped from every row's metadata.
+    for wanted, option in (((settings.parquet_bytes_column,), "--parquet_bytes_column"),
+                           (settings.parquet_passthrough, "--parquet_passthrough_columns")):
+        missing = [column for column in wanted if column not in names]
+        if missing:
+            raise MissingColumn(f"Parquet shard has no column {', '.join(map(repr, missing))} ({option}); columns: {names}")
     return [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
 
 

@@ -4,8 +4,8 @@ Beam's file sink writes each bundle to a temporary file and renames the
 complete set at the end, so a retried bundle never duplicates rows and no
 file is half-written. The two tables are renamed one after the other, so a
 run can fail with one table in place: the launcher then removes what the
-run wrote (`pipelines.output_safety.remove_run`; the output held no run
-when it started: only files it can prove it wrote, `is_run_file`).
+run wrote (`pipelines.output_safety`'s `Claim.remove_run`: only files it can
+prove it wrote, named as `is_table_file` says, never a user's file beside them).
 
 `WriteTable` returns one `WrittenFile` (final path, rows) per file, counted
 by the writer as it wrote them: the run summary lists them without opening

@@ -130,7 +130,7 @@ def expand_input(pattern: str) -> tuple[str, Optional[str]]:
 
     The root is None for a single named file: it is read whatever the selection says.
     """
-    if _MAGIC.search(pattern):
+    if is_glob(pattern):
         fixed = _MAGIC.split(pattern, 1)[0]
         return pattern, fixed[: fixed.rfind("/")] if "/" in fixed else ""
     folder = _folder(pattern)

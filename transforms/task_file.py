@@ -215,6 +215,7 @@ def parse_task_file(text: str, path: str, max_tokens_limit: Optional[int] = None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise TaskFileError(path, [f"not valid {'JSON' if path.lower().endswith('.json') else 'YAML'}: {' '.join(str(exc).split())}"]) from None
     mistakes = _structure_mistakes(document)
+    refused = {at for at, _ in mistakes}  # entries the schema already refused
     entries = document.get("tasks") if isinstance(document, dict) else None
     tasks: list[Task] = []
     seen: set[str] = set()
@@ -223,7 +224,7 @@ def parse_task_file(text: str, path: str, max_tokens_limit: Optional[int] = None
             continue
         found = _entry_mistakes(entry, _where(document, ["tasks", index]), seen, max_tokens_limit)
         mistakes += [(index, mistake) for mistake in found]
-        if not found and all(at != index for at, _ in mistakes):
+        if not found and index not in refused:
             try:
                 tasks.append(_task(entry))
             except ValueError as exc:  # the contract's own checks (e.g. a retry naming a value the instruction does not); they name the task
