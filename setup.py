@@ -17,7 +17,7 @@ setup(
     version="0.1.0",
     description="Batch OCR, captions and object detection with Gemma 4 on an in-process vLLM engine, as an Apache Beam pipeline.",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "launch*", "evaluation*", "reporting*"]),
+    packages=find_packages(include=["schemas*", "library*", "engine*", "tasks*", "transforms*", "configuration*", "tiny_model*", "pipelines*", "launch*", "evaluation*", "reporting*"]),
     install_requires=[
         BEAM,
         # Beam 2.77 caps these; newer breaks resolution.

@@ -60,7 +60,7 @@ machine: `python -m benchmarks.run --repeat 2` (all variants, interleaved twice;
   105** (the engine-core process took 91-99 ms). On an accelerator host the model runner's compute
   is on the chip and the cores are many (44-180 vCPUs), so the Beam process's own CPU per item
   is what bounds its feed: the accelerator profiles run the engine core in its own process
-  (`pipelines/engine_profiles.py`). Not everything moves: vLLM's V1 detokenizer
+  (`engine/profiles.py`). Not everything moves: vLLM's V1 detokenizer
   (`OutputProcessor`) stays in the front end, i.e. in the Beam process; only the scheduler, KV
   bookkeeping and the model runner leave. The CPU profiles keep the core in-process: there the
   CPU is the accelerator, and an extra process only takes its cores (and vLLM reserves one of
@@ -100,7 +100,7 @@ conservative for decode but not for rendering, which is serialised anyway):
 - **v6e-8 running the 26B-A4B: short.** It consumes 30-52 items/s; one process feeds ~17 at the
   planner's output lengths, fewer on page-sized scans: the chip would idle 45-65 % of the time.
 - **The design that closes it, built: several processes feeding one engine core**
-  (`host_feeders`; `transforms/host_engine.py`, `transforms/host_engine_client.py`). N worker
+  (`host_feeders`; `engine/host.py`, `engine/host_client.py`). N worker
   processes of a host each decode, render and detokenize their own items and send the rendered
   requests to ONE engine-core process that alone owns the device: vLLM 0.32's own layout for
   `vllm serve --api-server-count N` (the core started by `launch_core_engines` with one
@@ -182,9 +182,9 @@ only the CPU columns are firm. What the quiet run changes in the preliminary rea
 DEFINITIONS = """## How each figure is measured
 
 Every variant runs in its own process (`benchmarks/variants.py`), one after the other, on the
-same image files, the same prompts (`transforms/prompts.py` through the checkpoint's chat
+same image files, the same prompts (`engine/prompts.py` through the checkpoint's chat
 template), the same sampling settings and the same engine arguments (resolved from the
-pipeline's own command line by `pipelines.options.JobConfig`). Engine load and server start-up
+pipeline's own command line by `configuration.options.JobConfig`). Engine load and server start-up
 happen before the clock starts.
 
 - **Wall time (the window every rate divides by).**
@@ -214,7 +214,7 @@ happen before the clock starts.
   `prefix_reuse_of_block_aligned` (the same against the prefix rounded down to the cache's
   block granularity) and `computed_prompt_tokens` (prompt tokens actually prefilled).
 - **engine busy** = share of the wall-time window during which the engine had work.
-  (b), (e): `VisionEngine.busy_seconds` (from `transforms.engine.ENGINES`): all of the
+  (b), (e): `VisionEngine.busy_seconds` (from `engine.local.ENGINES`): all of the
   step-loop thread's time except its idle wait for work, i.e. admitting requests (with
   their image preprocessing, which `cpu-tiny` does there) and stepping. (a), (c): time
   inside the `LLMEngine.step` of the `vllm.LLM` (wrapped); `LLM.generate` preprocesses
@@ -318,7 +318,7 @@ BUDGETS_ANALYSIS = """What the figures say:
   the CPU seconds; tasks/s only as a direction."""
 
 
-CPU_DTYPE = """Which dtype the CPU profiles run (`pipelines/machine.py`): the same job, bench preset (5 sample
+CPU_DTYPE = """Which dtype the CPU profiles run (`engine/machine.py`): the same job, bench preset (5 sample
 images, caption + OCR, `--engine_arg dtype=...`, engine start included), bfloat16 (A) against float32 (B),
 interleaved A B A B in one call per condition, whole-process wall time, median of 2 pairs:
 

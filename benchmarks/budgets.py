@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--wait_quiet", type=float, default=0.0, metavar="LOAD",
                         help="first wait (up to 20 min) for the 1-minute load average to drop below LOAD")
     args = parser.parse_args(argv)
-    from pipelines.tiny_checkpoint import ensure_checkpoint
+    from tiny_model.checkpoint import ensure_checkpoint
 
     load_at_start = wait_quiet(args.wait_quiet) if args.wait_quiet else load_average()
     checkpoint = str(ensure_checkpoint("bench"))

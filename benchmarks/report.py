@@ -403,7 +403,7 @@ shared with other engineers; 1-minute load average {m['load_1min_at_start']} at 
 (per variant: {', '.join(f"{k} {v}" for k, v in document['load_1min_before_variant'].items())}).
 Compare figures only within one run.
 
-Model: the `bench` preset of `pipelines/tiny_checkpoint.py`, {document['model']['parameters'] / 1e6:.1f} M
+Model: the `bench` preset of `tiny_model/checkpoint.py`, {document['model']['parameters'] / 1e6:.1f} M
 parameters (random weights; hidden 1024, 8 layers, vision tower 4 layers), 280 soft tokens per image.
 Workload: {w['items']} generated images (documents, charts, photos; PNG/JPEG, 200-1024 px),
 tasks {', '.join(w['tasks'])} each, max_tokens {w['max_tokens']}; engine profile `{w['engine_profile']}`{
@@ -446,7 +446,7 @@ state; see `benchmarks/run.py`): peak RSS of the pipeline process by input size;
 One knob at a time from the profile's values, on the bench model: engine knobs on the raw engine
 (a), pipeline knobs on the pipeline (b). Produced by `python -m benchmarks.tune` (see
 `benchmarks/tuning.json` for the commands, dates and loads); the reasons in
-`pipelines/engine_profiles.py` quote these runs. Run-to-run noise on this shared box is ±10 %.
+`engine/profiles.py` quote these runs. Run-to-run noise on this shared box is ±10 %.
 
 {tuning_table(tuning)}
 

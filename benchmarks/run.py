@@ -43,7 +43,7 @@ from benchmarks.workload import (
     prompt_suffix_tokens,
     task_specs,
 )
-from pipelines.options import parse_engine_args
+from configuration.options import parse_engine_args
 
 _LOG = logging.getLogger("benchmarks")
 
@@ -58,7 +58,7 @@ class Variant:
     workload: str = "bench"  # "bench": the engine-bound bench model; "host": the host-bound tiny model
 
 
-# The accelerator profiles' host-side placement (pipelines/engine_profiles.py), with the engine core
+# The accelerator profiles' host-side placement (engine/profiles.py), with the engine core
 # in this process or in its own.
 _IN_PROCESS = {"preprocess_on_step_thread": False, "engine_core_process": False}
 _CORE_PROCESS = {"preprocess_on_step_thread": False, "engine_core_process": True}
@@ -81,7 +81,7 @@ VARIANTS: tuple[Variant, ...] = (
             workload="host", options={"settings": _CORE_PROCESS}),
     Variant("hb0", "pipeline", "(hb) with each task preprocessing its image again (no processed-image cache)",
             workload="host", engine_args={"mm_processor_cache_gb": 0}, options={"settings": _IN_PROCESS}),
-    # The host-feed design (transforms/host_engine.py): Beam worker processes feeding one shared engine core.
+    # The host-feed design (engine/host.py): Beam worker processes feeding one shared engine core.
     Variant("hf1", "feeders", "this pipeline, 1 Beam worker process feeding the host's shared engine core",
             workload="host", options={"feeders": 1}),
     Variant("hf2", "feeders", "this pipeline, 2 Beam worker processes feeding one shared engine core",
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     run_dir = args.workdir / started.strftime("run-%Y%m%dT%H%M%SZ")
 
-    from pipelines.tiny_checkpoint import ensure_checkpoint
+    from tiny_model.checkpoint import ensure_checkpoint
 
     checkpoint = str(ensure_checkpoint("bench"))
     overrides = parse_engine_args(args.engine_arg)

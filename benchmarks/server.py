@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from benchmarks.measure import TaskRecord, TreeRssSampler, own_peak_rss_bytes, process_cpu_seconds, timed
 from benchmarks.workload import Workload, image_files
-from transforms.engine import EngineRequest
-from transforms.metadata import ItemValues
-from transforms.prompts import build_messages, sampling_kwargs
+from engine.local import EngineRequest
+from engine.prompts import build_messages, sampling_kwargs
+from library.metadata import ItemValues
 
 SERVED_NAME = "bench"
 

@@ -4,7 +4,7 @@
 
 Engine knobs are measured on the raw engine (a), which has no pipeline in
 the way; `max_in_flight` (the pipeline's back-pressure) on the pipeline (b).
-Writes benchmarks/tuning.json (and re-renders BENCHMARKS.md); the reasons in pipelines/engine_profiles.py
+Writes benchmarks/tuning.json (and re-renders BENCHMARKS.md); the reasons in engine/profiles.py
 quote it. Same caveat as the main benchmark: the machine is shared, so only
 differences well beyond the run-to-run noise (±10-20 %) mean anything.
 """
@@ -23,8 +23,8 @@ from benchmarks import report
 from benchmarks.measure import load_average, machine
 from benchmarks.run import run_child, to_result
 from benchmarks.workload import BENCH_MAX_TOKENS, Workload, make_images, prompt_suffix_tokens, task_specs
-from pipelines.engine_profiles import MiB
-from pipelines.options import parse_engine_args
+from configuration.options import parse_engine_args
+from engine.profiles import MiB
 # knob -> (variant it is measured on, values); each value is tried with every other knob at the profile's value.
 SWEEPS: dict[str, tuple[str, list[Any]]] = {
     "kv_cache_memory_bytes": ("raw", [256 * MiB, 512 * MiB, 1024 * MiB]),
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workdir", default="/tmp/vision-batch-bench")
     args = parser.parse_args(argv)
 
-    from pipelines.tiny_checkpoint import ensure_checkpoint
+    from tiny_model.checkpoint import ensure_checkpoint
 
     workdir = pathlib.Path(args.workdir)
     checkpoint = str(ensure_checkpoint("bench"))

@@ -34,20 +34,21 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
 from benchmarks.workload import Workload, decode_file, decode_files, image_files, instruction
+from configuration.options import JobConfig
+from engine import local as engine
+from engine.local import ENGINES, EngineSettings, RequestRenderer, engine_prompt, sampling_params
+from engine.prompts import render_prompt
+from library.errors import ERRORS_TAG
+from library.formats import DecodeLimits
+from library.metadata import ItemValues
+from library.shards import ShardSettings
 from pipelines import vision_batch
-from pipelines.options import JobConfig
 from pipelines.runner import make_runner
 from schemas.records import ImageItem, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms import decode, engine, parse, sources
-from transforms.errors import ERRORS_TAG
-from transforms.formats import DecodeLimits
-from transforms.engine import ENGINES, EngineSettings, RequestRenderer, engine_prompt, sampling_params
+from tasks.task import Task
+from transforms import decode, parse, sources
 from transforms.run_tasks import image_key
-from transforms.metadata import ItemValues
-from transforms.prompts import render_prompt
-from transforms.shards import ShardSettings
-from transforms.tasks import Task
 from transforms.sinks import WriteTable, to_error_row
 
 
@@ -229,7 +230,7 @@ class _DescendantCpu:
 def run_feeders(workload: Workload, out_dir: pathlib.Path, feeders: int, **_: Any) -> dict[str, Any]:
     """The pipeline on Beam's local runner with `feeders` worker processes, all feeding one shared engine core.
 
-    Both rows use the shared-core machinery (transforms/host_engine.py) with the same total requests in
+    Both rows use the shared-core machinery (engine/host.py) with the same total requests in
     flight, so they differ only in how many processes decode, render and detokenize. The engine core is
     started before the clock (this process attaches first and stays attached, idle); Beam's worker
     processes start inside the window, so the steady-state rate (between the first and the last answer

@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.local import EngineSettings
+from library.formats import DecodeLimits
+from library.metadata import ItemValues
+from library.shards import ShardSettings
 from schemas.records import DecodeUnit, ImageItem, UnitKind
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
+from tasks.task import Task, with_overrides
 from transforms.decode import DecodeUnits
-from transforms.engine import EngineSettings
-from transforms.formats import DecodeLimits
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
-from transforms.metadata import ItemValues
-from transforms.tasks import Task, with_overrides
-from transforms.shards import ShardSettings
 
 if TYPE_CHECKING:
-    from pipelines.options import JobConfig
+    from configuration.options import JobConfig
 
 # Bump when the generator draws different pixels: it names the cache directory.
 GENERATOR_VERSION = "1"
@@ -186,7 +186,7 @@ class Workload:
     images: pathlib.Path  # directory of generated image files
     model_path: str  # checkpoint directory
     model_id: str
-    profile: str  # engine profile name (pipelines/engine_profiles.py)
+    profile: str  # engine profile name (engine/profiles.py)
     max_tokens: Mapping[str, int]
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the profile
     max_in_flight: Optional[int] = None  # overrides the profile's
@@ -216,8 +216,8 @@ class Workload:
         """Exactly the job the pipeline resolves from `pipeline_argv` (same engine args and tasks for all variants)."""
         from apache_beam.options.pipeline_options import PipelineOptions
 
-        from pipelines.checkpoint_shape import CheckpointShape
-        from pipelines.options import JobConfig
+        from configuration.options import JobConfig
+        from engine.checkpoint_shape import CheckpointShape
 
         options = PipelineOptions(self.pipeline_argv("unused"))
         checkpoint = CheckpointShape.read(self.model_path)  # as vision_batch.run: the profile is fitted to it
@@ -244,7 +244,7 @@ def prompt_suffix_tokens(checkpoint: str, specs: Sequence[Task]) -> dict[str, in
     """
     from transformers import AutoProcessor
 
-    from transforms.prompts import render_prompt
+    from engine.prompts import render_prompt
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     template = processor.tokenizer.apply_chat_template

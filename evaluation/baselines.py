@@ -26,11 +26,11 @@ from apache_beam import pvalue
 from PIL import Image
 
 from evaluation.storage import write_parquet
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
 from schemas.records import ErrorRecord, ImageItem, ParsedAnswer, RunInfo, SourceFile, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from transforms.decode import DecodeUnits, PlanUnits
-from transforms.formats import DecodeLimits
-from transforms.shards import ShardSettings
 
 
 class OcrEngine(Protocol):

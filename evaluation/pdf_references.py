@@ -4,7 +4,7 @@ A PDF produced by software (not a scan) already says what text each page
 holds and where: PDFium's text API gives the page text, a box per
 character and PDFium's own segmentation of the text into line runs. Each
 page is rendered exactly as the pipeline renders it
-(`transforms.formats.render_pdf_page`), so the reference's size is the
+(`library.formats.render_pdf_page`), so the reference's size is the
 item's size, and boxes are mapped to that render with PDFium's
 page-to-device transform (which applies the crop box and /Rotate the same
 way rendering does), then normalised to 0-1.
@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Optional
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
+from library.formats import DecodeLimits, Format, pdf_page_count, read_bytes, render_pdf_page, sniff
 from schemas.records import ItemRef, SourceFile
 from schemas.references import GRANULARITIES, TEXT_REGION_LABEL, ReferenceBox, ReferenceItem
-from transforms.formats import DecodeLimits, Format, pdf_page_count, read_bytes, render_pdf_page, sniff
 
 _LOG = logging.getLogger(__name__)
 

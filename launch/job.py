@@ -16,11 +16,11 @@ from typing import Any, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from launch.deployment import Deployment
+from configuration.options import VisionBatchOptions, parse_json_value, parse_key_values, resolve_tasks
+from engine import profiles as engine_profiles
 from launch.accelerators import TPU
+from launch.deployment import Deployment
 from launch.profiles import LaunchProfile, check_engine_fits
-from pipelines import engine_profiles
-from pipelines.options import VisionBatchOptions, parse_json_value, parse_key_values, resolve_tasks
 from schemas.uris import without_credentials
 
 # One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
@@ -28,7 +28,7 @@ from schemas.uris import without_credentials
 # one engine per process serves all harness threads. Used where the engine profile's host_feeders is 1.
 SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
 # Where the engine profile's host_feeders is above 1, the worker VM runs several SDK processes feeding one
-# engine core (transforms/host_engine.py). Dataflow has no option for how many: without the experiment above,
+# engine core (engine/host.py). Dataflow has no option for how many: without the experiment above,
 # Runner v2 "launches one Apache Beam SDK process per VM core" (Dataflow docs, "Dataflow support for GPUs",
 # GPUs and worker parallelism), and --sdk_worker_parallelism is read only by the Flink/Spark job servers, not
 # by Dataflow (apache/beam#21839). So every vCPU's process is a feeder: --host_feeders is set to the worker's

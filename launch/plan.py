@@ -20,15 +20,15 @@ import pathlib
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from configuration.options import parse_key_values
+from engine import profiles as engine_profiles
+from engine.prompts import SYSTEM_PROMPT
 from launch.accelerators import PRICES_AS_OF, TPU
 from launch.capacity import EngineShape, Efficiency, Estimate, Hardware, TaskLoad, Workload, estimates
 from launch.model_shapes import SHAPES
 from launch.profiles import PROFILES, LaunchProfile, get_profile
-from pipelines import engine_profiles
-from pipelines.options import parse_key_values
-from transforms.builtin_tasks import DEFAULT_TASKS, select_tasks
-from transforms.prompts import SYSTEM_PROMPT
-from transforms.tasks import Task
+from tasks.builtin import DEFAULT_TASKS, select_tasks
+from tasks.task import Task
 
 RESULTS_FILE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"
 
@@ -38,8 +38,8 @@ TEMPLATE_TOKENS_BEFORE_IMAGE = 8  # <bos>, <|turn>system, <turn|>, <|turn>user a
 IMAGE_DELIMITER_TOKENS = 2  # <|image> before and <image|> after the soft tokens
 TEMPLATE_TOKENS_AFTER_INSTRUCTION = 6  # <turn|>, <|turn>model and their newlines
 # Expected answer lengths (the max_tokens limits are far higher). ocr: a half-filled page (a dense A4
-# page is ~1,000-1,500 tokens, transforms/builtin_tasks.py); caption: one or two sentences; detect: ~10
-# boxes at ~14 tokens per box (transforms/builtin_tasks.py); markdown: ocr's text plus its markup (assumed).
+# page is ~1,000-1,500 tokens, tasks/builtin.py); caption: one or two sentences; detect: ~10
+# boxes at ~14 tokens per box (tasks/builtin.py); markdown: ocr's text plus its markup (assumed).
 # Override per workload with --output-tokens.
 EXPECTED_OUTPUT_TOKENS = {"ocr": 800, "caption": 40, "detect": 150, "markdown": 1000}
 # Realistic-estimate defaults (assumed, not measured on TPU or GPU here): MFU of well-batched prefill and

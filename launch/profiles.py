@@ -1,7 +1,7 @@
 """Named launch profiles: the Dataflow worker shape for one engine profile.
 
 A launch profile says where the engine runs (TPU slice or GPU, workers,
-disk); the engine profile it names (pipelines/engine_profiles.py) says how
+disk); the engine profile it names (engine/profiles.py) says how
 vLLM runs there. They are kept apart because the engine profile is also
 what local tools read. Profiles are checked when this module loads: a
 machine type that does not match its accelerator, a tensor-parallel size
@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+from engine import profiles as engine_profiles
 from launch.accelerators import TPU, WorkerShape, find_gpu_worker, find_tpu_worker, harness_threads
-from pipelines import engine_profiles
 
 # Per-request image budgets above 280 soft tokens look truncated on TPU (FIELD-NOTES).
 TPU_MAX_VISION_TOKENS = 280
@@ -56,7 +56,7 @@ class LaunchProfile:
     name: str
     description: str
     worker: WorkerShape
-    engine_profile: str  # a name in pipelines.engine_profiles.PROFILES
+    engine_profile: str  # a name in engine.profiles.PROFILES
     model: str  # model shape for the planner (launch/model_shapes.py)
     max_workers: int  # default autoscaling ceiling (--max_workers overrides)
     disk_size_gb: int  # boot disk per worker

@@ -25,12 +25,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
+from configuration.options import JobConfig, VisionBatchOptions
+from engine.model_staging import is_remote
 from launch import image
-from pipelines.models import resolve_model
-from pipelines.options import JobConfig, VisionBatchOptions
 from pipelines import output_safety
+from pipelines.models import resolve_model
 from pipelines.vision_batch import build_pipeline
-from transforms.model_staging import is_remote
 
 DATE_PLACEHOLDER = "{date}"
 _LOG = logging.getLogger("launch.run_dataflow")

@@ -29,13 +29,13 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from configuration.options import parse_args as parse_pipeline_args
 from launch import flex_launch, run_dataflow, warmup
 from launch.accelerators import TPU
 from launch.deployment import Deployment, add_deployment_args, deployment_from_args
 from launch.job import Workers, plan_launch, timestamped_job_name
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from launch.shell import command_text
-from pipelines.options import parse_args as parse_pipeline_args
 from schemas.uris import mask_credentials
 
 

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 from evaluation.baselines import ENGINES, run_baseline
 from evaluation.storage import match_sources
-from transforms.formats import DecodeLimits
-from transforms.shards import ShardSettings
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
 
 _DEFAULT_LIMITS = DecodeLimits()
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import UsageError
-from transforms.model_staging import is_remote
+from configuration.options import UsageError
+from engine.model_staging import is_remote
 
 _LOG = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ class ModelChoice:
 
 def resolve_model(model: Optional[str], model_id: Optional[str], tiny_preset: str) -> ModelChoice:
     if model is None:
-        from pipelines.tiny_checkpoint import ensure_checkpoint
+        from tiny_model.checkpoint import ensure_checkpoint
 
         path = ensure_checkpoint(tiny_preset)
         return ModelChoice(path=str(path), model_id=model_id or f"tiny-random-gemma4/{path.name}", is_random=True)
     if is_remote(model):
-        # Workers copy it to local disk once each (transforms/model_staging.py); check it now,
+        # Workers copy it to local disk once each (engine/model_staging.py); check it now,
         # so a wrong path fails at launch rather than on every worker.
         if not FileSystems.exists(model.rstrip("/") + "/config.json"):
             raise UsageError(f"--model {model}: no config.json there: not a Hugging Face checkpoint")

@@ -42,9 +42,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import UsageError
+from configuration.options import UsageError
+from library.storage import RetryBudget
 from transforms.sinks import LOCK_FILE
-from transforms.storage import RetryBudget
 
 _LOG = logging.getLogger("vision_batch")
 

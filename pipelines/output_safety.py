@@ -51,8 +51,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from configuration.options import PROG, UsageError, VisionBatchOptions, split_commas
 from pipelines import output_lock
-from pipelines.options import PROG, UsageError, VisionBatchOptions, split_commas
 from schemas.uris import canonical_uri, mask_credentials
 from transforms.incremental import results_pattern, run_location
 from transforms.sinks import LOCK_FILE, MARKER_FILE, SUMMARY_FILE, TABLES, is_run_summary, is_table_file, read_json

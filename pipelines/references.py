@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 from evaluation.pdf_references import pdf_references
 from evaluation.storage import match_sources, read_text, write_references
 from evaluation.text_render import Degradation, Layout, find_font, paragraphs, write_rendered_set
+from library.formats import DecodeLimits
 from schemas.references import GRANULARITIES
-from transforms.formats import DecodeLimits
 
 _DEFAULT_LIMITS = DecodeLimits()
 

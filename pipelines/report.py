@@ -16,12 +16,12 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from evaluation.storage import write_text
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
 from reporting.html import render
 from reporting.images import THUMBNAIL_SIDE, load_images
 from reporting.run import SAMPLE_ORDERS, load_run
 from schemas.records import ItemRef
-from transforms.formats import DecodeLimits
-from transforms.shards import ShardSettings
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -38,16 +38,22 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import logs, output_safety, summary
-from pipelines.checkpoint_shape import CheckpointShape
+from engine import logs
+
+from pipelines import output_safety
+
+from configuration.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
+from engine import local as engine, model_staging
+from engine.checkpoint_shape import CheckpointShape
+from library import storage
+from library.errors import ERRORS_TAG
+from library.progress import PROGRESS
 from pipelines.models import resolve_model
-from pipelines.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
 from pipelines.runner import is_local, make_runner
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from schemas.uris import mask_credentials
-from transforms import decode, engine, incremental, model_staging, parse, run_tasks, sources, storage
-from transforms.errors import ERRORS_TAG
-from transforms.progress import PROGRESS
+from transforms import summary
+from transforms import decode, incremental, parse, run_tasks, sources
 from transforms.sinks import WriteTable, to_error_row
 
 _LOG = logging.getLogger("vision_batch")

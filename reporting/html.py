@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from reporting.images import SourceImage, data_uri, draw_detections, label_colours, thumbnail
 from reporting.run import ErrorGroup, RunData, SampledItem, TaskStats
 from reporting.text import safe
-from transforms.tasks import Template
+from tasks.task import Template
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 TASK_TITLES = {"ocr": "OCR text", "caption": "Caption", "detect": "Detections", "markdown": "Markdown"}

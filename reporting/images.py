@@ -1,8 +1,8 @@
 """Sampled items' images, re-read through the pipeline's own decode functions, with their boxes drawn.
 
-An item is decoded exactly as the pipeline decoded it (`transforms.formats`
+An item is decoded exactly as the pipeline decoded it (`library.formats`
 with the run's limits: EXIF orientation applied, PDF pages rendered at the
-run's dpi; shard members found by key with `transforms.shards`), so its
+run's dpi; shard members found by key with `library.shards`), so its
 detection boxes, fractions of that frame, land where the model put them.
 Each source is read once however many of its items are sampled. A source
 that is gone or unreadable gives the reason instead of an image.
@@ -20,11 +20,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
+from library.formats import HEAD_BYTES, DecodeError, DecodeLimits, Format, MissingImage, read_bytes, read_head, render_item, sniff
+from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 from reporting.text import visible
 from schemas.records import ItemRef
 from transforms.decode import item_hash
-from transforms.formats import HEAD_BYTES, DecodeError, DecodeLimits, Format, MissingImage, read_bytes, read_head, render_item, sniff
-from transforms.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 THUMBNAIL_SIDE = 512
 MIN_SIDE = 240  # smaller images are enlarged by a whole factor (nearest neighbour) so they can be seen

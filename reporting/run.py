@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from evaluation.storage import matching_files, read_text
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
-from transforms.builtin_tasks import DEFAULT_TASKS
+from tasks.builtin import DEFAULT_TASKS
 
 SAMPLE_ORDERS = ("item_id", "errors_first", "spread")
 EXAMPLES_PER_ERROR = 3

@@ -22,7 +22,7 @@ class SourceFile:
 
     uri: str
     size_bytes: int
-    metadata: Optional[str] = None  # JSON of the manifest row's other columns (transforms.metadata)
+    metadata: Optional[str] = None  # JSON of the manifest row's other columns (library.metadata)
 
 
 class UnitKind(enum.Enum):
@@ -149,7 +149,7 @@ class TaskCompletion:
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
     thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
     instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
-    task_fingerprint: Optional[str] = None  # the task definition + the item's values (transforms.tasks)
+    task_fingerprint: Optional[str] = None  # the task definition + the item's values (tasks.task)
 
 
 @dataclasses.dataclass(frozen=True)

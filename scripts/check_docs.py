@@ -20,7 +20,7 @@ The convention it enforces is described in docs/docs-check.md:
   file=invoice.yaml) is a file the reader saves: it is written to NAME in the
   scratch copy, in document order, so the commands after it use it. Every
   ```yaml block must parse, and one holding `tasks:` must be a valid task
-  file (`transforms.task_file`).
+  file (`tasks.task_file`).
 - ```sql blocks are DuckDB queries over what the commands before them wrote:
   run with DuckDB in the scratch copy (BigQuery variants go in `--` comments).
 
@@ -165,7 +165,7 @@ def _yaml_problems(block: Block) -> list[str]:
     """A YAML example must parse; one holding `tasks:` must be a task file the pipeline accepts."""
     import yaml
 
-    from transforms.task_file import TaskFileError, parse_task_file
+    from tasks.task_file import TaskFileError, parse_task_file
 
     try:
         document = yaml.safe_load(block.text)
@@ -184,7 +184,7 @@ def _parse_pipeline_command(words: list[str]) -> list[str]:
     """A pipeline command that is not run is still parsed: its options must exist and be valid."""
     if "pipelines.vision_batch" not in words:
         return []
-    from pipelines.options import UsageError, parse_args
+    from configuration.options import UsageError, parse_args
 
     argv = words[words.index("pipelines.vision_batch") + 1:]
     try:

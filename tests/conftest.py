@@ -1,7 +1,7 @@
 """Session-wide fixtures: a private checkpoint cache and one shared pipeline run.
 
 One vLLM engine serves every pipeline run of the session (the engine
-registry in transforms.engine keys engines by settings), so tests add runs,
+registry in engine.local keys engines by settings), so tests add runs,
 not engine start-ups.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _fast_tier_starts_no_engine(request: pytest.FixtureRequest, monkeypatch: pyt
     """Under --fast, an unmarked test that starts the engine in this process fails, naming the fix."""
     if not request.config.getoption("--fast"):
         return
-    from transforms import engine
+    from engine import local as engine
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError(f"{request.node.nodeid} started the vLLM engine under --fast: mark it @pytest.mark.engine")
@@ -59,7 +59,7 @@ def private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Pat
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(private_model_cache: pathlib.Path) -> pathlib.Path:
-    from pipelines.tiny_checkpoint import DEFAULT_PRESET, ensure_checkpoint
+    from tiny_model.checkpoint import DEFAULT_PRESET, ensure_checkpoint
 
     return ensure_checkpoint(DEFAULT_PRESET)
 

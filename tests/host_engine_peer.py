@@ -20,9 +20,9 @@ import sys
 
 
 def settings(checkpoint: str):
-    from pipelines.checkpoint_shape import CheckpointShape
-    from pipelines.engine_profiles import resolve, shared_by_feeders
-    from transforms.engine import EngineSettings
+    from engine.checkpoint_shape import CheckpointShape
+    from engine.local import EngineSettings
+    from engine.profiles import resolve, shared_by_feeders
 
     profile = shared_by_feeders(resolve("cpu-tiny", None, CheckpointShape.read(checkpoint)), 2)
     return EngineSettings(
@@ -37,10 +37,10 @@ def main(checkpoint: str) -> None:
     os.dup2(2, 1)
     from PIL import Image
 
-    from transforms.builtin_tasks import BUILTIN_TASKS
-    from transforms.engine import ENGINES
-    from transforms.metadata import ItemValues
-    from transforms.tasks import with_overrides
+    from engine.local import ENGINES
+    from library.metadata import ItemValues
+    from tasks.builtin import BUILTIN_TASKS
+    from tasks.task import with_overrides
 
     engine_settings = settings(checkpoint)
     pending: list[concurrent.futures.Future] = []

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from benchmarks.measure import TaskRecord, prefix_reuse, ratio
 from benchmarks.server import chat_messages, server_flags
-from transforms.builtin_tasks import BUILTIN_TASKS
-from transforms.metadata import ItemValues
+from library.metadata import ItemValues
+from tasks.builtin import BUILTIN_TASKS
 
 SUFFIX = {"ocr": 10, "caption": 4, "detect": 12}  # prompt tokens after the shared system + image prefix
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import engine_profiles
-from pipelines.checkpoint_shape import CheckpointShape
-from pipelines.engine_profiles import GiB, CheckpointRefused, fit_to_checkpoint, resolve
-from pipelines.options import JobConfig
+from configuration.options import JobConfig
+from engine import profiles as engine_profiles
+from engine.checkpoint_shape import CheckpointShape
+from engine.profiles import GiB, CheckpointRefused, fit_to_checkpoint, resolve
 
 ROPE = {
     "full_attention": {"rope_theta": 1_000_000.0, "rope_type": "proportional", "partial_rotary_factor": 0.25},

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from configuration.options import UsageError
 from pipelines import output_safety, vision_batch
-from pipelines.options import UsageError
 from tests.conftest import REPO, SAMPLES, SMALL_OUTPUTS, copy_samples, run_pipeline
 
 CAPTION = ["--tasks", "caption"]

@@ -6,9 +6,9 @@ import platform
 
 import pytest
 
-from pipelines import engine_profiles
-from pipelines.engine_profiles import GiB, MiB, CheckpointRefused, fit_to_checkpoint, fit_to_cpu
-from pipelines.machine import CpuInfo, cpu_dtype, read_cpu
+from engine import profiles as engine_profiles
+from engine.machine import CpuInfo, cpu_dtype, read_cpu
+from engine.profiles import GiB, MiB, CheckpointRefused, fit_to_checkpoint, fit_to_cpu
 from tests.test_checkpoint_profiles import shapes  # noqa: F401 - module fixture: real Gemma 4 shapes
 
 ZEN3 = CpuInfo("x86_64", frozenset({"avx", "avx2", "fma"}))  # AVX2 only (the EPYC of issue 25)
@@ -64,7 +64,7 @@ def test_cpu_tiny_runs_float32_without_native_bf16_with_the_same_kv_tokens():
 
 
 def test_bfloat16_asked_for_on_a_cpu_without_it_is_kept_with_one_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipelines.engine_profiles"):
+    with caplog.at_level(logging.WARNING, logger="engine.profiles"):
         args = fit_to_cpu(engine_profiles.PROFILES["cpu-tiny"], "bfloat16", cpu=ZEN3).engine_args
     assert args["dtype"] == "bfloat16"
     [warning] = caplog.messages

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from library.formats import DecodeLimits, ImageTooLarge, decode_image_frame, to_rgb
+from library.shards import ShardSettings
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile, Stage
 from transforms.decode import DecodeUnits, PlanUnits
-from transforms.formats import DecodeLimits, ImageTooLarge, decode_image_frame, to_rgb
-from transforms.shards import ShardSettings
 
 
 def write(path, data: bytes) -> str:

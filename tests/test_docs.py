@@ -46,7 +46,8 @@ def test_the_layout_list_names_every_module():
     layout = layout[: layout.index("\n```\n", layout.index("```") + 3)]
     sections = {match.group(1): match.start() for match in re.finditer(r"^([a-z_/]+)/\s", layout, re.MULTILINE)}
     missing = []
-    for folder in ("pipelines", "transforms", "schemas", "evaluation", "reporting", "launch", "benchmarks", "scripts"):
+    for folder in ("schemas", "library", "engine", "tasks", "transforms", "configuration", "tiny_model", "pipelines",
+                   "evaluation", "reporting", "launch", "benchmarks", "scripts"):
         start = sections[folder]
         end = min([s for s in sections.values() if s > start] + [len(layout)])
         text = layout[start:end]

@@ -34,9 +34,9 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     """The TPU profiles preprocess on Beam's threads (cpu-tiny, used elsewhere, on the step loop)."""
     from PIL import Image
 
-    from pipelines.checkpoint_shape import CheckpointShape
-    from pipelines.engine_profiles import resolve
-    from transforms.engine import ENGINES, EngineSettings
+    from engine.checkpoint_shape import CheckpointShape
+    from engine.local import ENGINES, EngineSettings
+    from engine.profiles import resolve
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
@@ -65,9 +65,9 @@ UNENDING = {"type": "string", "minLength": 1000}
 
 
 def _tiny_settings(tiny_checkpoint, **engine_args):
-    from pipelines.checkpoint_shape import CheckpointShape
-    from pipelines.engine_profiles import resolve
-    from transforms.engine import EngineSettings
+    from engine.checkpoint_shape import CheckpointShape
+    from engine.local import EngineSettings
+    from engine.profiles import resolve
 
     profile = resolve("cpu-tiny", engine_args, CheckpointShape.read(str(tiny_checkpoint)))
     return EngineSettings(model_path=str(tiny_checkpoint), engine_args=profile.engine_args, max_in_flight=8,
@@ -76,9 +76,9 @@ def _tiny_settings(tiny_checkpoint, **engine_args):
 
 def _requests(names, max_tokens=4):
     """The built-in tasks' engine requests for an item without metadata, each capped at `max_tokens`."""
-    from transforms.builtin_tasks import BUILTIN_TASKS
-    from transforms.metadata import ItemValues
-    from transforms.tasks import with_overrides
+    from library.metadata import ItemValues
+    from tasks.builtin import BUILTIN_TASKS
+    from tasks.task import with_overrides
 
     return [with_overrides(BUILTIN_TASKS[name], max_tokens=max_tokens).request(ItemValues(None)) for name in names]
 
@@ -105,7 +105,7 @@ def _images():
 
 def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
     """One preprocessing per image for all its tasks, with the same answers as preprocessing per task."""
-    from transforms.engine import ENGINES
+    from engine.local import ENGINES
 
     specs = _requests(("ocr", "caption", "detect"))
     shared = ENGINES.acquire(_tiny_settings(tiny_checkpoint))
@@ -138,7 +138,7 @@ def separate_core(tiny_checkpoint, _separate_cores):
     Shared by this module's tests while it lives; a test that kills its core leaves the next one a new
     engine, so the tests pass in any order.
     """
-    from transforms.engine import VisionEngine
+    from engine.local import VisionEngine
 
     if not _separate_cores or _separate_cores[-1].failed:
         settings = dataclasses.replace(_tiny_settings(tiny_checkpoint, max_model_len=256), engine_core_process=True)
@@ -148,7 +148,7 @@ def separate_core(tiny_checkpoint, _separate_cores):
 
 def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint, separate_core):
     """Same answers, same isolation of a rejected request, shared preprocessing."""
-    from transforms.engine import ENGINES
+    from engine.local import ENGINES
 
     # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
     specs = _requests(("caption", "ocr", "caption"))
@@ -165,7 +165,7 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     import os
     import signal
 
-    from transforms.engine import EngineDeadError
+    from engine.local import EngineDeadError
 
     image_key, image = next(iter(_images().items()))
     [caption] = _requests(("caption",), max_tokens=64)

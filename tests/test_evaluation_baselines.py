@@ -9,12 +9,12 @@ import pytest
 from evaluation.pdf_references import pdf_references
 from evaluation.storage import match_sources, write_references
 from evaluation.text_render import write_rendered_set
+from library.formats import DecodeLimits
 from pipelines import baselines as baselines_cli
 from pipelines import evaluate
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.evaluation_data import PARAGRAPHS, make_pdf, small_layout
 from tests.gcs_emulator import BUCKET
-from transforms.formats import DecodeLimits
 
 MAX_CER = 0.1
 MODEL_PREFIX = {"tesseract": "tesseract-5.", "rapidocr": "rapidocr-3."}

@@ -10,11 +10,11 @@ import pytest
 from evaluation.pdf_references import pdf_references
 from evaluation.storage import match_sources, read_references, write_references
 from evaluation.text_render import Degradation, degrade, paragraphs, reference_boxes, render_paragraph, write_rendered_set
+from library.formats import DecodeLimits, render_pdf_page
 from pipelines import references as references_cli
 from schemas.records import ItemRef
 from schemas.references import ReferenceBox, InvalidReference, ReferenceItem, reference_from_row
 from tests.evaluation_data import PARAGRAPHS, PDF_PAGES, make_pdf, small_layout
-from transforms.formats import DecodeLimits, render_pdf_page
 
 DARK = 128  # grey level below which a pixel is ink
 

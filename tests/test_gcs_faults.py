@@ -20,14 +20,14 @@ import pytest
 from apache_beam.io.gcp.gcsio import GcsIO
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
+from configuration.options import JobConfig
+from library import storage
+from library.storage import BudgetedRetry, RetryBudget
 from pipelines import vision_batch
-from pipelines.options import JobConfig
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import SAMPLES, SMALL_OUTPUTS, run_pipeline
 from tests.fault_proxy import FaultProxy, Rule
 from tests.gcs_emulator import BUCKET
-from transforms import storage
-from transforms.storage import BudgetedRetry, RetryBudget
 
 ROOT = f"gs://{BUCKET}/faults"
 # Transient faults must be outlasted: short waits keep the test quick; every schedule below lets the

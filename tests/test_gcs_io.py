@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import transforms.prompts
+from engine.model_staging import MARKER, stage_checkpoint
+import engine.prompts
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import SAMPLES, run_pipeline
 from tests.gcs_emulator import BUCKET
 from tests.shard_data import write_parquet_shard, write_tar
-from transforms.model_staging import MARKER, stage_checkpoint
 
 ROOT = f"gs://{BUCKET}"
 
@@ -107,7 +107,7 @@ def test_incremental_rerun_writes_nothing_new(gcs, first_run, bucket_inputs):
 def test_incremental_reprocesses_a_new_prompt_version_or_model(gcs, first_run, bucket_inputs, monkeypatch):
     _, first = first_run
     scans = ["--input", f"{bucket_inputs}/scans/receipt.png", "--incremental_from", first, "--incremental_from", f"{ROOT}/runs/never"]
-    monkeypatch.setattr(transforms.prompts, "PROMPT_VERSION", "v-next")
+    monkeypatch.setattr(engine.prompts, "PROMPT_VERSION", "v-next")
     summary = run_pipeline(*scans, "--output", f"{ROOT}/runs/new-prompts")
     assert summary["counts"]["skipped_tasks"] == 0
     assert read_gs(gcs, f"{ROOT}/runs/new-prompts", "results").num_rows == summary["counts"]["tasks_per_item"]

@@ -12,11 +12,11 @@ import pathlib
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.tiny_checkpoint import DEFAULT_PRESET
+from engine.prompts import prompt_version
 from schemas.tables import RESULTS_SCHEMA
+from tasks.builtin import DEFAULT_TASKS
 from tests.conftest import SAMPLES, run_pipeline
-from transforms.builtin_tasks import DEFAULT_TASKS
-from transforms.prompts import prompt_version
+from tiny_model.checkpoint import DEFAULT_PRESET
 
 pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 
@@ -71,11 +71,11 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
     from vllm import LLM
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    from pipelines.checkpoint_shape import CheckpointShape
-    from pipelines.engine_profiles import resolve
-    from transforms.builtin_tasks import BUILTIN_TASKS
-    from transforms.engine import EngineSettings, prepare_process, sampling_params
-    from transforms.metadata import ItemValues
+    from engine.checkpoint_shape import CheckpointShape
+    from engine.local import EngineSettings, prepare_process, sampling_params
+    from engine.profiles import resolve
+    from library.metadata import ItemValues
+    from tasks.builtin import BUILTIN_TASKS
 
     args = resolve("cpu-tiny", checkpoint=CheckpointShape.read(str(tiny_checkpoint))).engine_args
     settings = EngineSettings(model_path=str(tiny_checkpoint), engine_args=args, max_in_flight=1, structured_output=False)

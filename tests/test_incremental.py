@@ -16,19 +16,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine.local import EngineSettings
+from library import formats
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
 from schemas.records import DecodeUnit, ImageItem, RunInfo, SourceFile
 from schemas.tables import RESULTS_SCHEMA
+from tasks.builtin import BUILTIN_TASKS
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.shard_data import image_bytes, tar_bytes, write_parquet_shard, write_tar
 from tests.test_decode import pdf_bytes
 from tests.test_pipeline_e2e import truncated_png
-from transforms import formats, incremental
-from transforms.builtin_tasks import BUILTIN_TASKS
+from transforms import incremental
 from transforms.decode import DecodeUnits, PlanUnits
-from transforms.engine import EngineSettings
-from transforms.formats import DecodeLimits
 from transforms.incremental import BuildHashFilter, HashFilter, HashUnits, answered_tasks, answer_key, hash_words, words_of
-from transforms.shards import ShardSettings
 from transforms.sinks import SUMMARY_FILE
 
 RUN = RunInfo(run_id="r", model_id="model-a", prompt_version="v2")

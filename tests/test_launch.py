@@ -15,14 +15,14 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from configuration.options import VisionBatchOptions
+from engine import profiles as engine_profiles
+from engine.profiles import PROFILES as ENGINE_PROFILES
 from launch import run_dataflow, submit
 from launch.accelerators import GPU_WORKERS, TPU, TPU_WORKERS, AcceleratorError, find_gpu_worker, find_tpu_worker
 from launch.deployment import Deployment
 from launch.job import FEEDER_HARNESS_THREADS, SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
-from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
-from pipelines import engine_profiles
-from pipelines.options import VisionBatchOptions
 from tests.launch_support import BUCKET, DEPLOYMENT, DEPLOYMENT_FLAGS, MODEL, USER_ARGS, go_offline
 
 TPU_PROFILES = sorted(name for name, p in PROFILES.items() if p.platform == TPU)

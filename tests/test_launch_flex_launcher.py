@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
+from engine.profiles import PROFILES as ENGINE_PROFILES
 from launch import flex_launch, image, run_dataflow
 from launch.accelerators import TPU
 from launch.job import FEEDER_HARNESS_THREADS, SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
-from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import PROFILES
 from tests.launch_support import (
     BUCKET,

@@ -13,10 +13,10 @@ from google.cloud.dataflow_v1beta3.services.flex_templates_service.transports.re
     _BaseFlexTemplatesServiceRestTransport,
 )
 
+from engine.profiles import PROFILES as ENGINE_PROFILES
 from launch import flex_launch, flex_template, schedule
 from launch.composer import vision_batch_launch
 from launch.job import Workers, plan_launch
-from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
 from launch.profiles import PROFILES
 from tests.launch_support import BUCKET, DEPLOYMENT, USER_ARGS, go_offline
 

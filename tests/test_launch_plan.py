@@ -10,7 +10,7 @@ from launch.accelerators import V6E, Chip
 from launch.capacity import ROOFLINE, Efficiency, EngineShape, Hardware, TaskLoad, Workload, decode_batch, estimates
 from launch.model_shapes import GEMMA4_12B, GEMMA4_26B_A4B, GEMMA4_31B, AttentionGroup, ModelShape
 from launch.profiles import PROFILES
-from transforms.builtin_tasks import select_tasks
+from tasks.builtin import select_tasks
 
 
 def test_gemma4_26b_a4b_shape_reproduces_the_published_sizes():

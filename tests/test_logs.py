@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from pipelines.logs import HARMLESS, _DropHarmless
+from engine.logs import HARMLESS, _DropHarmless
 
 VLLM = pathlib.Path(importlib.util.find_spec("vllm").origin).parent
 FROM_VLLM = [harmless for harmless in HARMLESS if harmless.source]

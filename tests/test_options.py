@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines.options import JobConfig, UsageError, VisionBatchOptions, build_parser, parse_args, split_commas
+from configuration.options import JobConfig, UsageError, VisionBatchOptions, build_parser, parse_args, split_commas
 
 
 def config(*args: str) -> JobConfig:
@@ -35,7 +35,7 @@ def test_engine_overrides_and_structured_output():
 
 
 def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeypatch):
-    from transforms.engine import prepare_process
+    from engine.local import prepare_process
 
     settings = config("--input", "a").engine
     assert settings.preprocess_on_step_thread is True  # cpu-tiny: the CPU is the accelerator
@@ -187,7 +187,7 @@ def test_every_option_is_documented_in_the_readme():
     import argparse
     import pathlib
 
-    from pipelines.options import VisionBatchOptions
+    from configuration.options import VisionBatchOptions
 
     parser = argparse.ArgumentParser()
     VisionBatchOptions._add_argparse_args(parser)

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
+from configuration.options import UsageError, parse_args
 from pipelines import output_lock, output_safety
-from pipelines.options import UsageError, parse_args
 from tests.conftest import REPO, SAMPLES, run_pipeline
 from tests.gcs_emulator import BUCKET
 from transforms.sinks import LOCK_FILE, MARKER_FILE, SUMMARY_FIELDS, SUMMARY_FILE, is_run_summary

@@ -8,14 +8,7 @@ import json
 
 import pytest
 
-from transforms.parse import (
-    DetectionParseError,
-    NoJSONFound,
-    extract_json,
-    parse_detections,
-    split_answer,
-    strip_code_fence,
-)
+from tasks.answers import DetectionParseError, NoJSONFound, extract_json, parse_detections, split_answer, strip_code_fence
 
 BOXES = '[{"box_2d": [1, 2, 30, 40], "label": "a"}]'
 

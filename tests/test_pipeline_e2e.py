@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from engine.prompts import render_prompt
+from library.metadata import ItemValues
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
 from tests.conftest import copy_samples, run_pipeline
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
-from transforms.metadata import ItemValues
-from transforms.prompts import render_prompt
 
 pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 

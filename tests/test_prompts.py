@@ -1,7 +1,7 @@
 """Prompt building without an engine."""
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS
-from transforms.metadata import ItemValues
-from transforms.prompts import PROMPT_VERSION, SYSTEM_PROMPT, Sampling, build_messages, prompt_version, render_prompt, sampling_kwargs
+from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, Sampling, build_messages, prompt_version, render_prompt, sampling_kwargs
+from library.metadata import ItemValues
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
 
 OCR = BUILTIN_TASKS["ocr"].request(ItemValues(None)).instruction
 

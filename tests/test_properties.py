@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from library.formats import DecodeLimits, to_rgb
+from library.shards import ShardSettings
 from schemas.records import DecodeUnit, ErrorRecord, ImageItem, SourceFile, Stage
+from tasks.answers import DetectionParseError, parse_detections, split_answer
 from transforms.decode import DecodeUnits, PlanUnits
-from transforms.formats import DecodeLimits, to_rgb
-from transforms.parse import DetectionParseError, parse_detections, split_answer
-from transforms.shards import ShardSettings
 
 numbers = st.one_of(st.integers(-5000, 5000), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5))
 boxes = st.lists(numbers, min_size=0, max_size=6)

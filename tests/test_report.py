@@ -21,6 +21,8 @@ import pytest
 from PIL import Image
 
 from evaluation.storage import write_parquet
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
 from pipelines import report
 from reporting.images import PALETTE, draw_detections, load_images
 from reporting.run import choose_sample
@@ -30,8 +32,6 @@ from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
 from tests.shard_data import write_parquet_shard, write_tar
-from transforms.formats import DecodeLimits
-from transforms.shards import ShardSettings
 
 FILES = ("receipt.png", "shapes_rotated.jpg", "report.pdf")
 GOOD_ITEMS = (

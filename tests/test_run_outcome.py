@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.summary import is_secret_option, outcome, redact
 from schemas.records import DecodeUnit, ErrorRecord, ItemRef, Stage, UnitKind
 from schemas.uris import canonical_uri, mask_credentials, resolve_relative
 from transforms.decode import first_items
 from transforms.sources import InputSelection, expand_input
+from transforms.summary import is_secret_option, outcome, redact
 
 
 def test_canonical_locations(tmp_path, monkeypatch):

@@ -9,19 +9,19 @@ import jsonschema
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.engine_profiles import LARGEST_CONTEXT
-from pipelines.engine_profiles import PROFILES as ENGINE_PROFILES
-from pipelines.options import JobConfig, UsageError, parse_args
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
-from transforms.engine import EngineSettings
-from transforms.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
-from transforms.parse import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
-from transforms.prompts import THINKING_BUDGET, Sampling
-from transforms import task_file
-from transforms.task_file import TaskFileError, parse_task_file
-from transforms.tasks import JSON_FORMAT, OutputKind, Task, TaskFingerprints, Template, with_overrides
+from configuration.options import JobConfig, UsageError, parse_args
+from engine.local import EngineSettings
+from engine.profiles import LARGEST_CONTEXT
+from engine.profiles import PROFILES as ENGINE_PROFILES
+from engine.prompts import THINKING_BUDGET, Sampling
+from library.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
+from tasks import task_file
+from tasks.answers import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
+from tasks.task import JSON_FORMAT, OutputKind, Task, TaskFingerprints, Template, with_overrides
+from tasks.task_file import TaskFileError, parse_task_file
 
-# The issue's own example of a task file, as transforms/task_file.py's docstring shows it (so the documented form is tested).
+# The issue's own example of a task file, as tasks/task_file.py's docstring shows it (so the documented form is tested).
 ISSUE_EXAMPLE = textwrap.dedent(task_file.__doc__.split("\n\n")[1])
 INVOICE_SCHEMA = {"type": "object", "properties": {"number": {"type": "string"}, "total": {"type": "number"}}, "required": ["number"]}
 SETTINGS = EngineSettings(model_path="/m", engine_args={}, max_in_flight=1, structured_output=True)
@@ -298,14 +298,14 @@ def test_max_tokens_are_bounded_by_the_longest_context_of_any_engine_profile(tmp
 def test_a_task_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     import yaml
 
-    from transforms.task_file import load_task_file
+    from tasks.task_file import load_task_file
 
     (tmp_path / "tasks.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(yaml.safe_load(ISSUE_EXAMPLE)).encode())
     assert load_task_file(str(tmp_path / "tasks.json")) == parse_task_file(ISSUE_EXAMPLE, "tasks.yaml")
 
 
 def test_the_task_file_schema_itself_is_a_valid_json_schema():
-    from transforms.task_file import TASK_FILE_SCHEMA
+    from tasks.task_file import TASK_FILE_SCHEMA
 
     jsonschema.Draft202012Validator.check_schema(TASK_FILE_SCHEMA)
 

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from library.metadata import ItemValues
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+from tasks.builtin import BUILTIN_TASKS
 from tests.conftest import copy_samples, run_pipeline
 from tests.shard_data import image_bytes, parquet_bytes, tar_bytes
 from tests.test_pipeline_e2e import fresh_images, prefix_lengths
-from transforms.builtin_tasks import BUILTIN_TASKS
-from transforms.metadata import ItemValues
 
 pytestmark = pytest.mark.engine  # every test here starts the vLLM engine (the fast tier skips them)
 

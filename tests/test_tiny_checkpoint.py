@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-from pipelines import tiny_checkpoint
-from pipelines.tiny_checkpoint import BUILDER_VERSION, DEFAULT_PRESET, EXPECTED_FILES, PRESETS, build_checkpoint, ensure_checkpoint
+from tiny_model import checkpoint as tiny_checkpoint
+from tiny_model.checkpoint import BUILDER_VERSION, DEFAULT_PRESET, EXPECTED_FILES, PRESETS, build_checkpoint, ensure_checkpoint
 
 MESSAGES = [
     {"role": "system", "content": "SYSTEM-PROMPT"},

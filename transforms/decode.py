@@ -22,11 +22,11 @@ from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from library import metrics
+from library.errors import failure
+from library.metadata import merge
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile, Stage, UnitKind
-from transforms import metrics
-from transforms.errors import failure
-from transforms.metadata import merge
-from transforms.formats import (
+from library.formats import (
     HEAD_BYTES,
     DecodeError,
     DecodeLimits,
@@ -43,7 +43,7 @@ from transforms.formats import (
     render_item,
     sniff,
 )
-from transforms.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
 
 SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 

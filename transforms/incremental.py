@@ -2,7 +2,7 @@
 
 A task result is reusable when the item's content, the task, the model, the
 prompt version and the task's fingerprint (its definition and the values the
-item fills into its instruction: `transforms.tasks.TaskFingerprints`) are
+item fills into its instruction: `tasks.task.TaskFingerprints`) are
 all the same (`answer_key`), whatever the file is called now or which run
 produced it: raising `--max_tokens ocr=...` re-runs OCR and nothing else.
 Results written before fingerprints existed have none and are never reused.
@@ -49,15 +49,15 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from engine.local import EngineSettings
+from library import metrics, storage
+from library.formats import DecodeLimits, Format
+from library.metadata import ItemValues
+from library.shards import ShardSettings
 from schemas.records import DecodeUnit, ItemRef, RunInfo
-from transforms import metrics, storage
+from tasks.task import Task, TaskFingerprints
 from transforms.decode import DecodeUnits
-from transforms.engine import EngineSettings
-from transforms.formats import DecodeLimits, Format
-from transforms.metadata import ItemValues
-from transforms.shards import ShardSettings
 from transforms.sinks import SUMMARY_FILE
-from transforms.tasks import Task, TaskFingerprints
 
 # Results columns that identify an answer.
 KEY_COLUMNS = ("content_hash", "task", "model_id", "prompt_version", "task_fingerprint")

@@ -1,7 +1,7 @@
 """Engine stage (Beam side): submit every task of an item to the process's engine, settle the answers.
 
 `RunTasks` submits all tasks of one image together, in one admission
-(`transforms.engine.VisionEngine.submit`), so the first request computes the
+(`engine.local.VisionEngine.submit`), so the first request computes the
 image prefix and the others hit it in the prefix cache. It emits completions
 as they finish and drains its own outstanding requests at the end of the
 bundle, so a bundle commits only after all its requests are answered. A
@@ -18,14 +18,14 @@ from typing import Any, Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
+from engine.local import ENGINES, EngineDeadError, EngineRequest, EngineResult, EngineSettings, VisionEngine
+from library import metrics
+from library.errors import task_failure
+from library.metadata import ItemValues, PromptError
+from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
-from transforms import metrics
-from transforms.engine import ENGINES, EngineDeadError, EngineRequest, EngineResult, EngineSettings, VisionEngine
-from transforms.errors import task_failure
-from transforms.metadata import ItemValues, PromptError
-from transforms.parse import AnswerError, split_answer
-from transforms.progress import PROGRESS
-from transforms.tasks import Task, TaskFingerprints
+from tasks.answers import AnswerError, split_answer
+from tasks.task import Task, TaskFingerprints
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class RunTasks(beam.DoFn):
     Each task's instruction is filled from the item's metadata; a task whose
     values the item lacks gets a `prompt` error row, the others run. Answers
     that fail their task's validation are re-asked along the task's bounded
-    retry ladder (`transforms.tasks`) while the image is still at hand and
+    retry ladder (`tasks.task`) while the image is still at hand and
     its prefix still cached; the last answer goes to the parse stage either
     way, which records it as an error with the raw text.
     """

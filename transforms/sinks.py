@@ -27,9 +27,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
+from library import metrics
 from schemas.records import ErrorRecord, RunInfo
 from schemas.tables import error_row
-from transforms import metrics
 
 # Row groups of ~64 MiB uncompressed: large enough for DuckDB/BigQuery scans to
 # be efficient, small enough that a writer never buffers much per bundle.
@@ -38,7 +38,7 @@ ROW_GROUP_BYTES = 64 * 2**20
 ARROW_BATCH_ROWS = 1000
 TABLES = ("results", "errors")
 # Written last, after both tables are final: an output location holds a complete run exactly
-# when this file is there (pipelines/summary.py writes it; incremental runs and output checks read it).
+# when this file is there (transforms/summary.py writes it; incremental runs and output checks read it).
 SUMMARY_FILE = "run_summary.json"
 # Written first, when a run claims its --output (pipelines/output_safety.py), and kept: it proves the
 # folder is this pipeline's output even before any table file exists, and input matching skips every
@@ -53,7 +53,7 @@ _TABLE_FILE = re.compile(
     r"(?:%s)/(?:part-\d{5,}-of-\d{5,}\.parquet|beam-temp-part-[0-9a-f]{32}/[0-9a-f-]{36}\.part\.parquet)"
     % "|".join(TABLES)
 )
-# Top-level fields every run summary carries (pipelines/summary.py `build_summary`): a run_summary.json
+# Top-level fields every run summary carries (transforms/summary.py `build_summary`): a run_summary.json
 # without them was not written by this pipeline.
 SUMMARY_FIELDS = ("run_id", "state", "state_reason", "counts", "accounting", "outputs", "config", "versions")
 

@@ -42,11 +42,11 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
+from library import metrics, storage
+from library.errors import ERRORS_TAG, failure
+from library.metadata import encode
 from schemas.records import ItemRef, SourceFile, Stage
 from schemas.uris import canonical_uri, resolve_relative
-from transforms import metrics, storage
-from transforms.errors import ERRORS_TAG, failure
-from transforms.metadata import encode
 from transforms.sinks import MARKER_FILE, SUMMARY_FILE, is_run_summary, read_json
 
 _LOG = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The flex template's metadata.json, generated from the pipeline's own option parser.
 
-Every option of `pipelines.options.VisionBatchOptions` becomes a template
+Every option of `configuration.options.VisionBatchOptions` becomes a template
 parameter, with the parser's help text; a small table adds labels, regexes
 and GCS pickers where the parser alone says too little. A new pipeline option
 appears here without any change (with a label derived from its name), and
@@ -17,9 +17,9 @@ import pathlib
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+from configuration.options import VisionBatchOptions
 from launch.profiles import PROFILES, TPU_MAX_VISION_TOKENS
-from pipelines.options import VisionBatchOptions
-from transforms.tasks import TASK_NAME
+from tasks.task import TASK_NAME
 
 METADATA_PATH = pathlib.Path(__file__).resolve().parent / "metadata.json"
 _GCS = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$"  # gs://BUCKET[/PATH], bucket naming rules

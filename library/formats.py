@@ -5,7 +5,7 @@ report (`reporting.images`) and the reference builders (`evaluation`) all
 sniff and render through here, so an item looks the same to the model, in
 the report and to the evaluator. Formats are recognised by content, never by
 extension (extensions lie). Shards (tar, Parquet) are containers of items:
-their readers are in `transforms.shards`.
+their readers are in `library.shards`.
 
 Each refusal is a `DecodeError` subclass whose name becomes the error row's
 `error_type`.

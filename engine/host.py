@@ -11,12 +11,12 @@ for `vllm serve --api-server-count N` (vllm/entrypoints/cli/serve.py
 `run_multi_api_server`): the engine core started by `launch_core_engines`
 with one input/output socket pair per front end, and each front end an
 `AsyncLLM(..., client_addresses, client_count, client_index)`
-(`transforms.host_engine_client`). What vLLM cannot do for us, because the
+(`engine.host_client`). What vLLM cannot do for us, because the
 front ends here are processes the runner starts, not children of one
 launcher, is done by a per-host directory:
 
 - The first process to take the host's file lock starts a *supervisor*
-  (`python -m transforms.host_engine GENERATION_DIR`, in its own session so
+  (`python -m engine.host GENERATION_DIR`, in its own session so
   it outlives the process that started it), which starts the engine core
   with `launch_core_engines` and writes `core.json` (pids, socket addresses)
   once the core is ready. Every process, the starter included, then claims
@@ -311,7 +311,7 @@ def _start_generation(host: pathlib.Path, settings: Any, local_model: str) -> Co
     # Its own session: the supervisor (and the engine core it starts) outlive the process that started
     # it, and a signal to that process's group (Beam's boot stops workers that way) does not reach them.
     # Its output goes where this process's goes (the worker's log).
-    supervisor = subprocess.Popen([sys.executable, "-m", "transforms.host_engine", str(generation)], start_new_session=True)
+    supervisor = subprocess.Popen([sys.executable, "-m", "engine.host", str(generation)], start_new_session=True)
     _write_atomic(generation / "supervisor.json", json.dumps(dataclasses.asdict(ProcessId.of(supervisor.pid))))
     _write_atomic(host / "current", generation.name)
     _LOG.info("starting the host's engine core (generation %s, %d client slots)", generation.name, slots)
@@ -336,7 +336,7 @@ def _serve(generation: pathlib.Path) -> int:
     from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
     from vllm.v1.executor import Executor
 
-    from transforms.engine import EngineSettings, prepare_process
+    from engine.local import EngineSettings, prepare_process
 
     request = json.loads((generation / "request.json").read_text())
     settings = EngineSettings(**request["settings"])
@@ -413,7 +413,7 @@ def client_engine_args(settings: Any, local_model: str, slots: int, client_index
     args = EngineArgs(model=local_model, **settings.engine_args)
     # What `vllm serve --api-server-count N` sets (vllm/entrypoints/cli/serve.py): with more than one
     # front end vLLM keeps the multimodal processor cache in each front end only ("processor_only",
-    # vllm/multimodal/cache/factories.py), which is what transforms.engine.RequestRenderer renders through.
+    # vllm/multimodal/cache/factories.py), which is what engine.local.RequestRenderer renders through.
     args._api_process_count = slots
     args._api_process_rank = client_index
     return args

@@ -4,7 +4,7 @@ A stage that cannot handle an input never raises for it: it emits the
 failure on its `errors` output (`ERRORS_TAG`), which the pipeline flattens
 into the errors table. `failure` does the three things every stage needs,
 in one place: re-raise a storage outage (not the input's fault: the bundle
-fails and the runner retries it, `transforms.storage`), count the error
+fails and the runner retries it, `library.storage`), count the error
 (`errors_<stage>`, the progress line and Dataflow's counters), and tag the
 record. `task_failure` does the same for one task of a decoded item.
 """
@@ -15,8 +15,8 @@ from typing import Any, Optional
 from apache_beam import pvalue
 from apache_beam.utils.windowed_value import WindowedValue
 
+from library import metrics, storage
 from schemas.records import ErrorRecord, ItemInfo, ItemRef, Stage
-from transforms import metrics, storage
 
 ERRORS_TAG = "errors"
 

@@ -18,7 +18,7 @@ answers is `transforms.run_tasks`.
   engine core (scheduler, model runner) runs in this process or in its own,
   as the profile says (`EngineSettings.engine_core_process`), or, with
   `host_feeders` > 1, once per host for several worker processes
-  (`transforms.host_engine`).
+  (`engine.host`).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from PIL import Image
 
-from transforms.model_staging import stage_checkpoint
-from transforms.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
+from engine.model_staging import stage_checkpoint
+from engine.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
 # Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
@@ -62,7 +62,7 @@ class EngineSettings:
     # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
     # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
     engine_core_process: bool = False
-    # Worker processes of one host that feed ONE engine core (transforms.host_engine): 1 = this
+    # Worker processes of one host that feed ONE engine core (engine.host): 1 = this
     # process's own engine, as placed by engine_core_process. The reason for each profile's value is
     # in engine_profiles.py.
     host_feeders: int = 1
@@ -77,7 +77,7 @@ class EngineSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EngineRequest:
-    """One task of one image as the engine runs it (built by `transforms.tasks.Task.request`)."""
+    """One task of one image as the engine runs it (built by `tasks.task.Task.request`)."""
 
     instruction: str  # the task's instruction for this item (placeholders filled)
     max_tokens: int
@@ -148,7 +148,7 @@ def sampling_params(
     lets a JSON string hold any token that decodes to allowed characters,
     special tokens included (measured: the tiny random model wrote
     `<tool_call|>`, `<mask>` into box labels), and a thought marker inside
-    a label would split the answer at it (`transforms.parse.split_answer`)
+    a label would split the answer at it (`tasks.answers.split_answer`)
     and break the JSON. No effect on a model that never writes them there.
     """
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -318,7 +318,7 @@ class VisionEngine:
         try:
             if self.settings.host_feeders > 1:
                 # A client of the host's shared engine core, behind LLMEngine's add_request/step surface.
-                from transforms.host_engine_client import HostEngineClient
+                from engine.host_client import HostEngineClient
 
                 self._engine = HostEngineClient(self.settings, local_model)
             else:

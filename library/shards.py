@@ -12,8 +12,8 @@ import posixpath
 import tarfile
 from typing import IO, Any, Iterator, Optional, Sequence, Union
 
-from transforms.formats import UnsupportedMember
-from transforms.metadata import encode
+from library.formats import UnsupportedMember
+from library.metadata import encode
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "pdf")
 TEXT_EXTENSIONS = ("txt", "cls", "caption", "label")

@@ -1,13 +1,13 @@
-"""The built-in tasks: ordinary definitions against the task contract (`transforms.tasks`).
+"""The built-in tasks: ordinary definitions against the task contract (`tasks.task`).
 
 Changing an instruction here changes the prompt: bump PROMPT_VERSION
-(`transforms.prompts`) with it.
+(`engine.prompts`) with it.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-from transforms.tasks import OutputKind, Task, default_retries
+from tasks.task import OutputKind, Task, default_retries
 
 # Detection output budget, from tokens per box measured with Gemma's own tokenizer. Gemma 4's
 # tokenizer is Gemma 3's 262,144-entry SentencePiece vocabulary with renamed special tokens at

@@ -13,8 +13,8 @@ import dataclasses
 import logging
 from typing import Any, Mapping, Optional
 
-from pipelines.checkpoint_shape import CheckpointShape, dtype_bytes
-from pipelines.machine import CpuInfo, cpu_dtype, machine_memory_bytes, read_cpu
+from engine.checkpoint_shape import CheckpointShape, dtype_bytes
+from engine.machine import CpuInfo, cpu_dtype, machine_memory_bytes, read_cpu
 
 MiB = 2**20
 GiB = 2**30
@@ -49,7 +49,7 @@ class EngineProfile:
     engine_core_process: bool  # vLLM's engine core (scheduler, model runner) in its own process
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
     limits: Optional[CheckpointLimits] = None  # checked against the checkpoint (CPU profiles); None: not checked
-    # Worker processes of one host that feed one shared engine core (transforms/host_engine.py); 1: each
+    # Worker processes of one host that feed one shared engine core (engine/host.py); 1: each
     # process has its own engine (placed by engine_core_process). The least the engine needs to be fed:
     # on Dataflow, launch/job.py runs one process per vCPU where this is above 1.
     host_feeders: int = 1
@@ -108,7 +108,7 @@ def _tpu_profile(
             # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
             "max_model_len": 4096,
             "max_num_seqs": max_num_seqs,
-            # Each image preprocessed once for all its tasks (transforms.engine.VisionEngine._render):
+            # Each image preprocessed once for all its tasks (engine.local.VisionEngine._render):
             # ~0.95 GiB holds v6e-8's 768 requests in flight (256 images x 3.7 MiB at 280 tokens);
             # twice that keeps an image until its retries too. With the engine core in its own
             # process, that process keeps a copy of as much.
@@ -201,11 +201,11 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     # random model pads whitespace until max_tokens.
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     # Placeholder: fit_to_cpu sets bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX),
-    # else float32 (pipelines/machine.py, with the measurements; BENCHMARKS.md "CPU dtype").
+    # else float32 (engine/machine.py, with the measurements; BENCHMARKS.md "CPU dtype").
     "dtype": None,
     # Reproducible sampling across reruns.
     "seed": 0,
-    # No weight-loading progress bar in a local run's log (pipelines/logs.py): vLLM passes
+    # No weight-loading progress bar in a local run's log (engine/logs.py): vLLM passes
     # tqdm's `disable=` itself, so TQDM_DISABLE cannot silence it.
     "use_tqdm_on_load": False,
 }
@@ -287,7 +287,7 @@ PROFILES: Mapping[str, EngineProfile] = {
         engine_args={
             **_CPU_ENGINE_ARGS,
             # Prompt (system + image + instruction: < 1.3k tokens at the 1,120-token image budget) + the
-            # longest task output (OCR 2,048) + the thinking budget (1,024, transforms/prompts.py).
+            # longest task output (OCR 2,048) + the thinking budget (1,024, engine/prompts.py).
             "max_model_len": 8192,
             # As in cpu-tiny: the largest image (1,120 soft tokens) plus its prompt in one step.
             "max_num_batched_tokens": 2048,
@@ -404,7 +404,7 @@ PROFILES: Mapping[str, EngineProfile] = {
 
 
 # The longest sequence (prompt and answer) any profile's engine holds: a task's max_tokens above it can
-# never be reached, so it is a mistake (max_tokens: 100000000), refused at launch (pipelines/options.py).
+# never be reached, so it is a mistake (max_tokens: 100000000), refused at launch (configuration/options.py).
 LARGEST_CONTEXT = max(profile.engine_args["max_model_len"] for profile in PROFILES.values())
 
 

@@ -5,8 +5,8 @@ As small as Beam's ModelHandler is for a model (`load_model`,
 template filled from the item's metadata (`request`), sampling settings,
 an image budget, a retry ladder, and `parse`, which turns a completion into
 typed output columns or raises a typed `AnswerError`. The built-in tasks
-(`transforms.builtin_tasks`) and the tasks of a `--task_file`
-(`transforms.task_file`) are ordinary definitions against it; nothing else
+(`tasks.builtin`) and the tasks of a `--task_file`
+(`tasks.task_file`) are ordinary definitions against it; nothing else
 in the pipeline knows one task from another.
 
 Output kinds, and what `parse` fills in besides `text`:
@@ -28,17 +28,15 @@ import re
 import string
 from typing import Any, Mapping, Optional, Sequence
 
+from engine.local import EngineRequest, EngineSettings
+from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
+from library.metadata import ItemValues
 from schemas.records import ParsedAnswer
-from transforms.engine import EngineRequest, EngineSettings
-from transforms.metadata import ItemValues
-from transforms.parse import (
-    AnswerError, CutOffAnswer, cut_off_position, parse_detections, parse_json_document, strip_code_fence,
-)
-from transforms.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
+from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, parse_detections, parse_json_document, strip_code_fence
 
 # Task names end up in columns, metric names (`retries_<task>`) and command lines.
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-# `{key}` or `{a.b.c}`: keys of the item's metadata (transforms.metadata), dotted to walk into objects.
+# `{key}` or `{a.b.c}`: keys of the item's metadata (library.metadata), dotted to walk into objects.
 PLACEHOLDER = re.compile(r"^[\w-]+(\.[\w-]+)*$")
 
 BOX_FORMAT = (
@@ -135,7 +133,7 @@ class Task:
     def request(self, values: ItemValues, attempt: int = 0) -> EngineRequest:
         """The engine request of `attempt` (0: the first; n: rung n of the ladder) for an item's `values`.
 
-        Raises MissingValue/AmbiguousValue (`transforms.metadata.PromptError`)
+        Raises MissingValue/AmbiguousValue (`library.metadata.PromptError`)
         when the item lacks a value the instruction names.
         """
         instruction, sampling = self.instruction, self.sampling

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import JobConfig
+from configuration.options import JobConfig
 from schemas.records import DecodeUnit, ImageItem, SkippedItem, SourceFile, Stage
 from schemas.uris import mask_credentials
 from transforms.sinks import SUMMARY_FILE, WrittenFile

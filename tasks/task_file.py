@@ -19,7 +19,7 @@ by the caller (the longest context any engine profile holds). Every mistake of
 a file is reported at once: the schema's, the entries' own checks and the
 task contract's. `{placeholders}` in
 the instruction are filled from each item's metadata
-(`transforms.metadata`). Files ending `.json` are read as JSON, others as
+(`library.metadata`). Files ending `.json` are read as JSON, others as
 YAML; local paths and gs:// URIs both work (read once, at launch).
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ import jsonschema
 import yaml
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import storage
-from transforms.builtin_tasks import BUILTIN_TASKS, DETECTION_JSON_SCHEMA, DETECTION_MAX_TOKENS
-from transforms.prompts import VISION_TOKEN_BUDGETS, Sampling
-from transforms.tasks import TASK_NAME, OutputKind, RetryRung, Task, Template, default_retries
+from engine.prompts import VISION_TOKEN_BUDGETS, Sampling
+from library import storage
+from tasks.builtin import BUILTIN_TASKS, DETECTION_JSON_SCHEMA, DETECTION_MAX_TOKENS
+from tasks.task import TASK_NAME, OutputKind, RetryRung, Task, Template, default_retries
 
 # vLLM's own bounds (vllm/sampling_params.py SamplingParams._verify_args): 0 <= temperature <= 2,
 # 0 < top_p <= 1, top_k >= 1 (0 and -1 mean "all", which is what leaving it out does here).

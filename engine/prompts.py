@@ -4,11 +4,11 @@ Pure functions only (no engine, no Beam), so prompt building is unit-tested
 without a model. Every prompt is `[system][image][task instruction]`: the
 tasks of one image then share the system + image prefix token for token, and
 vLLM's prefix cache computes the image's KV once per image instead of once
-per task. What each task asks is its own definition (`transforms.tasks`).
+per task. What each task asks is its own definition (`tasks.task`).
 
 Bump PROMPT_VERSION whenever the system prompt, the message layout or a
 built-in task's instruction changes: it is written to every row, and with
-the task fingerprint (`transforms.tasks.TaskFingerprints`) it is part of the
+the task fingerprint (`tasks.task.TaskFingerprints`) it is part of the
 incremental-run key, so a new version re-processes old items.
 """
 from __future__ import annotations

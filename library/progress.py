@@ -1,6 +1,6 @@
 """A progress line per worker process at a fixed interval, not a log line per element.
 
-Fed by the same counter calls as the Beam metrics (`transforms.metrics.count`),
+Fed by the same counter calls as the Beam metrics (`library.metrics.count`),
 so the line and the run summary never disagree on what a counter means.
 Locally (one process) it covers the whole run; on Dataflow each worker
 process reports its own share in the worker logs. The first line comes a

@@ -83,7 +83,7 @@ class RetryBudget:
 
     @staticmethod
     def from_options(options: Union[PipelineOptions, Mapping[str, Any], None]) -> "RetryBudget":
-        from pipelines.options import VisionBatchOptions  # here, not at import: pipelines.options imports the stages
+        from configuration.options import VisionBatchOptions  # here, not at import: configuration.options imports the stages
 
         if options is None:
             return RetryBudget()

@@ -29,20 +29,20 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequenc
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines import engine_profiles
-from pipelines.checkpoint_shape import CheckpointShape
-from pipelines.tiny_checkpoint import DEFAULT_PRESET, PRESETS
+from engine import profiles as engine_profiles
+from engine.checkpoint_shape import CheckpointShape
+from engine.local import EngineSettings
+from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
+from library.formats import DecodeLimits
+from library.shards import ShardSettings
+from library.storage import RetryBudget
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
-from transforms.builtin_tasks import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
-from transforms.engine import EngineSettings
-from transforms.formats import DecodeLimits
-from transforms.prompts import VISION_TOKEN_BUDGETS, prompt_version
-from transforms.shards import ShardSettings
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
+from tasks.task import OutputKind, Task, with_overrides
+from tasks.task_file import load_task_file
+from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
-from transforms.storage import RetryBudget
-from transforms.task_file import load_task_file
-from transforms.tasks import OutputKind, Task, with_overrides
 
 PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
@@ -214,13 +214,13 @@ class VisionBatchOptions(PipelineOptions):
         model.add_argument(
             "--tiny_preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
             help="Which tiny random-weight checkpoint the default model uses: one per Gemma 4 architecture "
-                 "(pipelines/tiny_checkpoint.py).",
+                 "(tiny_model/checkpoint.py).",
         )
 
         engine = parser.add_argument_group("engine")
         engine.add_argument(
             "--engine_profile", default="cpu-tiny", choices=sorted(engine_profiles.PROFILES),
-            help="Named vLLM engine profile (see pipelines/engine_profiles.py).",
+            help="Named vLLM engine profile (see engine/profiles.py).",
         )
         engine.add_argument(
             "--engine_arg", dest="engine_arg", action="append", default=None, metavar="KEY=VALUE",
@@ -271,7 +271,7 @@ class VisionBatchOptions(PipelineOptions):
 
 
 def _add_storage_retry_args(group: Any) -> None:
-    """Retry budget of every GCS request, in every worker (transforms/storage.py). Defaults: the client library's."""
+    """Retry budget of every GCS request, in every worker (library/storage.py). Defaults: the client library's."""
     group.add_argument(
         "--gcs_retry_timeout_s", type=float, default=_DEFAULT_RETRY.timeout_s,
         help="Seconds one GCS request may keep retrying 429/5xx/resets/timeouts before the run fails naming the "

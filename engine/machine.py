@@ -1,6 +1,6 @@
 """What the machine that runs a CPU engine offers: its memory, and whether its CPU computes bfloat16 natively.
 
-Read once when the engine profile is resolved (`pipelines.engine_profiles.resolve`);
+Read once when the engine profile is resolved (`engine.profiles.resolve`);
 the decisions are pure functions of what is read, so tests give them any machine.
 """
 from __future__ import annotations

@@ -49,7 +49,7 @@ so option parsing can list the presets.
 
 Command line::
 
-    python -m pipelines.tiny_checkpoint [--preset NAME] [--out DIR]
+    python -m tiny_model.checkpoint [--preset NAME] [--out DIR]
 """
 
 from __future__ import annotations

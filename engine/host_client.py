@@ -1,9 +1,9 @@
-"""A worker process's client of the host's shared engine core (`transforms.host_engine`).
+"""A worker process's client of the host's shared engine core (`engine.host`).
 
 `HostEngineClient` is vLLM's `AsyncLLM` attached to an engine core another
 process started (`client_addresses`, `client_count`, `client_index`: the
 front end `vllm serve --api-server-count N` runs in each API process),
-behind the synchronous surface `transforms.engine.VisionEngine` drives an
+behind the synchronous surface `engine.local.VisionEngine` drives an
 `LLMEngine` through: `add_request` raises for a request the front end
 rejects (that request's own error), `step` blocks until requests finish and
 returns their `RequestOutput`s, and raises `EngineDeadError` once the core is
@@ -23,7 +23,7 @@ import queue
 import threading
 from typing import Any, Optional
 
-from transforms.host_engine import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args
+from engine.host import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args
 
 _LOG = logging.getLogger(__name__)
 

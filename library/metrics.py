@@ -1,14 +1,14 @@
 """Beam metrics with stable names, in one namespace.
 
-Dataflow shows them in the job UI and `transforms.progress` turns them into
+Dataflow shows them in the job UI and `library.progress` turns them into
 the progress line; run_summary.json is tallied from the data itself
-(`pipelines.summary`), so metrics that a runner reports best-effort never
+(`transforms.summary`), so metrics that a runner reports best-effort never
 decide the accounting. Names are part of the operator interface
 (dashboards, alerts): rename only with a note in docs/operations.md.
 """
 from apache_beam.metrics import Metrics
 
-from transforms.progress import PROGRESS
+from library.progress import PROGRESS
 
 NAMESPACE = "vision_batch"
 

@@ -63,7 +63,7 @@ HARMLESS: tuple[Harmless, ...] = (
     # Lines that only some processors or VMs produce (issue 25: a log must read the same on every CPU).
     Harmless("Failed to create oneDNN linear, fallback to torch linear",
              "oneDNN has no bf16 matmul below AVX-512 (also under ONEDNN_MAX_CPU_ISA=AVX2); the CPU profiles then "
-             "run float32 (pipelines/machine.py), and a forced bfloat16 gets one line of ours",
+             "run float32 (engine/machine.py), and a forced bfloat16 gets one line of ours",
              source="model_executor/layers/utils.py"),
     Harmless("is not in available memory nodes", "a VM whose NUMA node numbering differs from its CPUs'; vLLM "
              "binds memory to the first visible node", source="v1/worker/cpu_worker.py"),
