@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.measure import TaskRecord, TreeRssSampler, own_peak_rss_bytes, process_cpu_seconds, timed
 from benchmarks.workload import Workload, image_files
-from engine.local import EngineRequest
+from engine.api import EngineRequest
 from engine.prompts import build_messages, sampling_kwargs
 from library.metadata import ItemValues
 
@@ -165,8 +165,10 @@ def chat_messages(instruction: str, data_uri: str, image_first: bool = True) -> 
 def request_kwargs(request: EngineRequest, structured_output: bool) -> dict[str, Any]:
     """The pipeline's sampling settings as OpenAI chat-completion arguments."""
     kwargs: dict[str, Any] = dict(sampling_kwargs(request.sampling, request.max_tokens))
-    if request.json_schema is not None and structured_output:
-        kwargs["extra_body"] = {"structured_outputs": {"json": dict(request.json_schema)}}
+    if request.constraint is not None and structured_output:
+        constraint = request.constraint
+        wanted = {"json": constraint.json_schema, "choice": constraint.choice, "regex": constraint.regex}
+        kwargs["extra_body"] = {"structured_outputs": {key: value for key, value in wanted.items() if value is not None}}
     return kwargs
 
 

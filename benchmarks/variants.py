@@ -36,7 +36,8 @@ from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds
 from benchmarks.workload import Workload, decode_file, decode_files, image_files, instruction
 from configuration.options import JobConfig
 from engine import local as engine
-from engine.local import ENGINES, EngineSettings, RequestRenderer, engine_prompt, sampling_params
+from engine.api import EngineSettings
+from engine.local import ENGINES, RequestRenderer, engine_prompt, sampling_params
 from engine.prompts import render_prompt
 from library.errors import ERRORS_TAG
 from library.formats import DecodeLimits

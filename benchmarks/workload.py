@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.local import EngineSettings
+from engine.api import EngineSettings
 from library.formats import DecodeLimits
 from library.metadata import ItemValues
 from library.shards import ShardSettings

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequenc
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from engine import profiles as engine_profiles
+from engine.api import EngineSettings
 from engine.checkpoint_shape import CheckpointShape
-from engine.local import EngineSettings
 from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
 from library.formats import DecodeLimits
 from library.shards import ShardSettings

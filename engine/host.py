@@ -336,7 +336,9 @@ def _serve(generation: pathlib.Path) -> int:
     from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
     from vllm.v1.executor import Executor
 
-    from engine.local import EngineSettings, prepare_process
+    from engine.api import EngineSettings
+
+    from engine.local import prepare_process
 
     request = json.loads((generation / "request.json").read_text())
     settings = EngineSettings(**request["settings"])

@@ -36,79 +36,13 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from PIL import Image
 
+from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings, EngineStopped, Preprocessing
 from engine.model_staging import stage_checkpoint
 from engine.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
 # Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
 PROMPT_CACHE_SIZE = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    """Everything needed to build the engine and its requests (resolved from a profile + options)."""
-
-    model_path: str  # Hugging Face-format checkpoint: local directory or gs:// URI (staged once per worker)
-    engine_args: Mapping[str, Any]  # passed to vllm.EngineArgs
-    max_in_flight: int  # back-pressure: requests admitted but not finished, per process
-    structured_output: bool  # constrain JSON answers (boxes, json tasks) with their schema (not available on TPU)
-    vision_tokens: Optional[int] = None  # the job's image soft-token budget (tasks may set their own); None = model default
-    xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
-    image_first: bool = True  # False only for the benchmark ablation
-    thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
-    # Where images are preprocessed: on the step-loop thread before add_request, or on the submitting
-    # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
-    preprocess_on_step_thread: bool = False
-    # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
-    # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
-    engine_core_process: bool = False
-    # Worker processes of one host that feed ONE engine core (engine.host): 1 = this
-    # process's own engine, as placed by engine_core_process. The reason for each profile's value is
-    # in engine_profiles.py.
-    host_feeders: int = 1
-    # Process environment the engine's native libraries read when they start (set before the engine
-    # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
-    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-
-    def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineRequest:
-    """One task of one image as the engine runs it (built by `tasks.task.Task.request`)."""
-
-    instruction: str  # the task's instruction for this item (placeholders filled)
-    max_tokens: int
-    sampling: Sampling
-    json_schema: Optional[Mapping[str, Any]] = None  # constrains decoding where the engine supports it
-    vision_tokens: Optional[int] = None  # image soft-token budget; None = the model's default
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineResult:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    generated_tokens: int
-    cached_tokens: int
-    latency_s: float
-
-
-class Preprocessing(NamedTuple):
-    """How much image preprocessing the requests so far needed."""
-
-    requests: int  # requests rendered (prompt tokenized, image preprocessed or taken from the cache)
-    images: int  # images preprocessed for them: one per image when its tasks share it
-
-
-class EngineDeadError(RuntimeError):
-    """The engine itself failed; outstanding work must be retried elsewhere."""
-
-
-class EngineStopped(EngineDeadError):
-    """The engine was stopped (the run was interrupted): outstanding work is cancelled, not failed."""
 
 
 @dataclasses.dataclass
@@ -154,8 +88,13 @@ def sampling_params(
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     structured, bias = None, None
-    if request.json_schema is not None and settings.structured_output:
-        structured = StructuredOutputsParams(json=dict(request.json_schema))
+    constraint = request.constraint
+    if constraint is not None and settings.structured_output:
+        structured = StructuredOutputsParams(
+            json=None if constraint.json_schema is None else dict(constraint.json_schema),
+            choice=None if constraint.choice is None else list(constraint.choice),
+            regex=constraint.regex,
+        )
         if not settings.thinking and thought_marker_ids:
             bias = {token: -100.0 for token in thought_marker_ids}  # -100: the API's floor, never picked
     return SamplingParams(

@@ -22,8 +22,8 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
-from launch.model_shapes import ModelShape
 from launch.accelerators import Chip
+from launch.model_shapes import ModelShape
 
 # vLLM's default gpu_memory_utilization: the HBM share the engine plans weights + KV cache in.
 HBM_UTILIZATION = 0.9

@@ -28,7 +28,7 @@ import re
 import string
 from typing import Any, Mapping, Optional, Sequence
 
-from engine.local import EngineRequest, EngineSettings
+from engine.api import Constraint, EngineRequest, EngineSettings
 from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
 from library.metadata import ItemValues
 from schemas.records import ParsedAnswer
@@ -145,7 +145,7 @@ class Task:
             instruction=Template(instruction).fill(values),
             max_tokens=self.max_tokens,
             sampling=sampling,
-            json_schema=self.schema,
+            constraint=None if self.schema is None else Constraint(json_schema=self.schema),
             vision_tokens=self.vision_tokens,
         )
 

@@ -20,8 +20,8 @@ import sys
 
 
 def settings(checkpoint: str):
+    from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import EngineSettings
     from engine.profiles import resolve, shared_by_feeders
 
     profile = shared_by_feeders(resolve("cpu-tiny", None, CheckpointShape.read(checkpoint)), 2)
@@ -37,6 +37,7 @@ def main(checkpoint: str) -> None:
     os.dup2(2, 1)
     from PIL import Image
 
+    from engine.api import Constraint
     from engine.local import ENGINES
     from library.metadata import ItemValues
     from tasks.builtin import BUILTIN_TASKS
@@ -57,7 +58,7 @@ def main(checkpoint: str) -> None:
             requests = [with_overrides(BUILTIN_TASKS[name], max_tokens=command["max_tokens"]).request(ItemValues(None))
                         for name in command["tasks"]]
             if command.get("unending"):
-                requests = [dataclasses.replace(r, json_schema={"type": "string", "minLength": 100_000}) for r in requests]
+                requests = [dataclasses.replace(r, constraint=Constraint(json_schema={"type": "string", "minLength": 100_000})) for r in requests]
             futures = ENGINES.acquire(engine_settings).submit(image, command["key"], requests)
             pending.extend(futures)
             answer = {"submitted": len(futures)}

@@ -34,8 +34,9 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
     """The TPU profiles preprocess on Beam's threads (cpu-tiny, used elsewhere, on the step loop)."""
     from PIL import Image
 
+    from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import ENGINES, EngineSettings
+    from engine.local import ENGINES
     from engine.profiles import resolve
 
     settings = EngineSettings(
@@ -65,8 +66,8 @@ UNENDING = {"type": "string", "minLength": 1000}
 
 
 def _tiny_settings(tiny_checkpoint, **engine_args):
+    from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import EngineSettings
     from engine.profiles import resolve
 
     profile = resolve("cpu-tiny", engine_args, CheckpointShape.read(str(tiny_checkpoint)))
@@ -165,13 +166,13 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     import os
     import signal
 
-    from engine.local import EngineDeadError
+    from engine.api import Constraint, EngineDeadError
 
     image_key, image = next(iter(_images().items()))
     [caption] = _requests(("caption",), max_tokens=64)
     # 64 steps still running when the core dies, whatever the random weights: the schema forbids an
     # end-of-sequence before 1,000 characters (a model could otherwise stop after one token).
-    caption = dataclasses.replace(caption, json_schema=UNENDING)
+    caption = dataclasses.replace(caption, constraint=Constraint(json_schema=UNENDING))
     [running] = separate_core.submit(image, image_key, [caption])
     [core] = separate_core._engine.engine_core.resources.engine_manager.processes
     os.kill(core.pid, signal.SIGKILL)

@@ -71,8 +71,9 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
     from vllm import LLM
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+    from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import EngineSettings, prepare_process, sampling_params
+    from engine.local import prepare_process, sampling_params
     from engine.profiles import resolve
     from library.metadata import ItemValues
     from tasks.builtin import BUILTIN_TASKS

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.local import EngineSettings
+from engine.api import EngineSettings
 from library import formats
 from library.formats import DecodeLimits
 from library.shards import ShardSettings

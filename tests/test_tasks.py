@@ -10,7 +10,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from configuration.options import JobConfig, UsageError, parse_args
-from engine.local import EngineSettings
+from engine.api import Constraint, EngineSettings
 from engine.profiles import LARGEST_CONTEXT
 from engine.profiles import PROFILES as ENGINE_PROFILES
 from engine.prompts import THINKING_BUDGET, Sampling
@@ -79,7 +79,7 @@ def test_a_task_request_carries_its_own_sampling_budget_and_schema():
     task = Task("invoice", "Total of {customer}?", OutputKind.JSON, 64, Sampling(0.0, top_k=5), INVOICE_SCHEMA, 560)
     request = task.request(ItemValues(encode({"customer": "ACME"})))
     assert (request.instruction, request.max_tokens, request.vision_tokens) == ("Total of ACME?", 64, 560)
-    assert request.json_schema == INVOICE_SCHEMA and request.sampling.top_k == 5
+    assert request.constraint == Constraint(json_schema=INVOICE_SCHEMA) and request.sampling.top_k == 5
     with pytest.raises(MissingValue):
         task.request(ItemValues(None))
 

@@ -49,7 +49,7 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from engine.local import EngineSettings
+from engine.api import EngineSettings
 from library import metrics, storage
 from library.formats import DecodeLimits, Format
 from library.metadata import ItemValues

@@ -18,7 +18,9 @@ from typing import Any, Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from engine.local import ENGINES, EngineDeadError, EngineRequest, EngineResult, EngineSettings, VisionEngine
+from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings
+
+from engine.local import ENGINES, VisionEngine
 from library import metrics
 from library.errors import task_failure
 from library.metadata import ItemValues, PromptError
