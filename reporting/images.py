@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from library.formats import HEAD_BYTES, DecodeError, DecodeLimits, Format, MissingImage, read_bytes, read_head, render_item, sniff
 from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from library.units import item_hash
 from reporting.text import visible
 from schemas.records import ItemRef
-from transforms.decode import item_hash
 
 THUMBNAIL_SIDE = 512
 MIN_SIDE = 240  # smaller images are enlarged by a whole factor (nearest neighbour) so they can be seen

@@ -13,9 +13,7 @@ exception is storage that stays down past its retry budget
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -27,8 +25,6 @@ from library.errors import failure
 from library.metadata import merge
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile, Stage, UnitKind
 from library.formats import (
-    HEAD_BYTES,
-    DecodeError,
     DecodeLimits,
     EmptyFile,
     EmptyShard,
@@ -36,14 +32,14 @@ from library.formats import (
     Format,
     MissingImage,
     fit,
-    is_paged,
     page_count,
     read_bytes,
     read_head,
     render_item,
     sniff,
 )
-from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_parquet_rows, iter_tar_samples, parquet_row_groups
+from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_tar_samples, parquet_row_groups
+from library.units import ItemFailure, UnitItem, unit_items
 
 SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
 
@@ -66,13 +62,6 @@ def plan_file_units(source: SourceFile, fmt: Format, load: Callable[[], bytes], 
         )
         for start in range(0, pages, step)
     ]
-
-
-def item_hash(source_sha256: str, page: Optional[int]) -> str:
-    """Content hash of one item: its source's own hash, or source hash + page for pages."""
-    if page is None:
-        return source_sha256
-    return hashlib.sha256(f"{source_sha256}#page={page}".encode()).hexdigest()
 
 
 class PlanUnits(beam.DoFn):
@@ -203,12 +192,12 @@ def _kept_and_counted(units: Iterable[DecodeUnit], limit: int) -> list[DecodeUni
 
 
 class DecodeUnits(beam.DoFn):
-    """DecodeUnit -> ImageItem per page, with its tasks still to run; a page, member or row that fails -> ErrorRecord for it only.
+    """DecodeUnit -> ImageItem per item, with its tasks still to run; an item that fails -> ErrorRecord for it only.
 
-    An item whose every task an earlier run answered (`DecodeUnit.answered`, set
-    by `transforms.incremental`) goes to the `skipped` output before its pixels
-    are decoded or rendered. `_item` and `_failed` are the two hooks
-    `transforms.incremental.HashUnits` overrides to hash items without decoding them.
+    The unit's items come from `library.units.unit_items`, the walk the
+    incremental hash pass shares. An item whose every task an earlier run
+    answered (the unit's `answered`, empty unless an incremental run set it)
+    goes to the `skipped` output before its pixels are decoded or rendered.
     """
 
     def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[str] = ()):
@@ -218,90 +207,31 @@ class DecodeUnits(beam.DoFn):
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         answered = dict(unit.answered)
-        if unit.kind is UnitKind.MEMBER:
-            outputs = self._payload_items(unit.payload or b"", unit.uri, unit.member, unit.metadata, answered)
-        elif unit.kind is UnitKind.PARQUET:
-            outputs = self._parquet_items(unit, answered)
-        else:
-            outputs = self._file_items(unit, answered)
-        # Each output is one item: decoded, skipped or its error row; --limit stops the unit after its share.
-        yield from itertools.islice(outputs, unit.max_items)
+        for entry in unit_items(unit, self._limits, self._shards):
+            if isinstance(entry, ItemFailure):
+                yield self._failure(entry)
+            else:
+                yield self._decoded(entry, answered.get(entry.ref.item_id, ()))
 
-    def _failed(self, ref: ItemRef, exc: BaseException, **kwargs: object) -> Iterator[object]:
-        """Hook: the error row of an item, or of a whole unit when none of it could be read."""
-        yield failure(ref, Stage.DECODE, exc, **kwargs)
+    @staticmethod
+    def _failure(failed: ItemFailure) -> pvalue.TaggedOutput:
+        return failure(failed.ref, Stage.DECODE, failed.error, content_hash=failed.content_hash, metadata=failed.metadata)
 
-    def _file_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
-        pages = range(unit.first_page, unit.end_page)
-        try:
-            data = read_bytes(unit.uri, self._limits.max_file_bytes)
-        except Exception as exc:  # noqa: BLE001
-            for page in pages:
-                yield from self._failed(ItemRef.make(unit.uri, page=page if unit.is_paged else None), exc, metadata=unit.metadata)
-            return
-        fmt = Format.PDF if unit.kind is UnitKind.PDF else Format.IMAGE
-        yield from self._items(data, fmt, unit.uri, None, unit.metadata, pages if unit.is_paged else None, answered)
-
-    def _payload_items(
-        self, data: bytes, uri: str, member: Optional[str], metadata: Optional[str], answered: Mapping[str, tuple[str, ...]]
-    ) -> Iterator[object]:
-        """All pages of an in-memory payload (tar member or Parquet cell)."""
-        fmt = sniff(data[:HEAD_BYTES])
-        pages = None
-        if fmt.has_pages:
-            try:
-                count = page_count(data, fmt, self._limits)
-            except Exception as exc:  # noqa: BLE001
-                yield from self._failed(ItemRef.make(uri, member=member), exc, metadata=metadata,
-                                        content_hash=hashlib.sha256(data).hexdigest())
-                return
-            pages = range(count) if is_paged(fmt, count) else None
-        yield from self._items(data, fmt, uri, member, metadata, pages, answered)
-
-    def _parquet_items(self, unit: DecodeUnit, answered: Mapping[str, tuple[str, ...]]) -> Iterator[object]:
-        try:
-            with FileSystems.open(unit.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                rows = list(iter_parquet_rows(handle, unit.first_page, self._shards))
-        except Exception as exc:  # noqa: BLE001
-            yield from self._failed(ItemRef.make(unit.uri), DecodeError(f"row group {unit.first_page}: {exc}"))
-            return
-        for row in rows:
-            row_metadata = merge(unit.metadata, row.metadata)
-            if not row.image:
-                yield from self._failed(ItemRef.make(unit.uri, member=row.member),
-                                        MissingImage(f"column {self._shards.parquet_bytes_column!r} is null or empty"),
-                                        metadata=row_metadata)
-                continue
-            yield from self._payload_items(row.image, unit.uri, row.member, row_metadata, answered)
-
-    def _items(
-        self, data: bytes, fmt: Format, uri: str, member: Optional[str], metadata: Optional[str], pages: Optional[range],
-        answered: Mapping[str, tuple[str, ...]],
-    ) -> Iterator[object]:
-        source_sha256 = hashlib.sha256(data).hexdigest()
-        for page in pages if pages is not None else [None]:
-            ref = ItemRef.make(uri, page=page, member=member)
-            yield from self._item(data, fmt, ref, item_hash(source_sha256, page), metadata, answered.get(ref.item_id, ()))
-
-    def _item(
-        self, data: bytes, fmt: Format, ref: ItemRef, content_hash: str, metadata: Optional[str], done: tuple[str, ...]
-    ) -> Iterator[object]:
-        """Hook: one item of `data` -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord."""
+    def _decoded(self, item: UnitItem, done: tuple[str, ...]) -> Union[ImageItem, pvalue.TaggedOutput]:
+        """One item -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord."""
         remaining = tuple(task for task in self._tasks if task not in done)
         if done and not remaining:
             metrics.count("skipped_items")
             metrics.count("skipped_tasks", len(self._tasks))
-            yield pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=ref, content_hash=content_hash, tasks=self._tasks))
-            return
+            return pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=item.ref, content_hash=item.content_hash, tasks=self._tasks))
         try:
-            image = render_item(data, fmt, ref.page, self._limits)
+            image = render_item(item.data, item.fmt, item.ref.page, self._limits)
         except Exception as exc:  # noqa: BLE001
-            yield from self._failed(ref, exc, content_hash=content_hash, metadata=metadata)
-            return
+            return self._failure(item.failed(exc))
         metrics.count("items")
-        if ref.page is not None:
+        if item.ref.page is not None:
             metrics.count("pages")
         if len(remaining) < len(self._tasks):
             metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
-        info = ItemInfo(ref=ref, width=image.width, height=image.height, content_hash=content_hash, metadata=metadata)
-        yield ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
+        info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
+        return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)

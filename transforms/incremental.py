@@ -10,9 +10,9 @@ With `--incremental_from`, the decode units pass through `AttachAnswers` on
 their way to `DecodeUnits`:
 
 1. Hash pass (`HashUnits`): each unit's bytes are read and its items hashed
-   exactly as `DecodeUnits` hashes them (sha256 of the file, member or cell,
-   + page), without decoding a pixel; each item's task fingerprints are
-   computed from its metadata.
+   by the walk `DecodeUnits` decodes from (`library.units`: sha256 of the
+   file, member or cell, + page), without decoding a pixel; each item's task
+   fingerprints are computed from its metadata.
 2. Filter (`BuildHashFilter`): the current items' hashes become one Bloom
    filter, ~1.8 bytes per current item, a singleton side input.
 3. History scan (`_ScanHistory`): the key columns of the earlier results
@@ -50,13 +50,13 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from engine.api import EngineSettings
-from library import metrics, storage
-from library.formats import DecodeLimits, Format
+from library import metrics
+from library.formats import DecodeLimits
 from library.metadata import ItemValues
 from library.shards import ShardSettings
-from schemas.records import DecodeUnit, ItemRef, RunInfo
+from library.units import UnitItem, unit_items
+from schemas.records import DecodeUnit, RunInfo
 from tasks.task import Task, TaskFingerprints
-from transforms.decode import DecodeUnits
 from transforms.sinks import SUMMARY_FILE
 
 # Results columns that identify an answer.
@@ -132,7 +132,7 @@ def unit_key(unit: DecodeUnit) -> str:
 
 # ---------------------------------------------------------------- the filter
 
-_HEX_DIGITS = 64  # sha256 hexdigest, as transforms.decode writes content_hash
+_HEX_DIGITS = 64  # sha256 hexdigest, as library.units computes content_hash
 _WORD_DIGITS = 16  # the filter probes from the hash's first 64 bits
 
 
@@ -267,31 +267,27 @@ class HashedItem:
     fingerprints: Mapping[str, str]  # task -> the item's task fingerprint
 
 
-class HashUnits(DecodeUnits):
+class HashUnits(beam.DoFn):
     """DecodeUnit -> (content_hash, HashedItem) per item, from its bytes and metadata alone: no pixel is decoded.
 
-    It walks a unit exactly as DecodeUnits does (same reads, same hashes, the
-    same metadata), through DecodeUnits' two hooks. Failures are left to
-    DecodeUnits, which meets them again and reports them once.
+    It walks a unit with `library.units.unit_items`, the walk DecodeUnits
+    decodes from (same reads, same hashes, the same metadata). Items that
+    cannot be read are passed over: DecodeUnits meets them again and reports them once.
     """
 
     def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[Task], settings: EngineSettings):
-        super().__init__(limits, shards)
+        self._limits = limits
+        self._shards = shards
         self._task_names = tuple(task.name for task in tasks)
         self._fingerprints = TaskFingerprints(tasks, settings)
 
     def process(self, unit: DecodeUnit) -> Iterator[tuple[str, HashedItem]]:
         key = unit_key(unit)
-        for content_hash, item_id, fingerprints in super().process(unit):
-            yield content_hash, HashedItem(key, item_id, fingerprints)
-
-    def _failed(self, ref: ItemRef, exc: BaseException, **kwargs: object) -> Iterator[object]:
-        storage.raise_if_outage(exc)  # storage down is never an input's fault, here as in DecodeUnits
-        return iter(())
-
-    def _item(self, data: bytes, fmt: Format, ref: ItemRef, content_hash: str, metadata: Any, done: Any) -> Iterator[Any]:
-        values = ItemValues(metadata)
-        yield content_hash, ref.item_id, {task: self._fingerprints.of(task, values) for task in self._task_names}
+        for entry in unit_items(unit, self._limits, self._shards):
+            if isinstance(entry, UnitItem):
+                values = ItemValues(entry.metadata)
+                fingerprints = {task: self._fingerprints.of(task, values) for task in self._task_names}
+                yield entry.content_hash, HashedItem(key, entry.ref.item_id, fingerprints)
 
 
 class _ScanHistory(beam.DoFn):
