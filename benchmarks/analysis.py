@@ -91,7 +91,7 @@ conservative for decode but not for rendering, which is serialised anyway):
 | ... at the planner's output lengths (990 tokens per item: detokenizing in the Beam process at <= 32 us per token, (hb2) `engine_front_cpu_s`) | ~14 (12B), ~17 (26B-A4B) | |
 | ... page-sized scans (decode 18.5 ms instead of 4, rendering +6 ms) | ~-30 % | host stages, "pages" |
 | v6e-1, Gemma 4 12B consumes, planner's workload (800/40/150 output tokens) | 0.52 realistic, 0.80 roofline | `python -m launch.plan --profile tpu-v6e-1` |
-| v6e-1, Gemma 4 12B at the published ~66 requests/s (short outputs) | ~22 | FIELD-NOTES |
+| v6e-1, Gemma 4 12B at the published ~66 requests/s (short outputs) | ~22 | `launch/plan.py` `PUBLISHED_12B_V6E` |
 | v6e-8, Gemma 4 26B-A4B consumes, planner's workload | 30 realistic, 52 roofline | `python -m launch.plan --profile tpu-v6e-8` |
 
 - **v6e-1 running the 12B: fed.** At the planner's decode-heavy workload the chip consumes ~0.5

@@ -48,7 +48,7 @@ PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
 _DEFAULT_RETRY = RetryBudget()
 # The image budget Gemma 4's processor uses when a request sets none and the checkpoint does not say
-# (transformers Gemma4ImageProcessor max_soft_tokens default; FIELD-NOTES "Gemma 4 prompts").
+# (huggingface/transformers src/transformers/models/gemma4/image_processing_gemma4.py: Gemma4ImageProcessor.max_soft_tokens).
 GEMMA4_DEFAULT_VISION_TOKENS = 280
 # A few corrupt inputs per hundred are normal in a nightly feed; more usually means a systematic
 # problem (a wrong glob, a misconfigured model or engine) that a scheduler should alert on.

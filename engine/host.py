@@ -74,7 +74,8 @@ SPARE_SLOTS = 4
 # checks its core and its clients: a dead core fails outstanding requests within this time.
 MONITOR_INTERVAL_S = 0.5
 # How long the engine core may take to become ready: vLLM's own wait for a starting core is 600 s
-# (VLLM_ENGINE_READY_TIMEOUT_S), but an uncached XLA compile of 26B-A4B/31B takes ~30 min (FIELD-NOTES).
+# (VLLM_ENGINE_READY_TIMEOUT_S, vllm/envs.py), but an uncached XLA compile of 26B-A4B/31B takes tens of minutes
+# (AI-Hypercomputer/tpu-recipes inference/ironwood/vLLM/Gemma4/gemma4-server.yaml sets that wait to 1800 s).
 START_TIMEOUT_S = 3600.0
 # A core with no live client is kept this long, so that a client process the runner restarts (vLLM and
 # the model's processor take ~10-20 s to import here) finds it still running instead of paying for a

@@ -91,18 +91,22 @@ def _tpu_profile(
             # has no fp8 matmuls (tpu-inference hardware_acceleration_and_dtype_support_matrix: v6 "int8,
             # int4, bf16"; fp8 appears only in the Ironwood/v7x recipe, through qwix).
             "dtype": "bfloat16",
-            # The engine's default: no source sets a KV dtype for Gemma 4 on v6e (a published 12B deployment
-            # reports vllm-tpu choosing fp8_e5m2 KV itself on Trillium; FIELD-NOTES).
+            # The engine's default: the KV cache in the model's dtype (tpu-inference tpu_inference/runner/tpu_runner.py:
+            # "auto" -> the model dtype). The Trillium recipe sets no KV dtype; an fp8 one would be e5m2 on v6e
+            # (tpu_inference/platforms/tpu_platform.py, TpuPlatform.fp8_dtype).
             "kv_cache_dtype": "auto",
             # Required for images on vllm-tpu: an image's tokens are never split across steps (Trillium
             # recipe: --disable_chunked_mm_input).
             "disable_chunked_mm_input": True,
             "max_num_batched_tokens": max_num_batched_tokens,
-            # vllm-tpu's KV block size (FIELD-NOTES; the Ironwood recipe passes --block-size=256). Only whole
+            # vllm-tpu's own page size at this max_model_len: next_power_of_2(max_model_len) // 16, within 16..256
+            # (tpu-inference tpu_inference/layers/vllm/backends/flash_attn.py, get_page_size); the Ironwood recipe
+            # passes --block-size=256 too. Only whole
             # blocks are shared: a follow-up task of an image reuses floor((system + image tokens) / 256) blocks.
             "block_size": 256,
-            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV (works on TPU,
-            # FIELD-NOTES; the Ironwood recipe turns it off for its text benchmark, which shares no prefixes).
+            # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV (prefix caching
+            # passes on TPU: tpu-inference docs/includes/core_features.md; the Ironwood recipe turns it off for its
+            # text benchmark, which shares no prefixes).
             "enable_prefix_caching": True,
             # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048). The recipe's
             # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
@@ -123,7 +127,9 @@ def _tpu_profile(
         # No structured output for Gemma 4 on TPU (Trillium recipe, "Known Limitations"): detection JSON is
         # parsed and repaired.
         structured_output=False,
-        # 280 is Gemma 4's default budget; larger per-request budgets look truncated on TPU (FIELD-NOTES).
+        # 280 is Gemma 4's default budget, and tpu-inference's Gemma 4 batches its vision encoder for the checkpoint's
+        # vision_config.default_output_length (280) tokens per image and cuts each image's features to that many
+        # (tpu_inference/models/jax/gemma4_mm.py, postprocess_encoder_output): a larger budget is not served whole.
         vision_tokens=280,
         # The TPU computes while the host's vCPUs preprocess the next images on Beam's threads; on the
         # step-loop thread every image would pause stepping for its preprocessing.
@@ -340,8 +346,8 @@ PROFILES: Mapping[str, EngineProfile] = {
                 "tpu-v6e-8-gemma4-26b-a4b",
                 "vllm-tpu on one v6e-8 slice (8 chips, 2x4): Gemma 4 26B-A4B, bf16, TP8: the Trillium recipe's shape.",
                 # Trillium recipe (AI-Hypercomputer/tpu-recipes inference/trillium/vLLM/Gemma4): a 2x4 v6e VM and
-                # --tensor-parallel-size 8 (its README's serve step shows the 31B; its compose file for 26B-A4B was
-                # not readable from here, so TP8 for this model rests on FIELD-NOTES' reading of the recipe).
+                # --tensor-parallel-size 8 (its README's serve step shows the 31B; docker-compose-gemma4-26B-A4B.yml
+                # serves this model with the same --tensor-parallel-size 8).
                 tensor_parallel_size=8,
                 # Twice the v6e-4 value: twice the chips share each step's prefill work.
                 max_num_batched_tokens=4096,

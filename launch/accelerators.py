@@ -181,9 +181,9 @@ def harness_threads(vcpus: int) -> int:
     once, and a second engine would not fit in a GPU's memory), so they
     only decode images and PDF pages and wait on the engine (Dataflow
     "Support for GPUs", GPUs and worker parallelism). Dataflow's
-    default is too high on the 180-vCPU TPU hosts (FIELD-NOTES: lower it
-    on >100-vCPU VMs); a quarter of the vCPUs, between 4 and 32, keeps
-    decoding ahead of the engine with bounded memory (each thread holds
-    at most one decode unit of pages).
+    default is too high on the 180-vCPU TPU hosts (Dataflow docs, "Run a
+    pipeline with TPUs": lower it on >100-vCPU VMs); a quarter of the
+    vCPUs, between 4 and 32, keeps decoding ahead of the engine with
+    bounded memory (each thread holds at most one decode unit of pages).
     """
     return max(4, min(32, vcpus // 4))

@@ -23,9 +23,10 @@ from launch.deployment import Deployment
 from launch.profiles import LaunchProfile, check_engine_fits
 from schemas.uris import without_credentials
 
-# One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; FIELD-NOTES), a GPU
-# holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs and worker parallelism), and
-# one engine per process serves all harness threads. Used where the engine profile's host_feeders is 1.
+# One SDK process per worker VM: only one process may open the TPU (/dev/vfio/0 busy; Dataflow docs, "Run a
+# pipeline with TPUs"), a GPU holds one engine's weights, not one per vCPU (Dataflow "Support for GPUs", GPUs
+# and worker parallelism), and one engine per process serves all harness threads. Used where the engine
+# profile's host_feeders is 1.
 SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
 # Where the engine profile's host_feeders is above 1, the worker VM runs several SDK processes feeding one
 # engine core (engine/host.py). Dataflow has no option for how many: without the experiment above,

@@ -34,7 +34,9 @@ RESULTS_FILE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "
 
 # Prompt length estimates: Google's tokenizer is not available offline.
 CHARS_PER_TOKEN = 4.0  # English text with Gemma's 262k-token vocabulary (rule of thumb, not measured)
-TEMPLATE_TOKENS_BEFORE_IMAGE = 8  # <bos>, <|turn>system, <turn|>, <|turn>user and their newlines (FIELD-NOTES layout)
+# <bos>, <|turn>system, <turn|>, <|turn>user and their newlines: Google's Gemma 4 chat template (ollama/ollama
+# model/renderers/testdata/gemma4_31b_chat_template.jinja2, copied in tests/fixtures/gemma4_templates/).
+TEMPLATE_TOKENS_BEFORE_IMAGE = 8
 IMAGE_DELIMITER_TOKENS = 2  # <|image> before and <image|> after the soft tokens
 TEMPLATE_TOKENS_AFTER_INSTRUCTION = 6  # <turn|>, <|turn>model and their newlines
 # Expected answer lengths (the max_tokens limits are far higher). ocr: a half-filled page (a dense A4
@@ -49,13 +51,16 @@ DEFAULT_MFU = 0.40
 DEFAULT_HBM_EFFICIENCY = 0.70
 DEFAULT_PIPELINE_EFFICIENCY = 0.80
 # Worker start-up: image pull, checkpoint staging (24-62 GB), engine load and loading cached XLA
-# programs (assumed); a cold TPU cache adds the compile (FIELD-NOTES: ~30 min for 26B/31B).
+# programs (assumed); a cold TPU cache adds the compile, tens of minutes for 26B/31B (AI-Hypercomputer/tpu-recipes
+# inference/ironwood/vLLM/Gemma4/gemma4-server.yaml waits 1800 s for the engine to start).
 WARM_STARTUP_MIN = 10.0
 COLD_COMPILE_MIN = 30.0
-# Gemma 4's default image budget, used where a profile leaves it to the checkpoint (FIELD-NOTES).
+# Gemma 4's default image budget, used where a profile leaves it to the checkpoint (huggingface/transformers
+# src/transformers/models/gemma4/image_processing_gemma4.py: Gemma4ImageProcessor.max_soft_tokens).
 DEFAULT_VISION_TOKENS = 280
-# Published measurements of Gemma 4 12B on vllm-tpu (FIELD-NOTES, "12B unified model on one v6e chip": a public
-# sweep on vllm/vllm-tpu:nightly, TP1 on v6e-1 and TP4 on v6e-4; not reproduced here): requests/s by context
+# Published measurements of Gemma 4 12B on vllm-tpu (a public sweep on vllm/vllm-tpu:nightly, TP1 on v6e-1 and
+# TP4 on v6e-4, from the Google Developer Experts' write-ups of the 12B on TPU on DEV Community, e.g. "Debugging
+# Deployments with Gemma 12B, TPU v6e-4, MCP and Antigravity CLI"; not reproduced here): requests/s by context
 # length (tokens). Their output lengths and concurrency are not recorded there.
 PUBLISHED_12B_V6E = {1: {128: 66.0, 1024: 64.0}, 4: {128: 24.0, 1024: 20.0}}
 
@@ -115,7 +120,7 @@ def published_comparison(profile: LaunchProfile, load: Workload, pair: Sequence[
     published = ", ".join(f"~{rate:g} req/s at {context:,}-token contexts" for context, rate in PUBLISHED_12B_V6E[chips].items())
     return [
         "",
-        f"Published, Gemma 4 12B on v6e-{chips} (FIELD-NOTES; public sweep on vllm/vllm-tpu:nightly, not reproduced "
+        f"Published, Gemma 4 12B on v6e-{chips} (public sweep on vllm/vllm-tpu:nightly, not reproduced "
         f"here): {published}; output lengths and concurrency not recorded.",
         f"This workload on {profile.name}: {prompt:,.0f} prompt + {output:,.0f} expected output tokens per request; "
         f"projected {real:.1f} requests/s per worker realistic, {roof:.1f} roofline. Decode dominates here (each "

@@ -20,7 +20,8 @@ from typing import Mapping
 from engine import profiles as engine_profiles
 from launch.accelerators import TPU, WorkerShape, find_gpu_worker, find_tpu_worker, harness_threads
 
-# Per-request image budgets above 280 soft tokens look truncated on TPU (FIELD-NOTES).
+# Per-request image budgets above 280 soft tokens are not served whole on TPU: tpu-inference's Gemma 4 cuts each
+# image's features to vision_config.default_output_length (tpu_inference/models/jax/gemma4_mm.py).
 TPU_MAX_VISION_TOKENS = 280
 
 
@@ -90,7 +91,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
             model="gemma-4-12B",
             # 16 chips, as 4 x tpu-v6e-4: many single-chip workers. A published sweep of the 12B on vllm-tpu
             # measured one v6e chip 2.7-3.2x faster in requests/s than a v6e-4 (TP4 all-reduce dominates a
-            # model this size), at a quarter of the chips (FIELD-NOTES).
+            # model this size), at a quarter of the chips (launch/plan.py PUBLISHED_12B_V6E).
             max_workers=16,
             disk_size_gb=_DISK_SMALL_MODEL_GB,
         ),

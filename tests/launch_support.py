@@ -27,7 +27,11 @@ LOOPBACK_ONLY = ROOT / "tests" / "loopback_only"
 
 
 def fake_adc(directory: pathlib.Path) -> pathlib.Path:
-    """An authorized_user ADC file whose token never expires: no ADC lookup, no real credentials (FIELD-NOTES)."""
+    """An authorized_user ADC file whose token never expires: no ADC lookup, no real credentials.
+
+    google-auth reads GOOGLE_APPLICATION_CREDENTIALS before any other source (google/auth/_default.py) and
+    refreshes an authorized_user token only once its "expiry" has passed (google/oauth2/credentials.py).
+    """
     path = directory / "adc.json"
     path.write_text(json.dumps({
         "type": "authorized_user", "client_id": "x", "client_secret": "x", "refresh_token": "x",
@@ -65,7 +69,7 @@ def go_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, allow_lo
 # runs the template's main with --project --region --jobName --stagingLocation --templateLocation=
 # <staging>/template_launches/<job id>/job_object --runner=DataflowRunner, the environment's settings such as
 # --maxNumWorkers/--autoscalingAlgorithm, and every parameter as --name=value), in Beam Python's option names.
-# FIELD-NOTES (from the Dataflow TPU docs): flex templates pass worker_accelerator as an additional experiment.
+# Flex templates pass worker_accelerator as an additional experiment (Dataflow docs, "Run a pipeline with TPUs").
 _ENVIRONMENT_OPTIONS = {
     "tempLocation": "temp_location",
     "stagingLocation": "staging_location",

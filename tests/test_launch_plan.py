@@ -23,8 +23,9 @@ def test_gemma4_26b_a4b_shape_reproduces_the_published_sizes():
 
 
 def test_dense_shapes_reproduce_their_names():
-    # The 12B: ~12 B parameters (FIELD-NOTES: ~26 GiB loaded in bf16 on one v6e chip; the matmul weights alone are
-    # 23.8 GB); encoder-free, so its "vision" is the 48 x 48 x 3 -> 3,840 patch projection only.
+    # The 12B: ~12 B parameters (a published v6e-4 deployment loads it in bf16 in 26.01 GiB of HBM, weights and
+    # overhead: DEV Community, "Debugging Deployments with Gemma 12B, TPU v6e-4, MCP and Antigravity CLI"; the
+    # matmul weights alone are 23.8 GB); encoder-free, so its "vision" is the 48 x 48 x 3 -> 3,840 patch projection only.
     assert GEMMA4_12B.total_params == pytest.approx(12e9, rel=0.01)
     assert GEMMA4_12B.vision_params == 48 * 48 * 3 * 3840
     assert GEMMA4_31B.total_params == pytest.approx(31e9, rel=0.02)

@@ -24,7 +24,8 @@ from tasks.task import TASK_NAME
 METADATA_PATH = pathlib.Path(__file__).resolve().parent / "metadata.json"
 _GCS = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$"  # gs://BUCKET[/PATH], bucket naming rules
 _TASK = TASK_NAME.pattern.strip("^$")  # built-in tasks and a task file's (checked against both at launch)
-# Gemma 4's image budgets (FIELD-NOTES). One template serves TPU and GPU profiles: launch.submit and
+# Gemma 4's image budgets (huggingface/transformers src/transformers/models/gemma4/image_processing_gemma4.py,
+# _SUPPORTED_SOFT_TOKENS). One template serves TPU and GPU profiles: launch.submit and
 # launch.schedule refuse budgets above TPU_MAX_VISION_TOKENS for TPU profiles.
 _VISION_BUDGETS = ["70", "140", "280", "560", "1120"]
 
