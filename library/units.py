@@ -37,7 +37,7 @@ _WHOLE = (None,)  # the pages of a source that is one item: no page number
 
 @dataclasses.dataclass(frozen=True)
 class ItemFailure:
-    """An item that could not be read, or a whole unit none of which could (a Parquet row group): its error row's fields."""
+    """An item that could not be read, or a whole unit none of which could (a Parquet row group): its error row."""
 
     ref: ItemRef
     error: Exception
