@@ -39,6 +39,7 @@ from engine import local as engine
 from engine.api import EngineSettings
 from engine.local import ENGINES, RequestRenderer, engine_prompt, sampling_params
 from engine.prompts import render_prompt
+from library import environment
 from library.errors import ERRORS_TAG
 from library.formats import DecodeLimits
 from library.metadata import ItemValues
@@ -239,7 +240,7 @@ def run_feeders(workload: Workload, out_dir: pathlib.Path, feeders: int, **_: An
     """
     import os
 
-    os.environ["VISION_BATCH_HOST_ENGINE_DIR"] = str(out_dir / "he")
+    os.environ[environment.HOST_ENGINE_DIR.name] = str(out_dir / "he")
     total_in_flight = workload.max_in_flight or workload.engine_settings().max_in_flight
     shared = dataclasses.replace(
         workload,

@@ -45,7 +45,7 @@ from pipelines import output_safety
 from configuration.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
 from engine import local as engine, model_staging
 from engine.checkpoint_shape import CheckpointShape
-from library import storage
+from library import environment, storage
 from library.errors import ERRORS_TAG
 from library.progress import PROGRESS
 from pipelines.models import resolve_model
@@ -234,7 +234,7 @@ def private_tempdir() -> Iterator[str]:
     when a run is interrupted. Weights staged from gs:// keep their shared
     location: they are meant to outlive the run.
     """
-    os.environ.setdefault("VISION_BATCH_MODEL_DIR", str(model_staging.default_root()))
+    os.environ.setdefault(environment.MODEL_DIR.name, str(model_staging.default_root()))
     previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
     path = tempfile.mkdtemp(prefix="vision-batch-run-")
     tempfile.tempdir = os.environ["TMPDIR"] = path  # TMPDIR: for worker processes the runner starts
