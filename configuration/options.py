@@ -33,9 +33,9 @@ from engine import profiles as engine_profiles
 from engine.api import EngineSettings
 from engine.checkpoint_shape import CheckpointShape
 from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
+from library import storage
 from library.formats import DecodeLimits
 from library.shards import ShardSettings
-from library.storage import RetryBudget
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
@@ -46,7 +46,6 @@ from transforms.sources import InputSelection, ManifestError, is_glob, manifest_
 
 PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
-_DEFAULT_RETRY = RetryBudget()
 # The image budget Gemma 4's processor uses when a request sets none and the checkpoint does not say
 # (transformers Gemma4ImageProcessor max_soft_tokens default; FIELD-NOTES "Gemma 4 prompts").
 GEMMA4_DEFAULT_VISION_TOKENS = 280
@@ -267,24 +266,8 @@ class VisionBatchOptions(PipelineOptions):
             help="Images are downscaled to this longest side before the engine.",
         )
 
-        _add_storage_retry_args(parser.add_argument_group("storage retries (gs://)"))
-
-
-def _add_storage_retry_args(group: Any) -> None:
-    """Retry budget of every GCS request, in every worker (library/storage.py). Defaults: the client library's."""
-    group.add_argument(
-        "--gcs_retry_timeout_s", type=float, default=_DEFAULT_RETRY.timeout_s,
-        help="Seconds one GCS request may keep retrying 429/5xx/resets/timeouts before the run fails naming the "
-             "object and operation.",
-    )
-    group.add_argument(
-        "--gcs_retry_initial_delay_s", type=float, default=_DEFAULT_RETRY.initial_delay_s,
-        help="Bound on the first wait between attempts; the bound doubles per attempt (waits are random below it).",
-    )
-    group.add_argument(
-        "--gcs_retry_max_delay_s", type=float, default=_DEFAULT_RETRY.max_delay_s,
-        help="Bound on any one wait between attempts.",
-    )
+        # Retry budget of every GCS request, in every worker: library/storage.py declares and reads it.
+        storage.add_retry_arguments(parser.add_argument_group("storage retries (gs://)"))
 
 
 def split_commas(values: Optional[Sequence[str]]) -> tuple[str, ...]:
@@ -425,7 +408,7 @@ def check_values(options: PipelineOptions) -> None:
     if not opts.output:
         raise UsageError("--output (a new or empty folder, local or gs://) is required")
     with usage_errors():
-        RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
+        storage.RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
     parse_engine_args(opts.engine_arg)
 
 
@@ -468,6 +451,10 @@ def _manifest_mistakes(opts: "VisionBatchOptions", manifests: Sequence[str]) -> 
 def validate(options: PipelineOptions) -> None:
     """Every check before the model is looked at: `check_values`, the local paths named, then the tasks (reading --task_file)."""
     check_values(options)
+    # Before the first read (manifests, the task file, then the run's own): Beam's GCS client then retries
+    # with the job's --gcs_retry_* budget and names what failed (library/storage.py). Workers install it
+    # through --beam_plugins (storage.add_worker_plugin).
+    storage.install()
     opts = options.view_as(VisionBatchOptions)
     manifests = split_manifests(opts.manifest)
     mistakes = _missing_local_paths(opts, manifests) + _manifest_mistakes(opts, manifests)
