@@ -176,18 +176,18 @@ def _with_settings(workload: Workload, changes: Mapping[str, Any]) -> EngineSett
 
     For variants that change what no user option sets (where images are
     preprocessed, where the engine core runs, the prompt layout): the job's
-    own `JobConfig.from_options` is wrapped so `vision_batch.run` builds the
+    own resolver, `JobConfig.resolve`, is wrapped so `vision_batch.run` builds the
     same graph with the changed settings, and the engine is loaded under them.
     """
     settings = dataclasses.replace(workload.engine_settings(), **changes)
     if changes:
-        original = JobConfig.from_options
+        original = JobConfig.resolve
 
-        def from_options(*args: Any, **kwargs: Any) -> JobConfig:
+        def resolve(*args: Any, **kwargs: Any) -> JobConfig:
             config = original(*args, **kwargs)
             return dataclasses.replace(config, engine=dataclasses.replace(config.engine, **changes))
 
-        JobConfig.from_options = staticmethod(from_options)  # type: ignore[method-assign]
+        JobConfig.resolve = staticmethod(resolve)  # type: ignore[method-assign]
     return settings
 
 
