@@ -423,7 +423,6 @@ def check_values(options: PipelineOptions) -> None:
         raise UsageError("--output (a new or empty folder, local or gs://) is required")
     with usage_errors():
         storage.RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
-    parse_engine_args(opts.engine_arg)
 
 
 def _local(path: str) -> Optional[str]:
@@ -471,6 +470,7 @@ class JobRequest:
     """
 
     options: PipelineOptions
+    engine_args: Mapping[str, Any]  # --engine_arg, parsed
     tasks: tuple[Task, ...]  # selected, each with its own overrides; the job's image budget is the engine plan's
     thinking: bool
 
@@ -480,24 +480,26 @@ class JobRequest:
 
 
 def validate(options: PipelineOptions, local_paths: bool = True) -> JobRequest:
-    """Every check before the model is looked at: `check_values`, the local paths named, then the tasks (reading --task_file).
+    """Every check before the model is looked at, each once: `check_values`, --engine_arg (parsed), the local paths
+    named, then the tasks (reading --task_file).
 
     `local_paths=False` for options whose inputs only other machines read
     (a Dataflow job's launcher VM; tests of the settings alone).
     """
     check_values(options)
+    opts = options.view_as(VisionBatchOptions)
+    engine_args = parse_engine_args(opts.engine_arg)
     # Before the first read (manifests, the task file, then the run's own): Beam's GCS client then retries
     # with the job's --gcs_retry_* budget and names what failed (library/storage.py). Workers install it
     # through --beam_plugins (storage.add_worker_plugin).
     storage.install()
-    opts = options.view_as(VisionBatchOptions)
     if local_paths:
         manifests = split_manifests(opts.manifest)
         mistakes = _missing_local_paths(opts, manifests) + _manifest_mistakes(opts, manifests)
         if mistakes:
             raise UsageError("; ".join(mistakes))
     thinking = opts.thinking == "on"
-    return JobRequest(options, _tasks(opts, thinking), thinking)
+    return JobRequest(options, engine_args, _tasks(opts, thinking), thinking)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,7 +550,7 @@ def plan_engine(
     """
     opts = request.opts
     with usage_errors():
-        profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
+        profile = engine_profiles.resolve(opts.engine_profile, request.engine_args, checkpoint)
         wanted = profile.host_feeders if opts.host_feeders is None else opts.host_feeders
         profile = engine_profiles.shared_by_feeders(profile, feeders(wanted))
     tasks, vision_tokens = _with_job_budget(request.tasks, opts.vision_tokens or profile.vision_tokens, checkpoint)
