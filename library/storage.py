@@ -87,11 +87,12 @@ class RetryBudget:
     def from_options(options: Union[PipelineOptions, Mapping[str, Any], None]) -> "RetryBudget":
         """The job's `--gcs_retry_*` values (declared by `add_retry_arguments`), defaults where not given.
 
-        Read from the options' own flags, not through the pipeline's options
-        class (configuration/ sits above this module): Beam's `current_only`
-        listing parses no other class's arguments and keeps the ones this
-        process declares nowhere as strings, so the values are found even in
-        a worker process that has imported nothing of configuration/ yet.
+        Read from the options' flags themselves, not through the pipeline's
+        options class: that class sits above this module (configuration/), and
+        a worker may reach GCS before anything has imported it. Beam's
+        `get_all_options(current_only=True, retain_unknown_options=True)`
+        needs no class's declarations: it keeps undeclared flags' values as
+        strings (hence `float`), with values set on any view applied.
         """
         if options is None:
             return RetryBudget()
