@@ -39,6 +39,7 @@ from engine import local as engine
 from engine.api import EngineSettings
 from engine.local import ENGINES, RequestRenderer, engine_prompt, sampling_params
 from engine.prompts import render_prompt
+from library import environment
 from library.errors import ERRORS_TAG
 from library.formats import DecodeLimits
 from library.metadata import ItemValues
@@ -175,18 +176,18 @@ def _with_settings(workload: Workload, changes: Mapping[str, Any]) -> EngineSett
 
     For variants that change what no user option sets (where images are
     preprocessed, where the engine core runs, the prompt layout): the job's
-    own `JobConfig.from_options` is wrapped so `vision_batch.run` builds the
+    own resolver, `JobConfig.resolve`, is wrapped so `vision_batch.run` builds the
     same graph with the changed settings, and the engine is loaded under them.
     """
     settings = dataclasses.replace(workload.engine_settings(), **changes)
     if changes:
-        original = JobConfig.from_options
+        original = JobConfig.resolve
 
-        def from_options(*args: Any, **kwargs: Any) -> JobConfig:
+        def resolve(*args: Any, **kwargs: Any) -> JobConfig:
             config = original(*args, **kwargs)
             return dataclasses.replace(config, engine=dataclasses.replace(config.engine, **changes))
 
-        JobConfig.from_options = staticmethod(from_options)  # type: ignore[method-assign]
+        JobConfig.resolve = staticmethod(resolve)  # type: ignore[method-assign]
     return settings
 
 
@@ -239,7 +240,7 @@ def run_feeders(workload: Workload, out_dir: pathlib.Path, feeders: int, **_: An
     """
     import os
 
-    os.environ["VISION_BATCH_HOST_ENGINE_DIR"] = str(out_dir / "he")
+    os.environ[environment.HOST_ENGINE_DIR.name] = str(out_dir / "he")
     total_in_flight = workload.max_in_flight or workload.engine_settings().max_in_flight
     shared = dataclasses.replace(
         workload,

@@ -2,16 +2,23 @@
 
 Beam parses these beside its own options (runner, workers, Dataflow ...), so
 one command line configures both, and Dataflow shows them in the job page.
-`parse_args` is the strict front door of the command line: Beam's own
-`PipelineOptions` drops arguments it does not know (with a warning among
+`parse_command_line` is the strict front door of the command line: Beam's
+own `PipelineOptions` drops arguments it does not know (with a warning among
 the log lines), so a misspelt `--max_token` would silently run with the
 default. Here every option of every registered `PipelineOptions` class,
 ours and Beam's, is declared on one parser (Beam's own mechanism:
 `_add_argparse_args` of each subclass, as `PipelineOptions.get_all_options`
-does), anything else is refused with a "did you mean", and values are
-checked before anything runs (the task file is read and validated too).
-`JobConfig.from_options` turns the options into the typed settings each
-stage takes. Every mistake in them is a `UsageError`.
+does), and anything else is refused with a "did you mean".
+
+Then one resolver, used alike by the command line (pipelines/vision_batch.py),
+the Dataflow launch (launch/job.py, launch/run_dataflow.py) and the
+benchmarks:
+
+    options --validate--> JobRequest --plan_engine--> EnginePlan
+                          (values checked once, --task_file read once)
+    JobRequest + model --JobConfig.resolve--> JobConfig (typed settings of every stage)
+
+Every mistake in them is a `UsageError`.
 """
 from __future__ import annotations
 
@@ -33,9 +40,9 @@ from engine import profiles as engine_profiles
 from engine.api import EngineSettings
 from engine.checkpoint_shape import CheckpointShape
 from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
+from library import storage
 from library.formats import DecodeLimits
 from library.shards import ShardSettings
-from library.storage import RetryBudget
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
@@ -46,7 +53,6 @@ from transforms.sources import InputSelection, ManifestError, is_glob, manifest_
 
 PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
-_DEFAULT_RETRY = RetryBudget()
 # The image budget Gemma 4's processor uses when a request sets none and the checkpoint does not say
 # (huggingface/transformers src/transformers/models/gemma4/image_processing_gemma4.py: Gemma4ImageProcessor.max_soft_tokens).
 GEMMA4_DEFAULT_VISION_TOKENS = 280
@@ -267,24 +273,8 @@ class VisionBatchOptions(PipelineOptions):
             help="Images are downscaled to this longest side before the engine.",
         )
 
-        _add_storage_retry_args(parser.add_argument_group("storage retries (gs://)"))
-
-
-def _add_storage_retry_args(group: Any) -> None:
-    """Retry budget of every GCS request, in every worker (library/storage.py). Defaults: the client library's."""
-    group.add_argument(
-        "--gcs_retry_timeout_s", type=float, default=_DEFAULT_RETRY.timeout_s,
-        help="Seconds one GCS request may keep retrying 429/5xx/resets/timeouts before the run fails naming the "
-             "object and operation.",
-    )
-    group.add_argument(
-        "--gcs_retry_initial_delay_s", type=float, default=_DEFAULT_RETRY.initial_delay_s,
-        help="Bound on the first wait between attempts; the bound doubles per attempt (waits are random below it).",
-    )
-    group.add_argument(
-        "--gcs_retry_max_delay_s", type=float, default=_DEFAULT_RETRY.max_delay_s,
-        help="Bound on any one wait between attempts.",
-    )
+        # Retry budget of every GCS request, in every worker: library/storage.py declares and reads it.
+        storage.add_retry_arguments(parser.add_argument_group("storage retries (gs://)"))
 
 
 def split_commas(values: Optional[Sequence[str]]) -> tuple[str, ...]:
@@ -350,16 +340,10 @@ def _task_limits(
     return {task: int(count) for task, count in pairs.items()}
 
 
-def resolve_tasks(
-    opts: "VisionBatchOptions", vision_tokens: Optional[int], checkpoint: Optional[CheckpointShape], thinking: bool
-) -> tuple[tuple[Task, ...], Optional[int]]:
-    """The job's tasks with their overrides, and the job's image budget; UsageError for a mistake.
+def _tasks(opts: "VisionBatchOptions", thinking: bool) -> tuple[Task, ...]:
+    """The job's tasks with their own overrides (--max_tokens, --task_vision_tokens, --thinking); UsageError for a mistake.
 
-    Tasks with their own image budget (a task file's `vision_tokens`,
-    `--task_vision_tokens`) get requests with that budget; the others the
-    job's (`--vision_tokens`, else the profile's). When budgets differ, the
-    engine is planned for the largest, so every request carries its own:
-    the job's falls back to the checkpoint's default.
+    The one place --task_file is read and task names are checked.
     """
     with usage_errors():
         file_tasks = load_task_file(opts.task_file, engine_profiles.LARGEST_CONTEXT)
@@ -387,7 +371,20 @@ def resolve_tasks(
             f"--task_vision_tokens {', '.join(idle)}: not among the tasks this run runs "
             f"({', '.join(t.name for t in selected)}); add the task to --tasks or drop its budget"
         )
-    tasks = tuple(with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking) for task in selected)
+    return tuple(with_overrides(task, max_tokens.get(task.name), budgets.get(task.name), thinking) for task in selected)
+
+
+def _with_job_budget(
+    tasks: Sequence[Task], vision_tokens: Optional[int], checkpoint: Optional[CheckpointShape]
+) -> tuple[tuple[Task, ...], Optional[int]]:
+    """Every task with the image budget its requests carry, and the job's budget.
+
+    Tasks with their own image budget (a task file's `vision_tokens`,
+    `--task_vision_tokens`) keep it; the others get the job's
+    (`--vision_tokens`, else the profile's). When budgets differ, the
+    engine is planned for the largest, so every request carries its own:
+    the job's falls back to the checkpoint's default.
+    """
     if {task.vision_tokens for task in tasks if task.vision_tokens} - {vision_tokens}:
         vision_tokens = vision_tokens or (checkpoint and checkpoint.vision_tokens) or GEMMA4_DEFAULT_VISION_TOKENS
     return tuple(dataclasses.replace(task, vision_tokens=task.vision_tokens or vision_tokens) for task in tasks), vision_tokens
@@ -425,8 +422,7 @@ def check_values(options: PipelineOptions) -> None:
     if not opts.output:
         raise UsageError("--output (a new or empty folder, local or gs://) is required")
     with usage_errors():
-        RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
-    parse_engine_args(opts.engine_arg)
+        storage.RetryBudget.from_options(options)  # the combination of the --gcs_retry_* values
 
 
 def _local(path: str) -> Optional[str]:
@@ -465,15 +461,107 @@ def _manifest_mistakes(opts: "VisionBatchOptions", manifests: Sequence[str]) -> 
     return mistakes
 
 
-def validate(options: PipelineOptions) -> None:
-    """Every check before the model is looked at: `check_values`, the local paths named, then the tasks (reading --task_file)."""
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """A job's options with every value checked and --task_file read: what it asks for, before the model is known.
+
+    Made once per launch (`validate`) and passed on: the engine plan and the
+    job's configuration are resolved from it without checking or reading again.
+    """
+
+    options: PipelineOptions
+    engine_args: Mapping[str, Any]  # --engine_arg, parsed
+    tasks: tuple[Task, ...]  # selected, each with its own overrides; the job's image budget is the engine plan's
+    thinking: bool
+
+    @property
+    def opts(self) -> "VisionBatchOptions":
+        return self.options.view_as(VisionBatchOptions)
+
+
+def validate(options: PipelineOptions, local_paths: bool = True) -> JobRequest:
+    """Every check before the model is looked at, each once: `check_values`, --engine_arg (parsed), the local paths
+    named, then the tasks (reading --task_file).
+
+    `local_paths=False` for options whose inputs only other machines read
+    (a Dataflow job's launcher VM; tests of the settings alone).
+    """
     check_values(options)
     opts = options.view_as(VisionBatchOptions)
-    manifests = split_manifests(opts.manifest)
-    mistakes = _missing_local_paths(opts, manifests) + _manifest_mistakes(opts, manifests)
-    if mistakes:
-        raise UsageError("; ".join(mistakes))
-    resolve_tasks(opts, opts.vision_tokens, None, opts.thinking == "on")
+    engine_args = parse_engine_args(opts.engine_arg)
+    # Before the first read (manifests, the task file, then the run's own): Beam's GCS client then retries
+    # with the job's --gcs_retry_* budget and names what failed (library/storage.py). Workers install it
+    # through --beam_plugins (storage.add_worker_plugin).
+    storage.install()
+    if local_paths:
+        manifests = split_manifests(opts.manifest)
+        mistakes = _missing_local_paths(opts, manifests) + _manifest_mistakes(opts, manifests)
+        if mistakes:
+            raise UsageError("; ".join(mistakes))
+    thinking = opts.thinking == "on"
+    return JobRequest(options, engine_args, _tasks(opts, thinking), thinking)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    """The engine a job's worker processes run, planned once from its request (`plan_engine`)."""
+
+    profile: engine_profiles.EngineProfile  # --engine_arg applied, fitted, split between feeders; vision_tokens: the job's
+    tasks: tuple[Task, ...]  # each with the image budget its requests carry
+    max_in_flight: int
+    structured_output: bool
+    thinking: bool
+    xla_cache_path: Optional[str]
+
+    @property
+    def largest_vision_tokens(self) -> Optional[int]:
+        """vLLM plans memory and the encoder budget for the engine-level budget: the largest any request carries."""
+        return max([self.profile.vision_tokens or 0, *(task.vision_tokens or 0 for task in self.tasks)]) or None
+
+    def settings(self, model_path: str) -> EngineSettings:
+        profile = self.profile
+        return EngineSettings(
+            model_path=model_path,
+            engine_args=engine_profiles.request_engine_args(
+                profile, self.largest_vision_tokens, self.thinking, self.structured_output
+            ),
+            max_in_flight=self.max_in_flight,
+            structured_output=self.structured_output,
+            thinking=self.thinking,
+            vision_tokens=profile.vision_tokens,
+            xla_cache_path=self.xla_cache_path,
+            preprocess_on_step_thread=profile.preprocess_on_step_thread,
+            engine_core_process=profile.engine_core_process,
+            host_feeders=profile.host_feeders,
+            environment=profile.environment,
+        )
+
+
+def plan_engine(
+    request: JobRequest, checkpoint: Optional[CheckpointShape] = None, feeders: Callable[[int], int] = lambda wanted: wanted
+) -> EnginePlan:
+    """The engine for `request`: the one construction, for the job (`JobConfig.resolve`) and its launcher (launch/job.py).
+
+    `checkpoint`: the model's shape, when known, so the profile checks and
+    fits it (a launcher knows only a gs:// location). `feeders`: how many
+    processes feed one engine core, given how many the options (else the
+    profile) want; the launcher fits it to the worker's SDK processes.
+    Raises UsageError naming the option, profile or checkpoint refused.
+    """
+    opts = request.opts
+    with usage_errors():
+        profile = engine_profiles.resolve(opts.engine_profile, request.engine_args, checkpoint)
+        wanted = profile.host_feeders if opts.host_feeders is None else opts.host_feeders
+        profile = engine_profiles.shared_by_feeders(profile, feeders(wanted))
+    tasks, vision_tokens = _with_job_budget(request.tasks, opts.vision_tokens or profile.vision_tokens, checkpoint)
+    return EnginePlan(
+        profile=dataclasses.replace(profile, vision_tokens=vision_tokens),
+        tasks=tasks,
+        max_in_flight=opts.max_in_flight or profile.max_in_flight,
+        structured_output=profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on",
+        thinking=request.thinking,
+        xla_cache_path=opts.xla_cache_path,
+    )
 
 
 class _StrictParser(_BeamArgumentParser):
@@ -591,7 +679,7 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> PipelineOptions:
-    """The command line as PipelineOptions, or UsageError naming the first mistake.
+    """The command line as PipelineOptions, or UsageError naming the first mistake: for callers that only check it.
 
     `--help` and `--help_beam` print and exit (SystemExit 0), as argparse does.
     """
@@ -630,40 +718,18 @@ class JobConfig:
     warnings: tuple[str, ...] = ()  # found at launch (e.g. an --incremental_from with no results); in the summary
 
     @staticmethod
-    def from_options(
-        options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool,
+    def resolve(
+        request: JobRequest, model_path: str, model_id: str, model_is_random: bool,
         checkpoint: Optional[CheckpointShape] = None,
     ) -> "JobConfig":
-        """`checkpoint`: the model's shape, when known, so the engine profile checks and fits it.
+        """The job's configuration from its checked request and its model: the one construction.
 
-        Raises UsageError for any mistake in the options, the task file, or
-        a checkpoint the engine profile refuses (naming the profile to use).
+        `checkpoint`: the model's shape, when known, so the engine profile
+        checks and fits it. Raises UsageError for a checkpoint the engine
+        profile refuses (naming the profile to use).
         """
-        check_values(options)
-        opts = options.view_as(VisionBatchOptions)
-        thinking = opts.thinking == "on"
-        with usage_errors():
-            profile = engine_profiles.resolve(opts.engine_profile, parse_engine_args(opts.engine_arg), checkpoint)
-            profile = engine_profiles.shared_by_feeders(
-                profile, profile.host_feeders if opts.host_feeders is None else opts.host_feeders
-            )
-        structured_output = profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on"
-        tasks, vision_tokens = resolve_tasks(opts, opts.vision_tokens or profile.vision_tokens, checkpoint, thinking)
-        # vLLM plans memory and the encoder budget for the engine-level budget: the largest any task uses.
-        largest = max([vision_tokens or 0, *(task.vision_tokens or 0 for task in tasks)]) or None
-        engine = EngineSettings(
-            model_path=model_path,
-            engine_args=engine_profiles.request_engine_args(profile, largest, thinking, structured_output),
-            max_in_flight=opts.max_in_flight or profile.max_in_flight,
-            structured_output=structured_output,
-            thinking=thinking,
-            vision_tokens=vision_tokens,
-            xla_cache_path=opts.xla_cache_path,
-            preprocess_on_step_thread=profile.preprocess_on_step_thread,
-            engine_core_process=profile.engine_core_process,
-            host_feeders=profile.host_feeders,
-            environment=profile.environment,
-        )
+        opts = request.opts
+        plan = plan_engine(request, checkpoint)
         limits = DecodeLimits(
             pdf_dpi=opts.pdf_dpi,
             pages_per_unit=opts.pages_per_unit,
@@ -672,7 +738,7 @@ class JobConfig:
             max_image_pixels=opts.max_image_pixels,
             max_side=opts.max_image_side,
         )
-        run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=prompt_version(thinking))
+        run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=prompt_version(request.thinking))
         shards = ShardSettings(
             parquet_id_column=opts.parquet_id_column,
             parquet_bytes_column=opts.parquet_bytes_column,
@@ -696,13 +762,22 @@ class JobConfig:
             output=canonical_uri(opts.output).rstrip("/"),
             num_output_shards=opts.num_output_shards,
             progress_interval_s=opts.progress_interval_s,
-            tasks=tasks,
-            engine=engine,
+            tasks=plan.tasks,
+            engine=plan.settings(model_path),
             limits=limits,
             run=run,
             model_is_random=model_is_random,
             max_error_fraction=opts.max_error_fraction,
         )
+
+    @staticmethod
+    def from_options(
+        options: PipelineOptions, model_path: str, model_id: str, model_is_random: bool,
+        checkpoint: Optional[CheckpointShape] = None,
+    ) -> "JobConfig":
+        """`resolve` for options not validated yet (a Dataflow launcher's argv, benchmarks, tests): values and tasks
+        checked, local paths not (the job's inputs are read where it runs). Raises UsageError for any mistake."""
+        return JobConfig.resolve(validate(options, local_paths=False), model_path, model_id, model_is_random, checkpoint)
 
     def summary_fields(self) -> Mapping[str, Any]:
         return {

@@ -66,6 +66,8 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+from library import environment
+
 _LOG = logging.getLogger(__name__)
 
 # Slots beyond host_feeders, for processes that replace crashed ones (see the module docstring).
@@ -92,13 +94,13 @@ class HostEngineFull(RuntimeError):
 def host_engine_root() -> pathlib.Path:
     """Where hosts keep their engine-core state: the temp dir, which every SDK process of a Dataflow VM
     shares (Beam's own per-VM sharing, apache_beam.utils.multi_process_shared, keeps its lock and address
-    file there); `VISION_BATCH_HOST_ENGINE_DIR` overrides it (tests)."""
-    return pathlib.Path(os.environ.get("VISION_BATCH_HOST_ENGINE_DIR") or os.path.join(tempfile.gettempdir(), "vb-host-engine"))
+    file there); `VISION_BATCH_HOST_ENGINE_DIR` overrides it (library/environment.py)."""
+    return pathlib.Path(environment.read(environment.HOST_ENGINE_DIR) or os.path.join(tempfile.gettempdir(), "vb-host-engine"))
 
 
 def idle_grace_s() -> float:
-    """`_IDLE_GRACE_S`, or `VISION_BATCH_HOST_ENGINE_IDLE_S` (tests)."""
-    return float(os.environ.get("VISION_BATCH_HOST_ENGINE_IDLE_S", _IDLE_GRACE_S))
+    """`_IDLE_GRACE_S`, or `VISION_BATCH_HOST_ENGINE_IDLE_S` (library/environment.py)."""
+    return float(environment.read(environment.HOST_ENGINE_IDLE_S) or _IDLE_GRACE_S)
 
 
 @dataclasses.dataclass(frozen=True)

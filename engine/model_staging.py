@@ -24,6 +24,8 @@ from typing import Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from library import environment
+
 _LOG = logging.getLogger(__name__)
 MARKER = ".vision-batch-complete.json"
 COPY_THREADS = 8  # parallel object downloads: one stream tops out well below a VM's network bandwidth
@@ -35,7 +37,7 @@ def is_remote(uri: str) -> bool:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("VISION_BATCH_MODEL_DIR") or Path(tempfile.gettempdir()) / "vision-batch-models")
+    return Path(environment.read(environment.MODEL_DIR) or Path(tempfile.gettempdir()) / "vision-batch-models")
 
 
 def _listing(uri: str) -> dict[str, int]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import re
 from typing import Any, Optional, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from configuration.options import VisionBatchOptions, parse_json_value, parse_key_values, resolve_tasks
+from configuration.options import EnginePlan, parse_command_line, plan_engine, validate
 from engine import profiles as engine_profiles
 from launch.accelerators import TPU
 from launch.deployment import Deployment
@@ -162,30 +161,29 @@ def timestamped_job_name(profile: LaunchProfile, now: datetime.datetime, purpose
     return f"vision-batch-{purpose}-{profile.name}-{now:%Y%m%d-%H%M%S}"
 
 
-def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> engine_profiles.EngineProfile:
-    """The engine profile the workers will run (the user's --engine_arg/--vision_tokens applied), checked for the worker."""
-    opts = PipelineOptions(list(pipeline_args)).view_as(VisionBatchOptions)
-    if opts.engine_profile != profile.engine_profile:
+def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> EnginePlan:
+    """The engine the workers will run, planned as they will plan it (`plan_engine`), checked for the worker.
+
+    The job's options are refused here as the pipeline's command line
+    refuses them (a misspelt `--max_token ocr=512` would otherwise launch and
+    run with the default budget), and --task_file is read once for the plan.
+    """
+    request = validate(parse_command_line(pipeline_args))
+    if request.opts.engine_profile != profile.engine_profile:
         raise ValueError(
-            f"--engine_profile {opts.engine_profile} does not belong to launch profile {profile.name} "
+            f"--engine_profile {request.opts.engine_profile} does not belong to launch profile {profile.name} "
             f"(which runs {profile.engine_profile}); choose the worker shape with --profile"
         )
-    overrides = {k: parse_json_value(v) for k, v in parse_key_values(opts.engine_arg, "--engine_arg").items()}
-    engine = engine_profiles.resolve(profile.engine_profile, overrides)
-    engine = dataclasses.replace(engine, vision_tokens=opts.vision_tokens or engine.vision_tokens)
+    # Without the checkpoint (a gs:// location the launcher does not read): the accelerator profiles are not sized from it.
+    engine = plan_engine(request, feeders=functools.partial(_worker_feeders, profile))
     # Tasks may ask for their own image budget (--task_vision_tokens, a task file): the worker must fit the largest.
-    tasks, _ = resolve_tasks(opts, engine.vision_tokens, None, opts.thinking == "on")
-    largest = max([engine.vision_tokens or 0, *(task.vision_tokens or 0 for task in tasks)]) or None
-    check_engine_fits(profile.worker, dataclasses.replace(engine, vision_tokens=largest))
-    wanted = engine.host_feeders if opts.host_feeders is None else opts.host_feeders
-    return engine_profiles.shared_by_feeders(engine, _worker_feeders(profile, wanted))
+    check_engine_fits(profile.worker, dataclasses.replace(engine.profile, vision_tokens=engine.largest_vision_tokens))
+    return engine
 
 
 def _worker_feeders(profile: LaunchProfile, wanted: int) -> int:
     """1 (one SDK process), or every vCPU's process when the engine wants several feeders (see FEEDER_HARNESS_THREADS)."""
-    vcpus = profile.worker.vcpus
-    if wanted < 1:
-        raise ValueError(f"--host_feeders must be at least 1, not {wanted}")
+    vcpus = profile.worker.vcpus  # `wanted` is at least 1: check_values and the profiles see to it
     if wanted in (1, vcpus):
         return wanted
     if wanted > vcpus:
@@ -213,16 +211,16 @@ def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engin
 
 def profile_pipeline_args(
     profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]
-) -> tuple[list[str], engine_profiles.EngineProfile]:
+) -> tuple[list[str], EnginePlan]:
     """The user's pipeline options plus what the launch profile decides (engine profile, image budget, TPU cache),
-    and the engine profile the workers will run."""
+    and the engine the workers will run."""
     base = [f"--engine_profile={profile.engine_profile}", *user_args]
     engine = effective_engine(profile, base)
-    decided = [f"--vision_tokens={engine.vision_tokens}"] if engine.vision_tokens else []
-    decided.append(f"--host_feeders={engine.host_feeders}")
+    decided = [f"--vision_tokens={engine.profile.vision_tokens}"] if engine.profile.vision_tokens else []
+    decided.append(f"--host_feeders={engine.profile.host_feeders}")
     if profile.platform == TPU:
         # XLA programs compiled at engine start (~30 min for 26B/31B): reused from GCS (VLLM_XLA_CACHE_PATH).
-        decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine)}")
+        decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine.profile)}")
     return [*base, *decided], engine
 
 
@@ -244,5 +242,5 @@ def plan_launch(
     # them): URIs without credentials, as the job would read them anyway (schemas.uris.canonical_uri).
     user_args = [without_credentials(arg) for arg in user_args]
     pipeline_args, engine = profile_pipeline_args(profile, deployment, user_args)
-    settings = job_settings(profile, deployment, workers, job_name, engine.host_feeders)
+    settings = job_settings(profile, deployment, workers, job_name, engine.profile.host_feeders)
     return Launch(settings, tuple(pipeline_args))

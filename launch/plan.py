@@ -20,7 +20,7 @@ import pathlib
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-from configuration.options import parse_key_values
+from configuration.options import GEMMA4_DEFAULT_VISION_TOKENS, parse_key_values
 from engine import profiles as engine_profiles
 from engine.prompts import SYSTEM_PROMPT
 from launch.accelerators import PRICES_AS_OF, TPU
@@ -55,9 +55,6 @@ DEFAULT_PIPELINE_EFFICIENCY = 0.80
 # inference/ironwood/vLLM/Gemma4/gemma4-server.yaml waits 1800 s for the engine to start).
 WARM_STARTUP_MIN = 10.0
 COLD_COMPILE_MIN = 30.0
-# Gemma 4's default image budget, used where a profile leaves it to the checkpoint (huggingface/transformers
-# src/transformers/models/gemma4/image_processing_gemma4.py: Gemma4ImageProcessor.max_soft_tokens).
-DEFAULT_VISION_TOKENS = 280
 # Published measurements of Gemma 4 12B on vllm-tpu (a public sweep on vllm/vllm-tpu:nightly, TP1 on v6e-1 and
 # TP4 on v6e-4, from the Google Developer Experts' write-ups of the 12B on TPU on DEV Community, e.g. "Debugging
 # Deployments with Gemma 12B, TPU v6e-4, MCP and Antigravity CLI"; not reproduced here): requests/s by context
@@ -104,7 +101,8 @@ def engine_shape(profile: LaunchProfile, vision_tokens: Optional[int]) -> Engine
         weight_bytes=1 if args.get("quantization") == "fp8" else 2,
         # kv_cache_dtype "auto" is planned as bf16 (the checkpoint's dtype): the conservative reading.
         kv_bytes=1 if str(args.get("kv_cache_dtype", "auto")).startswith("fp8") else 2,
-        vision_tokens=vision_tokens or engine.vision_tokens or DEFAULT_VISION_TOKENS,
+        # Where the profile leaves it to the checkpoint: Gemma 4's default, as the job resolves it.
+        vision_tokens=vision_tokens or engine.vision_tokens or GEMMA4_DEFAULT_VISION_TOKENS,
     )
 
 

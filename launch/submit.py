@@ -29,7 +29,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from configuration.options import parse_args as parse_pipeline_args
 from launch import flex_launch, run_dataflow, warmup
 from launch.accelerators import TPU
 from launch.deployment import Deployment, add_deployment_args, deployment_from_args
@@ -104,9 +103,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inputs, output, workers = job_inputs(args, deployment, profile, now)
         user_args = [*(f"--input={pattern}" for pattern in inputs), f"--output={output}", f"--model={args.model}", *extra]
         job_name = timestamped_job_name(profile, now, purpose="warmup" if args.warmup else "run")
-        # The job's own options, refused here as the pipeline's command line refuses them: without it a
-        # misspelt `--max_token ocr=512` was launched and silently ran with the default budget.
-        parse_pipeline_args(user_args)
         launch = plan_launch(profile, deployment, workers, job_name, user_args)
     except ValueError as exc:  # UsageError, and the launch profile's refusals (worker shape, budgets)
         print(f"python -m launch.submit: error: {mask_credentials(str(exc))}", file=sys.stderr)

@@ -15,14 +15,16 @@ it from the command line. Two gaps:
   with `'NoneType' object has no attribute 'status_code'`, and per-object
   failures only as status codes.
 
-`install()` (run on import, in every process that imports this module)
-makes Beam build its GCS retry from the job's own pipeline options
-(`--gcs_retry_*`, read from the options each filesystem call is made with,
-so every worker process uses its job's budget), gives the reader's metadata
-read the same policy, and turns a request still failing when the budget is
-spent into one `StorageFailure` naming the operation and the object(s). The
-launcher adds this module to `--beam_plugins`, which Beam's worker harness
-imports at start-up before running any bundle (local multi-process workers
+`install()` makes Beam build its GCS retry from the job's own pipeline
+options (`--gcs_retry_*`, read from the options each filesystem call is made
+with, so every worker process uses its job's budget), gives the reader's
+metadata read the same policy, and turns a request still failing when the
+budget is spent into one `StorageFailure` naming the operation and the
+object(s). Importing this module changes nothing. The launching process
+installs it when it resolves the job's configuration, before its first read
+(configuration/options.py); every worker process by importing `PLUGIN`,
+which the launcher adds to `--beam_plugins`: Beam's worker harness imports
+those at start-up before running any bundle (local multi-process workers
 and Dataflow workers alike).
 
 A `StorageFailure` is not an input's fault: stages re-raise it
@@ -57,7 +59,7 @@ from google.api_core.retry import (
 )
 from google.cloud.storage.retry import _should_retry
 
-PLUGIN = __name__  # for --beam_plugins: workers import it before running any bundle
+PLUGIN = "library.gcs_retry_plugin"  # for --beam_plugins: workers import it before running any bundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +85,26 @@ class RetryBudget:
 
     @staticmethod
     def from_options(options: Union[PipelineOptions, Mapping[str, Any], None]) -> "RetryBudget":
-        from configuration.options import VisionBatchOptions  # here, not at import: configuration.options imports the stages
+        """The job's `--gcs_retry_*` values (declared by `add_retry_arguments`), defaults where not given.
 
+        Read from the options' flags themselves, not through the pipeline's
+        options class: that class sits above this module (configuration/), and
+        a worker may reach GCS before anything has imported it. Beam's
+        `get_all_options(current_only=True, retain_unknown_options=True)`
+        needs no class's declarations: it keeps undeclared flags' values as
+        strings (hence `float`), with values set on any view applied.
+        """
         if options is None:
             return RetryBudget()
         if not isinstance(options, PipelineOptions):
             options = PipelineOptions.from_dictionary(dict(options))
-        opts = options.view_as(VisionBatchOptions)
-        return RetryBudget(opts.gcs_retry_timeout_s, opts.gcs_retry_initial_delay_s, opts.gcs_retry_max_delay_s)
+        given = options.get_all_options(current_only=True, retain_unknown_options=True)
+        default = RetryBudget()
+        return RetryBudget(
+            float(given.get("gcs_retry_timeout_s", default.timeout_s)),
+            float(given.get("gcs_retry_initial_delay_s", default.initial_delay_s)),
+            float(given.get("gcs_retry_max_delay_s", default.max_delay_s)),
+        )
 
     def retry(self, on_error: Optional[Callable[[Exception], None]] = None) -> "BudgetedRetry":
         return BudgetedRetry(
@@ -324,8 +338,26 @@ class _NamingBlobWriter(gcsio.BeamBlobWriter):
             raise failure.naming(self._uri()) from failure
 
 
+def add_retry_arguments(group: Any) -> None:
+    """Declare `--gcs_retry_*` (the pipeline's options class calls it). Defaults: the client library's (`RetryBudget`)."""
+    default = RetryBudget()
+    group.add_argument(
+        "--gcs_retry_timeout_s", type=float, default=default.timeout_s,
+        help="Seconds one GCS request may keep retrying 429/5xx/resets/timeouts before the run fails naming the "
+             "object and operation.",
+    )
+    group.add_argument(
+        "--gcs_retry_initial_delay_s", type=float, default=default.initial_delay_s,
+        help="Bound on the first wait between attempts; the bound doubles per attempt (waits are random below it).",
+    )
+    group.add_argument(
+        "--gcs_retry_max_delay_s", type=float, default=default.max_delay_s,
+        help="Bound on any one wait between attempts.",
+    )
+
+
 def add_worker_plugin(options: PipelineOptions) -> None:
-    """Have every worker process import this module (and so use the job's budget) before any bundle."""
+    """Have every worker process install the job's budget (import `PLUGIN`) before any bundle."""
     setup = options.view_as(SetupOptions)
     setup.beam_plugins = sorted({*(setup.beam_plugins or ()), PLUGIN})
 
@@ -335,6 +367,3 @@ def install() -> None:
     gcsio_retry.get_retry = beam_retry
     gcsio.BeamBlobReader = _BudgetedBlobReader
     gcsio.BeamBlobWriter = _NamingBlobWriter
-
-
-install()

@@ -36,16 +36,15 @@ from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from engine import logs
 
 from pipelines import output_safety
 
-from configuration.options import PROG, JobConfig, UsageError, VisionBatchOptions, parse_args, parse_command_line, validate
+from configuration.options import PROG, JobConfig, JobRequest, UsageError, VisionBatchOptions, parse_command_line, validate
 from engine import local as engine, model_staging
 from engine.checkpoint_shape import CheckpointShape
-from library import storage
+from library import environment, storage
 from library.errors import ERRORS_TAG
 from library.progress import PROGRESS
 from pipelines.models import resolve_model
@@ -123,7 +122,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     )
 
 
-def prepare(options: PipelineOptions) -> tuple[JobConfig, output_safety.Claim]:
+def prepare(request: JobRequest) -> tuple[JobConfig, output_safety.Claim]:
     """Everything between the command line and the graph: output checks, model, settings, warnings, the output's claim.
 
     The checks that need no model come first, so a mistake is reported in
@@ -131,11 +130,11 @@ def prepare(options: PipelineOptions) -> tuple[JobConfig, output_safety.Claim]:
     marker written) only once nothing else can refuse the run.
     """
     global _claim
+    options, opts = request.options, request.opts
     warnings = output_safety.check(options)
-    opts = options.view_as(VisionBatchOptions)
     model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
-    config = JobConfig.from_options(
-        options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
+    config = JobConfig.resolve(
+        request, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
     )
     _claim = output_safety.claim(options, config.run.run_id)
     # This process waits for the run and reports its outcome (exit code) itself; a job nobody
@@ -149,15 +148,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     Raises UsageError for a mistake in the command line or the output location,
     RunFailed when the pipeline itself failed (its partial outputs removed).
     """
-    return run_parsed(parse_args(argv))
+    return run_checked(validate(parse_command_line(argv)))
 
 
-def run_parsed(options: PipelineOptions) -> dict[str, Any]:
-    """`run` for a command line `parse_args` has already checked."""
+def run_checked(request: JobRequest) -> dict[str, Any]:
+    """`run` for a command line `validate` has already checked."""
+    options = request.options
     # Before make_runner: the local runner hands its workers the options as they are when it is built.
     storage.add_worker_plugin(options)
     FileSystems.set_options(options)  # the launcher's own GCS calls: this job's budget, not an earlier pipeline's
-    config, claim = prepare(options)
+    config, claim = prepare(request)
     try:
         if config.model_is_random:
             _LOG.warning(summary.RANDOM_MODEL_WARNING)
@@ -234,7 +234,7 @@ def private_tempdir() -> Iterator[str]:
     when a run is interrupted. Weights staged from gs:// keep their shared
     location: they are meant to outlive the run.
     """
-    os.environ.setdefault("VISION_BATCH_MODEL_DIR", str(model_staging.default_root()))
+    os.environ.setdefault(environment.MODEL_DIR.name, str(model_staging.default_root()))
     previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
     path = tempfile.mkdtemp(prefix="vision-batch-run-")
     tempfile.tempdir = os.environ["TMPDIR"] = path  # TMPDIR: for worker processes the runner starts
@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Before the checks that read (task file, manifests): the client libraries' lines while
         # storage is reached (Beam's credential look-up retries, with tracebacks) go through this log.
         logs.configure(options.view_as(VisionBatchOptions).log_level, local=is_local(options))
-        validate(options)
+        request = validate(options)
     except UsageError as exc:
         print(f"{PROG}: error: {mask_credentials(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The run goes on a thread; this (main) thread only waits, so a signal never lands inside
     # Beam's or vLLM's code, and the handler can stop the engine and clean up deterministically.
     with private_tempdir() as tempdir, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="run") as pool:
-        future = pool.submit(run_parsed, options)
+        future = pool.submit(run_checked, request)
         try:
             while True:
                 try:

@@ -210,6 +210,7 @@ def test_budget_reaches_separate_worker_processes(gcs, faulty, inputs, capsys):
 
 
 def test_beams_gcs_client_is_built_with_the_jobs_budget(gcs):
+    storage.install()  # as a launch does when it validates its options, and every worker through PLUGIN
     client = GcsIO(pipeline_options=PipelineOptions(["--gcs_retry_timeout_s", "7", "--gcs_retry_max_delay_s", "3"]))
     retry = client._storage_client_retry
     assert isinstance(retry, BudgetedRetry) and (retry._timeout, retry._maximum, retry._initial) == (7.0, 3.0, 1.0)

@@ -63,6 +63,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from library import environment
+
 log = logging.getLogger(__name__)
 
 # Bump whenever the bytes a build writes change: it names the cache entry, so
@@ -605,7 +607,7 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     """The cache root: the argument, else ``$VISION_BATCH_CACHE``, else ``~/.cache/vision-batch``."""
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("VISION_BATCH_CACHE") or Path.home() / ".cache" / "vision-batch")
+    return Path(environment.read(environment.CACHE) or Path.home() / ".cache" / "vision-batch")
 
 
 def _missing_files(checkpoint: Path) -> list[str]:
