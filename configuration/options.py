@@ -50,6 +50,7 @@ from tasks.task import OutputKind, Task, with_overrides
 from tasks.task_file import load_task_file
 from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
+from transforms.summary import SummaryConfig
 
 PROG = "vision_batch"
 _DEFAULT_LIMITS = DecodeLimits()
@@ -779,7 +780,14 @@ class JobConfig:
         checked, local paths not (the job's inputs are read where it runs). Raises UsageError for any mistake."""
         return JobConfig.resolve(validate(options, local_paths=False), model_path, model_id, model_is_random, checkpoint)
 
-    def summary_fields(self) -> Mapping[str, Any]:
+    def summary_config(self) -> SummaryConfig:
+        return SummaryConfig(
+            run=self.run, output=self.output, tasks_per_item=len(self.tasks), max_error_fraction=self.max_error_fraction,
+            warnings=self.warnings, model_is_random=self.model_is_random, fail_job_on_failure=self.fail_job_on_failure,
+            fields=self._summary_fields(),
+        )
+
+    def _summary_fields(self) -> Mapping[str, Any]:
         return {
             "inputs": list(self.inputs),
             "manifests": list(self.manifests),

@@ -115,7 +115,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         error_rows | "TallyErrors" >> beam.Map(summary.tally_error),
     ) | "AllTallies" >> beam.Flatten()
     (tallies, results_written, errors_written) | "RunSummary" >> summary.WriteRunSummary(
-        config,
+        config.summary_config(),
         datetime.datetime.now(datetime.timezone.utc),
         pipeline.options.get_all_options(drop_default=True),
         config.engine.model_path,

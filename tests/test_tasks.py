@@ -336,7 +336,7 @@ def test_options_override_file_and_built_in_tasks(tmp_path):
     # Budgets differ, so every task carries one: the job's (the checkpoint's default, unknown here: Gemma 4's 280).
     assert (tasks["ocr"].vision_tokens, tasks["answer"].vision_tokens, job.engine.vision_tokens) == (1120, 280, 280)
     assert job.engine.engine_args["mm_processor_kwargs"]["max_soft_tokens"] == 1120  # planned for the largest
-    assert job.summary_fields()["task_definitions"]["invoice"]["schema"] == INVOICE_SCHEMA
+    assert job.summary_config().fields["task_definitions"]["invoice"]["schema"] == INVOICE_SCHEMA
 
 
 def test_without_per_task_budgets_requests_keep_the_models_default(tmp_path):

@@ -10,6 +10,7 @@ inputs) is about real rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -20,8 +21,7 @@ from typing import Any, Iterable, Mapping, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from configuration.options import JobConfig
-from schemas.records import DecodeUnit, ImageItem, SkippedItem, SourceFile, Stage
+from schemas.records import DecodeUnit, ImageItem, RunInfo, SkippedItem, SourceFile, Stage
 from schemas.uris import mask_credentials
 from transforms.sinks import SUMMARY_FILE, WrittenFile
 
@@ -196,12 +196,26 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@dataclasses.dataclass(frozen=True)
+class SummaryConfig:
+    """What the summary step needs of the job (`configuration.options.JobConfig.summary_config`)."""
+
+    run: RunInfo
+    output: str
+    tasks_per_item: int
+    max_error_fraction: float
+    warnings: tuple[str, ...]  # found at launch; the random-model warning is added here
+    model_is_random: bool
+    fail_job_on_failure: bool
+    fields: Mapping[str, Any]  # the job's settings, the summary's "config" section
+
+
 def _prefixed(tally: Mapping[str, float], prefix: str) -> dict[str, int]:
     return {key[len(prefix):]: int(value) for key, value in sorted(tally.items()) if key.startswith(prefix)}
 
 
 def build_summary(
-    config: JobConfig,
+    config: SummaryConfig,
     tally: Mapping[str, float],
     results_files: list[dict[str, Any]],
     errors_files: list[dict[str, Any]],
@@ -211,7 +225,7 @@ def build_summary(
     model_path: str,
 ) -> dict[str, Any]:
     count = lambda key: int(tally.get(key, 0))  # noqa: E731
-    tasks_per_item = len(config.tasks)
+    tasks_per_item = config.tasks_per_item
     errors_by_stage = _prefixed(tally, "error_stage_")
     result_rows = sum(f["rows"] for f in results_files)
     error_rows = sum(f["rows"] for f in errors_files)
@@ -285,7 +299,7 @@ def build_summary(
             "max": tally["latency_ms_max"],
         } if tally.get("result_rows") else None,
         "outputs": {"results": results_files, "errors": errors_files},
-        "config": dict(config.summary_fields()),
+        "config": dict(config.fields),
         "versions": package_versions(),
         "options": redact(options),
     }
@@ -311,7 +325,7 @@ def read_summary(output: str) -> Optional[dict[str, Any]]:
 class WriteRunSummary(beam.PTransform):
     """Tallies from every stage -> OUT/run_summary.json, once both tables are finalised."""
 
-    def __init__(self, config: JobConfig, launched_at: datetime.datetime, options: Mapping[str, Any], model_path: str):
+    def __init__(self, config: SummaryConfig, launched_at: datetime.datetime, options: Mapping[str, Any], model_path: str):
         super().__init__()
         self._config = config
         self._launched_at = launched_at
