@@ -39,7 +39,7 @@ from library.storage import RetryBudget
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
-from tasks.task import OutputKind, Task, with_overrides
+from tasks.task import Task, with_overrides
 from tasks.task_file import load_task_file
 from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
@@ -716,7 +716,7 @@ class JobConfig:
             "task_vision_tokens": {t.name: t.vision_tokens for t in self.tasks},
             # What each task asks: the report shows its output kind, instruction template and schema.
             "task_definitions": {
-                t.name: {"output": t.output.value, "instruction": t.instruction, **({"schema": t.schema} if t.output is OutputKind.JSON else {})}
+                t.name: {"output": t.output.name, "instruction": t.instruction, **({"schema": t.schema} if t.schema is not None else {})}
                 for t in self.tasks
             },
             "engine_args": dict(self.engine.engine_args),
