@@ -39,6 +39,7 @@ from library.storage import RetryBudget
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
+from tasks.kinds import KINDS
 from tasks.task import Task, with_overrides
 from tasks.task_file import load_task_file
 from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
@@ -183,7 +184,7 @@ class VisionBatchOptions(PipelineOptions):
         model.add_argument(
             "--task_file", default=None,
             help="YAML or JSON file of your own tasks (local or gs://): name, instruction with {placeholders} "
-                 "filled from each item's metadata, output text|boxes|json (json with a JSON Schema), "
+                 f"filled from each item's metadata, output {'|'.join(KINDS)} (json with a JSON Schema), "
                  "max_tokens, sampling, vision_tokens. See README 'Your own tasks'.",
         )
         model.add_argument(
@@ -228,7 +229,8 @@ class VisionBatchOptions(PipelineOptions):
         )
         engine.add_argument(
             "--structured_output", default="profile", choices=["profile", "on", "off"],
-            help="Constrain boxes and json answers to their schema: the profile's choice (TPU: off), or force it.",
+            help="Constrain structured answers (boxes, json, layout) to their schema: the profile's choice (TPU: off), "
+                 "or force it.",
         )
         engine.add_argument(
             "--xla_cache_path", default=None,

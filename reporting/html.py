@@ -347,7 +347,7 @@ def _picture(item: SampledItem, source: Optional[SourceImage], side: int) -> str
         return (f'<div class="noimage"><strong>Source not available</strong>'
                 f'<span class="reason">{_e(reason)}</span></div>')
     # The first answer with boxes (detections, layout blocks) is drawn.
-    detections = next((regions for r in item.results if (regions := kind_of(r).regions(r))), [])
+    detections = next((regions for regions in (kind_of(r).regions(r) for r in item.results) if regions), [])
     small = thumbnail(source.image, side)
     if detections:
         small = draw_detections(small, detections)

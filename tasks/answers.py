@@ -1,7 +1,7 @@
 """Answer parsing: an engine's raw text -> the parsed answer of its task, or an AnswerError.
 
-The parsing functions are pure and defensive; each task's `parse`
-(`tasks.task`) picks the one its output kind needs. The engine keeps special tokens in its text
+The parsing functions are pure and defensive; each output kind
+(`tasks.kinds`) picks the ones it needs. The engine keeps special tokens in its text
 (`skip_special_tokens=False`), so a thought the model emits
 (`<|channel>thought\n...<channel|>`, even with thinking off) is split off with
 vLLM's own Gemma 4 utility and lands in the `thought` column, never in `text`.

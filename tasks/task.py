@@ -96,11 +96,6 @@ class Task:
         """The metadata keys the task's instruction names (its retry rungs name no others)."""
         return Template(self.instruction).placeholders
 
-    @property
-    def validated(self) -> bool:
-        """Answers can fail `parse` (and so climb the retry ladder)."""
-        return self.output.validated
-
     def request(self, values: ItemValues, attempt: int = 0) -> EngineRequest:
         """The engine request of `attempt` (0: the first; n: rung n of the ladder) for an item's `values`.
 

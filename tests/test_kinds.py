@@ -13,7 +13,6 @@ from schemas.tables import RESULTS_SCHEMA, result_row
 from tasks.answers import CutOffAnswer, DetectionParseError
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
 from tasks.kinds import BOXES, KINDS, LAYOUT, kind_of
-from tasks.kinds.base import OutputKind
 from tasks.kinds.layout import CATEGORIES, LayoutParseError, markdown, parse_blocks
 from tasks.task import Task
 from tasks.task_file import parse_task_file
@@ -36,11 +35,6 @@ KIND_COLUMNS = {kind.column for kind in KINDS.values() if kind.column}
 def completion(task: str, text: str, finish: str = "stop", attempts: int = 1) -> TaskCompletion:
     return TaskCompletion(INFO, task, text, finish, prompt_tokens=10, generated_tokens=5, cached_tokens=0,
                           latency_s=0.1, attempts=attempts)
-
-
-def task_of(kind: OutputKind) -> Task:
-    return Task(f"t_{kind.name}", "Look.", kind, schema=SCHEMA if kind.needs_schema else None,
-                retries=kind.retries("Look.", SCHEMA if kind.needs_schema else None))
 
 
 # ---------------------------------------------------------------- the registry is complete
@@ -74,8 +68,8 @@ def test_task_files_take_every_kind_with_its_defaults(name):
     kind = KINDS[name]
     schema = "\n    schema: {type: object}" if kind.needs_schema else ""
     [task] = parse_task_file(f"tasks:\n  - name: mine\n    instruction: Look.\n    output: {name}{schema}\n", "t.yaml")
-    assert (task.output, task.max_tokens, task.retries, task.validated) == (
-        kind, kind.max_tokens, kind.retries("Look.", task.schema), kind.validated)
+    assert (task.output, task.max_tokens, task.retries) == (
+        kind, kind.max_tokens, kind.retries("Look.", task.schema))
     assert task.request(values=None).constraint == kind.constraint(task.schema)  # type: ignore[arg-type]
 
 

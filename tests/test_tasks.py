@@ -94,7 +94,7 @@ def test_validated_kinds_climb_a_ladder_that_restates_the_format():
     assert JSON_FORMAT in strict.instruction and json.loads(strict.instruction.split("\n")[-1]) == INVOICE_SCHEMA
     detect = BUILTIN_TASKS["detect"]
     assert len(detect.retries) == 2 and '"box_2d"' in detect.request(ItemValues(None), 2).instruction
-    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].validated
+    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].output.validated
 
 
 def test_a_retry_instruction_may_not_ask_for_values_the_task_does_not():
