@@ -229,8 +229,8 @@ class VisionBatchOptions(PipelineOptions):
         )
         engine.add_argument(
             "--structured_output", default="profile", choices=["profile", "on", "off"],
-            help="Constrain structured answers (boxes, json, layout) to their schema: the profile's choice (TPU: off), "
-                 "or force it.",
+            help="Constrain answers of every output kind but text to their JSON Schema: the profile's choice "
+                 "(TPU: off), or force it.",
         )
         engine.add_argument(
             "--xla_cache_path", default=None,
