@@ -1,9 +1,11 @@
 """Output kinds: every registered kind handles every hook, task files take every kind, and the layout kind's parsing."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import json
+import pathlib
 
 import pyarrow as pa
 import pytest
@@ -61,6 +63,30 @@ def test_every_registered_kind_implements_every_hook(name):
     regions, document = kind.regions(row), kind.document(row)
     assert regions is None or all({"label", "box", "box_px"} <= set(region) for region in regions)
     assert document is None or json.dumps(document)
+
+
+def _kind_tests(path: pathlib.Path) -> list[str]:
+    """Comparisons that ask which kind a task has: `output is BOXES`, `kind.name == "json"`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        members = {name.upper() for name in KINDS}  # TEXT, BOXES, ... as instances or as enum members
+        instance = any((isinstance(o, ast.Name) and o.id in members) or (isinstance(o, ast.Attribute) and o.attr in members)
+                       for o in operands)
+        named = any(isinstance(o, ast.Constant) and o.value in KINDS for o in operands) and any(
+            isinstance(o, ast.Attribute) and o.attr in ("name", "output") for o in operands)
+        if instance or named:
+            found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def test_nothing_outside_the_kind_modules_asks_which_kind_it_has():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    sources = [path for path in root.glob("*/**/*.py")
+               if path.relative_to(root).parts[0] not in ("tests", ".venv") and "kinds" not in path.parts]
+    assert sources and [found for path in sources for found in _kind_tests(path)] == []
 
 
 @pytest.mark.parametrize("name", list(KINDS))
