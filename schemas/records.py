@@ -147,7 +147,7 @@ class TaskCompletion:
     cached_tokens: int
     latency_s: float  # from submission to the engine until the request finished
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
-    thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
+    thought: Optional[str] = None  # the model's thought channel, split off the answer when it is read (Task.read)
     instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
     task_fingerprint: Optional[str] = None  # the task definition + the item's values (tasks.task)
     # The answer read once (`tasks.task.Task.read`, where the engine stage decides on a retry): its typed
