@@ -46,7 +46,8 @@ from library.shards import ShardSettings
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
-from tasks.task import OutputKind, Task, with_overrides
+from tasks.kinds import KINDS
+from tasks.task import Task, with_overrides
 from tasks.task_file import load_task_file
 from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
@@ -190,7 +191,7 @@ class VisionBatchOptions(PipelineOptions):
         model.add_argument(
             "--task_file", default=None,
             help="YAML or JSON file of your own tasks (local or gs://): name, instruction with {placeholders} "
-                 "filled from each item's metadata, output text|boxes|json (json with a JSON Schema), "
+                 f"filled from each item's metadata, output {'|'.join(KINDS)} (json with a JSON Schema), "
                  "max_tokens, sampling, vision_tokens. See README 'Your own tasks'.",
         )
         model.add_argument(
@@ -235,7 +236,8 @@ class VisionBatchOptions(PipelineOptions):
         )
         engine.add_argument(
             "--structured_output", default="profile", choices=["profile", "on", "off"],
-            help="Constrain boxes and json answers to their schema: the profile's choice (TPU: off), or force it.",
+            help="Constrain answers of every output kind but text to their JSON Schema: the profile's choice "
+                 "(TPU: off), or force it.",
         )
         engine.add_argument(
             "--xla_cache_path", default=None,
@@ -799,7 +801,7 @@ class JobConfig:
             "task_vision_tokens": {t.name: t.vision_tokens for t in self.tasks},
             # What each task asks: the report shows its output kind, instruction template and schema.
             "task_definitions": {
-                t.name: {"output": t.output.value, "instruction": t.instruction, **({"schema": t.schema} if t.output is OutputKind.JSON else {})}
+                t.name: {"output": t.output.name, "instruction": t.instruction, **({"schema": t.schema} if t.schema is not None else {})}
                 for t in self.tasks
             },
             "engine_args": dict(self.engine.engine_args),

@@ -27,6 +27,7 @@ from evaluation.metrics import (
 )
 from evaluation.runs import RunResults, claim_key
 from schemas.references import BOX_KEYS, ReferenceItem
+from tasks.kinds import kind_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,8 @@ def answer_score(expected: Any, row: Optional[Mapping[str, Any]]) -> float:
         return 0.0
     if isinstance(expected, str):
         return float(_same(expected, _text(row)))
-    document = json.loads(row["data"]) if row.get("data") else _ABSENT
+    document = kind_of(row).document(row)  # None: the kind answers with no document (text, boxes)
+    document = _ABSENT if document is None else document
     leaves = list(_leaves(expected))
     return sum(_same(value, _at(document, path)) for path, value in leaves) / len(leaves)
 
@@ -179,7 +181,7 @@ def _score_answers(run: RunResults, references: Mapping[str, ReferenceItem]) -> 
                 task=task,
                 question=(row or {}).get("instruction") or "",
                 expected=expected if isinstance(expected, str) else json.dumps(expected, ensure_ascii=False),
-                answer=((row.get("data") or _text(row)) if row else ""),
+                answer=kind_of(row).answer_text(row) if row else "",
                 score=answer_score(expected, row),
                 missing=row is None,
             ))
@@ -187,10 +189,10 @@ def _score_answers(run: RunResults, references: Mapping[str, ReferenceItem]) -> 
 
 
 def _predicted_boxes(row: Optional[Mapping[str, Any]]) -> tuple[LabeledBox, ...]:
-    detections = (row or {}).get("detections") or ()
+    regions = (kind_of(row).regions(row) or ()) if row else ()
     return tuple(
         LabeledBox(label=d["label"] or "", box=tuple(d["box"][k] for k in BOX_KEYS))  # type: ignore[arg-type]
-        for d in detections
+        for d in regions
     )
 
 

@@ -16,10 +16,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from reporting.images import SourceImage, data_uri, draw_detections, label_colours, thumbnail
 from reporting.run import ErrorGroup, RunData, SampledItem, TaskStats
 from reporting.text import safe
+from tasks.kinds import kind_of
 from tasks.task import Template
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-TASK_TITLES = {"ocr": "OCR text", "caption": "Caption", "detect": "Detections", "markdown": "Markdown"}
+TASK_TITLES = {"ocr": "OCR text", "caption": "Caption", "detect": "Detections", "markdown": "Markdown", "layout": "Layout"}
 MESSAGE_CHARS = 400  # error messages in the breakdown; the item cards show them whole
 CONFIG_KEYS = ("inputs", "manifests", "incremental_from", "output", "tasks", "task_definitions", "max_tokens",
                "vision_tokens", "task_vision_tokens", "max_in_flight", "decode_limits", "shards", "engine_args")
@@ -322,14 +323,14 @@ def _panel(
         return f'<section class="panel{lead}"><h4>{title}</h4><p class="empty">no result</p></section>'
     flags = ' <span class="pill warn">truncated</span>' if row.get("truncated") else ""
     text = row.get("text") or ""
-    if row.get("detections") is not None:
-        detections = row.get("detections") or []
-        body = _detections_list(detections)
-        body += f'<details><summary>model output</summary><pre>{_e(text)}</pre></details>'
-        title += f" ({len(detections)})"
-    elif row.get("data") is not None:  # a json task: the validated document, laid out to be read
-        document = json.dumps(json.loads(row["data"]), indent=2, ensure_ascii=False)
-        body = f'<pre class="text json">{_e(document)}</pre>'
+    kind = kind_of(row)
+    regions, document = kind.regions(row), kind.document(row)
+    if regions is not None:  # boxes (detections, layout blocks): listed as drawn on the image
+        body = _detections_list(regions)
+        body += f'<details><summary>text</summary><pre>{_e(text)}</pre></details>'
+        title += f" ({len(regions)})"
+    elif document is not None:  # a JSON document: laid out to be read
+        body = f'<pre class="text json">{_e(json.dumps(document, indent=2, ensure_ascii=False))}</pre>'
         body += f'<details><summary>model output</summary><pre>{_e(text)}</pre></details>'
         title += " (JSON)"
     else:
@@ -345,8 +346,8 @@ def _picture(item: SampledItem, source: Optional[SourceImage], side: int) -> str
         reason = source.reason if source is not None else "not loaded"
         return (f'<div class="noimage"><strong>Source not available</strong>'
                 f'<span class="reason">{_e(reason)}</span></div>')
-    detect = next((r for r in item.results if r.get("detections") is not None), None)
-    detections = (detect or {}).get("detections") or []
+    # The first answer with boxes (detections, layout blocks) is drawn.
+    detections = next((regions for regions in (kind_of(r).regions(r) for r in item.results) if regions), [])
     small = thumbnail(source.image, side)
     if detections:
         small = draw_detections(small, detections)
@@ -405,7 +406,7 @@ def _item_card(
     decoded = bool(item.results) or any(e.get("task") for e in item.errors)
     # Text tasks (OCR first) get the wide first column, the others stack beside it.
     first = by_task.get(item_tasks[0]) if item_tasks else None
-    split = len(item_tasks) > 1 and (first or {}).get("detections") is None
+    split = len(item_tasks) > 1 and (first is None or kind_of(first).regions(first) is None)
     panels = "".join(
         _panel(task, by_task.get(task), [e for e in item.errors if e.get("task") == task],
                len(item_tasks) - 1 if split and index == 0 else 0, definitions.get(task))

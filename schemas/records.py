@@ -147,18 +147,23 @@ class TaskCompletion:
     cached_tokens: int
     latency_s: float  # from submission to the engine until the request finished
     attempts: int = 1  # requests made for this task (1 + retry rungs used)
-    thought: Optional[str] = None  # the model's thought channel, split off the answer by the parse stage
+    thought: Optional[str] = None  # the model's thought channel, split off the answer when it is read (Task.read)
     instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
     task_fingerprint: Optional[str] = None  # the task definition + the item's values (tasks.task)
+    # The answer read once (`tasks.task.Task.read`, where the engine stage decides on a retry): its typed
+    # columns, or the AnswerError its task's validation raised. Both None: not read yet.
+    parsed: Optional["ParsedAnswer"] = None
+    parse_error: Optional[Exception] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedAnswer:
     """An answer as typed output columns (a task's `parse`)."""
 
-    text: str  # the answer, a wrapping code fence removed
+    text: str  # the answer, a wrapping code fence removed (layout: the blocks' Markdown)
     detections: Optional[tuple["Detection", ...]] = None  # boxes tasks
     data: Optional[str] = None  # json tasks: the validated document, as compact JSON text
+    blocks: Optional[tuple["Block", ...]] = None  # layout tasks
 
 
 class Stage(enum.Enum):
@@ -213,6 +218,18 @@ class Detection:
     box_1000: tuple[int, int, int, int]  # ymin, xmin, ymax, xmax as the model emits, 0-1000
     box_norm: tuple[float, float, float, float]  # ymin, xmin, ymax, xmax in 0-1
     box_px: tuple[int, int, int, int]  # ymin, xmin, ymax, xmax in source-image pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block of a page's layout; its box in the frames of `Detection`, None when the box has no area."""
+
+    index: int  # reading order, from 0
+    category: str  # text, title, list, table, figure, formula, caption, header, footer, footnote
+    text: str  # the block's text (tables as Markdown or HTML)
+    box_1000: Optional[tuple[int, int, int, int]]
+    box_norm: Optional[tuple[float, float, float, float]]
+    box_px: Optional[tuple[int, int, int, int]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Designed for the people who query them (pyarrow, DuckDB, BigQuery external
 tables): flat scalar columns for filtering and joining, one nested list of
-boxes, JSON documents as JSON text (`data`, `metadata`: DuckDB's and
+boxes (and one of layout blocks), JSON documents as JSON text (`data`, `metadata`: DuckDB's and
 BigQuery's JSON functions read them), explicit types (no "object" columns),
 UTC timestamps. README.md
 documents every column; `tests/test_tables.py` round-trips both schemas.
@@ -14,21 +14,21 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from schemas.records import Detection, ErrorRecord, ItemRef, ParsedAnswer, RunInfo, TaskCompletion
+from schemas.records import Block, Detection, ErrorRecord, ItemRef, ParsedAnswer, RunInfo, TaskCompletion
 
 
 def _box(value_type: pa.DataType) -> pa.StructType:
     return pa.struct([("ymin", value_type), ("xmin", value_type), ("ymax", value_type), ("xmax", value_type)])
 
 
-DETECTION_TYPE = pa.struct(
-    [
-        ("label", pa.string()),
-        ("box_1000", _box(pa.int32())),  # as the model emits it, 0-1000, after clipping and corner repair
-        ("box", _box(pa.float32())),  # 0-1 fractions of width/height
-        ("box_px", _box(pa.int32())),  # pixels of the source image (after EXIF orientation)
-    ]
-)
+_FRAMES = [
+    ("box_1000", _box(pa.int32())),  # as the model emits it, 0-1000, after clipping and corner repair
+    ("box", _box(pa.float32())),  # 0-1 fractions of width/height
+    ("box_px", _box(pa.int32())),  # pixels of the source image (after EXIF orientation)
+]
+DETECTION_TYPE = pa.struct([("label", pa.string())] + _FRAMES)
+# A layout block: reading-order index, category, text, and its box in the frames of a detection (null: no area).
+BLOCK_TYPE = pa.struct([("index", pa.int32()), ("category", pa.string()), ("text", pa.string())] + _FRAMES)
 
 _ITEM_FIELDS = [
     pa.field("item_id", pa.string(), nullable=False),
@@ -56,6 +56,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("thought", pa.string()),  # the model's thought channel (thinking mode); never part of text
         pa.field("detections", pa.list_(DETECTION_TYPE)),  # boxes tasks
         pa.field("data", pa.string()),  # json tasks: the document, valid against the task's schema, as JSON text
+        pa.field("blocks", pa.list_(BLOCK_TYPE)),  # layout tasks: the page's blocks in reading order
         pa.field("finish_reason", pa.string()),
         pa.field("truncated", pa.bool_()),
         pa.field("prompt_tokens", pa.int32()),
@@ -109,11 +110,19 @@ def _run_columns(run: RunInfo) -> dict[str, Any]:
     }
 
 
-def _detection_row(d: Detection) -> dict[str, Any]:
-    def as_box(values: Sequence[Any]) -> dict[str, Any]:
-        return dict(zip(("ymin", "xmin", "ymax", "xmax"), values))
+def _frames(box_1000: Optional[Sequence[Any]], box_norm: Optional[Sequence[Any]], box_px: Optional[Sequence[Any]]) -> dict[str, Any]:
+    def as_box(values: Optional[Sequence[Any]]) -> Optional[dict[str, Any]]:
+        return None if values is None else dict(zip(("ymin", "xmin", "ymax", "xmax"), values))
 
-    return {"label": d.label, "box_1000": as_box(d.box_1000), "box": as_box(d.box_norm), "box_px": as_box(d.box_px)}
+    return {"box_1000": as_box(box_1000), "box": as_box(box_norm), "box_px": as_box(box_px)}
+
+
+def _detection_row(d: Detection) -> dict[str, Any]:
+    return {"label": d.label, **_frames(d.box_1000, d.box_norm, d.box_px)}
+
+
+def _block_row(b: Block) -> dict[str, Any]:
+    return {"index": b.index, "category": b.category, "text": b.text, **_frames(b.box_1000, b.box_norm, b.box_px)}
 
 
 def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -> dict[str, Any]:
@@ -128,6 +137,7 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         thought=completion.thought,
         detections=None if parsed.detections is None else [_detection_row(d) for d in parsed.detections],
         data=parsed.data,
+        blocks=None if parsed.blocks is None else [_block_row(b) for b in parsed.blocks],
         finish_reason=completion.finish_reason,
         truncated=completion.finish_reason == "length",
         prompt_tokens=completion.prompt_tokens,

@@ -1,7 +1,7 @@
 """Answer parsing: an engine's raw text -> the parsed answer of its task, or an AnswerError.
 
-The parsing functions are pure and defensive; each task's `parse`
-(`tasks.task`) picks the one its output kind needs. The engine keeps special tokens in its text
+The parsing functions are pure and defensive; each output kind
+(`tasks.kinds`) picks the ones it needs. The engine keeps special tokens in its text
 (`skip_special_tokens=False`), so a thought the model emits
 (`<|channel>thought\n...<channel|>`, even with thinking off) is split off with
 vLLM's own Gemma 4 utility and lands in the `thought` column, never in `text`.
@@ -195,27 +195,38 @@ def _is_box_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(entry, dict) for entry in value)
 
 
-def _top_level_entries(payload: Any) -> list[Any]:
+def listed_entries(payload: Any, error: type[AnswerError], noun: str) -> list[Any]:
+    """The entries of a JSON list answer: the list, the one list an object wraps (`{"objects": [...]}`), or a lone entry."""
     if isinstance(payload, list):
         return payload
     if isinstance(payload, dict):
         if "box_2d" in payload:
-            return [payload]  # a single box without the surrounding list
+            return [payload]  # a single entry without the surrounding list
         lists = [value for value in payload.values() if isinstance(value, list)]
         if len(lists) == 1:
             return lists[0]  # e.g. {"objects": [...]}
-    raise DetectionParseError(f"expected a JSON list of boxes, got {type(payload).__name__}")
+    raise error(f"expected a JSON list of {noun}, got {type(payload).__name__}")
 
 
-def _coordinate(value: Any, entry_index: int) -> float:
+def box_coordinates(entry: Any, index: int, error: type[AnswerError]) -> list[float]:
+    """An entry's `box_2d` as 4 finite numbers (any order, any range: `to_detection` repairs both), or `error`."""
+    if not isinstance(entry, dict):
+        raise error(f"entry {index}: expected an object, got {type(entry).__name__}")
+    box = entry.get("box_2d")
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise error(f"entry {index}: box_2d must be a list of 4 numbers, got {box!r}")
+    return [_coordinate(value, index, error) for value in box]
+
+
+def _coordinate(value: Any, entry_index: int, error: type[AnswerError]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise DetectionParseError(f"entry {entry_index}: coordinate {value!r} is not a number")
+        raise error(f"entry {entry_index}: coordinate {value!r} is not a number")
     try:
         number = float(value)
     except ValueError:
-        raise DetectionParseError(f"entry {entry_index}: coordinate {value!r} is not a number") from None
+        raise error(f"entry {entry_index}: coordinate {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise DetectionParseError(f"entry {entry_index}: coordinate {value!r} is not finite")
+        raise error(f"entry {entry_index}: coordinate {value!r} is not finite")
     return number
 
 
@@ -241,8 +252,8 @@ def to_detection(label: str, box: Sequence[float], width: int, height: int) -> O
     return Detection(label=label, box_1000=box_1000, box_norm=box_norm, box_px=box_px)  # type: ignore[arg-type]
 
 
-def _box_payload(answer: str, truncated: bool) -> Any:
-    """The answer's JSON: all of it, else a list of boxes wherever it stands, else (`truncated`) a cut-off list's complete boxes."""
+def listed_payload(answer: str, truncated: bool, error: type[AnswerError], noun: str) -> Any:
+    """The answer's JSON: all of it, else a list of boxed entries wherever it stands, else (`truncated`) a cut-off list's complete entries."""
     try:
         return json.loads(strip_code_fence(answer), strict=False)  # the answer is JSON and nothing else
     except (json.JSONDecodeError, RecursionError):
@@ -254,8 +265,8 @@ def _box_payload(answer: str, truncated: bool) -> Any:
         if truncated and opening:
             return salvage_json_list(answer, opening.start())
         if truncated:
-            raise DetectionParseError("truncated output holds no JSON list of boxes") from None
-        raise DetectionParseError("no JSON list of boxes in the answer") from None
+            raise error(f"truncated output holds no JSON list of {noun}") from None
+        raise error(f"no JSON list of {noun} in the answer") from None
 
 
 def parse_detections(answer: str, width: int, height: int, truncated: bool = False) -> list[Detection]:
@@ -267,16 +278,13 @@ def parse_detections(answer: str, width: int, height: int, truncated: bool = Fal
     and raises DetectionParseError for anything else. Zero-area boxes are dropped.
     """
     detections = []
-    for index, entry in enumerate(_top_level_entries(_box_payload(answer, truncated))):
-        if not isinstance(entry, dict):
-            raise DetectionParseError(f"entry {index}: expected an object, got {type(entry).__name__}")
-        box = entry.get("box_2d")
-        if not isinstance(box, (list, tuple)) or len(box) != 4:
-            raise DetectionParseError(f"entry {index}: box_2d must be a list of 4 numbers, got {box!r}")
+    payload = listed_payload(answer, truncated, DetectionParseError, "boxes")
+    for index, entry in enumerate(listed_entries(payload, DetectionParseError, "boxes")):
+        box = box_coordinates(entry, index, DetectionParseError)
         label = entry.get("label", "")
         if not isinstance(label, str):
             raise DetectionParseError(f"entry {index}: label must be a string, got {label!r}")
-        detection = to_detection(label.strip(), [_coordinate(v, index) for v in box], width, height)
+        detection = to_detection(label.strip(), box, width, height)
         if detection is not None:
             detections.append(detection)
     return detections

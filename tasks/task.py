@@ -9,49 +9,33 @@ typed output columns or raises a typed `AnswerError`. The built-in tasks
 (`tasks.task_file`) are ordinary definitions against it; nothing else
 in the pipeline knows one task from another.
 
-Output kinds, and what `parse` fills in besides `text`:
-
-- `text`: nothing; the answer is the text.
-- `boxes`: `detections`, from a Gemma-style box list.
-- `json`: `data`, a JSON document valid against the task's JSON Schema.
-
-`boxes` and `json` answers can fail validation: they climb the task's retry
-ladder (`retries`) before the last answer becomes a `parse` error row.
+A task's output kind (`tasks.kinds`: `text`, `boxes`, `json`, `layout`)
+decides what constrains its decoding, how its answer is parsed and which
+column it fills besides `text`. Answers of validated kinds can fail
+validation: they climb the task's retry ladder (`retries`) before the last
+answer becomes a `parse` error row.
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import re
 import string
 from typing import Any, Mapping, Optional, Sequence
 
-from engine.api import Constraint, EngineRequest, EngineSettings
+from engine.api import EngineRequest, EngineSettings
 from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
 from library.metadata import ItemValues
-from schemas.records import ParsedAnswer
-from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, parse_detections, parse_json_document, strip_code_fence
+from schemas.records import ParsedAnswer, TaskCompletion
+from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, split_answer
+from tasks.kinds import TEXT, OutputKind
+from tasks.kinds.base import RetryRung
 
 # Task names end up in columns, metric names (`retries_<task>`) and command lines.
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # `{key}` or `{a.b.c}`: keys of the item's metadata (library.metadata), dotted to walk into objects.
 PLACEHOLDER = re.compile(r"^[\w-]+(\.[\w-]+)*$")
-
-BOX_FORMAT = (
-    'Reply with ONLY a JSON array and nothing else: [{"box_2d": [ymin, xmin, ymax, xmax], "label": "name"}], '
-    "integers 0-1000, ymin < ymax, xmin < xmax. Reply [] if there is nothing."
-)
-JSON_FORMAT = "Reply with ONLY a JSON document that matches this JSON Schema, and nothing else:"
-# Greedy decoding repeats the same malformed answer; sampling escapes it.
-SAMPLED_RETRY_TEMPERATURE = 0.7
-
-
-class OutputKind(enum.Enum):
-    TEXT = "text"
-    BOXES = "boxes"
-    JSON = "json"
 
 
 class Template:
@@ -80,37 +64,24 @@ class Template:
         return "".join(literal + (values.get(name) if name is not None else "") for literal, name in self._parts)
 
 
-def escape_braces(text: str) -> str:
-    """`text` as a template's literal part."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryRung:
-    """One step of a task's retry ladder: how the re-asked request differs."""
-
-    temperature: float
-    instruction: Optional[str] = None  # a template replacing the task's instruction when set
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One thing asked of every item (see the module docstring)."""
 
     name: str
     instruction: str  # template: {placeholders} are filled from the item's metadata
-    output: OutputKind = OutputKind.TEXT
+    output: OutputKind = TEXT
     max_tokens: int = 512  # the answer's output limit (thinking mode adds its own budget)
     sampling: Sampling = Sampling()
-    schema: Optional[Mapping[str, Any]] = None  # json: the answer's JSON Schema; boxes: the box list's (decoding only)
+    schema: Optional[Mapping[str, Any]] = None  # the answer's JSON Schema, for kinds that need one (json)
     vision_tokens: Optional[int] = None  # the image's soft-token budget; None: the job's
     retries: tuple[RetryRung, ...] = ()  # re-asks when the answer fails validation, in order
 
     def __post_init__(self) -> None:
         if not TASK_NAME.match(self.name):
             raise ValueError(f"task name {self.name!r}: use lower-case letters, digits and _ (at most 40), starting with a letter")
-        if self.output is OutputKind.JSON and self.schema is None:
-            raise ValueError(f"task {self.name}: a json task needs a schema")
+        if self.output.needs_schema and self.schema is None:
+            raise ValueError(f"task {self.name}: a {self.output.name} task needs a schema")
         first = set(Template(self.instruction).placeholders)
         for rung in self.retries:
             later = set(Template(rung.instruction).placeholders) if rung.instruction else set()
@@ -124,11 +95,6 @@ class Task:
     def placeholders(self) -> tuple[str, ...]:
         """The metadata keys the task's instruction names (its retry rungs name no others)."""
         return Template(self.instruction).placeholders
-
-    @property
-    def validated(self) -> bool:
-        """Answers can fail `parse` (and so climb the retry ladder)."""
-        return self.output is not OutputKind.TEXT
 
     def request(self, values: ItemValues, attempt: int = 0) -> EngineRequest:
         """The engine request of `attempt` (0: the first; n: rung n of the ladder) for an item's `values`.
@@ -145,19 +111,14 @@ class Task:
             instruction=Template(instruction).fill(values),
             max_tokens=self.max_tokens,
             sampling=sampling,
-            constraint=None if self.schema is None else Constraint(json_schema=self.schema),
+            constraint=self.output.constraint(self.schema),
             vision_tokens=self.vision_tokens,
         )
 
     def parse(self, answer: str, width: int, height: int, truncated: bool) -> ParsedAnswer:
         """Typed output columns of an answer (thought already split off), or AnswerError."""
-        text = strip_code_fence(answer)
         try:
-            if self.output is OutputKind.BOXES:
-                return ParsedAnswer(text=text, detections=tuple(parse_detections(answer, width, height, truncated)))
-            if self.output is OutputKind.JSON:
-                assert self.schema is not None
-                return ParsedAnswer(text=text, data=parse_json_document(answer, self.schema, truncated))
+            return self.output.parse(answer, self.schema, width, height, truncated)
         except AnswerError as exc:
             if not truncated:
                 raise
@@ -167,18 +128,16 @@ class Task:
                 f"answer cut off at max_tokens={self.max_tokens} {cut_off_position(answer)}; raise this task's "
                 f"max_tokens (--max_tokens {self.name}=N, or max_tokens in the task file)"
             ) from exc
-        return ParsedAnswer(text=text)
 
-
-def default_retries(output: OutputKind, instruction: str, schema: Optional[Mapping[str, Any]]) -> tuple[RetryRung, ...]:
-    """The ladder of a validated output kind: sample once, then restate the format and go back to greedy."""
-    if output is OutputKind.BOXES:
-        strict = f"{instruction}\n\n{escape_braces(BOX_FORMAT)}"
-    elif output is OutputKind.JSON:
-        strict = f"{instruction}\n\n{escape_braces(JSON_FORMAT)}\n{escape_braces(json.dumps(schema, ensure_ascii=False))}"
-    else:
-        return ()
-    return (RetryRung(temperature=SAMPLED_RETRY_TEMPERATURE), RetryRung(temperature=0.0, instruction=strict))
+    def read(self, completion: TaskCompletion) -> TaskCompletion:
+        """The completion with its thought split off and its answer parsed: `parsed`, or the AnswerError in `parse_error`."""
+        answer = split_answer(completion.text)
+        info = completion.info
+        try:
+            parsed = self.parse(answer.text, info.width, info.height, completion.finish_reason == "length")
+        except AnswerError as exc:
+            return dataclasses.replace(completion, thought=answer.thought, parse_error=exc)
+        return dataclasses.replace(completion, thought=answer.thought, parsed=parsed)
 
 
 def with_overrides(
@@ -213,15 +172,26 @@ class TaskFingerprints:
         self._tasks = {task.name: task for task in tasks}
         self._definitions = {
             task.name: _digest({
-                "task": dataclasses.asdict(task),
+                "task": self._definition(task),
                 "vision_tokens": task.vision_tokens or settings.vision_tokens,
                 "system_prompt": SYSTEM_PROMPT,
                 "prompt_version": PROMPT_VERSION,
                 "thinking": settings.thinking,
-                "constrained": settings.structured_output and task.schema is not None,
+                "constrained": settings.structured_output and task.output.constraint(task.schema) is not None,
                 "image_first": settings.image_first,
             })
             for task in tasks
+        }
+
+    @staticmethod
+    def _definition(task: Task) -> dict[str, Any]:
+        """The task's fields, its kind and schema spelled as when kinds were enum members and a boxes task
+        carried its decoding schema: the tasks of earlier runs keep their fingerprints."""
+        constraint = task.output.constraint(task.schema)
+        return {
+            **dataclasses.asdict(task),
+            "output": f"OutputKind.{task.output.name.upper()}",
+            "schema": None if constraint is None else constraint.json_schema,
         }
 
     def of(self, task: str, values: ItemValues) -> str:

@@ -12,9 +12,11 @@
         max_tokens: 64
 
 Fields of a task (`TASK_FIELDS`): `name` and `instruction` are required;
-`output` is `text` (default), `boxes` or `json`; `schema` (a JSON Schema) is
-required for `json` and only for it; `max_tokens`, `temperature`, `top_k`,
-`top_p`, `vision_tokens` and `retries` are optional; `max_tokens` is bounded
+`output` names an output kind (`tasks.kinds.KINDS`: `text`, the default,
+`boxes`, `json`, `layout`), which decides the defaults and the rest: `schema`
+(a JSON Schema) is required for kinds that need one (`json`) and only for
+them, `retries` only for kinds whose answers are validated; `max_tokens`,
+`temperature`, `top_k`, `top_p` and `vision_tokens` are optional; `max_tokens` is bounded
 by the caller (the longest context any engine profile holds). Every mistake of
 a file is reported at once: the schema's, the entries' own checks and the
 task contract's. `{placeholders}` in
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jsonschema
 import yaml
@@ -34,8 +36,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from engine.prompts import VISION_TOKEN_BUDGETS, Sampling
 from library import storage
-from tasks.builtin import BUILTIN_TASKS, DETECTION_JSON_SCHEMA, DETECTION_MAX_TOKENS
-from tasks.task import TASK_NAME, OutputKind, RetryRung, Task, Template, default_retries
+from tasks.builtin import BUILTIN_TASKS
+from tasks.kinds import KINDS, OutputKind
+from tasks.kinds.base import RetryRung
+from tasks.task import TASK_NAME, Task, Template
 
 # vLLM's own bounds (vllm/sampling_params.py SamplingParams._verify_args): 0 <= temperature <= 2,
 # 0 < top_p <= 1, top_k >= 1 (0 and -1 mean "all", which is what leaving it out does here).
@@ -47,7 +51,7 @@ _SAMPLING = {
 TASK_FIELDS: Mapping[str, Mapping[str, Any]] = {
     "name": {"type": "string", "pattern": TASK_NAME.pattern},
     "instruction": {"type": "string", "minLength": 1},
-    "output": {"enum": [kind.value for kind in OutputKind]},
+    "output": {"enum": list(KINDS)},
     "schema": {"type": "object"},
     "max_tokens": {"type": "integer", "minimum": 1},
     **_SAMPLING,
@@ -75,7 +79,12 @@ TASK_FILE_SCHEMA: Mapping[str, Any] = {
         }
     },
 }
-_DEFAULT_MAX_TOKENS = {OutputKind.TEXT: 512, OutputKind.JSON: 512, OutputKind.BOXES: DETECTION_MAX_TOKENS}
+
+
+def _kinds(which: Callable[[OutputKind], bool]) -> str:
+    """The kinds `which` holds for, as a mistake names them: "json", "boxes, json and layout"."""
+    names = [name for name, kind in KINDS.items() if which(kind)]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 class TaskFileError(ValueError):
@@ -132,10 +141,8 @@ def _structure_mistakes(document: Any) -> list[tuple[Optional[int], str]]:
 
 def _output_kind(entry: Mapping[str, Any]) -> Optional[OutputKind]:
     """The entry's output kind; None when it names none there is (the schema check reports that)."""
-    try:
-        return OutputKind(entry.get("output", "text"))
-    except (ValueError, TypeError):
-        return None
+    output = entry.get("output", "text")
+    return KINDS.get(output) if isinstance(output, str) else None
 
 
 def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_tokens_limit: Optional[int]) -> list[str]:
@@ -152,18 +159,19 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_to
         if name in seen:
             mistakes.append(f"{where}: name {name!r} is used by an earlier task")
         seen.add(name)
-    if output is OutputKind.JSON and "schema" not in entry:
-        mistakes.append(f"{where}: output json needs a schema (a JSON Schema of the answer)")
-    if output not in (None, OutputKind.JSON) and "schema" in entry:
-        mistakes.append(f"{where}, field schema: only json tasks have a schema (boxes answers use Gemma's box format)")
+    if output is not None and output.needs_schema and "schema" not in entry:
+        mistakes.append(f"{where}: output {output.name} needs a schema (a JSON Schema of the answer)")
+    if output is not None and not output.needs_schema and "schema" in entry:
+        mistakes.append(f"{where}, field schema: only {_kinds(lambda kind: kind.needs_schema)} tasks have a schema "
+                        "(boxes answers use Gemma's box format)")
     if isinstance(entry.get("schema"), dict):
         try:
             jsonschema.validators.validator_for(entry["schema"]).check_schema(entry["schema"])
         except jsonschema.SchemaError as exc:
             at = "/".join(str(part) for part in exc.absolute_path) or "its root"
             mistakes.append(f"{where}, field schema: not a valid JSON Schema at {at}: {exc.message}")
-    if output is OutputKind.TEXT and "retries" in entry:
-        mistakes.append(f"{where}, field retries: only boxes and json answers are validated, so only they are retried")
+    if output is not None and not output.validated and "retries" in entry:
+        mistakes.append(f"{where}, field retries: only {_kinds(lambda kind: kind.validated)} answers are validated, so only they are retried")
     max_tokens = entry.get("max_tokens")
     if max_tokens_limit is not None and isinstance(max_tokens, int) and max_tokens > max_tokens_limit:
         mistakes.append(f"{where}, field max_tokens: {max_tokens} is more than any engine profile's context holds "
@@ -184,18 +192,18 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_to
 
 
 def _task(entry: Mapping[str, Any]) -> Task:
-    output = OutputKind(entry.get("output", "text"))
-    schema = entry.get("schema") if output is OutputKind.JSON else DETECTION_JSON_SCHEMA if output is OutputKind.BOXES else None
+    output = KINDS[entry.get("output", "text")]
+    schema = entry.get("schema")  # only kinds that need one have one (_entry_mistakes)
     retries = (
         tuple(RetryRung(rung["temperature"], rung.get("instruction")) for rung in entry["retries"])
         if "retries" in entry
-        else default_retries(output, entry["instruction"], schema)
+        else output.retries(entry["instruction"], schema)
     )
     return Task(
         name=entry["name"],
         instruction=entry["instruction"],
         output=output,
-        max_tokens=entry.get("max_tokens", _DEFAULT_MAX_TOKENS[output]),
+        max_tokens=entry.get("max_tokens", output.max_tokens),
         sampling=Sampling(**{key: entry[key] for key in _SAMPLING if key in entry}),
         schema=schema,
         vision_tokens=entry.get("vision_tokens"),

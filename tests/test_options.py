@@ -87,7 +87,7 @@ REQUIRED = ["--input", "in/*", "--output", "out"]
         (["--input", "a.png", "b.png", "c.png"], r"unexpected arguments 'b.png', 'c.png' after --input: .*quote it"),
         (["--run_id", "a", "b"], r"unexpected argument\(s\) 'b' after --run_id"),
         # Values checked at parse time, naming the option and what it accepts.
-        (["--tasks", "captions"], r"--tasks captions: unknown task 'captions'; choose from ocr, caption, detect, markdown; did you mean caption\?"),
+        (["--tasks", "captions"], r"--tasks captions: unknown task 'captions'; choose from ocr, caption, detect, markdown, layout; did you mean caption\?"),
         (["--tasks", ","], r"--tasks ',': no task given"),
         (["--max_tokens", "ocr=abc"], r"--max_tokens ocr=abc: N must be a whole number"),
         (["--max_tokens", "ocr=0"], r"--max_tokens ocr=0: N must be a whole number of tokens, at least 1"),

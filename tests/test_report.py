@@ -27,7 +27,7 @@ from pipelines import report
 from reporting.images import PALETTE, draw_detections, load_images
 from reporting.run import choose_sample
 from reporting.text import redact, visible
-from schemas.records import Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
+from schemas.records import Block, Detection, ErrorRecord, ItemInfo, ItemRef, ParsedAnswer, RunInfo, Stage, TaskCompletion
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, result_row
 from tests.conftest import SAMPLES, copy_samples, run_pipeline
 from tests.gcs_emulator import BUCKET
@@ -212,6 +212,8 @@ def hostile_location(root: str, image_uri: str) -> None:
         result_row(completion("invoice", json.dumps(HOSTILE_DATA), instruction="Extract."), run,
                    ParsedAnswer(json.dumps(HOSTILE_DATA), data=json.dumps(HOSTILE_DATA))),
         result_row(completion("answer", "yes", instruction=HOSTILE_QUESTION), run, ParsedAnswer("yes")),
+        result_row(completion("layout", "[...]"), run, ParsedAnswer(
+            f"# {HOSTILE_CAPTION}", blocks=(Block(0, "title", HOSTILE_CAPTION, square.box_1000, square.box_norm, square.box_px),))),
     ]
     errors = [
         error_row(ErrorRecord(ref=ItemRef.make(image_uri, page=1), stage=Stage.PARSE, error_type="DetectionParseError",
@@ -234,6 +236,8 @@ def assert_hostile_text_is_text(page: str) -> None:
     # A json task's document, laid out; each item's own question above its answer (no summary: every instruction shown).
     assert html.escape(json.dumps(HOSTILE_DATA, indent=2)) in page and "invoice (JSON)" in page
     assert f'<p class="question">{html.escape(HOSTILE_QUESTION)}</p>' in page
+    # A layout answer: its blocks listed by category, its Markdown collapsed beside them.
+    assert "Layout (1)" in page and '<span class="lbl">title</span>' in page and html.escape(f"# {HOSTILE_CAPTION}") in page
 
 
 def test_model_output_is_shown_as_text(tmp_path):

@@ -18,7 +18,9 @@ from library.metadata import AmbiguousValue, ItemValues, MissingValue, encode, m
 from tasks import task_file
 from tasks.answers import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
-from tasks.task import JSON_FORMAT, OutputKind, Task, TaskFingerprints, Template, with_overrides
+from tasks.kinds import JSON, TEXT
+from tasks.kinds.json import JSON_FORMAT
+from tasks.task import Task, TaskFingerprints, Template, with_overrides
 from tasks.task_file import TaskFileError, parse_task_file
 
 # The issue's own example of a task file, as tasks/task_file.py's docstring shows it (so the documented form is tested).
@@ -76,7 +78,7 @@ def test_templates_refuse_what_is_not_a_metadata_key(text):
 
 
 def test_a_task_request_carries_its_own_sampling_budget_and_schema():
-    task = Task("invoice", "Total of {customer}?", OutputKind.JSON, 64, Sampling(0.0, top_k=5), INVOICE_SCHEMA, 560)
+    task = Task("invoice", "Total of {customer}?", JSON, 64, Sampling(0.0, top_k=5), INVOICE_SCHEMA, 560)
     request = task.request(ItemValues(encode({"customer": "ACME"})))
     assert (request.instruction, request.max_tokens, request.vision_tokens) == ("Total of ACME?", 64, 560)
     assert request.constraint == Constraint(json_schema=INVOICE_SCHEMA) and request.sampling.top_k == 5
@@ -92,7 +94,7 @@ def test_validated_kinds_climb_a_ladder_that_restates_the_format():
     assert JSON_FORMAT in strict.instruction and json.loads(strict.instruction.split("\n")[-1]) == INVOICE_SCHEMA
     detect = BUILTIN_TASKS["detect"]
     assert len(detect.retries) == 2 and '"box_2d"' in detect.request(ItemValues(None), 2).instruction
-    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].validated
+    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].output.validated
 
 
 def test_a_retry_instruction_may_not_ask_for_values_the_task_does_not():
@@ -120,7 +122,7 @@ def test_boxes_answers_become_detections():
 
 
 def json_task(schema=INVOICE_SCHEMA) -> Task:
-    return Task("invoice", "Extract.", OutputKind.JSON, schema=schema)
+    return Task("invoice", "Extract.", JSON, schema=schema)
 
 
 def test_json_answers_are_found_validated_and_written_compact():
@@ -218,8 +220,8 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
     from_json = parse_task_file(json.dumps(yaml.safe_load(ISSUE_EXAMPLE)), "tasks.json")
     assert from_yaml == from_json
     invoice, answer = from_yaml
-    assert (invoice.output, invoice.schema, invoice.max_tokens, invoice.placeholders) == (OutputKind.JSON, INVOICE_SCHEMA, 256, ())
-    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (OutputKind.TEXT, 64, ("question",), ())
+    assert (invoice.output, invoice.schema, invoice.max_tokens, invoice.placeholders) == (JSON, INVOICE_SCHEMA, 256, ())
+    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (TEXT, 64, ("question",), ())
 
 
 @pytest.mark.parametrize(
@@ -239,7 +241,7 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
         ("tasks: [{name: a, instruction: 'Q: {q!r}'}]", ["task 'a' (tasks[0]), field instruction: placeholder {q!r} is not a metadata key"]),
         ("tasks: [{name: a, instruction: x, vision_tokens: 300}]", ["field vision_tokens: 300 is not allowed; choose 70, 140, 280, 560, 1120"]),
         ("tasks: [{name: a, instruction: x, max_tokens: '64'}]", ["field max_tokens: expected an integer, got '64'"]),
-        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5}]}]", ["field retries: only boxes and json answers are validated"]),
+        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5}]}]", ["field retries: only boxes, json and layout answers are validated"]),
         ("tasks: [{name: a, instruction: x, top_p: 0}]", ["field top_p: 0 is less than or equal to the minimum of 0"]),
         ("- name: a\n  instruction: x\n", ["the file: expected an object, got [{'name': 'a', 'instruction': 'x'}]"]),
         ("tasks: []", ["field tasks: [] should be non-empty"]),
@@ -348,7 +350,7 @@ def test_without_per_task_budgets_requests_keep_the_models_default(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--max_tokens", "poem=5"), "--max_tokens poem=5: unknown task 'poem'; choose from ocr, caption, detect, markdown, invoice, answer"),
+        (("--max_tokens", "poem=5"), "--max_tokens poem=5: unknown task 'poem'; choose from ocr, caption, detect, markdown, layout, invoice, answer"),
         (("--task_vision_tokens", "ocr=300"), "--task_vision_tokens ocr=300: budgets are 70, 140"),
         (("--task_vision_tokens", "ocr=big"), "--task_vision_tokens ocr=big: N must be a whole number"),
         (("--tasks", "invoice,poem"), "unknown task"),

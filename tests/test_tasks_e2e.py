@@ -1,4 +1,4 @@
-"""Your own tasks end to end on the real engine: JSON against a schema, a question per item, markdown, image budgets."""
+"""Your own tasks end to end on the real engine: JSON against a schema, a question per item, markdown, layout, image budgets."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import yaml
 from library.metadata import ItemValues
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tasks.builtin import BUILTIN_TASKS
+from tasks.kinds.layout import CATEGORIES
 from tests.conftest import copy_samples, run_pipeline
 from tests.shard_data import image_bytes, parquet_bytes, tar_bytes
 from tests.test_pipeline_e2e import fresh_images, prefix_lengths
@@ -148,6 +149,30 @@ def test_markdown_end_to_end(tmp_path):
         assert row["instruction"] == instruction and row["generated_tokens"] <= 24 and row["data"] is None
         assert "<|channel>" not in (row["text"] or "") and "<turn|>" not in (row["text"] or "")
     assert summary["config"]["task_definitions"]["markdown"]["output"] == "text" and summary["accounting"]["balanced"]
+
+
+def test_layout_end_to_end(tmp_path):
+    """Every sample item ends as a layout row (blocks inside the image, known categories) or a parse error row.
+
+    The random weights' answers are garbage, constrained or not: structure only, never what the blocks say.
+    """
+    inputs = tmp_path / "in"
+    copy_samples(inputs)
+    summary = run_pipeline("--input", str(inputs), "--output", str(tmp_path / "out"), "--tasks", "layout",
+                           "--max_tokens", "layout=64")
+    rows, errors = read(tmp_path / "out", "results"), read(tmp_path / "out", "errors")
+    for written in (tmp_path / "out" / "results").glob("*.parquet"):
+        assert pq.read_schema(written).field("blocks").type == RESULTS_SCHEMA.field("blocks").type
+    assert len({row["item_id"] for row in rows} | {error["item_id"] for error in errors}) == len(rows) + len(errors) == 8
+    assert {error["stage"] for error in errors} <= {"parse"} and summary["accounting"]["balanced"]
+    for row in rows:
+        assert row["task"] == "layout" and row["blocks"] is not None and row["detections"] is None
+        for block in row["blocks"]:
+            assert block["category"] in CATEGORIES
+            if block["box_px"] is not None:
+                px = block["box_px"]
+                assert 0 <= px["xmin"] < px["xmax"] <= row["width"] and 0 <= px["ymin"] < px["ymax"] <= row["height"]
+    assert summary["config"]["task_definitions"]["layout"]["output"] == "layout"
 
 
 def test_two_image_budgets_on_one_image_form_two_prefix_groups(tmp_path, tiny_checkpoint):

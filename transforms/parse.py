@@ -1,11 +1,11 @@
 """Parse stage: engine completions -> result rows, or error rows when validation fails.
 
-The parsing itself is pure and lives with the tasks (`tasks.answers`); this stage only
-applies each completion's task to its answer and routes the outcome.
+The parsing itself is pure and lives with the tasks (`tasks.kinds`, `tasks.answers`). The
+engine stage reads each answer once (`Task.read`, to decide on retries) and the completion
+carries the outcome here; this stage routes it.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
@@ -14,7 +14,6 @@ from library import metrics
 from library.errors import task_failure
 from schemas.records import RunInfo, Stage, TaskCompletion
 from schemas.tables import result_row
-from tasks.answers import AnswerError, split_answer
 from tasks.task import Task
 
 
@@ -26,22 +25,23 @@ class ParseCompletions(beam.DoFn):
         self._run = run
 
     def process(self, completion: TaskCompletion) -> Iterator[Any]:
-        task = self._tasks[completion.task]
-        truncated = completion.finish_reason == "length"
-        if truncated:
+        if completion.parsed is None and completion.parse_error is None:
+            # Not read by RunTasks (benchmarks/variants.py's RunInference variant): read it here, once.
+            completion = self._tasks[completion.task].read(completion)
+        if completion.finish_reason == "length":
             metrics.count("truncated_outputs")
-        answer = split_answer(completion.text)
-        info = completion.info
-        try:
-            parsed = task.parse(answer.text, info.width, info.height, truncated)
-        except AnswerError as exc:
+        if completion.parse_error is not None:
+            exc = completion.parse_error
             if completion.attempts > 1:
                 exc = type(exc)(f"{exc} (after {completion.attempts} attempts)")
             yield task_failure(
-                info, completion.task, Stage.PARSE, exc, raw_output=completion.text, attempts=completion.attempts,
-                instruction=completion.instruction, task_fingerprint=completion.task_fingerprint,
+                completion.info, completion.task, Stage.PARSE, exc, raw_output=completion.text,
+                attempts=completion.attempts, instruction=completion.instruction,
+                task_fingerprint=completion.task_fingerprint,
             )
             return
+        parsed = completion.parsed
+        assert parsed is not None
         if parsed.detections is not None:
             metrics.count("detections", len(parsed.detections))
-        yield result_row(dataclasses.replace(completion, thought=answer.thought), self._run, parsed)
+        yield result_row(completion, self._run, parsed)

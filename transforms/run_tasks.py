@@ -26,7 +26,6 @@ from library.errors import task_failure
 from library.metadata import ItemValues, PromptError
 from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
-from tasks.answers import AnswerError, split_answer
 from tasks.task import Task, TaskFingerprints
 
 
@@ -47,15 +46,9 @@ def image_key(item: ImageItem) -> str:
     return f"{item.info.content_hash}:{item.image.width}x{item.image.height}"
 
 
-def needs_retry(task: Task, attempt: int, result: EngineResult, width: int, height: int) -> bool:
-    """An answer that fails its task's validation, with retry rungs left."""
-    if not task.validated or attempt >= len(task.retries):
-        return False
-    try:
-        task.parse(split_answer(result.text).text, width, height, truncated=result.finish_reason == "length")
-    except AnswerError:
-        return True
-    return False
+def needs_retry(task: Task, completion: TaskCompletion) -> bool:
+    """An answer (read: `Task.read`) that failed its task's validation, with retry rungs left."""
+    return completion.parse_error is not None and completion.attempts <= len(task.retries)
 
 
 class RunTasks(beam.DoFn):
@@ -66,7 +59,8 @@ class RunTasks(beam.DoFn):
     that fail their task's validation are re-asked along the task's bounded
     retry ladder (`tasks.task`) while the image is still at hand and
     its prefix still cached; the last answer goes to the parse stage either
-    way, which records it as an error with the raw text.
+    way, read once here and carried on the completion (`parsed` or
+    `parse_error`), and the parse stage records a failed one as an error with the raw text.
     """
 
     def __init__(self, settings: EngineSettings, tasks: Sequence[Task], progress_interval_s: float = 30.0):
@@ -145,17 +139,8 @@ class RunTasks(beam.DoFn):
         metrics.count("generated_tokens", result.generated_tokens)
         metrics.count("cached_tokens", result.cached_tokens)
         metrics.record("request_latency_ms", result.latency_s * 1000.0)
-        if needs_retry(pending.task, pending.attempt, result, info.width, info.height):
-            assert self._engine is not None
-            attempt = pending.attempt + 1
-            # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
-            request = pending.task.request(pending.values, attempt)
-            metrics.count(f"retries_{pending.task.name}")
-            [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
-            self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
-            return None
-        metrics.count("tasks_done")
-        completion = TaskCompletion(
+        # Read once, here: the retry decision needs the parse, and the parse stage takes it from the completion.
+        completion = pending.task.read(TaskCompletion(
             info=info,
             task=pending.task.name,
             text=result.text,
@@ -167,5 +152,15 @@ class RunTasks(beam.DoFn):
             attempts=pending.attempt + 1,
             instruction=pending.request.instruction,
             task_fingerprint=pending.fingerprint,
-        )
+        ))
+        if needs_retry(pending.task, completion):
+            assert self._engine is not None
+            attempt = pending.attempt + 1
+            # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
+            request = pending.task.request(pending.values, attempt)
+            metrics.count(f"retries_{pending.task.name}")
+            [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
+            self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
+            return None
+        metrics.count("tasks_done")
         return pending.at.with_value(completion)
