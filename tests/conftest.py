@@ -1,8 +1,8 @@
 """Session-wide fixtures: a private checkpoint cache and one shared pipeline run.
 
 One vLLM engine serves every pipeline run of the session (the engine
-registry in engine.local keys engines by settings), so tests add runs,
-not engine start-ups.
+registry, engine.registry, keys engines by settings and keeps one a
+minute after its last run), so tests add runs, not engine start-ups.
 """
 from __future__ import annotations
 
