@@ -36,8 +36,8 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
 
     from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.registry import ENGINES
     from engine.profiles import resolve
+    from engine.registry import ENGINES
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
