@@ -56,8 +56,9 @@ class FakeEngine:
         self._outstanding: dict[int, concurrent.futures.Future] = {}
         self._failure: Optional[EngineDeadError] = None
         self._images: set[str] = set()
+        # What a test checks: requests admitted, each admission's (image key, requests) in order, closed by its owner.
         self.requests = 0
-        self.groups: list[tuple[str, tuple[EngineRequest, ...]]] = []  # (image key, requests) of each admission, in order
+        self.groups: list[tuple[str, tuple[EngineRequest, ...]]] = []
         self.closed = False
 
     def submit(self, image: Image.Image, image_key: str, requests: Sequence[EngineRequest]) -> list[concurrent.futures.Future]:
@@ -102,14 +103,13 @@ class FakeEngine:
             future = self._outstanding.pop(number, None)
             if future is None:  # failed with the engine meanwhile
                 return
-            dead: list[concurrent.futures.Future] = []
             if answer.kill:
-                self._failure = EngineDeadError(f"the fake engine was killed by the answer to {request.instruction!r}")
-                dead, self._outstanding = list(self._outstanding.values()), {}
+                failure = self._failure = EngineDeadError(f"the fake engine was killed by the answer to {request.instruction!r}")
+                dead, self._outstanding = [future, *self._outstanding.values()], {}
             self._state.notify_all()
         if answer.kill:
-            for other in (future, *dead):
-                other.set_exception(self._failure)
+            for each in dead:
+                each.set_exception(failure)
         elif answer.error is not None:
             future.set_exception(answer.error)
         else:
