@@ -56,7 +56,6 @@ class HostEngineClient:
             raise
         self.renderer = self._llm.renderer
         self.model_config = self._llm.model_config
-        self.engine_core = self  # what VisionEngine.close() shuts down: this client, not the shared core
         threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
 
     async def _connect(self, vllm_config: Any) -> Any:

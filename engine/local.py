@@ -164,14 +164,52 @@ class RequestRenderer:
 
 
 # Builds, from the settings and the staged checkpoint, the vLLM front end a VisionEngine's step loop
-# drives: `LLMEngine`'s add_request/step/abort_request/get_tokenizer/renderer/model_config and
-# engine_core.shutdown() (`own_engine`, or `engine.host_client.HostEngineClient`). Called on the
-# step-loop thread.
-Connect = Callable[[EngineSettings, str], Any]
+# drives (`LLMEngine`'s add_request/step/abort_request/get_tokenizer/renderer/model_config: `own_engine`,
+# or a client of the host's shared engine core, `engine.host_client.HostEngineClient`) and the call that
+# shuts it down. Called on the step-loop thread.
+Connect = Callable[[EngineSettings, str], tuple[Any, Callable[[], None]]]
 
 
-def own_engine(settings: EngineSettings, local_model: str) -> Any:
-    """This process's own `vllm.LLMEngine`, its engine core in this process or in a child, as the profile says."""
+class _InProcessCores:
+    """Shuts down in-process engine cores once none of them runs any more.
+
+    vLLM's in-process engine cores share process-wide state: `EngineCore.shutdown`
+    (vllm/v1/engine/core.py) tears down the process's distributed groups
+    (`cleanup_dist_env_and_memory`, vllm/distributed/parallel_state.py), which
+    every other in-process engine steps with (measured with vLLM 0.32: a
+    surviving engine's next step failed with "pipeline model parallel group is
+    not initialized"). A job has one engine per process; only tests and
+    benchmarks run several, and there an engine closed while others run is
+    shut down together with the last of them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closed: list[Any] = []
+
+    def add(self, engine: Any) -> Callable[[], None]:
+        """Count `engine` in; returns the call that shuts it down."""
+        with self._lock:
+            self._running += 1
+        return lambda: self._close(engine)
+
+    def _close(self, engine: Any) -> None:
+        with self._lock:
+            self._running -= 1
+            self._closed.append(engine)
+            if self._running:
+                return
+            closing, self._closed = self._closed, []
+        for each in closing:
+            each.engine_core.shutdown()
+
+
+_IN_PROCESS_CORES = _InProcessCores()
+
+
+def own_engine(settings: EngineSettings, local_model: str) -> tuple[Any, Callable[[], None]]:
+    """This process's own `vllm.LLMEngine` (its engine core in this process or in a child, as the profile says) and its shutdown."""
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -183,11 +221,10 @@ def own_engine(settings: EngineSettings, local_model: str) -> Any:
     # during that call leaves it waiting forever (call_utility has no timeout), so it is
     # made here, where a failure is a failed start.
     engine.get_supported_tasks()
-    if settings.engine_core_process:
-        threading.Thread(
-            target=vllm_internals.wake_steps_on_core_exit, args=(engine,), name="vllm-core-watch", daemon=True
-        ).start()
-    return engine
+    if not settings.engine_core_process:
+        return engine, _IN_PROCESS_CORES.add(engine)
+    threading.Thread(target=vllm_internals.wake_steps_on_core_exit, args=(engine,), name="vllm-core-watch", daemon=True).start()
+    return engine, engine.engine_core.shutdown  # the engine-core process with it
 
 
 class VisionEngine:
@@ -204,6 +241,7 @@ class VisionEngine:
         _LOG.info("starting the vLLM engine for %s", settings.model_path)
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
+        self._shutdown: Callable[[], None]  # set with _engine, by connect
         self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
         self._prompts_lock = threading.Lock()
         self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
@@ -240,7 +278,7 @@ class VisionEngine:
 
     def _build_and_run(self, connect: Connect, local_model: str, ready: threading.Event) -> None:
         try:
-            self._engine = connect(self.settings, local_model)
+            self._engine, self._shutdown = connect(self.settings, local_model)
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
@@ -323,10 +361,10 @@ class VisionEngine:
         return self._renderer.preprocessing()
 
     def close(self) -> None:
-        """Stop the step loop once its requests are answered; shut the engine down (with its engine-core process)."""
+        """Stop the step loop once its requests are answered; shut the engine down."""
         self._admissions.put(None)
         self._loop.join()
-        self._engine.engine_core.shutdown()
+        self._shutdown()
 
     def _release(self, count: int = 1) -> None:
         with self._capacity:

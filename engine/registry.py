@@ -122,7 +122,12 @@ def _close(engine: Engine) -> None:
 
 def build_engine(settings: EngineSettings) -> VisionEngine:
     """This process's vLLM engine for `settings`: its own, or with `host_feeders` > 1 a client of the host's shared engine core."""
-    return VisionEngine(settings, HostEngineClient if settings.host_feeders > 1 else own_engine)
+    return VisionEngine(settings, _host_client if settings.host_feeders > 1 else own_engine)
+
+
+def _host_client(settings: EngineSettings, local_model: str) -> tuple[HostEngineClient, Callable[[], None]]:
+    client = HostEngineClient(settings, local_model)
+    return client, client.shutdown  # detaches this process; the host's core serves the others on
 
 
 # The engines of this process.
