@@ -18,7 +18,8 @@ answers is `transforms.run_tasks`.
   engine core (scheduler, model runner) runs in this process or in its own,
   as the profile says (`EngineSettings.engine_core_process`), or, with
   `host_feeders` > 1, once per host for several worker processes
-  (`engine.host`).
+  (`engine.host`). `engine.registry` builds VisionEngines (choosing which)
+  and closes them.
 """
 from __future__ import annotations
 

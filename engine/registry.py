@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 from engine.api import Engine, EngineSettings
 from engine.host_client import HostEngineClient
@@ -54,9 +54,9 @@ class _Entry:
 class EngineRegistry:
     """One engine per settings, built by `factory`, shared by reference count (see the module docstring)."""
 
-    def __init__(self, factory: Callable[[EngineSettings], Engine], idle_s: float = IDLE_S):
+    def __init__(self, factory: Callable[[EngineSettings], Engine], idle_s: Optional[float] = IDLE_S):
         self._factory = factory
-        self._idle_s = idle_s
+        self.idle_s = idle_s  # how long an engine nobody holds is kept; None: while the process lives
         # Held while an engine is built or closed: never two of this registry's engines starting or
         # stopping at once (on CPU each sizes its KV cache to the machine's memory).
         self._lock = threading.Lock()
@@ -92,11 +92,13 @@ class EngineRegistry:
             if entry.holders:
                 return
             entry.releases += 1
-            if entry.engine.failed or self._idle_s <= 0:
+            if entry.engine.failed or self.idle_s == 0:
                 del self._entries[entry.key]
                 _close(entry.engine)
                 return
-        timer = threading.Timer(self._idle_s, self._close_idle, args=(entry, entry.releases))
+            if self.idle_s is None:
+                return
+        timer = threading.Timer(self.idle_s, self._close_idle, args=(entry, entry.releases))
         timer.daemon = True  # an engine still idle when the process exits goes with it
         timer.start()
 

@@ -221,6 +221,17 @@ def test_an_idle_engine_is_kept_for_the_next_holder_then_closed():
     assert registry.live == 0 and registry.acquire(SETTINGS) is not engine
 
 
+def test_without_an_idle_limit_only_a_failed_engine_is_closed():
+    registry = EngineRegistry(lambda settings: FakeEngine({"q": Answer(kill=True)}), idle_s=None)
+    engine = registry.acquire(SETTINGS)
+    registry.release(engine)
+    assert registry.acquire(SETTINGS) is engine and not engine.closed  # kept while the process lives
+    with pytest.raises(EngineDeadError):
+        engine.submit(Image.new("RGB", (4, 4)), "k", [EngineRequest("q", max_tokens=4, sampling=Sampling())])[0].result()
+    registry.release(engine)
+    assert engine.closed and registry.live == 0
+
+
 def test_stop_all_cancels_outstanding_work_and_the_next_acquire_builds_a_new_engine():
     registry = EngineRegistry(lambda settings: FakeEngine({"q": Answer("a", delay_s=5)}), idle_s=0)
     engine = registry.acquire(SETTINGS)
