@@ -51,11 +51,13 @@ def item(number: int, tasks: Sequence[str] = ()) -> ImageItem:
     return ImageItem(info, Image.new("RGB", (64, 48)), tuple(tasks))
 
 
-class Stage_:
+class DrivenStage:
     """One RunTasks with its own registry of fake engines, driven as a runner drives a DoFn."""
 
     def __init__(self, engine_script: Script, tasks=TASKS, registry: EngineRegistry | None = None, **engine_args: Any):
-        self.registry = registry or EngineRegistry(lambda settings: FakeEngine(engine_script, **engine_args), idle_s=0)
+        if registry is None:
+            registry = EngineRegistry(lambda settings: FakeEngine(engine_script, **engine_args), idle_s=0)
+        self.registry = registry
         self.dofn = RunTasks(SETTINGS, tasks, progress_interval_s=0, engines=lambda: self.registry)
         self.dofn.setup()
 
@@ -85,7 +87,7 @@ def _values(outputs: Iterable[Any]) -> list[Any]:
 
 
 def test_all_tasks_of_an_item_are_admitted_together_and_answered():
-    stage = Stage_(script(caption=Answer("a cat", prompt_tokens=180, generated_tokens=3, cached_tokens=128), detect=Answer(BOXES)))
+    stage = DrivenStage(script(caption=Answer("a cat", prompt_tokens=180, generated_tokens=3, cached_tokens=128), detect=Answer(BOXES)))
     during, at_end = stage.bundle([item(1), item(2)])
     assert at_end == []  # every answer came while the bundle ran
     assert [(key, len(requests)) for key, requests in stage.engine.groups] == [(image_key(item(1)), 2), (image_key(item(2)), 2)]
@@ -98,13 +100,13 @@ def test_all_tasks_of_an_item_are_admitted_together_and_answered():
 
 
 def test_an_items_own_task_list_is_what_is_submitted():
-    stage = Stage_(script(caption=Answer("a cat"), detect=Answer(BOXES)))
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(BOXES)))
     during, _ = stage.bundle([item(1, tasks=("detect",))])
     assert [value.task for value in during] == ["detect"] and len(stage.engine.groups[0][1]) == 1
 
 
 def test_finish_bundle_waits_for_every_outstanding_answer():
-    stage = Stage_(script(caption=Answer("slow", delay_s=0.2), detect=Answer(BOXES, delay_s=0.05)))
+    stage = DrivenStage(script(caption=Answer("slow", delay_s=0.2), detect=Answer(BOXES, delay_s=0.05)))
     started = time.monotonic()
     during, at_end = stage.bundle([item(1), item(2)])
     assert during == [] and len(at_end) == 4  # answered after process returned: emitted at the bundle's end
@@ -112,7 +114,7 @@ def test_finish_bundle_waits_for_every_outstanding_answer():
 
 
 def test_a_failing_answer_is_asked_again_and_a_later_rung_settles_it():
-    stage = Stage_(script(caption=Answer("a cat"), detect=[Answer(NOT_BOXES), Answer(BOXES)]))
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=[Answer(NOT_BOXES), Answer(BOXES)]))
     during, at_end = stage.bundle([item(1)])
     [detect] = [value for value in during + at_end if value.task == "detect"]
     assert (detect.text, detect.attempts) == (BOXES, 2)
@@ -122,7 +124,7 @@ def test_a_failing_answer_is_asked_again_and_a_later_rung_settles_it():
 
 def test_an_answer_failing_every_rung_goes_on_with_its_last_attempt():
     """The parse stage turns it into an error row with the raw text (tests/test_engine_faults.py, end to end)."""
-    stage = Stage_(script(caption=Answer("a cat"), detect=Answer(NOT_BOXES)))
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(NOT_BOXES)))
     during, at_end = stage.bundle([item(1)])
     [detect] = [value for value in during + at_end if value.task == "detect"]
     ladder = BUILTIN_TASKS["detect"].retries
@@ -131,7 +133,7 @@ def test_an_answer_failing_every_rung_goes_on_with_its_last_attempt():
 
 
 def test_a_request_the_engine_rejects_becomes_an_engine_error_row_for_that_task_only():
-    stage = Stage_(script(caption=Answer("a cat"), detect=Answer(error=ValueError("prompt longer than max_model_len"))))
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(error=ValueError("prompt longer than max_model_len"))))
     during, at_end = stage.bundle([item(1)])
     [error] = [value for value in during + at_end if isinstance(value, ErrorRecord)]
     assert (error.task, error.stage, error.error_type) == ("detect", Stage.ENGINE, "ValueError")
@@ -141,7 +143,7 @@ def test_a_request_the_engine_rejects_becomes_an_engine_error_row_for_that_task_
 
 def test_a_task_whose_value_the_item_lacks_becomes_a_prompt_error_row_and_the_others_run():
     ask = Task(name="ask", instruction="What is {question}?")
-    stage = Stage_(script(caption=Answer("a cat")), tasks=[BUILTIN_TASKS["caption"], ask])
+    stage = DrivenStage(script(caption=Answer("a cat")), tasks=[BUILTIN_TASKS["caption"], ask])
     during, _ = stage.bundle([item(1)])
     [error] = [value for value in during if isinstance(value, ErrorRecord)]
     assert (error.task, error.stage) == ("ask", Stage.PROMPT)
@@ -156,7 +158,7 @@ def test_an_engine_death_fails_the_bundle_and_its_retry_runs_on_a_new_engine():
             return Answer(kill=True, delay_s=0.05)
         return Answer(BOXES if "box" in request.instruction.lower() else "a cat")
 
-    stage = Stage_(answers)
+    stage = DrivenStage(answers)
     dead = stage.engine
     with pytest.raises(EngineDeadError):
         stage.bundle([item(1), item(2)])
@@ -168,7 +170,7 @@ def test_an_engine_death_fails_the_bundle_and_its_retry_runs_on_a_new_engine():
 
 def test_an_item_waits_for_room_and_is_admitted_whole():
     """max_in_flight 2: an item's two tasks wait until both fit, and go in as one group."""
-    stage = Stage_(script(caption=Answer("a cat", delay_s=0.1), detect=Answer(BOXES, delay_s=0.1)), max_in_flight=2)
+    stage = DrivenStage(script(caption=Answer("a cat", delay_s=0.1), detect=Answer(BOXES, delay_s=0.1)), max_in_flight=2)
     during, at_end = stage.bundle([item(1), item(2), item(3)])
     assert len(during + at_end) == 6
     assert [len(requests) for _, requests in stage.engine.groups] == [2, 2, 2]
@@ -176,7 +178,7 @@ def test_an_item_waits_for_room_and_is_admitted_whole():
 
 def test_teardown_releases_the_engine_and_the_last_release_closes_it():
     registry = EngineRegistry(lambda settings: FakeEngine(script(caption=Answer("a cat"), detect=Answer(BOXES))), idle_s=0)
-    first, second = Stage_({}, registry=registry), Stage_({}, registry=registry)
+    first, second = DrivenStage({}, registry=registry), DrivenStage({}, registry=registry)
     engine = first.engine
     assert second.engine is engine and registry.live == 1  # one engine per settings, shared
     first.bundle([item(1)])
