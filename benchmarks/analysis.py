@@ -214,7 +214,7 @@ happen before the clock starts.
   `prefix_reuse_of_block_aligned` (the same against the prefix rounded down to the cache's
   block granularity) and `computed_prompt_tokens` (prompt tokens actually prefilled).
 - **engine busy** = share of the wall-time window during which the engine had work.
-  (b), (e): `VisionEngine.busy_seconds` (from `engine.local.ENGINES`): all of the
+  (b), (e): `VisionEngine.busy_seconds` (from `engine.registry.ENGINES`): all of the
   step-loop thread's time except its idle wait for work, i.e. admitting requests (with
   their image preprocessing, which `cpu-tiny` does there) and stepping. (a), (c): time
   inside the `LLMEngine.step` of the `vllm.LLM` (wrapped); `LLM.generate` preprocesses

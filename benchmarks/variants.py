@@ -35,10 +35,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from benchmarks.measure import CallTimer, StepTimer, TaskRecord, own_cpu_seconds, own_peak_rss_bytes, timed
 from benchmarks.workload import Workload, decode_file, decode_files, image_files, instruction
 from configuration.options import JobConfig
-from engine import local as engine
 from engine.api import EngineSettings
-from engine.local import ENGINES, RequestRenderer, engine_prompt, sampling_params
+from engine.local import RequestRenderer, engine_prompt, sampling_params
+from engine.process import prepare_process
 from engine.prompts import render_prompt
+from engine.registry import ENGINES
 from library import environment
 from library.errors import ERRORS_TAG
 from library.formats import DecodeLimits
@@ -59,7 +60,7 @@ from transforms.sinks import WriteTable, to_error_row
 
 def load_llm(settings: EngineSettings) -> Any:
     """`vllm.LLM` in-process with exactly the pipeline's engine arguments."""
-    engine.prepare_process(settings)  # the process set-up VisionEngine makes
+    prepare_process(settings)  # the process set-up VisionEngine makes
     from vllm import LLM
 
     return LLM(model=settings.model_path, **settings.engine_args)
@@ -136,11 +137,11 @@ def _run_with_engine(settings: EngineSettings, output: str, run: Callable[[], An
     timer = StepTimer(vision_engine._engine, settings.engine_args["max_num_seqs"])
     model = _model_timer(vision_engine._engine)
     front = _front_timer(vision_engine._engine)
-    engines_before = len(ENGINES._engines)
+    engines_before = ENGINES.live
     own_before = own_cpu_seconds()
     _, window = timed(run)
     own = own_cpu_seconds() - own_before
-    if len(ENGINES._engines) != engines_before:
+    if ENGINES.live != engines_before:
         raise RuntimeError("the run built its own engine inside the measured window: settings keys differ")
     records, task_errors = parquet_records(output)
     rendered = vision_engine.preprocessing()
@@ -391,7 +392,7 @@ def _host_stage_rows(workload: Workload, page_images: Optional[str], threads: Se
     from vllm.renderers import renderer_from_config
 
     settings = workload.engine_settings()
-    engine.prepare_process(settings)
+    prepare_process(settings)
     configs = {
         "shared": EngineArgs(model=settings.model_path, **settings.engine_args).create_engine_config(),
         "per task": EngineArgs(model=settings.model_path, **{**settings.engine_args, "mm_processor_cache_gb": 0})

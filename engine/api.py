@@ -4,7 +4,7 @@
 requests as one group and get a future per request, ask whether the engine
 failed, stop it, close it. `engine.local.VisionEngine` (this process's vLLM
 engine, or a client of the host's shared engine core) implements it;
-tests script one.
+tests script one (`engine.fake.FakeEngine`).
 """
 from __future__ import annotations
 

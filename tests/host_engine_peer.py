@@ -38,7 +38,7 @@ def main(checkpoint: str) -> None:
     from PIL import Image
 
     from engine.api import Constraint
-    from engine.local import ENGINES
+    from engine.registry import ENGINES
     from library.metadata import ItemValues
     from tasks.builtin import BUILTIN_TASKS
     from tasks.task import with_overrides

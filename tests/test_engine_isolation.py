@@ -36,8 +36,8 @@ def test_preprocessing_on_the_submitting_thread_keeps_isolation_and_prefix_reuse
 
     from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import ENGINES
     from engine.profiles import resolve
+    from engine.registry import ENGINES
 
     settings = EngineSettings(
         model_path=str(tiny_checkpoint),
@@ -106,7 +106,7 @@ def _images():
 
 def test_tasks_of_an_image_share_its_preprocessing(tiny_checkpoint):
     """One preprocessing per image for all its tasks, with the same answers as preprocessing per task."""
-    from engine.local import ENGINES
+    from engine.registry import ENGINES
 
     specs = _requests(("ocr", "caption", "detect"))
     shared = ENGINES.acquire(_tiny_settings(tiny_checkpoint))
@@ -139,17 +139,17 @@ def separate_core(tiny_checkpoint, _separate_cores):
     Shared by this module's tests while it lives; a test that kills its core leaves the next one a new
     engine, so the tests pass in any order.
     """
-    from engine.local import VisionEngine
+    from engine.registry import build_engine
 
     if not _separate_cores or _separate_cores[-1].failed:
         settings = dataclasses.replace(_tiny_settings(tiny_checkpoint, max_model_len=256), engine_core_process=True)
-        _separate_cores.append(VisionEngine(settings))
+        _separate_cores.append(build_engine(settings))
     return _separate_cores[-1]
 
 
 def test_engine_core_in_its_own_process_answers_as_in_process(tiny_checkpoint, separate_core):
     """Same answers, same isolation of a rejected request, shared preprocessing."""
-    from engine.local import ENGINES
+    from engine.registry import ENGINES
 
     # A 256-token context rejects the OCR and detect prompts (see the first test), not the caption.
     specs = _requests(("caption", "ocr", "caption"))
@@ -166,6 +166,7 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     import os
     import signal
 
+    from engine import vllm_internals
     from engine.api import Constraint, EngineDeadError
 
     image_key, image = next(iter(_images().items()))
@@ -174,7 +175,7 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     # end-of-sequence before 1,000 characters (a model could otherwise stop after one token).
     caption = dataclasses.replace(caption, constraint=Constraint(json_schema=UNENDING))
     [running] = separate_core.submit(image, image_key, [caption])
-    [core] = separate_core._engine.engine_core.resources.engine_manager.processes
+    [core] = vllm_internals.core_processes(separate_core._engine)
     os.kill(core.pid, signal.SIGKILL)
     assert isinstance(running.exception(timeout=60), EngineDeadError)  # raises TimeoutError if it hangs
     assert separate_core.failed

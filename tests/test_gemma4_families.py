@@ -73,7 +73,8 @@ def test_the_engine_keeps_thought_markers_in_its_text(tiny_checkpoint):
 
     from engine.api import EngineSettings
     from engine.checkpoint_shape import CheckpointShape
-    from engine.local import prepare_process, sampling_params
+    from engine.local import sampling_params
+    from engine.process import prepare_process
     from engine.profiles import resolve
     from library.metadata import ItemValues
     from tasks.builtin import BUILTIN_TASKS

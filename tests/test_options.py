@@ -35,7 +35,7 @@ def test_engine_overrides_and_structured_output():
 
 
 def test_profile_environment_reaches_the_engine_and_the_users_value_wins(monkeypatch):
-    from engine.local import prepare_process
+    from engine.process import prepare_process
 
     settings = config("--input", "a").engine
     assert settings.preprocess_on_step_thread is True  # cpu-tiny: the CPU is the accelerator

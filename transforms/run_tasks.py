@@ -1,26 +1,26 @@
 """Engine stage (Beam side): submit every task of an item to the process's engine, settle the answers.
 
 `RunTasks` submits all tasks of one image together, in one admission
-(`engine.local.VisionEngine.submit`), so the first request computes the
+(`engine.api.Engine.submit`), so the first request computes the
 image prefix and the others hit it in the prefix cache. It emits completions
 as they finish and drains its own outstanding requests at the end of the
 bundle, so a bundle commits only after all its requests are answered. A
 request the engine rejects becomes an `engine` error row for that task only;
 an engine failure (`EngineDeadError`) fails the bundle, which the runner
-retries on a fresh engine.
+retries on a fresh engine. The engine comes from the worker process's
+registry (`engine.registry`): acquired in `setup`, released in `teardown`.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings
-
-from engine.local import ENGINES, VisionEngine
+from engine.api import Engine, EngineDeadError, EngineRequest, EngineResult, EngineSettings
+from engine.registry import EngineRegistry, process_engines
 from library import metrics
 from library.errors import task_failure
 from library.metadata import ItemValues, PromptError
@@ -63,24 +63,35 @@ class RunTasks(beam.DoFn):
     `parse_error`), and the parse stage records a failed one as an error with the raw text.
     """
 
-    def __init__(self, settings: EngineSettings, tasks: Sequence[Task], progress_interval_s: float = 30.0):
+    def __init__(
+        self, settings: EngineSettings, tasks: Sequence[Task], progress_interval_s: float = 30.0,
+        engines: Callable[[], EngineRegistry] = process_engines,
+    ):
+        """`engines` names the worker process's engine registry (called in `setup`, in the worker)."""
         self._settings = settings
+        self._engines_of = engines
         self._tasks = {task.name: task for task in tasks}
         self._fingerprints = TaskFingerprints(tasks, settings)
         self._progress_interval_s = progress_interval_s
-        self._engine: Optional[VisionEngine] = None
+        self._engines: Optional[EngineRegistry] = None
+        self._engine: Optional[Engine] = None
         self._pending: list[_Pending] = []
 
     def setup(self) -> None:
-        self._engine = ENGINES.acquire(self._settings)
+        self._engines = self._engines_of()
+        self._engine = self._engines.acquire(self._settings)
         PROGRESS.tasks_per_item = len(self._tasks)
         PROGRESS.start_reporting(self._progress_interval_s)
 
     def start_bundle(self) -> None:
         self._pending = []
-        if self._engine is None or self._engine.failed:
+        assert self._engines is not None
+        if self._engine is not None and self._engine.failed:
             # A retried bundle after an engine failure gets a fresh engine.
-            self._engine = ENGINES.acquire(self._settings)
+            self._engines.release(self._engine)
+            self._engine = None
+        if self._engine is None:
+            self._engine = self._engines.acquire(self._settings)
 
     def process(
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
@@ -106,6 +117,11 @@ class RunTasks(beam.DoFn):
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._emit(wait=True)
+
+    def teardown(self) -> None:
+        if self._engines is not None and self._engine is not None:
+            self._engines.release(self._engine)
+            self._engine = None
 
     def _emit(self, wait: bool) -> Iterator[Any]:
         """Settle finished requests; with `wait`, until none is left (retries included)."""

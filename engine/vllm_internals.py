@@ -1,0 +1,160 @@
+"""Every use of vLLM beyond its documented API, in one place, as read from vLLM 0.32.0.
+
+`engine.local`, `engine.host` and `engine.host_client` need a few things
+vLLM's public API (`LLMEngine`, `AsyncLLM`, `EngineArgs`, `SamplingParams`)
+does not offer: the renderer `vllm.LLM.generate` renders through, the
+engine-core launcher `vllm serve --api-server-count N` uses, and the
+engine-core client's process handles. They are reached only through the
+functions below. `USED` names each class attribute, method, parameter or
+function they touch and the file of the installed `vllm` package it was read
+from; tests/test_vllm_internals.py checks every entry against the installed
+vLLM's source (without importing it), so an upgrade that moves one fails
+there, in the fast tier, and not in a worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+READ_FROM = "0.32.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Internal:
+    """One name the functions below rely on: `owner` ("Class", "Class.method" or "function") in `path` has `name`
+    (a class attribute, method or `self.` attribute of the class; a parameter of the function)."""
+
+    path: str  # relative to the installed vllm package
+    owner: str
+    name: str
+
+
+USED: tuple[Internal, ...] = (
+    # api_server_args
+    Internal("engine/arg_utils.py", "EngineArgs", "_api_process_count"),
+    Internal("engine/arg_utils.py", "EngineArgs", "_api_process_rank"),
+    # render, processor_only_cache
+    Internal("renderers/inputs/preprocess.py", "parse_model_prompt", "model_config"),
+    Internal("renderers/base.py", "BaseRenderer", "render_cmpl"),
+    Internal("renderers/base.py", "BaseRenderer.render_cmpl", "skip_mm_cache"),
+    Internal("renderers/base.py", "BaseRenderer", "default_cmpl_tok_params"),
+    Internal("renderers/base.py", "BaseRenderer", "_mm_processor_only_cache"),
+    # core_processes, wake_steps_on_core_exit
+    Internal("v1/engine/llm_engine.py", "LLMEngine", "engine_core"),
+    Internal("v1/engine/core_client.py", "MPClient", "resources"),
+    Internal("v1/engine/core_client.py", "BackgroundResources", "engine_manager"),
+    Internal("v1/engine/utils.py", "CoreEngineProcManager", "processes"),
+    Internal("v1/engine/core_client.py", "SyncMPClient", "outputs_queue"),
+    Internal("v1/engine/core_client.py", "MPClient", "utility_results"),
+    # launch_engine_core
+    Internal("v1/engine/utils.py", "launch_core_engines", "addresses"),
+    Internal("v1/engine/utils.py", "EngineZmqAddresses", "inputs"),
+    Internal("v1/engine/utils.py", "EngineZmqAddresses", "outputs"),
+    Internal("v1/engine/utils.py", "CoreEngineLaunch", "engine_manager"),
+    Internal("v1/engine/utils.py", "CoreEngineProcManager", "shutdown"),
+    # add_request, final_output
+    Internal("v1/engine/async_llm.py", "AsyncLLM", "add_request"),
+    Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get"),
+    Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get_nowait"),
+)
+
+
+def api_server_args(engine_args: Any, count: int, rank: int) -> None:
+    """Make `vllm.EngineArgs` those of front end `rank` of `count` (-1: the engine core they share).
+
+    What `vllm serve --api-server-count N` sets (vllm/entrypoints/cli/serve.py;
+    the fields: vllm/engine/arg_utils.py `EngineArgs`): with more than one
+    front end vLLM keeps the multimodal processor cache in each front end only
+    ("processor_only", vllm/multimodal/cache/factories.py), which is what
+    `render` renders through.
+    """
+    engine_args._api_process_count = count
+    engine_args._api_process_rank = rank
+
+
+def render(renderer: Any, model_config: Any, prompt: Mapping[str, Any]) -> Any:
+    """vLLM's engine input for one prompt dict: the calls `vllm.LLM.generate` makes before `add_request`.
+
+    `skip_mm_cache=True` renders through the renderer's processor-only cache
+    (vllm/renderers/base.py `BaseRenderer.render_cmpl`), which keeps the
+    processed image in this process and sends it in full with every request.
+    Not thread-safe: the caller serializes.
+    """
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    (engine_input,) = renderer.render_cmpl(
+        [parse_model_prompt(model_config, dict(prompt))], renderer.default_cmpl_tok_params, skip_mm_cache=True
+    )
+    return engine_input
+
+
+def processor_only_cache(renderer: Any) -> Any:
+    """The cache `render` renders through (`make_stats()`: hits and total), None when the profile disables it.
+
+    vLLM 0.32 has no accessor for it: the public `mm_processor_cache` is the
+    sender cache (vllm/renderers/base.py `BaseRenderer.__init__`).
+    """
+    return renderer._mm_processor_only_cache
+
+
+def core_processes(llm_engine: Any) -> Sequence[Any]:
+    """The engine-core processes (`multiprocessing` processes) of an `LLMEngine` whose core runs in its own process."""
+    return llm_engine.engine_core.resources.engine_manager.processes
+
+
+def wake_steps_on_core_exit(llm_engine: Any) -> None:
+    """Block until an engine-core process of `llm_engine` exits, then wake whatever waits for it with vLLM's EngineDeadError.
+
+    vLLM 0.32 notices the process's exit (its client is marked dead and later
+    calls raise EngineDeadError) but never wakes a `step()` already waiting
+    for outputs (`SyncMPClient.get_output` blocks on `outputs_queue`,
+    vllm/v1/engine/core_client.py): the step loop, and every Beam thread
+    waiting on it, would wait forever. Run on a thread of its own.
+    """
+    from multiprocessing.connection import wait
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = llm_engine.engine_core
+    wait([process.sentinel for process in core_processes(llm_engine)])
+    client.outputs_queue.put_nowait(EngineDeadError())
+    # A utility call waiting for the dead core (SyncMPClient.call_utility) would wait forever too.
+    for future in list(client.utility_results.values()):
+        if not future.done():
+            future.set_exception(EngineDeadError())
+
+
+def launch_engine_core(vllm_config: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
+    """Start an engine core for front ends that bind `inputs`/`outputs` (one ZMQ address pair each); return once it is ready.
+
+    vLLM's own launcher for `vllm serve --api-server-count N`
+    (vllm/v1/engine/utils.py `launch_core_engines`; leaving its block waits
+    for the core's startup handshake). Returns its `CoreEngineProcManager`
+    (`processes`, `shutdown(timeout)`).
+    """
+    from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
+    from vllm.v1.executor import Executor
+
+    addresses = EngineZmqAddresses(inputs=list(inputs), outputs=list(outputs))
+    with launch_core_engines(vllm_config, Executor.get_class(vllm_config), False, addresses) as launch:
+        pass
+    return launch.engine_manager
+
+
+async def add_request(async_llm: Any, request_id: str, prompt: Any, params: Any) -> Any:
+    """Hand one rendered request to an `AsyncLLM`; raises at once for a request its front end rejects.
+
+    Returns the request's output stream for `final_output`: `AsyncLLM.generate`
+    (vllm/v1/engine/async_llm.py) does the same, but raises a rejection only
+    once its caller starts reading outputs.
+    """
+    return await async_llm.add_request(request_id, prompt, params)
+
+
+async def final_output(stream: Any) -> Any:
+    """The finished `RequestOutput` of a stream from `add_request`, read as `AsyncLLM.generate` reads it."""
+    while True:
+        output = stream.get_nowait() or await stream.get()
+        if output.finished:
+            return output
+

@@ -1,0 +1,253 @@
+"""RunTasks on a scripted engine (engine/fake.py): admission, the retry ladder, bundle ends, engine death, errors.
+
+The DoFn's methods are driven as Beam drives them (setup, start_bundle,
+process..., finish_bundle, teardown); the last test runs it in a pipeline.
+The real engine's side of the same behaviour: tests/test_engine_faults.py,
+tests/test_engine_isolation.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import pytest
+from apache_beam import pvalue
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+from PIL import Image
+
+from engine.api import EngineDeadError, EngineRequest, EngineSettings, EngineStopped
+from engine.fake import Answer, FakeEngine, Script
+from engine.prompts import Sampling
+from engine.registry import EngineRegistry, build_engine
+from library.metadata import ItemValues
+from schemas.records import ErrorRecord, ImageItem, ItemInfo, ItemRef, Stage, TaskCompletion
+from tasks.builtin import BUILTIN_TASKS
+from tasks.task import Task
+from transforms.run_tasks import RunTasks, image_key
+
+SETTINGS = EngineSettings(model_path="/models/fake", engine_args={}, max_in_flight=8, structured_output=True)
+TASKS = [BUILTIN_TASKS["caption"], BUILTIN_TASKS["detect"]]
+BOXES = '[{"box_2d": [100, 200, 500, 600], "label": "cat"}]'
+NOT_BOXES = "I see a cat."
+
+
+def script(**answers: Any) -> dict[str, Any]:
+    """Each named task's answer(s), for its first request and every rung of its retry ladder."""
+    table: dict[str, Any] = {}
+    for name, answer in answers.items():
+        task = BUILTIN_TASKS[name]
+        for attempt in range(len(task.retries) + 1):
+            table.setdefault(task.request(ItemValues(None), attempt).instruction, answer)
+    return table
+
+
+def item(number: int, tasks: Sequence[str] = ()) -> ImageItem:
+    info = ItemInfo(ItemRef.make(f"/data/{number}.png"), width=64, height=48, content_hash=f"hash{number}")
+    return ImageItem(info, Image.new("RGB", (64, 48)), tuple(tasks))
+
+
+class DrivenStage:
+    """One RunTasks with its own registry of fake engines, driven as a runner drives a DoFn."""
+
+    def __init__(self, engine_script: Script, tasks=TASKS, registry: EngineRegistry | None = None, **engine_args: Any):
+        if registry is None:
+            registry = EngineRegistry(lambda settings: FakeEngine(engine_script, **engine_args), idle_s=0)
+        self.registry = registry
+        self.dofn = RunTasks(SETTINGS, tasks, progress_interval_s=0, engines=lambda: self.registry)
+        self.dofn.setup()
+
+    @property
+    def engine(self) -> FakeEngine:
+        engine = self.dofn._engine
+        assert isinstance(engine, FakeEngine)
+        return engine
+
+    def bundle(self, items: Iterable[ImageItem]) -> tuple[list[Any], list[Any]]:
+        """(outputs while processing, outputs of finish_bundle), unwrapped."""
+        self.dofn.start_bundle()
+        during = [out for element in items for out in self.dofn.process(element, GlobalWindow(), MIN_TIMESTAMP)]
+        return _values(during), _values(self.dofn.finish_bundle())
+
+
+def _values(outputs: Iterable[Any]) -> list[Any]:
+    values = []
+    for output in outputs:
+        if isinstance(output, pvalue.TaggedOutput):
+            output = output.value
+        if isinstance(output, WindowedValue):  # made outside process (finish_bundle): it carries its item's window
+            assert list(output.windows) == [GlobalWindow()], output
+            output = output.value
+        values.append(output)
+    return values
+
+
+def test_all_tasks_of_an_item_are_admitted_together_and_answered():
+    stage = DrivenStage(script(caption=Answer("a cat", prompt_tokens=180, generated_tokens=3, cached_tokens=128), detect=Answer(BOXES)))
+    during, at_end = stage.bundle([item(1), item(2)])
+    assert at_end == []  # every answer came while the bundle ran
+    assert [(key, len(requests)) for key, requests in stage.engine.groups] == [(image_key(item(1)), 2), (image_key(item(2)), 2)]
+    caption = next(value for value in during if value.task == "caption")
+    assert isinstance(caption, TaskCompletion)
+    assert (caption.text, caption.prompt_tokens, caption.generated_tokens, caption.cached_tokens, caption.attempts) == ("a cat", 180, 3, 128, 1)
+    assert sorted((value.info.content_hash, value.task) for value in during) == [
+        ("hash1", "caption"), ("hash1", "detect"), ("hash2", "caption"), ("hash2", "detect")]
+    assert stage.engine.preprocessing() == (4, 2)
+
+
+def test_an_items_own_task_list_is_what_is_submitted():
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(BOXES)))
+    during, _ = stage.bundle([item(1, tasks=("detect",))])
+    assert [value.task for value in during] == ["detect"] and len(stage.engine.groups[0][1]) == 1
+
+
+def test_finish_bundle_waits_for_every_outstanding_answer():
+    stage = DrivenStage(script(caption=Answer("slow", delay_s=0.2), detect=Answer(BOXES, delay_s=0.05)))
+    started = time.monotonic()
+    during, at_end = stage.bundle([item(1), item(2)])
+    assert during == [] and len(at_end) == 4  # answered after process returned: emitted at the bundle's end
+    assert time.monotonic() - started >= 0.2
+
+
+def test_a_failing_answer_is_asked_again_and_a_later_rung_settles_it():
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=[Answer(NOT_BOXES), Answer(BOXES)]))
+    during, at_end = stage.bundle([item(1)])
+    [detect] = [value for value in during + at_end if value.task == "detect"]
+    assert (detect.text, detect.attempts) == (BOXES, 2)
+    rung = BUILTIN_TASKS["detect"].request(ItemValues(None), 1)
+    assert stage.engine.groups[-1] == (image_key(item(1)), (rung,))  # the retry: the same image, the rung's request
+
+
+def test_an_answer_failing_every_rung_goes_on_with_its_last_attempt():
+    """The parse stage turns it into an error row with the raw text (tests/test_engine_faults.py, end to end)."""
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(NOT_BOXES)))
+    during, at_end = stage.bundle([item(1)])
+    [detect] = [value for value in during + at_end if value.task == "detect"]
+    ladder = BUILTIN_TASKS["detect"].retries
+    assert (detect.text, detect.attempts) == (NOT_BOXES, len(ladder) + 1)
+    assert detect.instruction == BUILTIN_TASKS["detect"].request(ItemValues(None), len(ladder)).instruction
+
+
+def test_a_request_the_engine_rejects_becomes_an_engine_error_row_for_that_task_only():
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer(error=ValueError("prompt longer than max_model_len"))))
+    during, at_end = stage.bundle([item(1)])
+    [error] = [value for value in during + at_end if isinstance(value, ErrorRecord)]
+    assert (error.task, error.stage, error.error_type) == ("detect", Stage.ENGINE, "ValueError")
+    assert "max_model_len" in error.message
+    assert [value.task for value in during + at_end if isinstance(value, TaskCompletion)] == ["caption"]
+
+
+def test_a_task_whose_value_the_item_lacks_becomes_a_prompt_error_row_and_the_others_run():
+    ask = Task(name="ask", instruction="What is {question}?")
+    stage = DrivenStage(script(caption=Answer("a cat")), tasks=[BUILTIN_TASKS["caption"], ask])
+    during, _ = stage.bundle([item(1)])
+    [error] = [value for value in during if isinstance(value, ErrorRecord)]
+    assert (error.task, error.stage) == ("ask", Stage.PROMPT)
+    assert [value.task for value in during if isinstance(value, TaskCompletion)] == ["caption"]
+
+
+def test_an_engine_death_fails_the_bundle_and_its_retry_runs_on_a_new_engine():
+    killed = {"first": True}
+
+    def answers(request):
+        if killed.pop("first", False):
+            return Answer(kill=True, delay_s=0.05)
+        return Answer(BOXES if "box" in request.instruction.lower() else "a cat")
+
+    stage = DrivenStage(answers)
+    dead = stage.engine
+    with pytest.raises(EngineDeadError):
+        stage.bundle([item(1), item(2)])
+    assert dead.failed
+    during, at_end = stage.bundle([item(1), item(2)])  # the runner retries the bundle
+    assert len(during + at_end) == 4 and stage.engine is not dead
+    assert dead.closed and stage.registry.live == 1  # the registry closed the engine it replaced
+
+
+def test_an_item_waits_for_room_and_is_admitted_whole():
+    """max_in_flight 2: an item's two tasks wait until both fit, and go in as one group."""
+    stage = DrivenStage(script(caption=Answer("a cat", delay_s=0.1), detect=Answer(BOXES, delay_s=0.1)), max_in_flight=2)
+    during, at_end = stage.bundle([item(1), item(2), item(3)])
+    assert len(during + at_end) == 6
+    assert [len(requests) for _, requests in stage.engine.groups] == [2, 2, 2]
+
+
+def test_teardown_releases_the_engine_and_the_last_release_closes_it():
+    registry = EngineRegistry(lambda settings: FakeEngine(script(caption=Answer("a cat"), detect=Answer(BOXES))), idle_s=0)
+    first, second = DrivenStage({}, registry=registry), DrivenStage({}, registry=registry)
+    engine = first.engine
+    assert second.engine is engine and registry.live == 1  # one engine per settings, shared
+    first.bundle([item(1)])
+    first.dofn.teardown()
+    assert not engine.closed  # the other instance still holds it
+    second.dofn.teardown()
+    assert engine.closed and registry.live == 0
+
+
+_PIPELINE_ENGINES = EngineRegistry(lambda settings: FakeEngine(script(caption=Answer("a cat"), detect=Answer(BOXES))), idle_s=0)
+
+
+def _pipeline_engines() -> EngineRegistry:
+    return _PIPELINE_ENGINES
+
+
+def test_in_a_pipeline_beam_tears_the_stage_down_and_its_engine_is_closed():
+    # A module-level function: Beam pickles the DoFn, and a registry (locks, engines) does not pickle.
+    with beam.Pipeline() as pipeline:
+        outputs = (
+            pipeline
+            | beam.Create([item(1), item(2), item(3)])
+            | beam.ParDo(RunTasks(SETTINGS, TASKS, progress_interval_s=0, engines=_pipeline_engines)).with_outputs("errors", main="main")
+        )
+        completions = outputs.main | beam.Map(lambda completion: (completion.info.content_hash, completion.task))
+        assert_that(completions, equal_to(
+            [(f"hash{n}", task) for n in (1, 2, 3) for task in ("caption", "detect")]))
+    assert _PIPELINE_ENGINES.live == 0  # teardown released it, and nothing else held it
+
+
+def test_an_idle_engine_is_kept_for_the_next_holder_then_closed():
+    built: list[FakeEngine] = []
+    registry = EngineRegistry(lambda settings: built.append(FakeEngine({})) or built[-1], idle_s=0.2)
+    engine = registry.acquire(SETTINGS)
+    registry.release(engine)
+    assert registry.acquire(SETTINGS) is engine and len(built) == 1  # back within idle_s: the same engine
+    registry.release(engine)
+    deadline = time.monotonic() + 5
+    while not engine.closed:
+        assert time.monotonic() < deadline, "the idle engine was never closed"
+        time.sleep(0.02)
+    assert registry.live == 0 and registry.acquire(SETTINGS) is not engine
+
+
+def test_without_an_idle_limit_only_a_failed_engine_is_closed():
+    registry = EngineRegistry(lambda settings: FakeEngine({"q": Answer(kill=True)}), idle_s=None)
+    engine = registry.acquire(SETTINGS)
+    registry.release(engine)
+    assert registry.acquire(SETTINGS) is engine and not engine.closed  # kept while the process lives
+    with pytest.raises(EngineDeadError):
+        engine.submit(Image.new("RGB", (4, 4)), "k", [EngineRequest("q", max_tokens=4, sampling=Sampling())])[0].result()
+    registry.release(engine)
+    assert engine.closed and registry.live == 0
+
+
+def test_stop_all_cancels_outstanding_work_and_the_next_acquire_builds_a_new_engine():
+    registry = EngineRegistry(lambda settings: FakeEngine({"q": Answer("a", delay_s=5)}), idle_s=0)
+    engine = registry.acquire(SETTINGS)
+    [future] = engine.submit(Image.new("RGB", (4, 4)), "k", [EngineRequest("q", max_tokens=4, sampling=Sampling())])
+    stopper = threading.Thread(target=registry.stop_all, args=("run interrupted by SIGINT",))
+    stopper.start()
+    stopper.join()
+    assert isinstance(future.exception(timeout=1), EngineStopped) and engine.failed
+    assert registry.acquire(SETTINGS) is not engine and engine.closed
+
+
+def test_the_fast_tier_refuses_a_real_engine_but_not_a_fake(request):
+    """tests/conftest.py: under --fast only building a VisionEngine trips the guard (every test above ran a fake)."""
+    if not request.config.getoption("--fast"):
+        pytest.skip("the guard is on under --fast only")
+    with pytest.raises(RuntimeError, match="mark it @pytest.mark.engine"):
+        build_engine(SETTINGS)
