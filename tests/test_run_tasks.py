@@ -12,6 +12,8 @@ import time
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam import pvalue
 from apache_beam.testing.util import assert_that, equal_to
@@ -25,9 +27,11 @@ from engine.fake import Answer, FakeEngine, Script
 from engine.prompts import Sampling
 from engine.registry import EngineRegistry, build_engine
 from library.metadata import ItemValues
-from schemas.records import ErrorRecord, ImageItem, ItemInfo, ItemRef, Stage, TaskCompletion
+from schemas.records import ErrorRecord, ImageItem, ItemInfo, ItemRef, RunInfo, Stage, TaskCompletion
+from schemas.tables import RESULTS_SCHEMA
 from tasks.builtin import BUILTIN_TASKS
 from tasks.task import Task
+from transforms.parse import ParseCompletions
 from transforms.run_tasks import RunTasks, image_key
 
 SETTINGS = EngineSettings(model_path="/models/fake", engine_args={}, max_in_flight=8, structured_output=True)
@@ -251,3 +255,23 @@ def test_the_fast_tier_refuses_a_real_engine_but_not_a_fake(request):
         pytest.skip("the guard is on under --fast only")
     with pytest.raises(RuntimeError, match="mark it @pytest.mark.engine"):
         build_engine(SETTINGS)
+
+
+def test_a_layout_answer_climbs_the_ladder_and_lands_as_blocks_read_back_from_parquet(tmp_path):
+    """Scripted, since the random model answers `[]`: a bad category is re-asked, the good answer's blocks are kept."""
+    layout = BUILTIN_TASKS["layout"]
+    blocks = ('[{"box_2d": [0, 0, 100, 1000], "category": "title", "text": "Annual report"},'
+              ' {"box_2d": [120, 0, 900, 1000], "category": "text", "text": "Revenue grew."}]')
+    stage = DrivenStage(script(layout=[Answer('[{"box_2d": [0, 0, 10, 10], "category": "poem", "text": "x"}]'),
+                                       Answer(blocks)]), tasks=[layout])
+    during, at_end = stage.bundle([item(1)])
+    [completion] = during + at_end
+    assert completion.attempts == 2
+    [row] = list(ParseCompletions([layout], RunInfo("run-1", "model-x", "v1")).process(completion))
+    path = tmp_path / "results.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=RESULTS_SCHEMA), path)
+    [back] = pq.read_table(path).to_pylist()
+    assert [(b["index"], b["category"], b["text"]) for b in back["blocks"]] == [
+        (0, "title", "Annual report"), (1, "text", "Revenue grew.")]
+    assert back["blocks"][1]["box_px"] == {"xmin": 0, "ymin": 6, "xmax": 64, "ymax": 43}  # 0-1000 -> 64 x 48 pixels
+    assert back["text"] == "# Annual report\n\nRevenue grew." and back["detections"] is None
