@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from evaluation.baselines import ENGINES, run_baseline
 from evaluation.storage import match_sources
+from library import storage
 from library.formats import DecodeLimits
 from library.shards import ShardSettings
 
@@ -41,6 +42,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Beam's GCS client with the default retry budget: an outage is one StorageFailure line, as in a run.
+    storage.install()
     args = parse_args(argv)
     limits = DecodeLimits(pdf_dpi=args.pdf_dpi, max_side=args.max_image_side)
     shards = ShardSettings(parquet_id_column=args.parquet_id_column, parquet_bytes_column=args.parquet_bytes_column)

@@ -17,6 +17,7 @@ from evaluation.report import describe_references, render_json, render_markdown,
 from evaluation.runs import MATCH_MODES, load_run
 from evaluation.scoring import RunScores, keyed_references, score_run
 from evaluation.storage import read_references, write_text
+from library import storage
 from schemas.references import ReferenceItem
 
 
@@ -56,6 +57,8 @@ def score_all(args: argparse.Namespace, references: Sequence[ReferenceItem]) -> 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Beam's GCS client with the default retry budget: an outage is one StorageFailure line, as in a run.
+    storage.install()
     args = parse_args(argv)
     try:
         references = read_references(args.references)

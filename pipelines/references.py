@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from evaluation.pdf_references import pdf_references
 from evaluation.storage import match_sources, read_text, write_references
 from evaluation.text_render import Degradation, Layout, find_font, paragraphs, write_rendered_set
+from library import storage
 from library.formats import DecodeLimits
 from schemas.references import GRANULARITIES
 
@@ -57,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Beam's GCS client with the default retry budget: an outage is one StorageFailure line, as in a run.
+    storage.install()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.command == "from-pdf":

@@ -16,6 +16,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from evaluation.storage import write_text
+from library import storage
 from library.formats import DecodeLimits
 from library.shards import ShardSettings
 from reporting.html import render
@@ -47,6 +48,8 @@ def _settings(cls: type, values: Mapping[str, Any]) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Beam's GCS client with the default retry budget: an outage is one StorageFailure line, as in a run.
+    storage.install()
     args = parse_args(argv)
     try:
         run = load_run(args.output, args.sample, args.order)
