@@ -38,13 +38,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fast_tier_starts_no_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under --fast, an unmarked test that starts the engine in this process fails, naming the fix."""
-    if not request.config.getoption("--fast"):
+    """A test not marked `engine` that starts the engine in this process fails, naming the fix.
+
+    In both tiers, so a test missing its mark fails in the full run too, not only where --fast drops the others.
+    """
+    if request.node.get_closest_marker("engine") is not None:
         return
     from engine import local as engine
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"{request.node.nodeid} started the vLLM engine under --fast: mark it @pytest.mark.engine")
+        raise RuntimeError(f"{request.node.nodeid} started the vLLM engine without the engine mark (the fast tier runs it): mark it @pytest.mark.engine")
 
     monkeypatch.setattr(engine.VisionEngine, "__init__", refuse)
 

@@ -249,10 +249,8 @@ def test_stop_all_cancels_outstanding_work_and_the_next_acquire_builds_a_new_eng
     assert registry.acquire(SETTINGS) is not engine and engine.closed
 
 
-def test_the_fast_tier_refuses_a_real_engine_but_not_a_fake(request):
-    """tests/conftest.py: under --fast only building a VisionEngine trips the guard (every test above ran a fake)."""
-    if not request.config.getoption("--fast"):
-        pytest.skip("the guard is on under --fast only")
+def test_a_test_without_the_engine_mark_may_build_a_fake_but_not_a_real_engine():
+    """tests/conftest.py: only building a VisionEngine trips the guard (every test above ran a fake)."""
     with pytest.raises(RuntimeError, match="mark it @pytest.mark.engine"):
         build_engine(SETTINGS)
 
