@@ -43,23 +43,23 @@ class EngineSettings:
     model_path: str  # Hugging Face-format checkpoint: local directory or gs:// URI (staged once per worker)
     engine_args: Mapping[str, Any]  # passed to vllm.EngineArgs
     max_in_flight: int  # back-pressure: requests admitted but not finished, per process
-    structured_output: bool  # constrain JSON answers (boxes, json tasks) with their schema (not available on TPU)
+    structured_output: bool  # constrain answers with their kind's Constraint (tasks.kinds; not available on TPU)
     vision_tokens: Optional[int] = None  # the job's image soft-token budget (tasks may set their own); None = model default
     xla_cache_path: Optional[str] = None  # persistent XLA compile cache (TPU), exported as VLLM_XLA_CACHE_PATH
     image_first: bool = True  # False only for the benchmark ablation
     thinking: bool = False  # Gemma 4 thinking mode: passed to the chat template as enable_thinking
     # Where images are preprocessed: on the step-loop thread before add_request, or on the submitting
-    # (Beam) threads while the engine steps. The reason for each profile's choice is in engine_profiles.py.
+    # (Beam) threads while the engine steps. The reason for each profile's choice is in engine/profiles.py.
     preprocess_on_step_thread: bool = False
     # vLLM's engine core (scheduler, KV cache manager, model runner) in its own process (V1
-    # multiprocessing) instead of in this one. The reason for each profile's choice is in engine_profiles.py.
+    # multiprocessing) instead of in this one. The reason for each profile's choice is in engine/profiles.py.
     engine_core_process: bool = False
     # Worker processes of one host that feed ONE engine core (engine.host): 1 = this
     # process's own engine, as placed by engine_core_process. The reason for each profile's value is
-    # in engine_profiles.py.
+    # in engine/profiles.py.
     host_feeders: int = 1
     # Process environment the engine's native libraries read when they start (set before the engine
-    # is built; a variable the user already exported wins). Reasons are in engine_profiles.py.
+    # is built; a variable the user already exported wins). Reasons are in engine/profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
 
