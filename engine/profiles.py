@@ -381,11 +381,14 @@ PROFILES: Mapping[str, EngineProfile] = {
                 "vLLM CUDA on one NVIDIA L4 (24 GB, g2-standard-8): Gemma 4 12B with fp8 weights, TP1.",
                 {
                     # The 12B's bf16 weights (~23.8 GB) do not fit a 24 GB L4 with any KV cache; vLLM's Gemma 4
-                    # guide lists only E2B/E4B for 24 GB GPUs in bf16. vLLM's online fp8 quantization (weights and
-                    # activations, dynamic scales) runs on the L4's native fp8 tensor cores (Ada): ~12.9 GB of
-                    # weights (linear layers fp8, the tied 262k x 3,840 embedding bf16). Unverified upstream for the
-                    # 12B: check output quality on a sample against tpu-v6e-1 before a large run.
-                    "quantization": "fp8",
+                    # guide lists only E2B/E4B for 24 GB GPUs in bf16. vLLM's online fp8 quantization of a bf16
+                    # checkpoint (weights cast to fp8 at load, one scale per tensor) runs on the L4's native fp8
+                    # tensor cores (Ada): ~12.9 GB of weights (linear layers fp8, the tied 262k x 3,840 embedding
+                    # bf16). Named `fp8_per_tensor`: vLLM 0.32's `fp8` accepts only fp8-serialised checkpoints and
+                    # refuses online quantization (vllm/model_executor/layers/quantization/fp8.py `Fp8Config`;
+                    # the shorthands are in vllm/config/quantization.py `_ONLINE_SHORTHANDS`). Unverified upstream
+                    # for the 12B: check output quality on a sample against tpu-v6e-1 before a large run.
+                    "quantization": "fp8_per_tensor",
                     # ~7 GB of KV after weights and CUDA graphs in 24 GB x 0.9: the same 0.2-0.4 GB per sequence as on
                     # tpu-v6e-1 (bf16 KV): ~17 sequences at 4,096 tokens, ~34 at 600.
                     "max_num_seqs": 32,

@@ -98,7 +98,7 @@ def engine_shape(profile: LaunchProfile, vision_tokens: Optional[int]) -> Engine
         max_num_seqs=args["max_num_seqs"],
         # vLLM's block size: the profile's (TPU: 256), else vLLM's CUDA default of 16.
         block_size=args.get("block_size", 16),
-        weight_bytes=1 if args.get("quantization") == "fp8" else 2,
+        weight_bytes=1 if str(args.get("quantization", "")).startswith("fp8") else 2,  # fp8, fp8_per_tensor, ...
         # kv_cache_dtype "auto" is planned as bf16 (the checkpoint's dtype): the conservative reading.
         kv_bytes=1 if str(args.get("kv_cache_dtype", "auto")).startswith("fp8") else 2,
         # Where the profile leaves it to the checkpoint: Gemma 4's default, as the job resolves it.

@@ -34,8 +34,8 @@ def check_engine_fits(worker: WorkerShape, engine: engine_profiles.EngineProfile
             f"{engine.name}: tensor_parallel_size {tensor_parallel} does not use the {worker.chips} chips "
             f"of a {worker.machine_type} worker"
         )
-    quantization = args.get("quantization")
-    if quantization == "fp8" and not worker.chip.native_fp8:
+    quantization = str(args.get("quantization", ""))
+    if quantization.startswith("fp8") and not worker.chip.native_fp8:  # fp8 (a serialised checkpoint), fp8_per_tensor, ...
         raise ValueError(
             f"{engine.name}: fp8 weights on {worker.chip.name}, which has no fp8 matmuls "
             "(tpu-inference dtype support matrix: v5e/v6e compute int8, int4, bf16); serve bf16"

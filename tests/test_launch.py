@@ -176,7 +176,15 @@ def test_the_h100_profile_takes_the_guides_26b_settings_and_the_l4_quantises_the
     h100 = engine_profiles.resolve("gpu-h100-gemma4-26b-a4b").engine_args
     assert (h100["max_model_len"], h100["dtype"], "quantization" in h100) == (32768, "bfloat16", False)
     l4 = engine_profiles.resolve("gpu-l4-gemma4-12b-fp8").engine_args
-    assert l4["quantization"] == "fp8" and PROFILES["gpu-l4"].worker.chip.native_fp8
+    assert l4["quantization"] == "fp8_per_tensor" and PROFILES["gpu-l4"].worker.chip.native_fp8
+
+
+def test_every_quantised_profile_names_an_online_method_vllm_accepts_for_a_bf16_checkpoint():
+    """Gemma 4's checkpoints are bf16: vLLM 0.32's `fp8` refuses them (Fp8Config: fp8-serialised only)."""
+    from vllm.config.quantization import ONLINE_QUANT_SHORTHAND_NAMES
+
+    quantised = {name: p.engine_args["quantization"] for name, p in engine_profiles.PROFILES.items() if "quantization" in p.engine_args}
+    assert quantised and all(method in ONLINE_QUANT_SHORTHAND_NAMES for method in quantised.values()), quantised
 
 
 @pytest.mark.parametrize(
@@ -186,6 +194,7 @@ def test_the_h100_profile_takes_the_guides_26b_settings_and_the_l4_quantises_the
         ("tpu-v6e-4", ["--vision_tokens", "560"], "vision_tokens 560; at most 280"),
         ("tpu-v6e-4", ["--task_vision_tokens", "ocr=1120"], "vision_tokens 1120; at most 280"),  # a task's own budget
         ("tpu-v6e-1", ["--engine_arg", "quantization=fp8"], "no fp8 matmuls"),
+        ("tpu-v6e-1", ["--engine_arg", "quantization=fp8_per_tensor"], "no fp8 matmuls"),
         ("tpu-v6e-4", ["--engine_profile", "cpu-tiny"], "choose the worker shape with --profile"),
         ("gpu-l4", ["--engine_arg", "tensor_parallel_size=2"], "does not use the 1 chips"),
     ],
