@@ -35,6 +35,8 @@ from launch.run_dataflow import DATE_PLACEHOLDER
 from launch.shell import command_text
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+# 02:00 daily; launch/composer/vision_batch_nightly.py's DAG uses the same cron, so both paths date a night alike.
+DEFAULT_SCHEDULE = "0 2 * * *"
 
 
 def scheduler_job_name(profile: LaunchProfile) -> str:
@@ -113,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output_root", required=True, help="gs:// root; each night writes OUTPUT_ROOT/YYYY-MM-DD")
     parser.add_argument("--model", required=True, help="Gemma 4 checkpoint in GCS")
     parser.add_argument("--scheduler_service_account", required=True, help="service account Cloud Scheduler calls Dataflow as")
-    parser.add_argument("--schedule", default="0 2 * * *", help="cron schedule (default: 02:00 daily)")
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="cron schedule (default: 02:00 daily)")
     parser.add_argument("--time_zone", default="Etc/UTC", help="time zone of --schedule")
     parser.add_argument("--write", type=pathlib.Path, default=None, metavar="DIR", help="write the launch body JSON here")
     add_deployment_args(parser)
