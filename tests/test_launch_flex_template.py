@@ -250,3 +250,28 @@ def test_scheduler_command_posts_the_body_to_flex_templates_launch():
     assert "--uri=https://dataflow.googleapis.com/v1b3/projects/my-project/locations/us-east5/flexTemplates:launch" in command
     assert "--message-body-from-file=nightly.json" in command
     assert "--oauth-service-account-email=sa@my-project.iam.gserviceaccount.com" in command
+
+
+def test_schedule_writes_alert_policies_for_a_failed_night_and_a_refused_launch(monkeypatch, tmp_path, capsys):
+    """Both policies parse as Cloud Monitoring's AlertPolicy (unknown fields raise) and watch this nightly job only."""
+    from google.cloud import monitoring_v3
+
+    go_offline(monkeypatch, tmp_path)
+    assert schedule.main([
+        "--profile", "tpu-v6e-1", "--input", f"gs://{BUCKET}/incoming/**", "--output_root", f"gs://{BUCKET}/nightly",
+        "--model", f"gs://{BUCKET}/models/g", "--scheduler_service_account", "launcher@my-project.iam.gserviceaccount.com",
+        "--project=my-project", "--region=us-east5", f"--temp_location=gs://{BUCKET}/tmp", "--write", str(tmp_path / "cfg"),
+    ]) == 0
+    out = capsys.readouterr().out
+    failed, refused = (monitoring_v3.AlertPolicy.from_json((tmp_path / "cfg" / f"alert-{kind}-tpu-v6e-1.json").read_text())
+                       for kind in ("job-failed", "launch-refused"))
+    [condition] = failed.conditions
+    assert 'metric.type="dataflow.googleapis.com/job/is_failed"' in condition.condition_threshold.filter
+    assert 'resource.labels.job_name="vision-batch-nightly-tpu-v6e-1"' in condition.condition_threshold.filter
+    [condition] = refused.conditions
+    assert 'resource.type="cloud_scheduler_job"' in condition.condition_matched_log.filter
+    assert 'resource.labels.job_id="vision-batch-nightly-tpu-v6e-1"' in condition.condition_matched_log.filter
+    assert refused.alert_strategy.notification_rate_limit.period.total_seconds() > 0  # log-based policies need one
+    for kind in ("job-failed", "launch-refused"):
+        assert f"--policy-from-file={tmp_path / 'cfg'}/alert-{kind}-tpu-v6e-1.json" in out
+    assert "gcloud beta monitoring channels create" in out
