@@ -14,7 +14,8 @@ Facts recorded, each by a function that runs anywhere (the tests run them here f
   process's container (its mount namespace);
 - `accelerator_holders`: which processes hold accelerator device files open (the TPU's
   /dev/vfio/N or /dev/accelN, a GPU's /dev/nvidiaN): one engine core must hold them, alone;
-- `ENGINE_STARTS`: the engine's own "ready in N s" line, as this process logged it;
+- `ENGINE_STARTS`: the engine's own "ready in N s" lines, as this process logged them (the probe holds the
+  job's engine while it looks at the devices: a second, warm start when the job's was closed already);
 - `xla_cache`: the persistent compile cache's entries in GCS, one read back;
 - `bucket_round_trip`: an object written, read back and deleted under the findings prefix, as the
   worker's service account (named by the metadata server, where there is one);
@@ -41,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from engine.api import EngineSettings
 from engine.model_staging import stage_checkpoint
+from engine.registry import process_engines
 
 _LOG = logging.getLogger("launch.canary")
 # Imported by every worker process before any bundle (--beam_plugins): it calls `install`.
@@ -135,19 +137,31 @@ def _link(path: pathlib.Path) -> Optional[str]:
         return None
 
 
+def _parent(proc: pathlib.Path, pid: int) -> Optional[int]:
+    try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces and parentheses
+        return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def sdk_processes(proc: pathlib.Path = pathlib.Path("/proc"), harness: str = SDK_HARNESS_MODULE) -> dict[str, Any]:
     """The SDK harness processes this machine runs (this one always counts: the probe runs in an SDK process;
-    a local runner's harness is the launching process itself), and whether all share this one's container."""
+    a local runner's harness is the launching process itself), and whether all share this one's container.
+
+    A harness's own children are not harnesses, though a forked one (vLLM's engine core, unless something forces
+    spawn) shows its parent's command line: processes whose parent is a harness are left out."""
     own = os.getpid()
     own_namespace = _link(proc / str(own) / "ns" / "mnt")
-    found: dict[int, Optional[str]] = {own: own_namespace}
+    candidates: set[int] = {own}
     for pid in _pids(proc):
         try:
             command = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if harness in command:
-            found[pid] = _link(proc / str(pid) / "ns" / "mnt")
+            candidates.add(pid)
+    found = {pid: _link(proc / str(pid) / "ns" / "mnt") for pid in candidates
+             if pid == own or _parent(proc, pid) not in candidates}
     return {
         "pids": sorted(found),
         "this_pid": own,
@@ -259,6 +273,17 @@ class Probe(beam.DoFn):
     def setup(self) -> None:
         install()
 
+    def _held_accelerator(self) -> dict[str, list[int]]:
+        """Device holders while this process holds the job's engine: the job's own if it is still up, else a new one
+        (the job's DoFns, and with them the engine, may be torn down by now; a second start reads the XLA cache the
+        first one wrote, and its start-up line is recorded too)."""
+        engines = process_engines()
+        engine = engines.acquire(self._settings.engine)
+        try:
+            return accelerator_holders()
+        finally:
+            engines.release(engine)
+
     def process(self, _: Any, summary: Any) -> Iterator[str]:
         settings = self._settings
         host, pid = socket.gethostname(), os.getpid()
@@ -269,7 +294,7 @@ class Probe(beam.DoFn):
             "summary": summary,
             "imports": image_imports(),
             "sdk_processes": sdk_processes(),
-            "accelerator_holders": accelerator_holders(),
+            "accelerator_holders": self._held_accelerator(),
             "engine_starts_s": list(ENGINE_STARTS),
             "xla_cache": xla_cache(settings.engine.xla_cache_path),
             "bucket": {**bucket_round_trip(settings.findings, f"round-trip-{host}-{pid}"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -164,15 +165,25 @@ def test_accelerator_holders_are_read_from_proc(tmp_path):
 
 
 def test_sdk_processes_counts_harness_processes_of_this_container():
-    child = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
-                              canary.SDK_HARNESS_MODULE], stdout=subprocess.PIPE)
+    """Beam's boot starts the harnesses side by side (each a child of boot, here of a shell); a process a harness
+    starts itself with the same command line (a forked vLLM engine core) is not another harness."""
+    script = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    # The "boot" shell gets the harness's command line through its environment: its own stays free of it, as boot's.
+    boot = subprocess.Popen(["/bin/sh", "-c", '"$PYTHON" -c "$SCRIPT" "$HARNESS" & wait'], stdout=subprocess.PIPE,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHON": sys.executable, "SCRIPT": script, "HARNESS": canary.SDK_HARNESS_MODULE})
+    forked = subprocess.Popen([sys.executable, "-c", script, canary.SDK_HARNESS_MODULE], stdout=subprocess.PIPE)
     try:
-        child.stdout.readline()
+        sibling = int(boot.stdout.readline())
+        forked.stdout.readline()
         found = canary.sdk_processes()
     finally:
-        child.kill()
-        child.wait()
-    assert found["this_pid"] == os.getpid() and {os.getpid(), child.pid} <= set(found["pids"])
+        os.killpg(boot.pid, signal.SIGKILL)
+        forked.kill()
+        boot.wait()
+        forked.wait()
+    assert found["this_pid"] == os.getpid() and {os.getpid(), sibling} <= set(found["pids"])
+    assert forked.pid not in found["pids"]
     assert found["same_container"] is True
 
 
