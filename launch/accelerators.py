@@ -76,9 +76,16 @@ class WorkerShape:
         if self.chip.platform != TPU:
             return {}
         rows, columns = self.topology.split("x")
+        # What the TPU runtime would otherwise read from a TPU VM's metadata server. With TPU_SKIP_MDS_QUERY it takes
+        # the accelerator type, bounds, worker id and worker hostnames from these variables instead (pytorch/xla
+        # torch_xla/_internal/tpu.py, "Try bootstrapping tpu env from env vars", commit f2cb76f), and a Dataflow
+        # worker VM is no TPU VM. A single host is worker 0 of a one-host slice named localhost, as Dataflow's TPU
+        # container example sets them (Dataflow docs, "Run a pipeline with TPUs"), and as Ray derives them for one
+        # host (ray.util.tpu.get_jax_env_vars: TPU_WORKER_ID defaults to 0 for a single host).
         return {
-            # The Dataflow VM has no TPU-VM metadata server entries: don't query them.
             "TPU_SKIP_MDS_QUERY": "1",
+            "TPU_WORKER_ID": "0",
+            "TPU_WORKER_HOSTNAMES": "localhost",
             # Single-host slice: one host in every dimension.
             "TPU_HOST_BOUNDS": "1,1,1",
             # The chips of this host, as x,y,z.

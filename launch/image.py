@@ -6,7 +6,8 @@ worker image's base (`vllm/vllm-tpu:v<vllm-tpu>` for TPU workers,
 `vllm/vllm-openai:v<vllm>` for GPU workers), the Beam SDK image its boot
 files come from (`apache/beam_python3.12_sdk:<beam>`) and the image tags
 are computed from it here, so a version bump in setup.py moves them all.
-Standard library only: launch/build_image.sh runs it with any python3.
+Standard library only (tests/test_launch_image.py imports it without
+site-packages): launch/build_image.sh runs it with any python3.
 
     python3 -m launch.image --profile tpu-v6e-1 --registry REGION-docker.pkg.dev/PROJECT/REPO substitutions
     python3 -m launch.image --profile gpu-l4 --registry ... build-args
@@ -22,7 +23,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from launch.accelerators import CUDA, TPU, WorkerShape
-from launch.profiles import get_profile
+from launch.workers import profile_worker
 
 SETUP_PY = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
 # Python of the vllm/vllm-tpu and vllm/vllm-openai images: the Beam SDK image must match it (local development
@@ -168,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     pins = package_pins()
-    worker = get_profile(args.profile).worker
+    worker = profile_worker(args.profile)
     outputs = {
         "substitutions": lambda: gcloud_substitutions(substitutions(args.registry, pins, worker)),
         "build-args": lambda: "\n".join([f"--target={worker_target(worker)}", _as_build_args(worker_build_args(pins, worker))]),

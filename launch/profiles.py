@@ -18,7 +18,8 @@ import dataclasses
 from typing import Mapping
 
 from engine import profiles as engine_profiles
-from launch.accelerators import TPU, WorkerShape, find_gpu_worker, find_tpu_worker, harness_threads
+from launch.accelerators import TPU, WorkerShape, harness_threads
+from launch.workers import PROFILE_WORKERS
 
 # Per-request image budgets above 280 soft tokens are not served whole on TPU: tpu-inference's Gemma 4 cuts each
 # image's features to vision_config.default_output_length (tpu_inference/models/jax/gemma4_mm.py).
@@ -86,7 +87,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="tpu-v6e-1",
             description="Gemma 4 12B on one v6e chip per worker (TP1): the throughput-per-dollar choice.",
-            worker=find_tpu_worker("tpu-v6e-slice", "1x1", "ct6e-standard-1t"),
+            worker=PROFILE_WORKERS["tpu-v6e-1"],
             engine_profile="tpu-v6e-1-gemma4-12b",
             model="gemma-4-12B",
             # 16 chips, as 4 x tpu-v6e-4: many single-chip workers. A published sweep of the 12B on vllm-tpu
@@ -98,7 +99,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="tpu-v6e-4",
             description="Gemma 4 26B-A4B on v6e-4 workers (4 chips, TP4): the recipes' 4-chip minimum.",
-            worker=find_tpu_worker("tpu-v6e-slice", "2x2", "ct6e-standard-4t"),
+            worker=PROFILE_WORKERS["tpu-v6e-4"],
             engine_profile="tpu-v6e-4-gemma4-26b-a4b",
             model="gemma-4-26B-A4B",
             max_workers=4,  # 16 chips: a first size for a nightly batch; raise it once quota or a reservation allows
@@ -107,7 +108,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="tpu-v6e-8",
             description="Gemma 4 26B-A4B on v6e-8 workers (8 chips, TP8): the Trillium recipe's shape.",
-            worker=find_tpu_worker("tpu-v6e-slice", "2x4", "ct6e-standard-8t"),
+            worker=PROFILE_WORKERS["tpu-v6e-8"],
             engine_profile="tpu-v6e-8-gemma4-26b-a4b",
             model="gemma-4-26B-A4B",
             max_workers=2,  # the same 16 chips as the tpu-v6e-4 default
@@ -116,7 +117,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="tpu-v6e-8-31b",
             description="Gemma 4 31B dense on v6e-8 workers (8 chips, TP8): the Trillium recipe.",
-            worker=find_tpu_worker("tpu-v6e-slice", "2x4", "ct6e-standard-8t"),
+            worker=PROFILE_WORKERS["tpu-v6e-8-31b"],
             engine_profile="tpu-v6e-8-gemma4-31b",
             model="gemma-4-31B",
             max_workers=2,
@@ -125,9 +126,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="gpu-l4",
             description="Gemma 4 12B (fp8 weights) on one NVIDIA L4 per worker: no TPU allowlist needed.",
-            # g2-standard-8: 8 vCPUs and 32 GB of host memory for decoding beside one L4 (g2-standard-4's 16 GB
-            # is tight for the checkpoint staging and decode threads).
-            worker=find_gpu_worker("nvidia-l4", 1, "g2-standard-8"),
+            worker=PROFILE_WORKERS["gpu-l4"],  # g2-standard-8: launch/workers.py says why
             engine_profile="gpu-l4-gemma4-12b-fp8",
             model="gemma-4-12B",
             max_workers=8,
@@ -136,10 +135,7 @@ PROFILES: Mapping[str, LaunchProfile] = {
         LaunchProfile(
             name="gpu-h100",
             description="Gemma 4 26B-A4B (bf16) on one NVIDIA H100 80GB per worker: no TPU allowlist needed.",
-            # One H100 holds 26B-A4B in bf16 (vLLM's Gemma 4 guide: min 1x 80 GB). Whether a3-highgpu-1g is
-            # offered on demand in your region, or only as Spot/flex-start, is not verified here: check the
-            # Compute Engine "A3 High" page and your quota (NVIDIA_H100_GPUS).
-            worker=find_gpu_worker("nvidia-h100-80gb", 1, "a3-highgpu-1g"),
+            worker=PROFILE_WORKERS["gpu-h100"],
             engine_profile="gpu-h100-gemma4-26b-a4b",
             model="gemma-4-26B-A4B",
             max_workers=4,
@@ -147,6 +143,9 @@ PROFILES: Mapping[str, LaunchProfile] = {
         ),
     )
 }
+
+if set(PROFILES) != set(PROFILE_WORKERS):
+    raise ValueError(f"launch/workers.py and launch/profiles.py name different profiles: {sorted(set(PROFILES) ^ set(PROFILE_WORKERS))}")
 
 # Shapes a user may reasonably ask for that are deliberately not offered, with the reason.
 NOT_OFFERED: Mapping[str, str] = {

@@ -11,6 +11,8 @@ an accelerator job runs. The job writes run_summary.json itself.
 
 `{date}` in any option value becomes the launch's UTC date (YYYY-MM-DD), so a
 static nightly schedule writes each night's output to its own location.
+With `--preflight_findings` (launch.preflight) the job is a canary: the
+probe of launch/canary.py runs after its summary.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
 from configuration.options import JobConfig, VisionBatchOptions
 from engine.model_staging import is_remote
-from launch import image
+from launch import canary, image
 from pipelines import output_safety
 from pipelines.models import resolve_model
 from pipelines.vision_batch import build_pipeline
@@ -69,8 +71,14 @@ def build(argv: Sequence[str], check_model: bool = True) -> tuple[beam.Pipeline,
         output_safety.claim(options, config.run.run_id).release()
         config = dataclasses.replace(config, warnings=warnings)
     pipeline = beam.Pipeline(runner=DataflowRunner(), options=options)
-    build_pipeline(pipeline, config)
+    build_job_graph(pipeline, config)
     return pipeline, config
+
+
+def build_job_graph(pipeline: beam.Pipeline, config: JobConfig) -> None:
+    """The job's graph; a preflight canary's (--preflight_findings) also gets the probe behind its summary."""
+    summary = build_pipeline(pipeline, config)
+    canary.attach(pipeline, summary, config.engine)
 
 
 def build_offline(argv: Sequence[str]) -> int:

@@ -16,8 +16,10 @@ a slow night never overlaps the next.
 Prints (and with --write, writes DIR/nightly-PROFILE.json) the
 `flexTemplates:launch` body that Cloud Scheduler posts, then the gcloud
 commands that grant the scheduler's (and the workers') service accounts
-their roles and create the job. launch/composer/ launches the same body
-from Composer.
+their roles and create the job, then the alerting policies that notify you
+when a night fails or its launch is refused (with --write, as
+DIR/alert-*-PROFILE.json). launch/composer/ launches the same body from
+Composer.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from launch.run_dataflow import DATE_PLACEHOLDER
 from launch.shell import command_text
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+# 02:00 daily; launch/composer/vision_batch_nightly.py's DAG uses the same cron, so both paths date a night alike.
+DEFAULT_SCHEDULE = "0 2 * * *"
 
 
 def scheduler_job_name(profile: LaunchProfile) -> str:
@@ -103,6 +107,79 @@ def scheduler_command(
     ]
 
 
+# Cloud Monitoring alerting policies (REST JSON, projects.alertPolicies: AlertPolicy), one pair per nightly job.
+# 1. The night's Dataflow job failed, in the launcher or on the workers (a refused rerun of a finished night, an
+#    error budget exceeded, storage down past its budget): Dataflow's job/is_failed metric (BOOL gauge on the
+#    dataflow_job resource, "Has this job failed"; Cloud Monitoring "Google Cloud metrics", dataflow), for this
+#    night's fixed job name.
+# 2. The launch itself was refused, so no job exists to fail: Cloud Scheduler logs every attempt on the
+#    cloud_scheduler_job resource, a failed one (403, 409 while the last night still runs, ...) at severity ERROR
+#    (Cloud Scheduler docs, "View logs"). A log-based alerting policy (Cloud Monitoring, "Configure log-based
+#    alerting policies": conditionMatchedLog, which needs alertStrategy.notificationRateLimit) matches them.
+# A night run from Composer instead fails its task (launch/composer/vision_batch_launch.py) and still trips policy 1.
+ALERT_RATE_LIMIT = "3600s"  # at most one notification an hour per policy
+ALERT_AUTO_CLOSE = "604800s"  # an incident nobody closed closes after 7 days
+
+
+def alert_policies(profile: LaunchProfile, deployment: Deployment) -> dict[str, dict[str, Any]]:
+    """File name -> AlertPolicy body: the nightly job failed; the nightly launch was refused."""
+    job, runbook = scheduler_job_name(profile), "docs/operations.md, \"Troubleshooting\" and \"When a night fails\""
+    return {
+        f"alert-job-failed-{profile.name}.json": {
+            "displayName": f"{job}: Dataflow job failed",
+            "combiner": "OR",
+            "conditions": [{
+                "displayName": f"Dataflow job {job} failed",
+                "conditionThreshold": {
+                    "filter": f'resource.type="dataflow_job" AND metric.type="dataflow.googleapis.com/job/is_failed" '
+                              f'AND resource.labels.job_name="{job}"',
+                    "comparison": "COMPARISON_GT",
+                    "thresholdValue": 0,
+                    "duration": "0s",
+                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_COUNT_TRUE"}],
+                },
+            }],
+            "alertStrategy": {"autoClose": ALERT_AUTO_CLOSE},
+            "documentation": {"mimeType": "text/markdown", "content": (
+                f"The nightly job {job} failed in project {deployment.project}, region {deployment.region}. Read the "
+                f"job's error in the Dataflow console (or the launcher's log under {deployment.staging_root()}/"
+                f"template_launches/JOB_ID/console_logs), fix it and rerun the night: {runbook}."
+            )},
+        },
+        f"alert-launch-refused-{profile.name}.json": {
+            "displayName": f"{job}: nightly launch refused",
+            "combiner": "OR",
+            "conditions": [{
+                "displayName": f"Cloud Scheduler could not launch {job}",
+                "conditionMatchedLog": {
+                    "filter": f'resource.type="cloud_scheduler_job" AND resource.labels.job_id="{job}" '
+                              f'AND resource.labels.location="{deployment.region}" AND severity>=ERROR',
+                },
+            }],
+            "alertStrategy": {"notificationRateLimit": {"period": ALERT_RATE_LIMIT}, "autoClose": ALERT_AUTO_CLOSE},
+            "documentation": {"mimeType": "text/markdown", "content": (
+                f"Cloud Scheduler's launch of {job} failed: no Dataflow job ran tonight. The log entry holds the "
+                f"HTTP status (403: the scheduler's account lacks a grant; 409: the previous night still runs): {runbook}."
+            )},
+        },
+    }
+
+
+def alert_commands(deployment: Deployment, policy_files: Sequence[str]) -> list[list[str]]:
+    """A notification channel (e-mail), then one policy per file, notifying it."""
+    project = f"--project={deployment.project}"
+    commands = [[
+        "gcloud", "beta", "monitoring", "channels", "create", "--display-name=vision-batch nightly", "--type=email",
+        "--channel-labels=email_address=YOU@example.com", project,
+    ]]
+    for policy_file in policy_files:
+        commands.append([
+            "gcloud", "alpha", "monitoring", "policies", "create", f"--policy-from-file={policy_file}",
+            "--notification-channels=CHANNEL_ID", project,
+        ])
+    return commands
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m launch.schedule", description=__doc__.split("\n\n")[0], allow_abbrev=False,
@@ -113,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output_root", required=True, help="gs:// root; each night writes OUTPUT_ROOT/YYYY-MM-DD")
     parser.add_argument("--model", required=True, help="Gemma 4 checkpoint in GCS")
     parser.add_argument("--scheduler_service_account", required=True, help="service account Cloud Scheduler calls Dataflow as")
-    parser.add_argument("--schedule", default="0 2 * * *", help="cron schedule (default: 02:00 daily)")
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="cron schedule (default: 02:00 daily)")
     parser.add_argument("--time_zone", default="Etc/UTC", help="time zone of --schedule")
     parser.add_argument("--write", type=pathlib.Path, default=None, metavar="DIR", help="write the launch body JSON here")
     add_deployment_args(parser)
@@ -137,6 +214,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(command_text(scheduler_command(
         profile, deployment, body_file, args.scheduler_service_account, args.schedule, args.time_zone
     )))
+    policies = alert_policies(profile, deployment)
+    policy_files = list(policies)
+    if args.write:
+        for name, policy in policies.items():
+            (args.write / name).write_text(json.dumps(policy, indent=2) + "\n")
+        policy_files = [str(args.write / name) for name in policies]
+    print("# alerts: a failed night, a refused launch (the channel command prints its id: put it in CHANNEL_ID"
+          + ("" if args.write else "; rerun with --write DIR for the policy files") + ")")
+    for command in alert_commands(deployment, policy_files):
+        print(command_text(command))
     return 0
 
 

@@ -66,8 +66,8 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, 
 _claim: Optional[output_safety.Claim] = None
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
-    """Attach the whole graph for `config` to `pipeline`."""
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> beam.PCollection:
+    """Attach the whole graph for `config` to `pipeline`; returns the run summary's step output (written last)."""
     # Workers (Dataflow VMs, local worker processes) then apply the job's GCS retry budget too.
     storage.add_worker_plugin(pipeline.options)
     files, match_errors = pipeline | "MatchInputs" >> sources.MatchInputs(
@@ -115,7 +115,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         parsed.rows | "TallyResults" >> beam.Map(summary.tally_result),
         error_rows | "TallyErrors" >> beam.Map(summary.tally_error),
     ) | "AllTallies" >> beam.Flatten()
-    (tallies, results_written, errors_written) | "RunSummary" >> summary.WriteRunSummary(
+    return (tallies, results_written, errors_written) | "RunSummary" >> summary.WriteRunSummary(
         config.summary_config(),
         datetime.datetime.now(datetime.timezone.utc),
         pipeline.options.get_all_options(drop_default=True),

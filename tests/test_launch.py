@@ -335,3 +335,21 @@ def test_the_host_feeders_choose_the_worker_layout():
         planned(f"--host_feeders={vcpus + 1}")
     with pytest.raises(ValueError, match="at least 1"):
         planned("--host_feeders=0")
+
+
+def test_the_runbook_follows_the_code():
+    """The runbook's environment, Cloud Build grants, first-run path and the TPU-busy row against what the code does."""
+    from tests.launch_support import ROOT
+
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    runbook = operations[operations.index("## Runbook"):]
+    assert runbook.index("source .venv/bin/activate") < runbook.index("python -m launch.")
+    assert "--role=roles/artifactregistry.writer --member=serviceAccount:$BUILD_ACCOUNT" in runbook
+    first = runbook[runbook.index("### First real run"):]
+    steps = [first.index(step) for step in ("| 1. preflight", "| 2. warm-up", "| 3. a small job", "| 4. the nightly")]
+    assert steps == sorted(steps)
+    assert runbook.index("### 8. Preflight") < runbook.index("### 9. Warm") < runbook.index("### 12. Alerts")
+    # The TPU-busy row says where the engine core runs, as the TPU engine profiles place it.
+    [row] = [line for line in operations.splitlines() if line.startswith("| `open(/dev/vfio/0)")]
+    core_process = {engine_profiles.resolve(PROFILES[name].engine_profile).engine_core_process for name in TPU_PROFILES}
+    assert core_process == {True} and "VLLM_ENABLE_V1_MULTIPROCESSING=1" in row

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import ast
+import datetime
 import json
 import pathlib
 import re
 
+import jinja2
 import pytest
 from google.api_core import path_template
 from google.cloud import dataflow_v1beta3
@@ -14,13 +16,15 @@ from google.cloud.dataflow_v1beta3.services.flex_templates_service.transports.re
 )
 
 from engine.profiles import PROFILES as ENGINE_PROFILES
-from launch import flex_launch, flex_template, schedule
+from launch import flex_launch, flex_template, run_dataflow, schedule
 from launch.composer import vision_batch_launch
 from launch.job import Workers, plan_launch
 from launch.profiles import PROFILES
 from tests.launch_support import BUCKET, DEPLOYMENT, USER_ARGS, go_offline
 
 COMMITTED = json.loads(flex_template.METADATA_PATH.read_text())
+UTC = datetime.timezone.utc
+DAG_FILE = pathlib.Path(vision_batch_launch.__file__).with_name("vision_batch_nightly.py")
 
 
 def test_committed_metadata_is_what_the_generator_writes():
@@ -158,31 +162,84 @@ def test_composer_launches_the_same_body_with_a_fixed_name_and_templated_setting
     arguments = vision_batch_launch.launch_arguments(files[1].read_text())
     # apache-airflow-providers-google: DataflowStartFlexTemplateOperator appends a uuid unless append_job_name=False,
     # and renders body, location and project_id (its template_fields) when the task runs.
-    assert arguments["append_job_name"] is False and arguments["wait_until_finished"] is False
+    assert arguments["append_job_name"] is False
     assert arguments["project_id"] == "{{ var.value.vision_batch_project }}"
     assert arguments["location"] == "{{ var.value.vision_batch_region }}"
-    # The operator posts `body` as the flexTemplates:launch request body: after Jinja renders {{ ds }}, it must be
+    # The operator posts `body` as the flexTemplates:launch request body: once Jinja has rendered it, it must be
     # a LaunchFlexTemplateRequest, with the job name unchanged.
-    rendered = json.loads(json.dumps(arguments["body"]).replace("{{ ds }}", "2026-03-04"))
+    rendered = render_airflow(arguments["body"], airflow2_context(datetime.datetime(2026, 3, 4, 2, tzinfo=UTC)))
     request = flex_launch.validated(rendered)
     assert request.launch_parameter.job_name == "vision-batch-nightly-tpu-v6e-1"
     assert request.launch_parameter.parameters["output"] == f"gs://{BUCKET}/nightly/2026-03-04"
+
+
+def airflow2_context(fires_at):
+    """Airflow 2's cron schedule (CronDataIntervalTimetable): the run that fires at `fires_at` covers the day before
+    it, and its logical date (`ds`) is that interval's start (Airflow docs, "DAG Runs", data interval)."""
+    start = fires_at - datetime.timedelta(days=1)
+    return {"data_interval_start": start, "data_interval_end": fires_at, "logical_date": start, "ds": f"{start:%Y-%m-%d}"}
+
+
+def airflow3_context(fires_at):
+    """Airflow 3's cron schedule (CronTriggerTimetable, create_cron_data_intervals=False): logical date, data interval
+    start and end are all the trigger time."""
+    return {"data_interval_start": fires_at, "data_interval_end": fires_at, "logical_date": fires_at, "ds": f"{fires_at:%Y-%m-%d}"}
+
+
+def render_airflow(value, context):
+    """Render templated operator arguments as Airflow does: Jinja with Airflow's `ds` filter (apache/airflow
+    airflow/templates.py: ds_filter is strftime("%Y-%m-%d")) over every string of the value."""
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    environment.filters["ds"] = lambda date: date.strftime("%Y-%m-%d")
+    return json.loads(environment.from_string(json.dumps(value)).render(**context))
+
+
+def dag_keywords():
+    tree = ast.parse(DAG_FILE.read_text())
+    dag = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DAG")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in dag.keywords if isinstance(kw.value, ast.Constant)}
+
+
+@pytest.mark.parametrize("context", [airflow2_context, airflow3_context], ids=["airflow2", "airflow3"])
+def test_composer_and_cloud_scheduler_write_a_night_to_the_same_date(context, monkeypatch, tmp_path):
+    go_offline(monkeypatch, tmp_path)
+    body = nightly()
+    assert dag_keywords()["schedule"] == schedule.DEFAULT_SCHEDULE  # both fire at the same time of day (UTC)
+    fires_at = datetime.datetime(2026, 3, 5, 2, 0, tzinfo=UTC)
+    # Cloud Scheduler posts the body as written; the flex launcher expands {date} when it runs, minutes later.
+    posted = [f"--{name}={value}" for name, value in body["launchParameter"]["parameters"].items()]
+    launched = flex_launch.args_to_parameters(run_dataflow.expand_date(posted, (fires_at + datetime.timedelta(minutes=7)).date()))
+    composer = render_airflow(vision_batch_launch.launch_arguments(json.dumps(body))["body"], context(fires_at))
+    assert composer["launchParameter"]["parameters"]["output"] == launched["output"] == f"gs://{BUCKET}/nightly/2026-03-05"
+
+
+def test_a_refused_or_failed_night_turns_the_airflow_task_red(monkeypatch, tmp_path):
+    """Airflow is not installed here; the operator's arguments are checked against the provider's code path
+    (apache-airflow-providers-google operators/dataflow.py): with deferrable=True, execute() launches (a refused
+    launch raises there) and defers to TemplateJobStartTrigger, which reports JOB_STATE_FAILED as "error" and
+    JOB_STATE_STOPPED as "stopped"; execute_complete raises AirflowException on both. With deferrable=False and
+    wait_until_finished=False the task succeeds as soon as the launch request is accepted, before the launcher
+    refuses anything."""
+    go_offline(monkeypatch, tmp_path)
+    arguments = vision_batch_launch.launch_arguments(json.dumps(nightly()))
+    assert arguments["deferrable"] is True
+    assert arguments.get("wait_until_finished", True) is not False
+    # The trigger polls on through JOB_STATE_CANCELLED; the timeout ends the wait before the next night is due.
+    assert datetime.timedelta(hours=1) < arguments["execution_timeout"] < datetime.timedelta(days=1)
 
 
 def test_the_dag_file_reads_no_variable_at_parse_time_and_passes_the_arguments_through():
     """Airflow is not installed here (a large dependency tree the shared environment cannot take); the DAG's
     source is checked instead: the operator gets exactly launch_arguments(...) for every body, and nothing at
     module level reads Airflow Variables (the scheduler parses DAG files every few seconds)."""
-    path = pathlib.Path(vision_batch_launch.__file__).with_name("vision_batch_nightly.py")
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(DAG_FILE.read_text())
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     assert "Variable" not in names
     [call] = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
               and getattr(node.func, "id", None) == "DataflowStartFlexTemplateOperator"]
     [splat] = [kw for kw in call.keywords if kw.arg is None]
     assert splat.value.func.id == "launch_arguments"
-    dag = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DAG")
-    settings = {kw.arg: ast.literal_eval(kw.value) for kw in dag.keywords if isinstance(kw.value, ast.Constant)}
+    settings = dag_keywords()
     assert settings["max_active_runs"] == 1 and settings["catchup"] is False
 
 
@@ -193,3 +250,28 @@ def test_scheduler_command_posts_the_body_to_flex_templates_launch():
     assert "--uri=https://dataflow.googleapis.com/v1b3/projects/my-project/locations/us-east5/flexTemplates:launch" in command
     assert "--message-body-from-file=nightly.json" in command
     assert "--oauth-service-account-email=sa@my-project.iam.gserviceaccount.com" in command
+
+
+def test_schedule_writes_alert_policies_for_a_failed_night_and_a_refused_launch(monkeypatch, tmp_path, capsys):
+    """Both policies parse as Cloud Monitoring's AlertPolicy (unknown fields raise) and watch this nightly job only."""
+    from google.cloud import monitoring_v3
+
+    go_offline(monkeypatch, tmp_path)
+    assert schedule.main([
+        "--profile", "tpu-v6e-1", "--input", f"gs://{BUCKET}/incoming/**", "--output_root", f"gs://{BUCKET}/nightly",
+        "--model", f"gs://{BUCKET}/models/g", "--scheduler_service_account", "launcher@my-project.iam.gserviceaccount.com",
+        "--project=my-project", "--region=us-east5", f"--temp_location=gs://{BUCKET}/tmp", "--write", str(tmp_path / "cfg"),
+    ]) == 0
+    out = capsys.readouterr().out
+    failed, refused = (monitoring_v3.AlertPolicy.from_json((tmp_path / "cfg" / f"alert-{kind}-tpu-v6e-1.json").read_text())
+                       for kind in ("job-failed", "launch-refused"))
+    [condition] = failed.conditions
+    assert 'metric.type="dataflow.googleapis.com/job/is_failed"' in condition.condition_threshold.filter
+    assert 'resource.labels.job_name="vision-batch-nightly-tpu-v6e-1"' in condition.condition_threshold.filter
+    [condition] = refused.conditions
+    assert 'resource.type="cloud_scheduler_job"' in condition.condition_matched_log.filter
+    assert 'resource.labels.job_id="vision-batch-nightly-tpu-v6e-1"' in condition.condition_matched_log.filter
+    assert refused.alert_strategy.notification_rate_limit.period.total_seconds() > 0  # log-based policies need one
+    for kind in ("job-failed", "launch-refused"):
+        assert f"--policy-from-file={tmp_path / 'cfg'}/alert-{kind}-tpu-v6e-1.json" in out
+    assert "gcloud beta monitoring channels create" in out

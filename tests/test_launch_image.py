@@ -5,6 +5,7 @@ import importlib.metadata
 import pathlib
 import re
 import subprocess
+import sys
 
 import apache_beam
 import pytest
@@ -56,6 +57,37 @@ def test_images_and_build_arguments_derive_from_the_pins():
     assert image.worker_target(worker) == "tpu"
     assert image.worker_image("r", PINS, worker) == f"r/vision-batch-tpu:{PINS.version}-v6e-8"
     assert image.launcher_image("r", PINS) == f"r/vision-batch-launcher:{PINS.version}"
+
+
+@pytest.mark.parametrize("profile", ["tpu-v6e-1", "tpu-v6e-4", "tpu-v6e-8"])
+def test_tpu_images_set_the_runtime_variables_of_dataflows_tpu_container(profile):
+    """The six variables of Dataflow's TPU container example: with the metadata server skipped, the runtime reads the
+    worker id and hostnames from the environment too (a single host: worker 0, localhost)."""
+    worker = PROFILES[profile].worker
+    env = worker.image_env()
+    rows, columns = worker.topology.split("x")
+    assert env == {
+        "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "localhost",
+        "TPU_HOST_BOUNDS": "1,1,1", "TPU_CHIPS_PER_HOST_BOUNDS": f"{rows},{columns},1", "TPU_ACCELERATOR_TYPE": worker.name,
+    }
+    dockerfile = (LAUNCH / "Dockerfile").read_text()
+    for name in env:  # baked into the tpu stage's environment, not only passed as build arguments
+        assert f"{name}=${{{name}}}" in dockerfile
+
+
+def test_launch_image_runs_on_the_standard_library_alone(tmp_path):
+    """launch/build_image.sh runs `python3 -m launch.image` with whatever python3 is on the path: no virtual environment,
+    no site-packages (-S), no PYTHONPATH (-I); only the repository on sys.path."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from launch import image; "
+        "image.main(['--profile', 'tpu-v6e-1', '--registry', 'r', 'worker-image']); "
+        "outside = sorted(name.split('.')[0] for name in sys.modules if name.split('.')[0] not in sys.stdlib_module_names "
+        "and name.split('.')[0] not in ('launch', '__main__')); print(outside)"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(LAUNCH.parent)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"r/vision-batch-tpu:{PINS.version}-v6e-1", "[]"]
 
 
 def test_gpu_workers_share_one_cuda_image_without_tpu_variables():

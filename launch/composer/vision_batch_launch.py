@@ -12,14 +12,29 @@ while the DAG file is parsed, which the scheduler does every few seconds).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 from typing import Any
 
 # launch/run_dataflow.py expands the same placeholder when nothing templated it.
 DATE_PLACEHOLDER = "{date}"
-# The run's logical date (YYYY-MM-DD): a backfilled night writes to its own date.
-LOGICAL_DATE = "{{ ds }}"
+# The night's date (YYYY-MM-DD): the UTC date of the moment the run is scheduled to fire, the date Cloud
+# Scheduler's launches get ({date} expanded by launch/run_dataflow.py on the launcher, in UTC), so both paths
+# write a night to the same OUTPUT_ROOT/DATE. Not `{{ ds }}`: that is the logical date, which under Airflow 2's
+# cron timetable is the START of the data interval, the day BEFORE the run fires (a 02:00 run on 03-05 has
+# ds 03-04), while Airflow 3's default cron timetable (CronTriggerTimetable, [scheduler]
+# create_cron_data_intervals = False) makes it the firing time. `data_interval_end` is the firing time under
+# both (Airflow docs, "Templates reference": data_interval_end; "Timetables": CronTriggerTimetable has an
+# empty data interval at the trigger time), and a rerun or backfill of a night keeps that night's date.
+# `ds` is Airflow's date filter (apache/airflow airflow/templates.py ds_filter: strftime("%Y-%m-%d")).
+NIGHT_DATE = "{{ data_interval_end | ds }}"
+# A night still unfinished after this fails its task (red): TemplateJobStartTrigger only ends on DONE, FAILED
+# or STOPPED (apache/airflow providers/google/.../triggers/dataflow.py), so a job cancelled from the console
+# would otherwise keep the task waiting. A deferred task's trigger times out with the task's execution_timeout
+# (Airflow docs, "Deferrable Operators & Triggers"). Below the 24 h between nights: max_active_runs=1 makes the
+# next night wait for this one.
+NIGHT_TIMEOUT = datetime.timedelta(hours=20)
 # Airflow Variables, rendered at run time (Admin > Variables, or `airflow variables set`).
 PROJECT_TEMPLATE = "{{ var.value.vision_batch_project }}"
 REGION_TEMPLATE = "{{ var.value.vision_batch_region }}"
@@ -40,13 +55,19 @@ def task_id(body_file: pathlib.Path) -> str:
 def launch_arguments(body_text: str) -> dict[str, Any]:
     """Keyword arguments of DataflowStartFlexTemplateOperator for one flexTemplates:launch body."""
     return {
-        "body": json.loads(body_text.replace(DATE_PLACEHOLDER, LOGICAL_DATE)),
+        "body": json.loads(body_text.replace(DATE_PLACEHOLDER, NIGHT_DATE)),
         "project_id": PROJECT_TEMPLATE,
         "location": REGION_TEMPLATE,
         # The body's job name is fixed per profile: Dataflow refuses a second job of that name while one
         # runs, so a slow night blocks the next launch instead of overlapping it. The operator's default
         # (append_job_name=True) would add a random suffix and defeat that.
         "append_job_name": False,
-        # The job runs for hours; the DAG only launches it (Dataflow's UI and alerts watch it).
-        "wait_until_finished": False,
+        # The task follows the job to its end and fails (red) when the launch is refused (the launch call
+        # raises), the launcher refuses the night (e.g. a rerun into a finished night's output: the job ends
+        # JOB_STATE_FAILED in the launcher) or the job fails or is stopped. Deferred: the wait runs in Airflow's
+        # triggerer, not on a worker slot, for the hours the job runs (apache-airflow-providers-google
+        # operators/dataflow.py DataflowStartFlexTemplateOperator.execute -> TemplateJobStartTrigger;
+        # execute_complete raises AirflowException on an "error" or "stopped" event).
+        "deferrable": True,
+        "execution_timeout": NIGHT_TIMEOUT,
     }

@@ -4,7 +4,9 @@ Copy this file, vision_batch_launch.py and the bodies written by
 `python -m launch.schedule ... --write DIR` (nightly-PROFILE.json) into the
 Composer environment's dags/ folder, and set the Airflow variables
 `vision_batch_project` and `vision_batch_region`. Each body becomes one
-launch task; its {date} becomes the run's logical date ({{ ds }}). The
+launch task; its {date} becomes the night's UTC date (the firing time's,
+as on the Cloud Scheduler path), and the task stays running until the
+Dataflow job ends: a refused launch or a failed job turns it red. The
 Composer environment's service account needs the roles `launch.schedule`
 prints for the scheduler's account.
 

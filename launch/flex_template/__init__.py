@@ -1,7 +1,8 @@
 """The flex template's metadata.json, generated from the pipeline's own option parser.
 
-Every option of `configuration.options.VisionBatchOptions` becomes a template
-parameter, with the parser's help text; a small table adds labels, regexes
+Every option of `configuration.options.VisionBatchOptions` (and the preflight
+canary's two, `launch.canary.CanaryOptions`) becomes a template parameter,
+with the parser's help text; a small table adds labels, regexes
 and GCS pickers where the parser alone says too little. A new pipeline option
 appears here without any change (with a label derived from its name), and
 tests fail until the committed metadata.json is regenerated:
@@ -18,6 +19,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from configuration.options import VisionBatchOptions
+from launch.canary import CanaryOptions
 from launch.profiles import PROFILES, TPU_MAX_VISION_TOKENS
 from tasks.task import TASK_NAME
 
@@ -60,6 +62,9 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     "xla_cache_path": ParameterUI("Persistent XLA compile cache", [_GCS], "GCS_WRITE_FOLDER"),
     "engine_arg": ParameterUI("vLLM engine argument override (one KEY=VALUE)", [r"^[a-z_]+=.+$"]),
     "max_tokens": ParameterUI("Output token limit override (one TASK=N)", [rf"^({_TASK})=[0-9]+$"]),
+    # Set by launch.preflight: the canary's findings prefix, and the token its probe logs.
+    "preflight_findings": ParameterUI("Preflight canary: findings location", [_GCS], "GCS_WRITE_FOLDER"),
+    "preflight_marker": ParameterUI("Preflight canary: log marker", [r"^[a-z0-9-]+$"]),
     "task_vision_tokens": ParameterUI(
         "A task's own image budget (one TASK=N)", [rf"^({_TASK})=({'|'.join(_VISION_BUDGETS)})$"]
     ),
@@ -67,9 +72,10 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
 
 
 def pipeline_options() -> list[argparse.Action]:
-    """The pipeline's own options, exactly as its parser declares them."""
+    """The pipeline's own options, exactly as its parser declares them, and the preflight canary's."""
     parser = argparse.ArgumentParser(add_help=False)
     VisionBatchOptions._add_argparse_args(parser)  # Beam's hook for declaring options; called as Beam does
+    CanaryOptions._add_argparse_args(parser)
     return [action for action in parser._actions if action.option_strings]
 
 
