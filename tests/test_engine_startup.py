@@ -231,6 +231,28 @@ def test_each_feeders_share_of_the_in_flight_limit_follows_the_clients_attached(
     assert host.live_clients(state) == 1
 
 
+@pytest.mark.engine
+def test_a_host_engine_core_that_fails_to_start_logs_its_supervisors_output_and_names_the_cause(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    """The host's supervisor (its own session, outliving its starter) writes to a file the starter follows: its
+    traceback reaches Python logging, and the start fails in one line with the cause."""
+    from engine import host
+    from engine.api import EngineStartFailed
+
+    monkeypatch.setenv("VISION_BATCH_HOST_ENGINE_DIR", str(tmp_path / "hosts"))
+    missing = str(tmp_path / "no-such-checkpoint")
+    settings = _settings(missing, host_feeders=2, start_timeout_s=300.0)
+    caplog.set_level(logging.INFO, logger="engine.output")
+    with pytest.raises(EngineStartFailed) as failure:
+        host.acquire_slot(settings, missing)
+    message = str(failure.value)
+    assert message.startswith("the host's engine core failed to start: ") and "\n" not in message, message
+    cause = message.split("failed to start: ", 1)[1]
+    assert "exit code" not in cause  # the supervisor's own error, not only that it ended
+    lines = [r for r in caplog.records if r.name == "engine.output"]
+    assert any(r.levelno == logging.ERROR and r.getMessage().endswith(cause) for r in lines), (cause, lines[-5:])
+
+
 def test_no_profile_shares_an_engine_core_until_measured():
     from engine.profiles import PROFILES
 
