@@ -112,12 +112,12 @@ conservative for decode but not for rendering, which is serialised anyway):
   (`tests/test_host_engine.py`, real engine). With N > 1 vLLM keeps the processed-image cache
   in each front end only, which is what this pipeline already renders through: shared
   preprocessing and prefix caching carry over (one KV cache: an image computed for one process
-  is a prefix-cache hit for another, tested). `tpu-v6e-8-gemma4-26b-a4b` sets `host_feeders` to
-  4 from this projection (2 cover the realistic rate, 4 the roofline with room for page-sized
-  scans); on Dataflow `launch.submit` then drops `no_use_multiple_sdk_containers` and, since
-  Dataflow runs one SDK process per vCPU without it (there is no option for fewer), makes every
-  vCPU's process a feeder (`--host_feeders` = vCPUs, budgets split between them;
-  `docs/operations.md`, "Several processes feeding one engine core"). Not yet run on Dataflow.
+  is a prefix-cache hit for another, tested). This projection asks for 2 feeders on
+  `tpu-v6e-8-gemma4-26b-a4b` (the realistic rate; 4 for the roofline with room for page-sized
+  scans), but every profile keeps `host_feeders` at 1 until feeders sharing a core have been
+  measured on a TPU VM under Dataflow (`--host_feeders N` turns it on for a job; the launcher
+  passes N as given, never the vCPU count; `docs/operations.md`, "Several processes feeding one
+  engine core"). Not yet run on Dataflow.
 
   **Measured here** (`python -m benchmarks.run --only hb2,hf1,hf2 --host_items 300 --no_write`,
   one run, 2026-11-30, on this **2-core** box, 1-minute load 3.5-5 at the start from other

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequenc
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from engine import profiles as engine_profiles
-from engine.api import EngineSettings
+from engine.api import START_TIMEOUT_S, EngineSettings
 from engine.checkpoint_shape import CheckpointShape
 from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
 from library import storage
@@ -244,6 +244,17 @@ class VisionBatchOptions(PipelineOptions):
             help="Persistent XLA compile cache (local or gs:// directory), exported to each worker's engine as "
                  "VLLM_XLA_CACHE_PATH. TPU: saves a ~30-minute compile per worker once filled (launch/ sets it).",
         )
+        _add_flag(
+            engine, "--xla_cache_required",
+            "Fail the engine start when --xla_cache_path holds no compiled program after it (the warm-up job sets it: "
+            "a warm-up that saved nothing must not succeed).",
+        )
+        engine.add_argument(
+            "--engine_start_timeout_s", type=float, default=START_TIMEOUT_S, metavar="S",
+            help="Seconds an engine may take to become ready (model load, KV cache, XLA compile; not the checkpoint "
+                 "copy) before its start fails, naming what it waited for. The default covers a cold ~30-minute TPU "
+                 "compile with room to spare; lower it to fail a stuck start sooner.",
+        )
         engine.add_argument(
             "--max_in_flight", type=int, default=None,
             help="Requests admitted to the engine per worker process (back-pressure). Default: the profile's.",
@@ -251,7 +262,9 @@ class VisionBatchOptions(PipelineOptions):
         engine.add_argument(
             "--host_feeders", type=int, default=None, metavar="N",
             help="Worker processes of one host that feed one shared engine core (1: an engine per process). The "
-                 "profile's in-flight limit and image cache are split between them. Default: the profile's.",
+                 "profile's in-flight limit is shared by the processes attached, its image cache split between them. "
+                 "Unverified on Dataflow: every profile runs 1 until it has been measured on a TPU VM, and a "
+                 "worker whose SDK processes do not share one container stops at engine start. Default: the profile's.",
         )
         engine.add_argument(
             "--vision_tokens", type=int, default=None, choices=VISION_TOKEN_BUDGETS,
@@ -401,6 +414,7 @@ _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("progress_interval_s", lambda v: v >= 0 and math.isfinite(v), "seconds, 0 or more (0: no progress lines)"),
     ("max_in_flight", lambda v: v >= 1, "at least 1"),
     ("host_feeders", lambda v: v >= 1, "at least 1 (1: an engine per worker process)"),
+    ("engine_start_timeout_s", lambda v: v > 0 and math.isfinite(v), "seconds, more than 0"),
     ("pdf_dpi", lambda v: 0 < v <= 1200 and math.isfinite(v), "a resolution above 0 and at most 1200"),
     ("pages_per_unit", lambda v: v >= 1, "at least 1"),
     ("max_pages", lambda v: v >= 1, "at least 1"),
@@ -515,6 +529,8 @@ class EnginePlan:
     structured_output: bool
     thinking: bool
     xla_cache_path: Optional[str]
+    xla_cache_required: bool = False
+    start_timeout_s: float = START_TIMEOUT_S
 
     @property
     def largest_vision_tokens(self) -> Optional[int]:
@@ -533,6 +549,8 @@ class EnginePlan:
             thinking=self.thinking,
             vision_tokens=profile.vision_tokens,
             xla_cache_path=self.xla_cache_path,
+            xla_cache_required=self.xla_cache_required,
+            start_timeout_s=self.start_timeout_s,
             preprocess_on_step_thread=profile.preprocess_on_step_thread,
             engine_core_process=profile.engine_core_process,
             host_feeders=profile.host_feeders,
@@ -564,6 +582,8 @@ def plan_engine(
         structured_output=profile.structured_output if opts.structured_output == "profile" else opts.structured_output == "on",
         thinking=request.thinking,
         xla_cache_path=opts.xla_cache_path,
+        xla_cache_required=opts.xla_cache_required,
+        start_timeout_s=opts.engine_start_timeout_s,
     )
 
 

@@ -36,6 +36,13 @@ class Constraint:
             raise ValueError("a Constraint is exactly one of json_schema, choice, regex")
 
 
+# How long an engine may take to become ready, by default (--engine_start_timeout_s): vLLM's own wait for a
+# starting core is 600 s (VLLM_ENGINE_READY_TIMEOUT_S, vllm/envs.py), but an uncached XLA compile of 26B-A4B/31B
+# takes tens of minutes (AI-Hypercomputer/tpu-recipes inference/ironwood/vLLM/Gemma4/gemma4-server.yaml sets
+# that wait to 1800 s); twice the recipe's value leaves room for loading 60+ GB of weights from local disk.
+START_TIMEOUT_S = 3600.0
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """Everything needed to build the engine and its requests (resolved from a profile + options)."""
@@ -62,6 +69,12 @@ class EngineSettings:
     # is built; a variable the user already exported wins). Reasons are in engine/profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    # How long an engine may take to become ready (staging excluded) before its start fails naming what it
+    # waited for (--engine_start_timeout_s; the default's reason is at START_TIMEOUT_S).
+    start_timeout_s: float = START_TIMEOUT_S
+    # The warm-up job (launch.submit --warmup): an engine start that leaves the persistent compile cache
+    # (xla_cache_path) empty fails, instead of a job that succeeded and saved no compile (engine.compile_cache).
+    xla_cache_required: bool = False
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
@@ -97,6 +110,14 @@ class Preprocessing(NamedTuple):
 
 class EngineDeadError(RuntimeError):
     """The engine itself failed; outstanding work must be retried elsewhere."""
+
+
+class EngineStartFailed(RuntimeError):
+    """The engine did not start; the message names the cause in one line (its output's last error)."""
+
+
+class EngineStartTimeout(EngineStartFailed):
+    """The engine did not become ready within `EngineSettings.start_timeout_s`; the message names what it waited for."""
 
 
 class EngineStopped(EngineDeadError):

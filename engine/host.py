@@ -66,8 +66,9 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-from engine import vllm_internals
-from engine.api import EngineSettings
+from engine import compile_cache, vllm_internals
+from engine.api import EngineSettings, EngineStartFailed, EngineStartTimeout
+from engine.output import TAIL_LINES, EngineOutput
 from engine.process import prepare_process
 from library import environment
 
@@ -78,10 +79,6 @@ SPARE_SLOTS = 4
 # How often clients check that the engine core and its supervisor live, and how often the supervisor
 # checks its core and its clients: a dead core fails outstanding requests within this time.
 MONITOR_INTERVAL_S = 0.5
-# How long the engine core may take to become ready: vLLM's own wait for a starting core is 600 s
-# (VLLM_ENGINE_READY_TIMEOUT_S, vllm/envs.py), but an uncached XLA compile of 26B-A4B/31B takes tens of minutes
-# (AI-Hypercomputer/tpu-recipes inference/ironwood/vLLM/Gemma4/gemma4-server.yaml sets that wait to 1800 s).
-START_TIMEOUT_S = 3600.0
 # A core with no live client is kept this long, so that a client process the runner restarts (vLLM and
 # the model's processor take ~10-20 s to import here) finds it still running instead of paying for a
 # new engine start (an XLA compile on TPU). A client that closes its engine releases its slot at once.
@@ -92,6 +89,28 @@ _RETIRE_TIMEOUT_S = 30.0
 
 class HostEngineFull(RuntimeError):
     """Every client slot of this host's engine core is taken by a live process."""
+
+
+class HostEngineNotShared(RuntimeError):
+    """The host's engine core was started from another container: the feeding processes do not share one."""
+
+
+def container_identity() -> str:
+    """This process's container, as the kernel tells it: its PID and mount namespaces.
+
+    Processes of one container (Beam's boot starts sibling SDK processes side
+    by side in one: apache/beam sdks/python/container/boot.go) share both; a
+    process of another container sees other PIDs (the host's pid records would
+    look dead to it, and it would start a second engine core on the same
+    accelerator) and, usually, another temp dir.
+    """
+    parts = []
+    for namespace in ("pid", "mnt"):
+        try:
+            parts.append(f"{namespace}:{os.stat(f'/proc/self/ns/{namespace}').st_ino}")
+        except OSError:
+            parts.append(f"{namespace}:unknown")
+    return ",".join(parts)
 
 
 def host_engine_root() -> pathlib.Path:
@@ -154,6 +173,7 @@ class CoreState:
     slots: int
     inputs: tuple[str, ...]  # ZMQ address of each client's input socket (requests)
     outputs: tuple[str, ...]  # ... and of its output socket (results)
+    container: str = ""  # the supervisor's container_identity(): every client must share it
 
     def alive(self) -> bool:
         return self.supervisor.alive() and self.core.alive()
@@ -171,6 +191,7 @@ class CoreState:
             slots=raw["slots"],
             inputs=tuple(raw["inputs"]),
             outputs=tuple(raw["outputs"]),
+            container=raw.get("container", ""),
         )
 
 
@@ -251,6 +272,11 @@ def _claim_live(claim: dict[str, Any]) -> bool:
     return not claim.get("closed") and ProcessId(claim["pid"], claim["started"]).alive()
 
 
+def live_clients(state: CoreState) -> int:
+    """How many processes are attached to the core now (claimed a slot, alive, not closed)."""
+    return sum(_claim_live(claim) for claim in _claims(pathlib.Path(state.generation_dir), state.slots).values())
+
+
 def acquire_slot(settings: EngineSettings, local_model: str) -> Slot:
     """This process's slot on the host's engine core for `settings`, starting the core if none runs.
 
@@ -261,6 +287,15 @@ def acquire_slot(settings: EngineSettings, local_model: str) -> Slot:
     with _host_lock(host):
         generation = _current_generation(host)
         state = _read_state(generation) if generation is not None else None
+        if state is not None and state.container != container_identity():
+            # Checked before anything else: this process cannot even see whether that core lives, and a core
+            # of its own would open the same accelerator.
+            raise HostEngineNotShared(
+                f"--host_feeders={settings.host_feeders}: the host's engine core in {state.generation_dir} was started "
+                f"from another container ({state.container}; this process: {container_identity()}): the worker's SDK "
+                "processes do not share one container, so they cannot share one engine core, and a second core would "
+                "fail to open the accelerator. Run with --host_feeders=1 (one SDK process per worker VM)."
+            )
         if state is not None and state.alive():
             claims = _claims(generation, state.slots)
             free = next((index for index in range(state.slots) if index not in claims), None)
@@ -316,21 +351,52 @@ def _start_generation(host: pathlib.Path, settings: EngineSettings, local_model:
     )
     # Its own session: the supervisor (and the engine core it starts) outlive the process that started
     # it, and a signal to that process's group (Beam's boot stops workers that way) does not reach them.
-    # Its output goes where this process's goes (the worker's log).
-    supervisor = subprocess.Popen([sys.executable, "-m", "engine.host", str(generation)], start_new_session=True)
+    # Its output, and its engine core's, goes to a file in the generation (a pipe would break when the
+    # starting process dies), which this process follows into its log while the core starts
+    # (engine.output); a client that sees the core die logs the file's tail (HostEngineClient).
+    output = EngineOutput(output_path(generation), "host engine core")
+    with open(output.path, "ab") as streams:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "engine.host", str(generation)], start_new_session=True,
+            stdout=streams, stderr=subprocess.STDOUT,
+        )
     _write_atomic(generation / "supervisor.json", json.dumps(dataclasses.asdict(ProcessId.of(supervisor.pid))))
     _write_atomic(host / "current", generation.name)
     _LOG.info("starting the host's engine core (generation %s, %d client slots)", generation.name, slots)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        state = _read_state(generation)
-        if state is not None:
-            return state
-        if supervisor.poll() is not None:
-            raise RuntimeError(f"the host's engine core failed to start (supervisor exit code {supervisor.returncode}; see the log above)")
-        time.sleep(MONITOR_INTERVAL_S)
-    supervisor.terminate()
-    raise TimeoutError(f"the host's engine core did not become ready within {START_TIMEOUT_S:.0f} s")
+    deadline = time.monotonic() + settings.start_timeout_s
+    try:
+        while time.monotonic() < deadline:
+            state = _read_state(generation)
+            if state is not None:
+                return state
+            if supervisor.poll() is not None:
+                cause = output.cause() or f"its supervisor exited with code {supervisor.returncode}"
+                raise EngineStartFailed(f"the host's engine core failed to start: {cause}")
+            time.sleep(MONITOR_INTERVAL_S)
+        output.flush()
+        lines = output.lines()
+        supervisor.terminate()
+        raise EngineStartTimeout(
+            f"the host's engine core did not become ready within {settings.start_timeout_s:g} s "
+            "(--engine_start_timeout_s): waited for its supervisor to start vLLM's engine core and write core.json"
+            + (f"; its last output: {lines[-1].strip()}" if lines else "")
+        )
+    finally:
+        output.close(remove=False)  # the file stays: clients log its tail if the core dies
+
+
+def output_path(generation: pathlib.Path) -> pathlib.Path:
+    """Where a generation's supervisor and engine core write their output."""
+    return generation / "output.log"
+
+
+def output_tail(generation: pathlib.Path) -> list[str]:
+    """The last lines of a generation's output (for a client that saw its core die)."""
+    try:
+        lines = output_path(generation).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if line.strip()][-TAIL_LINES:]
 
 
 # ---- the supervisor process -------------------------------------------------------------------
@@ -344,6 +410,7 @@ def _serve(generation: pathlib.Path) -> int:
     settings = EngineSettings(**request["settings"])
     slots = request["slots"]
     prepare_process(settings)
+    cache = compile_cache.open_cache(settings)  # the compile happens here, in the core this process starts
     vllm_config = client_engine_args(settings, request["local_model"], slots, -1).create_engine_config(UsageContext.ENGINE_CONTEXT)
     inputs = [f"ipc://{generation}/in-{index}" for index in range(slots)]
     outputs = [f"ipc://{generation}/out-{index}" for index in range(slots)]
@@ -367,7 +434,13 @@ def _serve(generation: pathlib.Path) -> int:
         slots=slots,
         inputs=tuple(inputs),
         outputs=tuple(outputs),
+        container=container_identity(),
     )
+    try:
+        cache.after_start()  # the warm-up's check: a start that saved no compile fails here
+    except BaseException:
+        manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+        raise
     _write_atomic(generation / "core.json", state.to_json())
     serving.set()
     _LOG.info("host engine core ready: pid %d, %d client slots, %s", core.pid, slots, generation)
@@ -375,6 +448,7 @@ def _serve(generation: pathlib.Path) -> int:
         reason = _watch(generation, state, core, stop)
     finally:
         manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+        cache.after_close()
     _LOG.info("host engine core (generation %s) stopped: %s", generation.name, reason)
     return 1 if reason == "engine core died" else 0
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import queue
 import threading
 from typing import Any, Optional
 
 from engine import vllm_internals
 from engine.api import EngineSettings
-from engine.host import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args
+from engine.host import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args, live_clients, output_tail
+from engine.output import cause_of, route_vllm_logging
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,11 +58,19 @@ class HostEngineClient:
             raise
         self.renderer = self._llm.renderer
         self.model_config = self._llm.model_config
+        # The host's in-flight limit (host_feeders x the per-process share the settings carry) is shared by the
+        # processes attached now, not by as many as --host_feeders says: fewer than planned get larger shares, and
+        # a dead client's share returns to the others (its socket pair stays unused: vLLM's core greets each
+        # client once, at start).
+        self._host_in_flight = settings.max_in_flight * settings.host_feeders
+        self.attached = max(1, live_clients(slot.state))
         threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
 
     async def _connect(self, vllm_config: Any) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor import Executor
+
+        route_vllm_logging()
 
         # Built on the loop so that its output handler starts on it. Waits for the core's greeting.
         return AsyncLLM(
@@ -151,15 +161,28 @@ class HostEngineClient:
                 raise EngineDeadError(f"the host's engine core failed: {output!r}") from output
         return outputs
 
+    def in_flight_limit(self) -> int:
+        """This process's share of the host's in-flight limit, from the processes attached now."""
+        return -(-self._host_in_flight // self.attached)
+
     def _watch_core(self) -> None:
         # vLLM's client notices a core that dies cleanly (it says ENGINE_CORE_DEAD) but not one that is
         # killed: it would wait for outputs forever. Watch the processes themselves.
         state = self._slot.state
         while not self._closed.wait(MONITOR_INTERVAL_S):
+            attached = max(1, live_clients(state))
+            if attached != self.attached:
+                _LOG.info("%d process(es) attached to the host's engine core: %d requests in flight each",
+                          attached, -(-self._host_in_flight // attached))
+                self.attached = attached
             for name, process in (("engine core", state.core), ("engine-core supervisor", state.supervisor)):
                 if not process.alive():
-                    self._dead = RuntimeError(f"the host's {name} (pid {process.pid}) exited")
-                    _LOG.error("%s; failing this process's outstanding requests", self._dead)
+                    # Its own output says why (engine.host writes it to the generation's output file).
+                    tail = output_tail(pathlib.Path(state.generation_dir))
+                    cause = cause_of(tail) or "no error in its output"
+                    self._dead = RuntimeError(f"the host's {name} (pid {process.pid}) exited: {cause}")
+                    _LOG.error("%s; failing this process's outstanding requests. Its last output:\n%s",
+                               self._dead, "\n".join(tail))
                     return
 
     def shutdown(self) -> None:

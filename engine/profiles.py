@@ -50,8 +50,7 @@ class EngineProfile:
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for the engine's native libraries
     limits: Optional[CheckpointLimits] = None  # checked against the checkpoint (CPU profiles); None: not checked
     # Worker processes of one host that feed one shared engine core (engine/host.py); 1: each
-    # process has its own engine (placed by engine_core_process). The least the engine needs to be fed:
-    # on Dataflow, launch/job.py runs one process per vCPU where this is above 1.
+    # process has its own engine (placed by engine_core_process). 1 in every profile: unverified on Dataflow.
     host_feeders: int = 1
 
 
@@ -360,8 +359,11 @@ PROFILES: Mapping[str, EngineProfile] = {
                 # tpu-v6e-8`): the chip would idle 45-65 %. Feeders add up (each renders and detokenizes its
                 # own items; the engine core batches them all): 2 cover the realistic rate, 4 (~68 items/s)
                 # the roofline with room for page-sized scans (~-30 % per process). Measured on CPU: the
-                # host-feed benchmark's N=1 vs N=2 rows (BENCHMARKS.md). Not yet run on a TPU worker.
-                host_feeders=4,
+                # host-feed benchmark's N=1 vs N=2 rows (BENCHMARKS.md). Kept at 1 (the default) until feeders
+                # sharing one engine core have been measured on a TPU VM under Dataflow: whether its SDK
+                # processes share one container is undocumented (Dataflow's GPU page: "each SDK process runs in
+                # its own Docker container"), and feeders that do not share one cannot share a core
+                # (engine/host.py stops them). --host_feeders N turns it on for a job.
             ),
             _tpu_profile(
                 "tpu-v6e-8-gemma4-31b",

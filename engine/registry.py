@@ -28,6 +28,7 @@ factory (`engine.fake.FakeEngine`).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import threading
@@ -108,6 +109,14 @@ class EngineRegistry:
                 del self._entries[entry.key]
                 _close(entry.engine)
 
+    def close_idle(self) -> None:
+        """Close every engine nobody holds now (at interpreter exit: see ENGINES below)."""
+        with self._lock:
+            idle = [entry for entry in self._entries.values() if entry.holders == 0]
+            for entry in idle:
+                del self._entries[entry.key]
+                _close(entry.engine)
+
     def stop_all(self, reason: str) -> None:
         """Stop every engine (see `Engine.stop`: the run was interrupted); a later acquire builds a new one."""
         # Without the lock: acquire holds it while an engine starts (seconds), and a stop must not wait.
@@ -134,6 +143,10 @@ def _host_client(settings: EngineSettings, local_model: str) -> tuple[HostEngine
 
 # The engines of this process.
 ENGINES = EngineRegistry(build_engine)
+# An engine released by its last holder waits idle_s for the next one on a daemon timer, which dies with the
+# process: at a normal exit (the SDK harness tearing its DoFns down, a local run's end) the registry closes it
+# instead, so its engine core is shut down and its compile cache saved (engine.compile_cache), not cut off.
+atexit.register(ENGINES.close_idle)
 
 
 def process_engines() -> EngineRegistry:

@@ -27,21 +27,16 @@ from schemas.uris import without_credentials
 # and worker parallelism), and one engine per process serves all harness threads. Used where the engine
 # profile's host_feeders is 1.
 SINGLE_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
-# Where the engine profile's host_feeders is above 1, the worker VM runs several SDK processes feeding one
-# engine core (engine/host.py). Dataflow has no option for how many: without the experiment above,
-# Runner v2 "launches one Apache Beam SDK process per VM core" (Dataflow docs, "Dataflow support for GPUs",
-# GPUs and worker parallelism), and --sdk_worker_parallelism is read only by the Flink/Spark job servers, not
-# by Dataflow (apache/beam#21839). So every vCPU's process is a feeder: --host_feeders is set to the worker's
-# vCPU count, and the profile's in-flight limit and image cache are split between them
-# (engine_profiles.shared_by_feeders). Each process runs few harness threads: it holds only its share of the
-# requests in flight. Beam's Python boot starts the processes of one container side by side (sibling worker
-# ids) and restarts a crashed one in place (apache/beam sdks/python/container/boot.go), so they share the
-# temp dir where the host's engine core keeps its lock and sockets, as Beam's own per-VM model sharing
-# (apache_beam.utils.multi_process_shared, RunInference large_model) does.
-# Unverified on real Dataflow (not run from this project): that a TPU VM gets one SDK process per vCPU in
-# one container (the docs describe GPU workers), that the temp dir is shared between them, that the
-# processes importing vLLM (front ends only) leave the TPU to the engine core, and their memory
-# (~1-2 GB each, ~180-360 GB of a ct6e-standard-8t's 1,440 GB).
+# With --host_feeders N above 1 (every profile has 1: unverified on Dataflow), the worker VM runs several SDK
+# processes feeding one engine core (engine/host.py). Dataflow has no option for how many: without the experiment
+# above, Runner v2 "launches one Apache Beam SDK process per VM core" (Dataflow docs, "Dataflow support for GPUs",
+# GPUs and worker parallelism), and --sdk_worker_parallelism is read only by the Flink/Spark job servers, not by
+# Dataflow (apache/beam#21839). N is never derived from the vCPU count: the user's N is passed on as given, the
+# core gets N + spare client slots, and processes beyond them fail their engine start naming the slots' owners
+# (engine.host.HostEngineFull). Each process admits a share of the in-flight limit sized from the clients
+# attached, and runs few harness threads. Whether a TPU VM's SDK processes share one container (temp dir, PIDs)
+# is undocumented (the GPU page: "each SDK process runs in its own Docker container"); processes that do not
+# stop at engine start (engine.host.HostEngineNotShared) naming --host_feeders=1 as the fix.
 FEEDER_HARNESS_THREADS = 4
 # Beam's --autoscaling_algorithm values and their Dataflow API names (flex template environment).
 AUTOSCALING_API_NAMES = {"THROUGHPUT_BASED": "AUTOSCALING_ALGORITHM_BASIC", "NONE": "AUTOSCALING_ALGORITHM_NONE"}
@@ -182,13 +177,11 @@ def effective_engine(profile: LaunchProfile, pipeline_args: Sequence[str]) -> En
 
 
 def _worker_feeders(profile: LaunchProfile, wanted: int) -> int:
-    """1 (one SDK process), or every vCPU's process when the engine wants several feeders (see FEEDER_HARNESS_THREADS)."""
+    """`wanted` as given (never the vCPU count: see FEEDER_HARNESS_THREADS), refused above the worker's SDK processes."""
     vcpus = profile.worker.vcpus  # `wanted` is at least 1: check_values and the profiles see to it
-    if wanted in (1, vcpus):
-        return wanted
     if wanted > vcpus:
         raise ValueError(f"--host_feeders {wanted}: a {profile.worker.machine_type} worker runs at most {vcpus} SDK processes")
-    return vcpus
+    return wanted
 
 
 def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engine_profiles.EngineProfile) -> str:

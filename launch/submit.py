@@ -102,6 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         deployment = deployment_from_args(args)
         inputs, output, workers = job_inputs(args, deployment, profile, now)
         user_args = [*(f"--input={pattern}" for pattern in inputs), f"--output={output}", f"--model={args.model}", *extra]
+        if args.warmup:
+            user_args.extend(warmup.PIPELINE_ARGS)
         job_name = timestamped_job_name(profile, now, purpose="warmup" if args.warmup else "run")
         launch = plan_launch(profile, deployment, workers, job_name, user_args)
     except ValueError as exc:  # UsageError, and the launch profile's refusals (worker shape, budgets)

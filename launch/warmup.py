@@ -6,6 +6,8 @@ loads them instead. The warm-up runs the bundled samples (data/samples:
 images, a TIFF and a PDF, every task) on exactly one worker with the
 profile's engine arguments, so it writes the same cache entries the nightly
 job's workers will look up (same image, same engine arguments, same path).
+It fails, loudly, when the cache holds nothing once its engine has started
+(`--xla_cache_required`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from launch.job import Workers
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "data" / "samples"
 # One worker, no autoscaling: a second worker would compile the same programs again in parallel.
 WARMUP_WORKERS = Workers(initial=1, maximum=1, autoscaling="NONE")
+# The warm-up's own pipeline options: its engine start fails when the compile cache is still empty after it
+# (engine.compile_cache), so a warm-up that saved nothing fails its job instead of succeeding.
+PIPELINE_ARGS = ("--xla_cache_required",)
 
 
 def samples_location(deployment: Deployment) -> str:

