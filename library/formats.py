@@ -32,6 +32,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 HEAD_BYTES = 4096  # enough to sniff every format, including a gzip-compressed tar header
 # PDFium is not thread-safe: concurrent renders in one process corrupt memory.
 _PDFIUM_LOCK = threading.Lock()
+PDFIUM_LOCK = _PDFIUM_LOCK  # the same lock, for the other readers of PDFium (library.text_layer)
 
 
 class Format(enum.Enum):
