@@ -23,6 +23,11 @@ from typing import Iterator, Optional, Sequence
 from library.formats import PDFIUM_LOCK, open_pdf
 
 
+# Part of the fingerprint of every text-layer answer (tasks.task.TaskFingerprints): bump it when the
+# extraction or the verdict rules change, and incremental runs read the affected pages' layers again.
+READER_VERSION = 1
+
+
 class Verdict(enum.Enum):
     """What a page's text layer is worth (README "Born-digital PDFs" says what each means for a run)."""
 
@@ -173,7 +178,7 @@ def _read_page(document, index: int) -> PageLayer:
         coverage = _image_coverage(raw, page.raw, width, height)
     finally:
         page.close()
-    signals = LayerSignals(chars, bad, implausible, invisible, round(coverage, 4), round(width, 2), round(height, 2))
+    signals = LayerSignals(chars, bad, implausible, invisible, round(coverage, 4), width, height)
     return PageLayer(index, _normalised(text), signals, verdict(signals))
 
 

@@ -27,6 +27,8 @@ from library.metadata import ItemValues, PromptError
 from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
 from tasks.task import Task, TaskFingerprints
+from tasks.text_layer import ANCHOR, MODEL
+from transforms.text_layer import anchored_request, with_agreement
 
 
 @dataclasses.dataclass
@@ -101,9 +103,9 @@ class RunTasks(beam.DoFn):
         values = ItemValues(item.info.metadata)
         planned = []
         for task in [self._tasks[name] for name in item.tasks] if item.tasks else self._tasks.values():
-            fingerprint = self._fingerprints.of(task.name, values)
+            fingerprint = self._fingerprints.of(task.name, values, ANCHOR if task.name in item.anchored else MODEL)
             try:
-                request = task.request(values)
+                request = anchored_request(item, task, values)
             except PromptError as exc:  # the item lacks a value this task's instruction names
                 metrics.count("tasks_done")
                 yield task_failure(item.info, task.name, Stage.PROMPT, exc, task_fingerprint=fingerprint)
@@ -173,10 +175,10 @@ class RunTasks(beam.DoFn):
             assert self._engine is not None
             attempt = pending.attempt + 1
             # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
-            request = pending.task.request(pending.values, attempt)
+            request = anchored_request(pending.item, pending.task, pending.values, attempt)
             metrics.count(f"retries_{pending.task.name}")
             [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
             self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
             return None
         metrics.count("tasks_done")
-        return pending.at.with_value(completion)
+        return pending.at.with_value(with_agreement(pending.task, completion))
