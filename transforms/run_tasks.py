@@ -8,7 +8,7 @@ bundle, so a bundle commits only after all its requests are answered. A
 request the engine rejects becomes an `engine` error row for that task only;
 an engine failure (`EngineDeadError`) fails the bundle, which the runner
 retries on a fresh engine. The engine comes from the worker process's
-registry (`engine.registry`): acquired in `setup`, released in `teardown`.
+registry (`engine.registry`): acquired at the first item, released in `teardown`.
 """
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ class RunTasks(beam.DoFn):
 
     def setup(self) -> None:
         self._engines = self._engines_of()
-        self._engine = self._engines.acquire(self._settings)
         PROGRESS.tasks_per_item = len(self._tasks)
         PROGRESS.start_reporting(self._progress_interval_s)
 
@@ -92,13 +91,15 @@ class RunTasks(beam.DoFn):
             # A retried bundle after an engine failure gets a fresh engine.
             self._engines.release(self._engine)
             self._engine = None
-        if self._engine is None:
-            self._engine = self._engines.acquire(self._settings)
 
     def process(
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
-        assert self._engine is not None
+        if self._engine is None:
+            # At the first item, not in setup: a worker whose pages its text layers answer (--text_layer
+            # auto) never starts an engine.
+            assert self._engines is not None
+            self._engine = self._engines.acquire(self._settings)
         at = WindowedValue(None, timestamp, [window])
         values = ItemValues(item.info.metadata)
         planned = []
