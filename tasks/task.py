@@ -87,7 +87,7 @@ class Task:
             raise ValueError(f"task name {self.name!r}: use lower-case letters, digits and _ (at most 40), starting with a letter")
         if self.text_layer not in LAYER_USES:
             raise ValueError(f"task {self.name}: text_layer {self.text_layer!r}: choose {', '.join(LAYER_USES)}")
-        if self.text_layer == "answer" and self.output is not TEXT:
+        if self.text_layer == "answer" and self.output.column is not None:  # a layer's text fills `text` alone
             raise ValueError(f"task {self.name}: only a text task can be answered by the text layer (text_layer: answer); "
                              "use text_layer: anchor to give the model the layer's text")
         if self.output.needs_schema and self.schema is None:

@@ -39,7 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from engine.prompts import VISION_TOKEN_BUDGETS, Sampling
 from library import storage
 from tasks.builtin import BUILTIN_TASKS
-from tasks.kinds import KINDS, TEXT, OutputKind
+from tasks.kinds import KINDS, OutputKind
 from tasks.kinds.base import RetryRung
 from tasks.task import TASK_NAME, Task, Template
 from tasks.text_layer import LAYER_USES
@@ -174,7 +174,7 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_to
         except jsonschema.SchemaError as exc:
             at = "/".join(str(part) for part in exc.absolute_path) or "its root"
             mistakes.append(f"{where}, field schema: not a valid JSON Schema at {at}: {exc.message}")
-    if output is not None and output is not TEXT and entry.get("text_layer") == "answer":
+    if output is not None and output.column is not None and entry.get("text_layer") == "answer":
         mistakes.append(f"{where}, field text_layer: only text tasks can be answered by a PDF page's text layer; "
                         "use anchor to give the model the layer's text")
     if output is not None and not output.validated and "retries" in entry:
