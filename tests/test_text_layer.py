@@ -283,3 +283,33 @@ def test_verdict_thresholds_order():
     assert verdict(signals(bad_chars=30)) is Verdict.GARBLED and verdict(signals(bad_chars=20)) is Verdict.TRUSTED
     assert verdict(signals(implausible_chars=300)) is Verdict.GARBLED
     assert verdict(signals(image_coverage=0.3)) is Verdict.PARTIAL and verdict(signals(image_coverage=0.1)) is Verdict.TRUSTED
+
+
+@pytest.mark.engine
+def test_a_run_accounts_for_layer_answers_and_switching_modes_reruns_exactly_the_affected_rows(mixed: Path, tmp_path: Path):
+    """The real pipeline on the mixed document: auto answers the trusted pages without the engine and
+    balances its accounting; a model-mode run with the auto run as history reruns only those pages' ocr."""
+    import pyarrow.parquet as pq
+
+    from tests.conftest import run_pipeline
+
+    auto = run_pipeline("--input", str(mixed), "--output", str(tmp_path / "auto"), "--tasks", "ocr,caption")
+    counts = auto["counts"]
+    trusted = EXPECTED.count("trusted")
+    assert auto["state"] == "SUCCEEDED" and auto["accounting"]["balanced"], auto["state_reason"]
+    assert (counts["items"], counts["tasks_from_text_layer"], counts["tasks_submitted"]) == (
+        len(EXPECTED), trusted, 2 * len(EXPECTED) - trusted)
+    assert counts["pages_not_rendered"] == 0  # caption still needs every page's pixels
+    rows = pq.read_table(tmp_path / "auto" / "results").to_pylist()
+    assert len(rows) == 2 * len(EXPECTED)  # nothing lost: a row per page and task
+    ocr = {row["page"]: row for row in rows if row["task"] == "ocr"}
+    assert [ocr[page]["text_source"] for page in range(len(EXPECTED))] == [
+        "text_layer" if verdict == "trusted" else "model" for verdict in EXPECTED]
+    assert [ocr[page]["text_layer_verdict"] for page in range(len(EXPECTED))] == EXPECTED
+
+    switched = run_pipeline("--input", str(mixed), "--output", str(tmp_path / "model"), "--tasks", "ocr,caption",
+                            "--text_layer", "model", "--incremental_from", str(tmp_path / "auto"))
+    assert switched["accounting"]["balanced"] and switched["counts"]["tasks_submitted"] == trusted
+    rerun = pq.read_table(tmp_path / "model" / "results").to_pylist()
+    assert sorted((row["page"], row["task"], row["text_source"]) for row in rerun) == [
+        (page, "ocr", "model") for page, verdict in enumerate(EXPECTED) if verdict == "trusted"]

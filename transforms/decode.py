@@ -21,7 +21,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from library import metrics
-from library.errors import failure
+from library.errors import ERRORS_TAG, failure
 from library.metadata import merge
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, LayerAnswers, SkippedItem, SourceFile, Stage, UnitKind
 from library.formats import (
@@ -262,17 +262,22 @@ class DecodeUnits(beam.DoFn):
         """A PDF page: the tasks its text layer answers (never rendered for), then the rest as `_decoded`."""
         remaining = [self._definitions[task] for task in self._tasks if task not in done]
         page = plan_page(item, layer, remaining, self._text_layer, self._limits)
+        rendered = self._decoded(item, done, page) if page.to_engine or not page.from_layer else None
+        if isinstance(rendered, pvalue.TaggedOutput) and rendered.tag == ERRORS_TAG:
+            yield rendered  # a page that does not render is one error for all its tasks, the layer's too
+            return
         if page.from_layer:
             yield pvalue.TaggedOutput(LAYER_TAG, LayerAnswers(
-                tuple(layer_completion(page.info, task) for task in page.from_layer), to_engine=bool(page.to_engine)
+                tuple(layer_completion(page.info, task) for task in page.from_layer), to_engine=rendered is not None
             ))
             metrics.count("tasks_from_text_layer", len(page.from_layer))
             metrics.count("tasks_done", len(page.from_layer))
-            if not page.to_engine:  # answered without the engine: never rendered
-                metrics.count("items")
-                metrics.count("pages")
-                metrics.count("pages_not_rendered")
-                if done:
-                    metrics.count("skipped_tasks", len(done))
-                return
-        yield self._decoded(item, done, page)
+        if rendered is not None:
+            yield rendered
+            return
+        # Answered without the engine: never rendered.
+        metrics.count("items")
+        metrics.count("pages")
+        metrics.count("pages_not_rendered")
+        if done:
+            metrics.count("skipped_tasks", len(done))
