@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
+import math
 import unicodedata
 from typing import Iterator, Optional, Sequence
 
@@ -76,9 +77,6 @@ class LayerSignals:
     width_pt: float
     height_pt: float
 
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
 class PageLayer:
@@ -129,19 +127,20 @@ def _objects(raw, count: int, get, handle) -> Iterator[object]:
             yield obj
 
 
-def _image_coverage(raw, page, width: float, height: float) -> float:
-    """Fraction of the page under image objects: their boxes' union, on a coarse grid (overlaps count once)."""
-    if width <= 0 or height <= 0:
+def _image_coverage(raw, page, box: tuple[float, float, float, float]) -> float:
+    """Fraction of the page's `box` (its crop box, in the unrotated user space object bounds are in) under
+    image objects: their boxes' union on a coarse grid, so overlaps count once."""
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
         return 0.0
+    cell_x, cell_y = (x1 - x0) / _COVERAGE_GRID, (y1 - y0) / _COVERAGE_GRID
     covered: set[tuple[int, int]] = set()
     left, bottom, right, top = (ctypes.c_float() for _ in range(4))
     for obj in _objects(raw, raw.FPDFPage_CountObjects(page), raw.FPDFPage_GetObject, page):
-        if raw.FPDFPageObj_GetType(obj) != raw.FPDF_PAGEOBJ_IMAGE:
+        if raw.FPDFPageObj_GetType(obj) != raw.FPDF_PAGEOBJ_IMAGE or not raw.FPDFPageObj_GetBounds(obj, left, bottom, right, top):
             continue
-        if not raw.FPDFPageObj_GetBounds(obj, left, bottom, right, top):
-            continue
-        cols = range(max(0, int(left.value / width * _COVERAGE_GRID)), min(_COVERAGE_GRID, int(-(-right.value / width * _COVERAGE_GRID) // 1)))
-        rows = range(max(0, int(bottom.value / height * _COVERAGE_GRID)), min(_COVERAGE_GRID, int(-(-top.value / height * _COVERAGE_GRID) // 1)))
+        cols = range(max(0, int((left.value - x0) / cell_x)), min(_COVERAGE_GRID, math.ceil((right.value - x0) / cell_x)))
+        rows = range(max(0, int((bottom.value - y0) / cell_y)), min(_COVERAGE_GRID, math.ceil((top.value - y0) / cell_y)))
         covered.update((c, r) for c in cols for r in rows)
     return len(covered) / (_COVERAGE_GRID * _COVERAGE_GRID)
 
@@ -175,7 +174,7 @@ def _read_page(document, index: int) -> PageLayer:
                     invisible += 1
         finally:
             textpage.close()
-        coverage = _image_coverage(raw, page.raw, width, height)
+        coverage = _image_coverage(raw, page.raw, page.get_cropbox())
     finally:
         page.close()
     signals = LayerSignals(chars, bad, implausible, invisible, round(coverage, 4), width, height)

@@ -17,9 +17,9 @@ import dataclasses
 import logging
 from typing import Iterable, Optional, Sequence
 
+from engine.api import EngineRequest
 from library import metrics, storage
 from library.formats import DecodeLimits, Format, page_pixels
-from engine.api import EngineRequest
 from library.metadata import ItemValues
 from library.text_layer import PageLayer, Verdict, disagreement, read_layers
 from library.units import UnitEntry, UnitItem
