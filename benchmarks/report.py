@@ -365,12 +365,16 @@ bytes. Task `ocr`; the default tiny random-weight model on CPU for the engine.
 
 Ratio, pages/s of `auto` over `model`: **{_cell(r['auto_over_model_pages_per_s'])}x** (target ≥ {r['target']:g}x: {met}).
 The `model` side is a page subset (`--limit`) because the CPU engine needs seconds per page; its wall time
-includes the engine's start-up, which a longer run spreads thinner, and an accelerator reads a page in
+includes the engine's start-up, which a longer run spreads thinner; the random-weight model writes up to
+`ocr`'s 2,048 tokens on every page, where a real one stops at the page's end; and an accelerator reads a page in
 well under a second, so on TPU or GPU the ratio is smaller than here. The host side alone, which no
-accelerator changes (this process, one page at a time, the first {h['pages']} pages): reading a page's text
-layer {_cell(h['layer_pages_per_s'])} pages/s, rendering it at 150 dpi {_cell(h['render_pages_per_s'])} pages/s
-({_cell(h['render_over_layer_time'])}x the time; load {h['load_1min_before']}). A run whose every page its text layer
-answers starts no engine at all (`transforms.run_tasks.RunTasks` acquires it at the first page that needs it)."""
+accelerator changes (this process, the first {h['pages']} pages, one call per page, each opening the
+{pdf['bytes'] // 2**20} MiB document as `render_pdf_page` does): reading a page's text layer
+{_cell(h['layer_pages_per_s'])} pages/s, rendering it at 150 dpi {_cell(h['render_pages_per_s'])} pages/s
+({_cell(h['render_over_layer_time'])}x the time; load {h['load_1min_before']}). Opening the document dominates both
+here; the pipeline reads a unit's layers (`--pages_per_unit`, 8) with one opening. Then the engine-free
+path's cost is Beam's per-element work, and a run whose every page its text layer answers starts no
+engine at all (`transforms.run_tasks.RunTasks` acquires it at the first page that needs it)."""
 
 
 def write_benchmarks_md() -> None:
