@@ -313,3 +313,12 @@ def test_a_run_accounts_for_layer_answers_and_switching_modes_reruns_exactly_the
     rerun = pq.read_table(tmp_path / "model" / "results").to_pylist()
     assert sorted((row["page"], row["task"], row["text_source"]) for row in rerun) == [
         (page, "ocr", "model") for page, verdict in enumerate(EXPECTED) if verdict == "trusted"]
+
+
+def test_a_tasks_text_layer_use_leaves_its_model_fingerprint_as_before():
+    """Earlier runs' answers keep matching under --text_layer model: the new field is not part of the request's digest."""
+    import dataclasses
+
+    plain = dataclasses.replace(OCR, text_layer="none")
+    assert TaskFingerprints([OCR], SETTINGS).of("ocr", ItemValues(None)) == TaskFingerprints([plain], SETTINGS).of("ocr", ItemValues(None))
+    assert TaskFingerprints([OCR], SETTINGS).of("ocr", ItemValues(None), "anchor") != TaskFingerprints([OCR], SETTINGS).of("ocr", ItemValues(None))
