@@ -49,6 +49,7 @@ from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from tasks.kinds import KINDS
 from tasks.task import Task, with_overrides
 from tasks.task_file import load_task_file
+from tasks.text_layer import DEFAULT_MODE as TEXT_LAYER_DEFAULT, MODES as TEXT_LAYER_MODES, TextLayerSettings
 from tiny_model.checkpoint import DEFAULT_PRESET, PRESETS
 from transforms.sources import InputSelection, ManifestError, is_glob, manifest_entries
 from transforms.summary import SummaryConfig
@@ -209,6 +210,19 @@ class VisionBatchOptions(PipelineOptions):
             "--thinking", default="off", choices=["off", "on"],
             help="Gemma 4 thinking mode: the model reasons before answering; the thought goes to the results' "
                  "thought column and each task gets extra output tokens for it. Slower and costlier.",
+        )
+        model.add_argument(
+            "--text_layer", default=TEXT_LAYER_DEFAULT, choices=TEXT_LAYER_MODES,
+            help="PDF pages' own text layer, read before rendering and judged per page (results' "
+                 "text_layer_verdict): model: every page goes to the model; auto: ocr answers for trusted "
+                 "pages come from the layer (no engine request, no rendering), other pages go to the model; "
+                 "anchor: as auto, and the layer's text goes into the prompt of ocr on partial pages and of "
+                 "markdown. See README 'Born-digital PDFs'.",
+        )
+        model.add_argument(
+            "--text_layer_check", type=float, default=0.0, metavar="F",
+            help="Fraction of the pages the text layer would answer that the model reads instead, as an audit: "
+                 "their rows carry text_layer_cer, the model's CER against the layer. 0: none.",
         )
         model.add_argument(
             "--model", default=None,
@@ -410,6 +424,7 @@ def _with_job_budget(
 _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("limit", lambda v: v >= 1, "a whole number of items, at least 1"),
     ("max_error_fraction", lambda v: 0.0 <= v <= 1.0, "a fraction between 0 and 1 (0: no error tolerated)"),
+    ("text_layer_check", lambda v: 0.0 <= v <= 1.0, "a fraction between 0 and 1 (0: no audit sample)"),
     ("num_output_shards", lambda v: v >= 0, "0 (runner decides) or a positive number of files"),
     ("progress_interval_s", lambda v: v >= 0 and math.isfinite(v), "seconds, 0 or more (0: no progress lines)"),
     ("max_in_flight", lambda v: v >= 1, "at least 1"),
@@ -734,6 +749,7 @@ class JobConfig:
     run: RunInfo
     model_is_random: bool
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    text_layer: TextLayerSettings = TextLayerSettings()  # --text_layer, --text_layer_check
     # The summary step raises when the run failed, so the job itself ends failed (Dataflow, flex
     # templates: what Cloud Scheduler and Composer see). A caller that waits and reports the
     # outcome itself (a local run through pipelines.vision_batch) turns it off.
@@ -791,6 +807,7 @@ class JobConfig:
             run=run,
             model_is_random=model_is_random,
             max_error_fraction=opts.max_error_fraction,
+            text_layer=TextLayerSettings(opts.text_layer, opts.text_layer_check),
         )
 
     @staticmethod
@@ -833,4 +850,5 @@ class JobConfig:
             "decode_limits": dataclasses.asdict(self.limits),
             "shards": dataclasses.asdict(self.shards),
             "max_error_fraction": self.max_error_fraction,
+            "text_layer": dataclasses.asdict(self.text_layer),
         }

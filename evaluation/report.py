@@ -31,6 +31,9 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 METRICS = (
     Metric("OCR CER", False, lambda s: s.ocr.cer if s.ocr else None),
     Metric("OCR WER", False, lambda s: s.ocr.wer if s.ocr else None),
+    # --text_layer: the pages PDF text layers answered and those the model read, scored apart.
+    Metric("OCR CER, text-layer pages", False, lambda s: s.ocr_by_source["text_layer"].cer if "text_layer" in s.ocr_by_source else None),
+    Metric("OCR CER, model pages", False, lambda s: s.ocr_by_source["model"].cer if "model" in s.ocr_by_source else None),
     Metric("Markdown CER", False, lambda s: s.markdown.cer if s.markdown else None),
     Metric("Markdown WER", False, lambda s: s.markdown.wer if s.markdown else None),
     Metric("Detection mAP@[.5:.95]", True, lambda s: s.detection.map if s.detection else None),

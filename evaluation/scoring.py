@@ -38,6 +38,9 @@ class OcrItem:
     truncated: bool  # the model hit its token limit (raise --max_tokens ocr=...)
     reference: str
     hypothesis: str
+    # Where the answer came from (results' text_source): model or text_layer. A missing row counts as the
+    # model's: a text-layer answer never fails. Older results, without the column, are all the model's.
+    text_source: str = "model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,8 @@ class RunScores:
     answer_items: tuple[AnswerItem, ...]  # expected answers of other tasks (questions, JSON extraction)
     matched_items: int  # reference items with at least one result row
     extra_items: int  # items in the results that no reference covers
+    # OCR corpus totals per text_source (--text_layer): the layer's pages and the model's, scored apart.
+    ocr_by_source: Mapping[str, TextErrors] = dataclasses.field(default_factory=dict)
 
 
 Answer = tuple[ReferenceItem, Optional[Mapping[str, Any]]]  # a reference and the run's row for it (None: missing)
@@ -118,9 +123,18 @@ def _score_text(answers: list[Answer], as_text: Callable[[str], str] = lambda te
             truncated=bool(row and row["truncated"]),
             reference=reference.text or "",
             hypothesis=as_text(_text(row)),
+            text_source=(row or {}).get("text_source") or "model",
         )
         for reference, row in answers
     )
+
+
+def by_source(items: Sequence[OcrItem]) -> dict[str, TextErrors]:
+    """Corpus totals of each text_source group of `items`."""
+    groups: dict[str, list[TextErrors]] = {}
+    for item in items:
+        groups.setdefault(item.text_source, []).append(item.errors)
+    return {source: total for source, errors in sorted(groups.items()) if (total := total_text_errors(errors))}
 
 
 def _same(expected: Any, got: Any) -> bool:
@@ -271,4 +285,5 @@ def score_run(
         answer_items=_score_answers(run, references),
         matched_items=matched,
         extra_items=len(answered - references.keys()),
+        ocr_by_source=by_source(ocr_items),
     )

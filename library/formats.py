@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import math
 import re
 import threading
 import zlib
@@ -32,6 +33,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 HEAD_BYTES = 4096  # enough to sniff every format, including a gzip-compressed tar header
 # PDFium is not thread-safe: concurrent renders in one process corrupt memory.
 _PDFIUM_LOCK = threading.Lock()
+PDFIUM_LOCK = _PDFIUM_LOCK  # the same lock, for the other readers of PDFium (library.text_layer)
 
 
 class Format(enum.Enum):
@@ -269,6 +271,22 @@ def decode_image_frame(data: bytes, frame: int, limits: DecodeLimits) -> Image.I
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+def page_scale(width_pt: float, height_pt: float, limits: DecodeLimits) -> float:
+    """Pixels per point a page renders at: `pdf_dpi`, lowered if the page would exceed `max_image_pixels`."""
+    scale = limits.pdf_dpi / 72.0
+    pixels = width_pt * height_pt * scale * scale
+    if pixels > limits.max_image_pixels:
+        scale *= (limits.max_image_pixels / pixels) ** 0.5
+    return scale
+
+
+def page_pixels(width_pt: float, height_pt: float, limits: DecodeLimits) -> tuple[int, int]:
+    """The size in pixels a page of this size renders to, without rendering it (pypdfium2 rounds up:
+    pypdfium2/_helpers/page.py, PdfPage.render)."""
+    scale = page_scale(width_pt, height_pt, limits)
+    return max(1, math.ceil(width_pt * scale)), max(1, math.ceil(height_pt * scale))
+
+
 def render_pdf_page(data: bytes, page_index: int, limits: DecodeLimits) -> Image.Image:
     """One PDF page rendered at `pdf_dpi`, lowered if the page would exceed `max_image_pixels`."""
     with _PDFIUM_LOCK:
@@ -277,10 +295,7 @@ def render_pdf_page(data: bytes, page_index: int, limits: DecodeLimits) -> Image
             page = document[page_index]
             try:
                 width_pt, height_pt = page.get_size()
-                scale = limits.pdf_dpi / 72.0
-                pixels = width_pt * height_pt * scale * scale
-                if pixels > limits.max_image_pixels:
-                    scale *= (limits.max_image_pixels / pixels) ** 0.5
+                scale = page_scale(width_pt, height_pt, limits)
                 if width_pt * scale < 1 or height_pt * scale < 1:
                     raise DecodeError(f"page is {width_pt}x{height_pt} pt: too small to render")
                 rendered = page.render(scale=scale).to_pil()

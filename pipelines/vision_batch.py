@@ -84,16 +84,19 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> beam.PCollecti
     history_tallies = []
     if config.incremental_from:
         fanned, scan_tallies = fanned | "AttachAnswers" >> incremental.AttachAnswers(
-            config.incremental_from, config.run, config.tasks, config.engine, config.limits, config.shards, config.output
+            config.incremental_from, config.run, config.tasks, config.engine, config.limits, config.shards, config.output,
+            config.text_layer,
         )
         history_tallies.append(scan_tallies)
     decoded = fanned | "DecodeUnits" >> beam.ParDo(
-        decode.DecodeUnits(config.limits, config.shards, [t.name for t in config.tasks])
-    ).with_outputs(ERRORS_TAG, decode.SKIPPED_TAG, main="items")
+        decode.DecodeUnits(config.limits, config.shards, config.tasks, config.text_layer)
+    ).with_outputs(ERRORS_TAG, decode.SKIPPED_TAG, decode.LAYER_TAG, main="items")
     completed = decoded.items | "RunTasks" >> beam.ParDo(
         run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)
     ).with_outputs(ERRORS_TAG, main="completions")
-    parsed = completed.completions | "Parse" >> beam.ParDo(
+    # PDF pages' answers from their text layers join the engine's on the way to the parse stage.
+    from_layer = decoded[decode.LAYER_TAG] | "LayerCompletions" >> beam.FlatMap(lambda answers: answers.completions)
+    parsed = (completed.completions, from_layer) | "AllCompletions" >> beam.Flatten() | "Parse" >> beam.ParDo(
         parse.ParseCompletions(config.tasks, config.run)
     ).with_outputs(ERRORS_TAG, main="rows")
 
@@ -111,6 +114,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> beam.PCollecti
         summary.distinct_sources(units),
         decoded.items | "TallyItems" >> beam.Map(summary.tally_item),
         decoded[decode.SKIPPED_TAG] | "TallySkipped" >> beam.Map(summary.tally_skipped),
+        decoded[decode.LAYER_TAG] | "TallyLayerAnswers" >> beam.Map(summary.tally_layer_answers),
         *history_tallies,
         parsed.rows | "TallyResults" >> beam.Map(summary.tally_result),
         error_rows | "TallyErrors" >> beam.Map(summary.tally_error),

@@ -106,6 +106,14 @@ class ItemRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class PageText:
+    """A PDF page's text layer as read before rendering (`library.text_layer`): its verdict and its text."""
+
+    verdict: str  # trusted, partial, garbled, ocr_layer or none (`library.text_layer.Verdict`)
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemInfo:
     """What is known about a decoded item, without its pixels."""
 
@@ -114,6 +122,7 @@ class ItemInfo:
     height: int
     content_hash: str  # sha256 hex of the item's own bytes (file or member, + page for pages)
     metadata: Optional[str] = None  # JSON from the shard (tar sidecar, Parquet pass-through columns)
+    layer: Optional[PageText] = None  # PDF pages: the text layer, read before rendering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +141,7 @@ class ImageItem:
     info: ItemInfo
     image: Image.Image  # RGB; possibly downscaled from info.width x info.height
     tasks: tuple[str, ...] = ()  # tasks still to run (DecodeUnits: the run's tasks minus those answered before; empty: all)
+    anchored: tuple[str, ...] = ()  # of them, those whose prompt carries the page's text layer (--text_layer anchor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +164,16 @@ class TaskCompletion:
     # columns, or the AnswerError its task's validation raised. Both None: not read yet.
     parsed: Optional["ParsedAnswer"] = None
     parse_error: Optional[Exception] = None
+    text_source: str = "model"  # "text_layer": answered from the PDF page's text layer, no engine request
+    layer_cer: Optional[float] = None  # the answer's CER against the page's text layer, where both read it
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAnswers:
+    """A PDF page's tasks answered from its text layer (DecodeUnits); `to_engine`: its other tasks went to the engine."""
+
+    completions: tuple[TaskCompletion, ...]
+    to_engine: bool
 
 
 @dataclasses.dataclass(frozen=True)

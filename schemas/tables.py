@@ -66,6 +66,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("instruction", pa.string()),  # as sent: the task's instruction with the item's values filled in
         pa.field("task_fingerprint", pa.string()),  # task definition + item values: part of incremental-run keys
+        pa.field("text_source", pa.string()),  # model, or text_layer: the PDF page's own text, no engine request
+        pa.field("text_layer_verdict", pa.string()),  # PDF pages: trusted, partial, garbled, ocr_layer or none
+        pa.field("text_layer_cer", pa.float64()),  # the model's answer against the page's text layer (agreement)
     ]
     + _RUN_FIELDS
 )
@@ -147,6 +150,9 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         attempts=completion.attempts,
         instruction=completion.instruction,
         task_fingerprint=completion.task_fingerprint,
+        text_source=completion.text_source,
+        text_layer_verdict=None if info.layer is None else info.layer.verdict,
+        text_layer_cer=None if completion.layer_cer is None else round(completion.layer_cer, 6),
     )
     row.update(_run_columns(run))
     return row

@@ -54,6 +54,7 @@ BUILTIN_TASKS: Mapping[str, Task] = {
                 "Keep line breaks. Output only the transcription; output nothing if there is no text."
             ),
             max_tokens=2048,  # a dense A4 page at 150 dpi is ~1,000-1,500 tokens of text
+            text_layer="answer",  # --text_layer auto/anchor: a trusted PDF page's own text is its transcription
             # Greedy (the default): transcription has one right answer and must be reproducible.
         ),
         Task(
@@ -75,6 +76,7 @@ BUILTIN_TASKS: Mapping[str, Task] = {
             # The page's text (ocr: ~1,000-1,500 tokens for a dense page) plus its markup (table
             # pipes, HTML cells, LaTeX): twice ocr's budget, as a truncated page loses its end.
             max_tokens=4096,
+            text_layer="anchor",  # --text_layer anchor: the layer's text in the prompt (the markup is the model's)
         ),
         Task(
             name="layout",

@@ -26,6 +26,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from engine.api import EngineRequest, EngineSettings
 from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
+from library.text_layer import READER_VERSION as LAYER_READER_VERSION
+from tasks.text_layer import ANCHOR_PROMPT_VERSION, LAYER_USES
 from library.metadata import ItemValues
 from schemas.records import ParsedAnswer, TaskCompletion
 from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, split_answer
@@ -76,10 +78,18 @@ class Task:
     schema: Optional[Mapping[str, Any]] = None  # the answer's JSON Schema, for kinds that need one (json)
     vision_tokens: Optional[int] = None  # the image's soft-token budget; None: the job's
     retries: tuple[RetryRung, ...] = ()  # re-asks when the answer fails validation, in order
+    # What a PDF page's text layer does for this task under --text_layer auto/anchor (tasks.text_layer.LAYER_USES):
+    # "none", "answer" (trusted pages are answered by the layer; text tasks only) or "anchor" (the layer goes in the prompt).
+    text_layer: str = "none"
 
     def __post_init__(self) -> None:
         if not TASK_NAME.match(self.name):
             raise ValueError(f"task name {self.name!r}: use lower-case letters, digits and _ (at most 40), starting with a letter")
+        if self.text_layer not in LAYER_USES:
+            raise ValueError(f"task {self.name}: text_layer {self.text_layer!r}: choose {', '.join(LAYER_USES)}")
+        if self.text_layer == "answer" and self.output.column is not None:  # a layer's text fills `text` alone
+            raise ValueError(f"task {self.name}: only a text task can be answered by the text layer (text_layer: answer); "
+                             "use text_layer: anchor to give the model the layer's text")
         if self.output.needs_schema and self.schema is None:
             raise ValueError(f"task {self.name}: a {self.output.name} task needs a schema")
         first = set(Template(self.instruction).placeholders)
@@ -155,6 +165,11 @@ def _digest(value: Any) -> str:
     return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
+def layer_fingerprint() -> str:
+    """The fingerprint of every answer a PDF page's text layer gives (`TaskFingerprints.of`, route "text_layer")."""
+    return _digest({"text_layer": LAYER_READER_VERSION})
+
+
 class TaskFingerprints:
     """The fingerprint of (task definition, item values): equal fingerprints mean the same request.
 
@@ -188,12 +203,24 @@ class TaskFingerprints:
         """The task's fields, its kind and schema spelled as when kinds were enum members and a boxes task
         carried its decoding schema: the tasks of earlier runs keep their fingerprints."""
         constraint = task.output.constraint(task.schema)
+        # text_layer is left out: it changes no model request (its routes have fingerprints of their own, `of`).
+        fields = {key: value for key, value in dataclasses.asdict(task).items() if key != "text_layer"}
         return {
-            **dataclasses.asdict(task),
+            **fields,
             "output": f"OutputKind.{task.output.name.upper()}",
             "schema": None if constraint is None else constraint.json_schema,
         }
 
-    def of(self, task: str, values: ItemValues) -> str:
+    def of(self, task: str, values: ItemValues, route: str = "model") -> str:
+        """The fingerprint of `task` for an item's `values`, answered by `route` (`tasks.text_layer.Route`).
+
+        "model" (a plain request) keeps the fingerprint runs had before text
+        layers were read; an anchored request adds the anchor prompt's version;
+        a text-layer answer depends on neither the task's request nor the item's
+        values, only on the layer reader's version.
+        """
+        if route == "text_layer":
+            return layer_fingerprint()
         filled = {name: values.get_or_none(name) for name in self._tasks[task].placeholders}
-        return _digest([self._definitions[task], filled]) if filled else self._definitions[task]
+        fingerprint = _digest([self._definitions[task], filled]) if filled else self._definitions[task]
+        return _digest([fingerprint, {"anchor": ANCHOR_PROMPT_VERSION}]) if route == "anchor" else fingerprint

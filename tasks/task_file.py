@@ -16,7 +16,9 @@ Fields of a task (`TASK_FIELDS`): `name` and `instruction` are required;
 `boxes`, `json`, `layout`), which decides the defaults and the rest: `schema`
 (a JSON Schema) is required for kinds that need one (`json`) and only for
 them, `retries` only for kinds whose answers are validated; `max_tokens`,
-`temperature`, `top_k`, `top_p` and `vision_tokens` are optional; `max_tokens` is bounded
+`temperature`, `top_k`, `top_p`, `vision_tokens` and `text_layer` are optional (`text_layer`: what a
+PDF page's text layer does for the task under `--text_layer auto|anchor`: `none`, the default; `answer`,
+text tasks only: trusted pages are answered by the layer; `anchor`: the layer's text goes into the prompt); `max_tokens` is bounded
 by the caller (the longest context any engine profile holds). Every mistake of
 a file is reported at once: the schema's, the entries' own checks and the
 task contract's. `{placeholders}` in
@@ -40,6 +42,7 @@ from tasks.builtin import BUILTIN_TASKS
 from tasks.kinds import KINDS, OutputKind
 from tasks.kinds.base import RetryRung
 from tasks.task import TASK_NAME, Task, Template
+from tasks.text_layer import LAYER_USES
 
 # vLLM's own bounds (vllm/sampling_params.py SamplingParams._verify_args): 0 <= temperature <= 2,
 # 0 < top_p <= 1, top_k >= 1 (0 and -1 mean "all", which is what leaving it out does here).
@@ -56,6 +59,7 @@ TASK_FIELDS: Mapping[str, Mapping[str, Any]] = {
     "max_tokens": {"type": "integer", "minimum": 1},
     **_SAMPLING,
     "vision_tokens": {"enum": list(VISION_TOKEN_BUDGETS)},
+    "text_layer": {"enum": list(LAYER_USES)},
     "retries": {
         "type": "array",
         "maxItems": 5,
@@ -170,6 +174,9 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_to
         except jsonschema.SchemaError as exc:
             at = "/".join(str(part) for part in exc.absolute_path) or "its root"
             mistakes.append(f"{where}, field schema: not a valid JSON Schema at {at}: {exc.message}")
+    if output is not None and output.column is not None and entry.get("text_layer") == "answer":
+        mistakes.append(f"{where}, field text_layer: only text tasks can be answered by a PDF page's text layer; "
+                        "use anchor to give the model the layer's text")
     if output is not None and not output.validated and "retries" in entry:
         mistakes.append(f"{where}, field retries: only {_kinds(lambda kind: kind.validated)} answers are validated, so only they are retried")
     max_tokens = entry.get("max_tokens")
@@ -208,6 +215,7 @@ def _task(entry: Mapping[str, Any]) -> Task:
         schema=schema,
         vision_tokens=entry.get("vision_tokens"),
         retries=retries,
+        text_layer=entry.get("text_layer", "none"),
     )
 
 

@@ -169,3 +169,14 @@ def test_command_line_errors_name_the_problem(tmp_path, capsys):
     assert "--label" in capsys.readouterr().err
     assert evaluate.main(["--results", str(tmp_path / "nowhere"), "--references", str(refs)]) == 2
     assert "no results Parquet files" in capsys.readouterr().err
+
+
+def test_ocr_is_scored_per_text_source(tmp_path):
+    """--text_layer: the pages a PDF's text layer answered and those the model read get their own OCR figures."""
+    from_layer = answer("/data/b.pdf", "ocr", "second page text", page=0)
+    from_layer.update(text_source="text_layer", text_layer_verdict="trusted")
+    run = write_run(tmp_path / "run", [answer("/data/a.png", "ocr", "the quick brown fox"), from_layer])
+    scores = score(run)
+    assert {item.item_id: item.text_source for item in scores.ocr_items} == {"/data/a.png": "model", "/data/b.pdf#page=0": "text_layer"}
+    assert scores.ocr_by_source["text_layer"].cer == 0 and scores.ocr_by_source["model"].cer == pytest.approx(6 / 25)
+    assert scores.ocr.cer == pytest.approx(6 / 41)  # the overall figure still covers both

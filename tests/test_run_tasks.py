@@ -163,9 +163,9 @@ def test_an_engine_death_fails_the_bundle_and_its_retry_runs_on_a_new_engine():
         return Answer(BOXES if "box" in request.instruction.lower() else "a cat")
 
     stage = DrivenStage(answers)
-    dead = stage.engine
     with pytest.raises(EngineDeadError):
         stage.bundle([item(1), item(2)])
+    dead = stage.engine
     assert dead.failed
     during, at_end = stage.bundle([item(1), item(2)])  # the runner retries the bundle
     assert len(during + at_end) == 4 and stage.engine is not dead
@@ -183,13 +183,24 @@ def test_an_item_waits_for_room_and_is_admitted_whole():
 def test_teardown_releases_the_engine_and_the_last_release_closes_it():
     registry = EngineRegistry(lambda settings: FakeEngine(script(caption=Answer("a cat"), detect=Answer(BOXES))), idle_s=0)
     first, second = DrivenStage({}, registry=registry), DrivenStage({}, registry=registry)
+    assert registry.live == 0  # acquired at the first item, not in setup
+    first.bundle([item(1)])
+    second.bundle([item(2)])
     engine = first.engine
     assert second.engine is engine and registry.live == 1  # one engine per settings, shared
-    first.bundle([item(1)])
     first.dofn.teardown()
     assert not engine.closed  # the other instance still holds it
     second.dofn.teardown()
     assert engine.closed and registry.live == 0
+
+
+def test_a_stage_that_gets_no_item_starts_no_engine():
+    """Pages their text layers answer never reach the stage: a worker with nothing else to do starts no engine."""
+    registry = EngineRegistry(lambda settings: FakeEngine({}), idle_s=0)
+    stage = DrivenStage({}, registry=registry)
+    assert stage.bundle([]) == ([], []) and registry.live == 0
+    stage.dofn.teardown()
+    assert registry.live == 0
 
 
 _PIPELINE_ENGINES = EngineRegistry(lambda settings: FakeEngine(script(caption=Answer("a cat"), detect=Answer(BOXES))), idle_s=0)

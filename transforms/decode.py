@@ -21,9 +21,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from library import metrics
-from library.errors import failure
+from library.errors import ERRORS_TAG, failure
 from library.metadata import merge
-from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile, Stage, UnitKind
+from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, LayerAnswers, SkippedItem, SourceFile, Stage, UnitKind
 from library.formats import (
     DecodeLimits,
     EmptyFile,
@@ -39,9 +39,14 @@ from library.formats import (
     sniff,
 )
 from library.shards import ShardSettings, SpecialMember, TruncatedShard, iter_tar_samples, parquet_row_groups
+from library.text_layer import PageLayer
 from library.units import ItemFailure, UnitItem, unit_items
+from tasks.task import Task
+from tasks.text_layer import TextLayerSettings
+from transforms.text_layer import PagePlan, layer_completion, page_layers, plan_page
 
 SKIPPED_TAG = "skipped"  # items every task of which an earlier run answered (incremental runs)
+LAYER_TAG = "text_layer"  # PDF pages' tasks answered from their text layers (LayerAnswers), no engine request
 
 
 def plan_file_units(source: SourceFile, fmt: Format, load: Callable[[], bytes], limits: DecodeLimits) -> list[DecodeUnit]:
@@ -200,16 +205,25 @@ class DecodeUnits(beam.DoFn):
     goes to the `skipped` output before its pixels are decoded or rendered.
     """
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[str] = ()):
+    def __init__(
+        self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[Task] = (),
+        text_layer: TextLayerSettings = TextLayerSettings(mode="model"),
+    ):
         self._limits = limits
         self._shards = shards
-        self._tasks = tuple(tasks)  # the run's tasks; empty: items carry no task list and the engine runs all
+        self._definitions = {task.name: task for task in tasks}
+        self._tasks = tuple(self._definitions)  # the run's tasks; empty: items carry no task list and the engine runs all
+        self._text_layer = text_layer
 
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         answered = dict(unit.answered)
-        for entry in unit_items(unit, self._limits, self._shards):
+        entries = list(unit_items(unit, self._limits, self._shards))  # a document's pages share its bytes
+        layers = page_layers(entries)  # PDF pages' text layers, read before anything is rendered
+        for entry in entries:
             if isinstance(entry, ItemFailure):
                 yield self._failure(entry)
+            elif entry.ref.item_id in layers:
+                yield from self._page(entry, answered.get(entry.ref.item_id, ()), layers[entry.ref.item_id])
             else:
                 yield self._decoded(entry, answered.get(entry.ref.item_id, ()))
 
@@ -217,8 +231,13 @@ class DecodeUnits(beam.DoFn):
     def _failure(failed: ItemFailure) -> pvalue.TaggedOutput:
         return failure(failed.ref, Stage.DECODE, failed.error, content_hash=failed.content_hash, metadata=failed.metadata)
 
-    def _decoded(self, item: UnitItem, done: tuple[str, ...]) -> Union[ImageItem, pvalue.TaggedOutput]:
-        """One item -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord."""
+    def _decoded(
+        self, item: UnitItem, done: tuple[str, ...], page: Optional[PagePlan] = None,
+    ) -> Union[ImageItem, pvalue.TaggedOutput]:
+        """One item -> ImageItem with the tasks not in `done`, SkippedItem, or ErrorRecord.
+
+        `page`: a PDF page's plan (`_page`): its tasks for the engine, and its layer in the item's info.
+        """
         remaining = tuple(task for task in self._tasks if task not in done)
         if done and not remaining:
             metrics.count("skipped_items")
@@ -234,4 +253,31 @@ class DecodeUnits(beam.DoFn):
         if len(remaining) < len(self._tasks):
             metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
         info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
-        return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
+        if page is None:
+            return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
+        info = dataclasses.replace(info, layer=page.info.layer)
+        return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=page.to_engine, anchored=page.anchored)
+
+    def _page(self, item: UnitItem, done: tuple[str, ...], layer: PageLayer) -> Iterator[object]:
+        """A PDF page: the tasks its text layer answers (never rendered for), then the rest as `_decoded`."""
+        remaining = [self._definitions[task] for task in self._tasks if task not in done]
+        page = plan_page(item, layer, remaining, self._text_layer, self._limits)
+        rendered = self._decoded(item, done, page) if page.to_engine or not page.from_layer else None
+        if isinstance(rendered, pvalue.TaggedOutput) and rendered.tag == ERRORS_TAG:
+            yield rendered  # a page that does not render is one error for all its tasks, the layer's too
+            return
+        if page.from_layer:
+            yield pvalue.TaggedOutput(LAYER_TAG, LayerAnswers(
+                tuple(layer_completion(page.info, task) for task in page.from_layer), to_engine=rendered is not None
+            ))
+            metrics.count("tasks_from_text_layer", len(page.from_layer))
+            metrics.count("tasks_done", len(page.from_layer))
+        if rendered is not None:
+            yield rendered
+            return
+        # Answered without the engine: never rendered.
+        metrics.count("items")
+        metrics.count("pages")
+        metrics.count("pages_not_rendered")
+        if done:
+            metrics.count("skipped_tasks", len(done))

@@ -57,7 +57,9 @@ from library.shards import ShardSettings
 from library.units import UnitItem, unit_items
 from schemas.records import DecodeUnit, RunInfo
 from tasks.task import Task, TaskFingerprints
+from tasks.text_layer import TextLayerSettings
 from transforms.sinks import SUMMARY_FILE
+from transforms.text_layer import page_layers, task_routes
 
 # Results columns that identify an answer.
 KEY_COLUMNS = ("content_hash", "task", "model_id", "prompt_version", "task_fingerprint")
@@ -275,18 +277,28 @@ class HashUnits(beam.DoFn):
     cannot be read are passed over: DecodeUnits meets them again and reports them once.
     """
 
-    def __init__(self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[Task], settings: EngineSettings):
+    def __init__(
+        self, limits: DecodeLimits, shards: ShardSettings, tasks: Sequence[Task], settings: EngineSettings,
+        text_layer: TextLayerSettings = TextLayerSettings(mode="model"),
+    ):
         self._limits = limits
         self._shards = shards
-        self._task_names = tuple(task.name for task in tasks)
+        self._tasks = tuple(tasks)
         self._fingerprints = TaskFingerprints(tasks, settings)
+        self._text_layer = text_layer
+        # Only where a layer can change a route are PDF pages' layers read (no pixel either way).
+        self._reads_layers = text_layer.reads_layer(tuple(task.text_layer for task in tasks))
 
     def process(self, unit: DecodeUnit) -> Iterator[tuple[str, HashedItem]]:
         key = unit_key(unit)
-        for entry in unit_items(unit, self._limits, self._shards):
+        entries = list(unit_items(unit, self._limits, self._shards))
+        layers = page_layers(entries) if self._reads_layers else {}
+        for entry in entries:
             if isinstance(entry, UnitItem):
                 values = ItemValues(entry.metadata)
-                fingerprints = {task: self._fingerprints.of(task, values) for task in self._task_names}
+                # Each task's fingerprint of the route it takes on this item: the key its row will carry.
+                routes = task_routes(self._text_layer, self._tasks, layers.get(entry.ref.item_id), entry.content_hash)
+                fingerprints = {task: self._fingerprints.of(task, values, chosen) for task, chosen in routes.items()}
                 yield entry.content_hash, HashedItem(key, entry.ref.item_id, fingerprints)
 
 
@@ -377,9 +389,10 @@ class AttachAnswers(beam.PTransform):
 
     def __init__(
         self, locations: Sequence[str], run: RunInfo, tasks: Sequence[Task], settings: EngineSettings, limits: DecodeLimits,
-        shards: ShardSettings, output: str,
+        shards: ShardSettings, output: str, text_layer: TextLayerSettings = TextLayerSettings(mode="model"),
     ):
         super().__init__()
+        self._text_layer = text_layer
         self._patterns = [results_pattern(location) for location in locations]
         self._run = run
         self._own = output.rstrip("/") + "/"
@@ -389,7 +402,7 @@ class AttachAnswers(beam.PTransform):
         self._shards = shards
 
     def expand(self, units: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        hashes = units | "HashItems" >> beam.ParDo(HashUnits(self._limits, self._shards, self._tasks, self._settings))
+        hashes = units | "HashItems" >> beam.ParDo(HashUnits(self._limits, self._shards, self._tasks, self._settings, self._text_layer))
         current = (
             hashes
             | "ContentHashes" >> beam.Keys()

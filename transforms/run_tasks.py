@@ -8,7 +8,7 @@ bundle, so a bundle commits only after all its requests are answered. A
 request the engine rejects becomes an `engine` error row for that task only;
 an engine failure (`EngineDeadError`) fails the bundle, which the runner
 retries on a fresh engine. The engine comes from the worker process's
-registry (`engine.registry`): acquired in `setup`, released in `teardown`.
+registry (`engine.registry`): acquired at the first item, released in `teardown`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from library.metadata import ItemValues, PromptError
 from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
 from tasks.task import Task, TaskFingerprints
+from tasks.text_layer import ANCHOR, MODEL
+from transforms.text_layer import anchored_request, with_agreement
 
 
 @dataclasses.dataclass
@@ -79,7 +81,6 @@ class RunTasks(beam.DoFn):
 
     def setup(self) -> None:
         self._engines = self._engines_of()
-        self._engine = self._engines.acquire(self._settings)
         PROGRESS.tasks_per_item = len(self._tasks)
         PROGRESS.start_reporting(self._progress_interval_s)
 
@@ -90,20 +91,22 @@ class RunTasks(beam.DoFn):
             # A retried bundle after an engine failure gets a fresh engine.
             self._engines.release(self._engine)
             self._engine = None
-        if self._engine is None:
-            self._engine = self._engines.acquire(self._settings)
 
     def process(
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
-        assert self._engine is not None
+        if self._engine is None:
+            # At the first item, not in setup: a worker whose pages its text layers answer (--text_layer
+            # auto) never starts an engine.
+            assert self._engines is not None
+            self._engine = self._engines.acquire(self._settings)
         at = WindowedValue(None, timestamp, [window])
         values = ItemValues(item.info.metadata)
         planned = []
         for task in [self._tasks[name] for name in item.tasks] if item.tasks else self._tasks.values():
-            fingerprint = self._fingerprints.of(task.name, values)
+            fingerprint = self._fingerprints.of(task.name, values, ANCHOR if task.name in item.anchored else MODEL)
             try:
-                request = task.request(values)
+                request = anchored_request(item, task, values)
             except PromptError as exc:  # the item lacks a value this task's instruction names
                 metrics.count("tasks_done")
                 yield task_failure(item.info, task.name, Stage.PROMPT, exc, task_fingerprint=fingerprint)
@@ -173,10 +176,10 @@ class RunTasks(beam.DoFn):
             assert self._engine is not None
             attempt = pending.attempt + 1
             # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
-            request = pending.task.request(pending.values, attempt)
+            request = anchored_request(pending.item, pending.task, pending.values, attempt)
             metrics.count(f"retries_{pending.task.name}")
             [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
             self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
             return None
         metrics.count("tasks_done")
-        return pending.at.with_value(completion)
+        return pending.at.with_value(with_agreement(pending.task, completion))

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from schemas.records import DecodeUnit, ImageItem, RunInfo, SkippedItem, SourceFile, Stage
+from schemas.records import DecodeUnit, ImageItem, LayerAnswers, RunInfo, SkippedItem, SourceFile, Stage
 from schemas.uris import mask_credentials
 from transforms.sinks import SUMMARY_FILE, WrittenFile
 
@@ -90,15 +90,26 @@ def tally_item(item: ImageItem) -> Tally:
     return {"items": 1, "pages": int(item.info.ref.page is not None), "items_selected": 1, "tasks_submitted": len(item.tasks)}
 
 
+def tally_layer_answers(answers: LayerAnswers) -> Tally:
+    """A PDF page's tasks answered by its text layer; a page none of whose tasks went to the engine is an item here."""
+    tally = {"tasks_from_text_layer": len(answers.completions)}
+    if not answers.to_engine:
+        tally.update(items=1, pages=1, items_selected=1, pages_not_rendered=1)
+    return tally
+
+
 def tally_skipped(item: SkippedItem) -> Tally:
     """An item every task of which an earlier run answered: counted as an item, never decoded."""
     return {"items": 1, "pages": int(item.ref.page is not None)}
 
 
 def tally_result(row: Mapping[str, Any]) -> Tally:
+    if row.get("text_source") == "text_layer":  # no request: no tokens, and no latency to average in
+        return {"result_rows": 1, f"result_rows_{row['task']}": 1}
     latency = float(row["latency_ms"] or 0.0)
     return {
         "result_rows": 1,
+        "request_rows": 1,
         f"result_rows_{row['task']}": 1,
         "prompt_tokens": row["prompt_tokens"] or 0,
         "generated_tokens": row["generated_tokens"] or 0,
@@ -232,10 +243,11 @@ def build_summary(
     items_ok = count("items")
     item_errors = sum(errors_by_stage.get(stage, 0) for stage in ITEM_STAGES)
     task_errors = sum(errors_by_stage.get(stage, 0) for stage in TASK_STAGES)
-    skipped_tasks = items_ok * tasks_per_item - count("tasks_submitted")
+    from_layer = count("tasks_from_text_layer")  # answered by PDF pages' text layers: owed rows, never submitted
+    skipped_tasks = items_ok * tasks_per_item - count("tasks_submitted") - from_layer
     prompt_tokens, cached_tokens = count("prompt_tokens"), count("cached_tokens")
     balanced = (
-        result_rows + task_errors == count("tasks_submitted")
+        result_rows + task_errors == count("tasks_submitted") + from_layer
         and result_rows == count("result_rows")
         and error_rows == count("error_rows") == item_errors + task_errors
     )
@@ -269,6 +281,10 @@ def build_summary(
             "history_rows": count("history_rows"),
             "history_candidates": count("history_candidates"),
             "tasks_submitted": count("tasks_submitted"),
+            # --text_layer: tasks answered by PDF pages' own text layers (no engine request), and the pages
+            # none of whose tasks went to the engine (never rendered).
+            "tasks_from_text_layer": from_layer,
+            "pages_not_rendered": count("pages_not_rendered"),
             "result_rows": result_rows,
             "result_rows_by_task": _prefixed(tally, "result_rows_"),
             "error_rows": error_rows,
@@ -293,11 +309,11 @@ def build_summary(
             "cached_fraction_of_prompt": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else 0.0,
         },
         "request_latency_ms": {
-            "count": count("result_rows"),
-            "mean": round(tally["latency_ms_sum"] / tally["result_rows"], 3),
+            "count": count("request_rows"),
+            "mean": round(tally["latency_ms_sum"] / tally["request_rows"], 3),
             "min": tally["latency_ms_min"],
             "max": tally["latency_ms_max"],
-        } if tally.get("result_rows") else None,
+        } if tally.get("request_rows") else None,
         "outputs": {"results": results_files, "errors": errors_files},
         "config": dict(config.fields),
         "versions": package_versions(),
