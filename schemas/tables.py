@@ -66,6 +66,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("instruction", pa.string()),  # as sent: the task's instruction with the item's values filled in
         pa.field("task_fingerprint", pa.string()),  # task definition + item values: part of incremental-run keys
+        pa.field("rotation", pa.int32()),  # clockwise degrees the page was turned upright before the model saw it
+        pa.field("quality_flags", pa.list_(pa.string())),  # what to look at: blank, rotated, ... (README, "Output")
     ]
     + _RUN_FIELDS
 )
@@ -147,6 +149,8 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         attempts=completion.attempts,
         instruction=completion.instruction,
         task_fingerprint=completion.task_fingerprint,
+        rotation=info.rotation,
+        quality_flags=list(info.quality_flags),
     )
     row.update(_run_columns(run))
     return row

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the evaluation and report tests use: Tesseract
-# (an OCR baseline) with its English model, DejaVu fonts (render-text
-# references and test PDFs), and Chromium (renders the run report headless).
+# Installs the Debian packages the pipeline, the evaluation and the tests use:
+# Tesseract (an OCR baseline) with its English model and its orientation model
+# (osd: --upright_pages turns pages upright with it), DejaVu fonts (render-text
+# references and test PDFs), Chromium (renders the run report headless), and
+# Debian's R manuals (r-doc-pdf: real PDFs the page-check tests and
+# benchmarks/page_checks.py render pages from).
 # Idempotent and quiet when nothing is missing: apt is not
 # touched at all then (no `apt-get update`, which is slow and needs the
 # network), so scripts/test.sh can call it unconditionally.
 set -euo pipefail
 
-PACKAGES=(tesseract-ocr tesseract-ocr-eng fonts-dejavu-core chromium)
+PACKAGES=(tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd fonts-dejavu-core chromium r-doc-pdf)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -17,12 +17,14 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam import pvalue
+from PIL import Image
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from library import metrics
 from library.errors import failure
 from library.metadata import merge
+from library.page_checks import check_page, require_osd
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, SkippedItem, SourceFile, Stage, UnitKind
 from library.formats import (
     DecodeLimits,
@@ -205,6 +207,10 @@ class DecodeUnits(beam.DoFn):
         self._shards = shards
         self._tasks = tuple(tasks)  # the run's tasks; empty: items carry no task list and the engine runs all
 
+    def setup(self) -> None:
+        if self._limits.upright_pages:
+            require_osd()  # a worker without Tesseract's OSD fails here, naming the package, not page by page
+
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         answered = dict(unit.answered)
         for entry in unit_items(unit, self._limits, self._shards):
@@ -226,6 +232,8 @@ class DecodeUnits(beam.DoFn):
             return pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=item.ref, content_hash=item.content_hash, tasks=self._tasks))
         try:
             image = render_item(item.data, item.fmt, item.ref.page, self._limits)
+            info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
+            image, info = self._checked(item, image, info)
         except Exception as exc:  # noqa: BLE001
             return self._failure(item.failed(exc))
         metrics.count("items")
@@ -233,5 +241,13 @@ class DecodeUnits(beam.DoFn):
             metrics.count("pages")
         if len(remaining) < len(self._tasks):
             metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
-        info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
         return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
+
+    def _checked(self, item: UnitItem, image: Image.Image, info: ItemInfo) -> tuple[Image.Image, ItemInfo]:
+        """The page checks (`library.page_checks`): a blank page marked, a turned one upright; `info` keeps the source's size."""
+        image, found = check_page(image, item.fmt, item.data, self._limits.skip_blank_pages, self._limits.upright_pages)
+        if found.blank:
+            metrics.count("blank_pages")
+        if found.rotation:
+            metrics.count("rotated_pages")
+        return image, dataclasses.replace(info, rotation=found.rotation, blank=found.blank)
