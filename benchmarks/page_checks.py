@@ -23,6 +23,7 @@ pipeline renders them (`library.formats.render_pdf_page`), and:
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import pathlib
@@ -64,8 +65,13 @@ def text_pages(pdf: pathlib.Path, count: int) -> list[int]:
         document.close()
 
 
+@functools.lru_cache(maxsize=4)
+def _bytes(pdf: pathlib.Path) -> bytes:
+    return pdf.read_bytes()
+
+
 def render(pdf: pathlib.Path, page: int) -> Image.Image:
-    return render_pdf_page(pdf.read_bytes(), page, LIMITS)
+    return render_pdf_page(_bytes(pdf), page, LIMITS)
 
 
 def scan_like(image: Image.Image, rng: np.random.Generator, border: bool = True) -> Image.Image:
