@@ -302,6 +302,17 @@ class VisionBatchOptions(PipelineOptions):
             "--max_image_side", type=int, default=_DEFAULT_LIMITS.max_side,
             help="Images are downscaled to this longest side before the engine.",
         )
+        # Page checks of PDF pages and scans (library/page_checks.py; photos are never checked).
+        decoding.add_argument(
+            "--skip_blank_pages", default="on", choices=["on", "off"],
+            help="A blank page (no ink: not even a page number or a faint stamp) gets an empty answer flagged "
+                 "'blank' without an engine request.",
+        )
+        decoding.add_argument(
+            "--upright_pages", default="on", choices=["on", "off"],
+            help="Turn sideways and upside-down pages upright (Tesseract's OSD, on the host CPU) before the "
+                 "model sees them; the turn goes to the 'rotation' column, boxes are mapped back to source pixels.",
+        )
 
         # Retry budget of every GCS request, in every worker: library/storage.py declares and reads it.
         storage.add_retry_arguments(parser.add_argument_group("storage retries (gs://)"))
@@ -776,6 +787,8 @@ class JobConfig:
             max_file_bytes=opts.max_file_bytes,
             max_image_pixels=opts.max_image_pixels,
             max_side=opts.max_image_side,
+            skip_blank_pages=opts.skip_blank_pages == "on",
+            upright_pages=opts.upright_pages == "on",
         )
         run = RunInfo(run_id=opts.run_id or new_run_id(), model_id=model_id, prompt_version=prompt_version(request.thinking))
         shards = ShardSettings(

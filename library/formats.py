@@ -66,6 +66,9 @@ class DecodeLimits:
     max_file_bytes: int = 256 * 2**20  # whole file is held in memory while decoding
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before pixels are loaded
     max_side: int = 3072  # images are downscaled to this before the engine; the processor resizes anyway
+    # Page checks of document pages and scans (library.page_checks), each with its option:
+    skip_blank_pages: bool = True  # a blank page is answered empty without the engine (--skip_blank_pages)
+    upright_pages: bool = True  # pages are turned upright by Tesseract's OSD before the model sees them (--upright_pages)
 
 
 class DecodeError(ValueError):

@@ -123,6 +123,15 @@ class ItemInfo:
     content_hash: str  # sha256 hex of the item's own bytes (file or member, + page for pages)
     metadata: Optional[str] = None  # JSON from the shard (tar sidecar, Parquet pass-through columns)
     layer: Optional[PageText] = None  # PDF pages: the text layer, read before rendering
+    # Page checks (library.page_checks): clockwise degrees the page was turned to be upright before the
+    # model saw it (boxes are mapped back to the source's frame); a blank page is answered without the engine.
+    rotation: int = 0
+    blank: bool = False
+
+    @property
+    def quality_flags(self) -> tuple[str, ...]:
+        """The item's own flags for its rows' `quality_flags`: `blank`, `rotated`."""
+        return (("blank",) if self.blank else ()) + (("rotated",) if self.rotation else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +160,12 @@ class TaskCompletion:
     info: ItemInfo
     task: str
     text: str  # raw from the engine (special tokens kept); the parse stage replaces it with the answer
-    finish_reason: str
+    finish_reason: Optional[str]  # vLLM's; None: the engine was not asked (a blank page)
     prompt_tokens: int
     generated_tokens: int
     cached_tokens: int
     latency_s: float  # from submission to the engine until the request finished
-    attempts: int = 1  # requests made for this task (1 + retry rungs used)
+    attempts: int = 1  # requests made for this task (1 + retry rungs used; 0 for a blank page)
     thought: Optional[str] = None  # the model's thought channel, split off the answer when it is read (Task.read)
     instruction: Optional[str] = None  # the instruction as sent (placeholders filled), of the last attempt
     task_fingerprint: Optional[str] = None  # the task definition + the item's values (tasks.task)

@@ -69,6 +69,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("text_source", pa.string()),  # model, or text_layer: the PDF page's own text, no engine request
         pa.field("text_layer_verdict", pa.string()),  # PDF pages: trusted, partial, garbled, ocr_layer or none
         pa.field("text_layer_cer", pa.float64()),  # the model's answer against the page's text layer (agreement)
+        pa.field("rotation", pa.int32()),  # clockwise degrees the page was turned upright before the model saw it
+        pa.field("quality_flags", pa.list_(pa.string())),  # what to look at: blank, rotated, ... (README, "Output")
     ]
     + _RUN_FIELDS
 )
@@ -153,6 +155,8 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         text_source=completion.text_source,
         text_layer_verdict=None if info.layer is None else info.layer.verdict,
         text_layer_cer=None if completion.layer_cer is None else round(completion.layer_cer, 6),
+        rotation=info.rotation,
+        quality_flags=list(info.quality_flags),
     )
     row.update(_run_columns(run))
     return row

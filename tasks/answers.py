@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import jsonschema
 
 from engine.prompts import THOUGHT_END, THOUGHT_START
-from schemas.records import Detection
+from library.page_checks import box_to_source
+from schemas.records import Detection, ParsedAnswer
 
 _CODE_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _JSON_START = re.compile(r"[\[{]")
@@ -250,6 +251,31 @@ def to_detection(label: str, box: Sequence[float], width: int, height: int) -> O
         int(round(xmax * width / 1000.0)),
     )
     return Detection(label=label, box_1000=box_1000, box_norm=box_norm, box_px=box_px)  # type: ignore[arg-type]
+
+
+def _on_source(box_norm: tuple[float, float, float, float], rotation: int, width: int, height: int) -> tuple[
+    tuple[float, float, float, float], tuple[int, int, int, int]
+]:
+    norm = box_to_source(box_norm, rotation)
+    ymin, xmin, ymax, xmax = norm
+    return norm, (int(round(ymin * height)), int(round(xmin * width)), int(round(ymax * height)), int(round(xmax * width)))
+
+
+def boxes_on_source(parsed: ParsedAnswer, rotation: int, width: int, height: int) -> ParsedAnswer:
+    """`parsed` with the boxes the model drew on the page turned `rotation` degrees clockwise moved to the
+    source's frame (`box`, `box_px` of a `width` x `height` source); `box_1000` stays as the model emitted it."""
+    if not rotation:
+        return parsed
+    detections = None if parsed.detections is None else tuple(
+        dataclasses.replace(d, **dict(zip(("box_norm", "box_px"), _on_source(d.box_norm, rotation, width, height))))
+        for d in parsed.detections
+    )
+    blocks = None if parsed.blocks is None else tuple(
+        b if b.box_norm is None else dataclasses.replace(
+            b, **dict(zip(("box_norm", "box_px"), _on_source(b.box_norm, rotation, width, height))))
+        for b in parsed.blocks
+    )
+    return dataclasses.replace(parsed, detections=detections, blocks=blocks)
 
 
 def listed_payload(answer: str, truncated: bool, error: type[AnswerError], noun: str) -> Any:

@@ -29,8 +29,8 @@ from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampl
 from library.text_layer import READER_VERSION as LAYER_READER_VERSION
 from tasks.text_layer import ANCHOR_PROMPT_VERSION, LAYER_USES
 from library.metadata import ItemValues
-from schemas.records import ParsedAnswer, TaskCompletion
-from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, split_answer
+from schemas.records import ItemInfo, ParsedAnswer, TaskCompletion
+from tasks.answers import AnswerError, CutOffAnswer, boxes_on_source, cut_off_position, split_answer
 from tasks.kinds import TEXT, OutputKind
 from tasks.kinds.base import RetryRung
 
@@ -140,14 +140,28 @@ class Task:
             ) from exc
 
     def read(self, completion: TaskCompletion) -> TaskCompletion:
-        """The completion with its thought split off and its answer parsed: `parsed`, or the AnswerError in `parse_error`."""
+        """The completion with its thought split off and its answer parsed: `parsed`, or the AnswerError in `parse_error`.
+
+        The model saw the page turned `info.rotation` degrees (upright): its boxes are read in that
+        page's frame and moved back to the source's (`boxes_on_source`).
+        """
         answer = split_answer(completion.text)
         info = completion.info
+        width, height = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
         try:
-            parsed = self.parse(answer.text, info.width, info.height, completion.finish_reason == "length")
+            parsed = self.parse(answer.text, width, height, completion.finish_reason == "length")
         except AnswerError as exc:
             return dataclasses.replace(completion, thought=answer.thought, parse_error=exc)
+        parsed = boxes_on_source(parsed, info.rotation, info.width, info.height)
         return dataclasses.replace(completion, thought=answer.thought, parsed=parsed)
+
+    def blank(self, info: ItemInfo, instruction: str, fingerprint: str) -> TaskCompletion:
+        """The answer for a blank page (`info.blank`), made without the engine: its kind's empty answer, no attempt."""
+        return TaskCompletion(
+            info=info, task=self.name, text="", finish_reason=None, prompt_tokens=0, generated_tokens=0,
+            cached_tokens=0, latency_s=0.0, attempts=0, instruction=instruction, task_fingerprint=fingerprint,
+            parsed=self.output.blank(),
+        )
 
 
 def with_overrides(

@@ -17,12 +17,14 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam import pvalue
+from PIL import Image
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from library import metrics
 from library.errors import ERRORS_TAG, failure
 from library.metadata import merge
+from library.page_checks import check_page, require_osd
 from schemas.records import DecodeUnit, ImageItem, ItemInfo, ItemRef, LayerAnswers, SkippedItem, SourceFile, Stage, UnitKind
 from library.formats import (
     DecodeLimits,
@@ -215,6 +217,10 @@ class DecodeUnits(beam.DoFn):
         self._tasks = tuple(self._definitions)  # the run's tasks; empty: items carry no task list and the engine runs all
         self._text_layer = text_layer
 
+    def setup(self) -> None:
+        if self._limits.upright_pages:
+            require_osd()  # a worker without Tesseract's OSD fails here, naming the package, not page by page
+
     def process(self, unit: DecodeUnit) -> Iterator[object]:
         answered = dict(unit.answered)
         entries = list(unit_items(unit, self._limits, self._shards))  # a document's pages share its bytes
@@ -245,6 +251,8 @@ class DecodeUnits(beam.DoFn):
             return pvalue.TaggedOutput(SKIPPED_TAG, SkippedItem(ref=item.ref, content_hash=item.content_hash, tasks=self._tasks))
         try:
             image = render_item(item.data, item.fmt, item.ref.page, self._limits)
+            info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
+            image, info = self._checked(item, image, info)
         except Exception as exc:  # noqa: BLE001
             return self._failure(item.failed(exc))
         metrics.count("items")
@@ -252,7 +260,6 @@ class DecodeUnits(beam.DoFn):
             metrics.count("pages")
         if len(remaining) < len(self._tasks):
             metrics.count("skipped_tasks", len(self._tasks) - len(remaining))
-        info = ItemInfo(ref=item.ref, width=image.width, height=image.height, content_hash=item.content_hash, metadata=item.metadata)
         if page is None:
             return ImageItem(info=info, image=fit(image, self._limits.max_side), tasks=remaining)
         info = dataclasses.replace(info, layer=page.info.layer)
@@ -281,3 +288,12 @@ class DecodeUnits(beam.DoFn):
         metrics.count("pages_not_rendered")
         if done:
             metrics.count("skipped_tasks", len(done))
+
+    def _checked(self, item: UnitItem, image: Image.Image, info: ItemInfo) -> tuple[Image.Image, ItemInfo]:
+        """The page checks (`library.page_checks`): a blank page marked, a turned one upright; `info` keeps the source's size."""
+        image, found = check_page(image, item.fmt, item.data, self._limits.skip_blank_pages, self._limits.upright_pages)
+        if found.blank:
+            metrics.count("blank_pages")
+        if found.rotation:
+            metrics.count("rotated_pages")
+        return image, dataclasses.replace(info, rotation=found.rotation, blank=found.blank)

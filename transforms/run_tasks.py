@@ -57,7 +57,9 @@ class RunTasks(beam.DoFn):
     """ImageItem -> TaskCompletion per task (main) or ErrorRecord (`errors`).
 
     Each task's instruction is filled from the item's metadata; a task whose
-    values the item lacks gets a `prompt` error row, the others run. Answers
+    values the item lacks gets a `prompt` error row, the others run. A blank
+    page (`ItemInfo.blank`, found by the decode stage) gets each task's empty
+    answer (`Task.blank`) here, without an engine request. Answers
     that fail their task's validation are re-asked along the task's bounded
     retry ladder (`tasks.task`) while the image is still at hand and
     its prefix still cached; the last answer goes to the parse stage either
@@ -95,11 +97,6 @@ class RunTasks(beam.DoFn):
     def process(
         self, item: ImageItem, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
-        if self._engine is None:
-            # At the first item, not in setup: a worker whose pages its text layers answer (--text_layer
-            # auto) never starts an engine.
-            assert self._engines is not None
-            self._engine = self._engines.acquire(self._settings)
         at = WindowedValue(None, timestamp, [window])
         values = ItemValues(item.info.metadata)
         planned = []
@@ -111,11 +108,21 @@ class RunTasks(beam.DoFn):
                 metrics.count("tasks_done")
                 yield task_failure(item.info, task.name, Stage.PROMPT, exc, task_fingerprint=fingerprint)
                 continue
+            if item.info.blank:  # answered here: no engine request for a blank page
+                metrics.count("tasks_done")
+                yield task.blank(item.info, request.instruction, fingerprint)
+                continue
             planned.append(_Pending(item, values, task, fingerprint, 0, request, concurrent.futures.Future(), at))
-        futures = self._engine.submit(item.image, image_key(item), [pending.request for pending in planned])
-        metrics.count("tasks_submitted", len(futures))
-        for pending, future in zip(planned, futures):
-            self._pending.append(dataclasses.replace(pending, future=future))
+        if planned:
+            if self._engine is None:
+                # At the first request, not in setup: a worker whose pages their text layers answer
+                # (--text_layer auto), or that are blank, never starts an engine.
+                assert self._engines is not None
+                self._engine = self._engines.acquire(self._settings)
+            futures = self._engine.submit(item.image, image_key(item), [pending.request for pending in planned])
+            metrics.count("tasks_submitted", len(futures))
+            for pending, future in zip(planned, futures):
+                self._pending.append(dataclasses.replace(pending, future=future))
         yield from self._emit(wait=False)
 
     def finish_bundle(self) -> Iterator[Any]:

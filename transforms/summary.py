@@ -87,7 +87,10 @@ def tally_unit(unit: DecodeUnit) -> Tally:
 
 def tally_item(item: ImageItem) -> Tally:
     """A decoded item, with the tasks it goes to the engine for (all but those answered before)."""
-    return {"items": 1, "pages": int(item.info.ref.page is not None), "items_selected": 1, "tasks_submitted": len(item.tasks)}
+    return {
+        "items": 1, "pages": int(item.info.ref.page is not None), "items_selected": 1, "tasks_submitted": len(item.tasks),
+        "blank_pages": int(item.info.blank), "rotated_pages": int(bool(item.info.rotation)),  # page checks (decode)
+    }
 
 
 def tally_layer_answers(answers: LayerAnswers) -> Tally:
@@ -293,6 +296,8 @@ def build_summary(
             "retries": count("retries"),
             "truncated_outputs": count("truncated_outputs"),
             "detections": count("detections"),
+            "blank_pages": count("blank_pages"),  # answered without the engine (--skip_blank_pages)
+            "rotated_pages": count("rotated_pages"),  # turned upright before the model saw them (--upright_pages)
         },
         "accounting": {
             # Every input item is decoded (then yields one row per task not answered by an

@@ -5,8 +5,8 @@ A kind is what `output:` names in a task file (`text`, `boxes`, `json`,
 whether a `schema` is required, whether answers are validated and so may be
 retried), its default retry ladder, what constrains decoding where the engine
 has structured output (`engine.api.Constraint`), its parser (answer ->
-`ParsedAnswer`, or an `AnswerError`), the results column it fills besides
-`text`, and pure hooks the report and the evaluation call on a results row
+`ParsedAnswer`, or an `AnswerError`), its answer for a blank page, the results
+column it fills besides `text`, and pure hooks the report and the evaluation call on a results row
 (`regions`, `document`, `answer_text`). As small as Beam's `ModelHandler`:
 no Beam, no vLLM, no report or evaluation code here; those packages sit above
 `tasks` and ask the kind.
@@ -69,6 +69,10 @@ class OutputKind(abc.ABC):
         self, answer: str, schema: Optional[Mapping[str, Any]], width: int, height: int, truncated: bool
     ) -> ParsedAnswer:
         """Typed output columns of an answer (thought already split off), or an AnswerError (`tasks.answers`)."""
+
+    @abc.abstractmethod
+    def blank(self) -> ParsedAnswer:
+        """The answer of a blank page, given without asking the engine (`transforms.run_tasks`)."""
 
     @abc.abstractmethod
     def regions(self, row: Row) -> Optional[list[Mapping[str, Any]]]:

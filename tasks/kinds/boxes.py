@@ -66,6 +66,9 @@ class BoxesKind(OutputKind):
     ) -> ParsedAnswer:
         return ParsedAnswer(text=strip_code_fence(answer), detections=tuple(parse_detections(answer, width, height, truncated)))
 
+    def blank(self) -> ParsedAnswer:
+        return ParsedAnswer(text="", detections=())  # nothing on the page: no boxes
+
     def regions(self, row: Row) -> Optional[list[Mapping[str, Any]]]:
         return list(row.get("detections") or ())
 

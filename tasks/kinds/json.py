@@ -32,6 +32,11 @@ class JsonKind(OutputKind):
         assert schema is not None
         return ParsedAnswer(text=strip_code_fence(answer), data=parse_json_document(answer, schema, truncated))
 
+    def blank(self) -> ParsedAnswer:
+        # No document: none can be made valid against an arbitrary schema without the model, and asking
+        # it about an empty page invites an invented one (allenai/olmocr#292). `data` is null, the row flagged.
+        return ParsedAnswer(text="", data=None)
+
     def regions(self, row: Row) -> Optional[list[Mapping[str, Any]]]:
         return None
 

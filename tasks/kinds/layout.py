@@ -117,6 +117,9 @@ class LayoutKind(OutputKind):
         blocks = tuple(parse_blocks(answer, width, height, truncated))
         return ParsedAnswer(text=markdown(blocks), blocks=blocks)
 
+    def blank(self) -> ParsedAnswer:
+        return ParsedAnswer(text="", blocks=())  # a page without blocks
+
     def regions(self, row: Row) -> Optional[list[Mapping[str, Any]]]:
         return [
             {"label": block["category"], "box": block["box"], "box_px": block["box_px"]}

@@ -26,6 +26,9 @@ class TextKind(OutputKind):
     ) -> ParsedAnswer:
         return ParsedAnswer(text=strip_code_fence(answer))
 
+    def blank(self) -> ParsedAnswer:
+        return ParsedAnswer(text="")  # nothing to read, describe or convert
+
     def regions(self, row: Row) -> Optional[list[Mapping[str, Any]]]:
         return None
 

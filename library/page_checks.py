@@ -1,0 +1,270 @@
+"""Page checks on the host CPU, before the engine: is a document page blank, and which way is up.
+
+Pure functions on decoded pixels (no Beam, no engine), used by the decode
+stage (`transforms.decode`) and measured by `benchmarks/page_checks.py`:
+
+- `is_blank`: an ink-coverage check. A page is blank when no cell of it
+  holds ink: pixels clearly darker than the paper around them, several in
+  one small cell, so scanner noise and dust specks do not count while a
+  page number or a faint stamp does. Blank pages get an empty answer
+  without an engine request (`transforms.run_tasks`).
+- `detect_rotation`: Tesseract's orientation and script detection (OSD,
+  `tesseract --psm 0 -l osd`, Debian's tesseract-ocr and tesseract-ocr-osd),
+  run as a subprocess so a crash on a strange page cannot take the worker
+  with it. It answers the clockwise turn (0, 90, 180, 270) that makes the
+  page upright, or 0 when it cannot tell.
+- `turn_upright` and `box_to_source`: the turn, and its inverse for boxes,
+  so a box the model drew on the upright page lands on the source's pixels.
+
+Which items are checked (`is_document`): PDF pages and TIFF frames (scans,
+faxes) always; other images only when they look like a page (mostly an even,
+light background) and carry no camera EXIF (a photo: its EXIF orientation
+already turned it, `library.formats.decode_image_frame`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import shutil
+import subprocess
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from library.formats import Format
+
+ROTATIONS = (0, 90, 180, 270)
+
+# --- blank pages -----------------------------------------------------------------------------------
+# Thresholds measured by benchmarks/page_checks.py on pages rendered from Debian's manuals and
+# made scan-like (paper tint, uneven light, grain, dust, blur, JPEG): BENCHMARKS.md, "Page checks".
+CHECK_MAX_SIDE = 1700  # px: pages are checked at about 150 dpi (a letter page's long side is 1,650 px there)
+_TILE = 32  # px: the paper's level is taken per tile, so uneven light is not ink
+_MIN_CONTRAST = 24.0  # grey levels below the paper that count as ink at the least (a faint stamp is ~60)
+_NOISE_SIGMAS = 5.0  # ... or this many times the paper's grain, whichever is more
+_WINDOW = 16  # px (2.7 mm at 150 dpi): ink is counted in every window of this side
+# Ink pixels in one window that make a mark. Measured: dust and grain on blank scans reach at most
+# 11; a page number at least 55, a faint stamp 97 (one digit of 8 pt at 150 dpi is ~20).
+MARK_PIXELS = 16
+_EDGE = 0.02  # of each side ignored: scanner borders and shadows, not content (a page number sits further in)
+
+
+def checked_grey(image: Image.Image) -> Image.Image:
+    """The page in grey at the scale both checks read it: at most CHECK_MAX_SIDE on its long side."""
+    grey = image.convert("L")
+    if max(grey.size) > CHECK_MAX_SIDE:
+        grey.thumbnail((CHECK_MAX_SIDE, CHECK_MAX_SIDE), Image.Resampling.BOX)
+    return grey
+
+
+def _tiles(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` cropped to whole tiles and viewed as (rows, size, columns, size)."""
+    rows, columns = array.shape[0] // size, array.shape[1] // size
+    return array[: rows * size, : columns * size].reshape(rows, size, columns, size)
+
+
+def ink(grey: Image.Image) -> np.ndarray:
+    """Boolean mask of ink: pixels clearly darker than the paper around them (edges left out)."""
+    pixels = np.asarray(grey, dtype=np.float32)
+    height, width = pixels.shape
+    top, left = int(height * _EDGE), int(width * _EDGE)
+    pixels = pixels[top: height - top, left: width - left]
+    if min(pixels.shape) < _TILE:
+        return np.zeros((0, 0), dtype=bool)
+    tiles = _tiles(pixels, _TILE)
+    # The paper's level per tile: a high percentile (text covers well under a tenth of a tile),
+    # then the brightest of each tile's neighbours, so a tile a dark mark fills still sees the paper.
+    flat = tiles.transpose(0, 2, 1, 3).reshape(tiles.shape[0], tiles.shape[2], -1)
+    paper = np.percentile(flat, 90, axis=2)
+    padded = np.pad(paper, 1, mode="edge")
+    paper = np.max([padded[dy: dy + paper.shape[0], dx: dx + paper.shape[1]] for dy in range(3) for dx in range(3)], axis=0)
+    rows, columns = paper.shape[0] * _TILE, paper.shape[1] * _TILE
+    below = np.repeat(np.repeat(paper, _TILE, axis=0), _TILE, axis=1) - pixels[:rows, :columns]
+    # The paper's grain: the spread of the pixels near its level (median absolute deviation, as a sigma).
+    near = below[below < _MIN_CONTRAST]
+    grain = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    return below > max(_MIN_CONTRAST, _NOISE_SIGMAS * grain)
+
+
+def largest_mark(grey: Image.Image) -> int:
+    """The most ink pixels in any _WINDOW x _WINDOW window of the page (a summed-area table)."""
+    mask = ink(grey)
+    if min(mask.shape) < _WINDOW:
+        return 0
+    table = np.pad(mask.astype(np.int32).cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
+    w = _WINDOW
+    sums = table[w:, w:] - table[:-w, w:] - table[w:, :-w] + table[:-w, :-w]
+    return int(sums.max())
+
+
+def is_blank(grey: Image.Image) -> bool:
+    """No mark anywhere on the page (`checked_grey`'s): a page number, a faint stamp or one word is a mark."""
+    return largest_mark(grey) < MARK_PIXELS
+
+
+# --- which items are pages -------------------------------------------------------------------------
+_EXIF_CAMERA_TAGS = (0x010F, 0x0110, 0x0112)  # Make, Model, Orientation (EXIF 2.32, TIFF tags)
+_PAGE_BACKGROUND = 0.5  # of the pixels within _PAGE_SPREAD levels of one light level: paper
+_PAGE_SPREAD = 24
+_LIGHT = 128
+
+
+def has_camera_exif(data: bytes) -> bool:
+    """The image's EXIF names a camera or an orientation: a photo. Reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            exif = image.getexif()
+    except Exception:  # noqa: BLE001 - unreadable headers are the decoder's to report
+        return False
+    return any(tag in exif for tag in _EXIF_CAMERA_TAGS)
+
+
+def looks_like_page(grey: Image.Image) -> bool:
+    """Most of the image is one even, light level: paper (a scan, a screenshot of a document), not a scene."""
+    counts = np.bincount(np.asarray(grey).ravel(), minlength=256)
+    level = _LIGHT + int(np.argmax(counts[_LIGHT:]))
+    near = counts[max(0, level - _PAGE_SPREAD): level + _PAGE_SPREAD + 1].sum()
+    return near >= _PAGE_BACKGROUND * counts.sum()
+
+
+def is_document(fmt: Format, data: bytes, grey: Image.Image) -> bool:
+    """Whether the page checks apply: PDF pages and TIFF frames; other images that look like a page and are no photo."""
+    if fmt in (Format.PDF, Format.TIFF):
+        return True
+    return looks_like_page(grey) and not has_camera_exif(data)
+
+
+# --- orientation ----------------------------------------------------------------------------------
+# Tesseract's OSD reads characters of a normal size: pages are given to it as `checked_grey`
+# makes them (about 150 dpi, larger scans downscaled). At 100 dpi its confidence halved and at
+# 75 dpi it answered wrongly on a page of R-intro.pdf.
+# Below this "Orientation confidence" the answer is not acted on (the page stays as it is):
+# measured on Debian's manuals, BENCHMARKS.md "Page checks".
+OSD_MIN_CONFIDENCE = 2.0
+OSD_TIMEOUT_S = 60.0
+_ROTATE = re.compile(r"^Rotate:\s*(\d+)", re.MULTILINE)
+_CONFIDENCE = re.compile(r"^Orientation confidence:\s*([-\d.]+)", re.MULTILINE)
+
+
+class OrientationUnavailable(RuntimeError):
+    """Tesseract or its OSD model is missing where pages are to be turned upright."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Orientation:
+    rotation: int  # clockwise degrees that turn the page upright: 0, 90, 180 or 270
+    confidence: Optional[float]  # Tesseract's orientation confidence; None: it could not tell (too little text)
+
+
+def require_osd() -> None:
+    """Raise OrientationUnavailable unless `tesseract` and its `osd` model are installed here."""
+    binary = shutil.which("tesseract")
+    if binary is None:
+        raise OrientationUnavailable(
+            "turning pages upright needs Tesseract's OSD: install tesseract-ocr and tesseract-ocr-osd "
+            "(scripts/setup_system.sh; the worker image has them), or run with --upright_pages off"
+        )
+    listed = subprocess.run([binary, "--list-langs"], capture_output=True, text=True, timeout=30)
+    if "osd" not in (listed.stdout + listed.stderr).split():
+        raise OrientationUnavailable(
+            "Tesseract has no osd model: install tesseract-ocr-osd, or run with --upright_pages off"
+        )
+
+
+def _pgm(grey: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    grey.save(buffer, "PPM")  # binary PGM for mode L: no compression to spend time on, Leptonica reads it
+    return buffer.getvalue()
+
+
+def parse_osd(output: str) -> Optional[tuple[int, float]]:
+    """(Rotate, Orientation confidence) from `tesseract --psm 0` output; None when it holds no answer."""
+    rotate, confidence = _ROTATE.search(output), _CONFIDENCE.search(output)
+    if rotate is None or confidence is None or int(rotate.group(1)) not in ROTATIONS:
+        return None
+    return int(rotate.group(1)), float(confidence.group(1))
+
+
+def detect_rotation(grey: Image.Image, min_confidence: float = OSD_MIN_CONFIDENCE) -> Orientation:
+    """The clockwise turn that makes the page upright, by Tesseract's OSD; 0 when it cannot tell.
+
+    `grey`: the page as `checked_grey` gives it.
+
+    Tesseract prints `Rotate: N`, the clockwise degrees that correct the
+    page (tesseract src/api/baseapi.cpp, GetOsdText), and refuses pages with
+    too few characters (exit status 1): those stay as they are.
+    """
+    # One OpenMP thread: pages are checked in parallel by the worker's threads and processes
+    # (Tesseract's FAQ recommends OMP_THREAD_LIMIT=1 when running several at once).
+    environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    try:
+        done = subprocess.run(
+            ["tesseract", "stdin", "stdout", "--psm", "0", "-l", "osd"], input=_pgm(grey),
+            capture_output=True, timeout=OSD_TIMEOUT_S, env=environment,
+        )
+    except subprocess.TimeoutExpired:
+        return Orientation(0, None)
+    found = parse_osd(done.stdout.decode(errors="replace")) if done.returncode == 0 else None
+    if found is None:
+        return Orientation(0, None)
+    rotation, confidence = found
+    return Orientation(rotation if confidence >= min_confidence else 0, confidence)
+
+
+def turn_upright(image: Image.Image, rotation: int) -> Image.Image:
+    """`image` turned `rotation` degrees clockwise (PIL's rotations are counter-clockwise)."""
+    if rotation == 0:
+        return image
+    return image.transpose({90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}[rotation])
+
+
+def box_to_source(box: tuple[float, float, float, float], rotation: int) -> tuple[float, float, float, float]:
+    """A box (ymin, xmin, ymax, xmax, fractions 0-1) on the page turned `rotation` clockwise -> the same box on the source.
+
+    A source point (u, v) (fractions of width and height) is at
+    (1 - v, u) once turned 90 degrees clockwise, (1 - u, 1 - v) at 180,
+    (v, 1 - u) at 270; each corner goes back by the inverse, and the
+    corners are put in order again.
+    """
+    ymin, xmin, ymax, xmax = box
+    if rotation == 0:
+        return box
+    if rotation == 90:
+        corners = [(y, 1.0 - x) for y, x in ((ymin, xmin), (ymax, xmax))]  # (u, v) = (y', 1 - x')
+    elif rotation == 180:
+        corners = [(1.0 - x, 1.0 - y) for y, x in ((ymin, xmin), (ymax, xmax))]
+    elif rotation == 270:
+        corners = [(1.0 - y, x) for y, x in ((ymin, xmin), (ymax, xmax))]  # (u, v) = (1 - y', x')
+    else:
+        raise ValueError(f"rotation {rotation} is not one of {ROTATIONS}")
+    us, vs = sorted(u for u, _ in corners), sorted(v for _, v in corners)
+    return vs[0], us[0], vs[1], us[1]
+
+
+# --- both, as the decode stage runs them ----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PageCheck:
+    """What the checks found on one item."""
+
+    blank: bool = False  # no mark on the page: it is answered without the engine
+    rotation: int = 0  # clockwise degrees the item was turned to be upright
+
+
+def check_page(image: Image.Image, fmt: Format, data: bytes, skip_blank: bool, upright: bool) -> tuple[Image.Image, PageCheck]:
+    """The item as the model should see it, and what was found: blank pages are not turned, photos not checked.
+
+    `data`: the item's file (or member) bytes, for its EXIF; `skip_blank`
+    and `upright`: the job's options (`--skip_blank_pages`, `--upright_pages`).
+    """
+    if not (skip_blank or upright):
+        return image, PageCheck()
+    grey = checked_grey(image)
+    if not is_document(fmt, data, grey):
+        return image, PageCheck()
+    if skip_blank and is_blank(grey):
+        return image, PageCheck(blank=True)
+    rotation = detect_rotation(grey).rotation if upright else 0
+    return turn_upright(image, rotation), PageCheck(rotation=rotation)
