@@ -55,6 +55,11 @@ class EngineProfile:
     host_feeders: int = 1
 
 
+# vLLM's gemma4 reasoning parser built for thinking mode, registered by engine/gemma4_reasoning.py (a module name
+# vLLM imports in the engine core; not imported here: it imports vLLM). The name is that module's GEMMA4_THINKING.
+GEMMA4_THINKING_REASONER = "gemma4_thinking"
+GEMMA4_THINKING_PLUGIN = "engine.gemma4_reasoning"
+
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
 _ACCELERATOR_MM_CACHE_GB = 2
 # Engine-core placement of the accelerator profiles: in its own process (vLLM's V1 multiprocessing,
@@ -566,13 +571,18 @@ def request_engine_args(profile: EngineProfile, vision_tokens: Optional[int], th
       not for the per-request value, so the job's budget is set here too.
     - thinking with structured output: the grammar must wait for the end of
       the thought channel, or it would forbid the thought; vLLM's `gemma4`
-      reasoning parser tells it where the thought ends. Not set without
-      thinking: E2B/E4B prompts then hold no channel marker, and the grammar
-      would wait for one forever.
+      reasoning parser, built for thinking mode (engine/gemma4_reasoning.py),
+      tells it where the thought ends. Not set without thinking: E2B/E4B
+      prompts then hold no channel marker, and the grammar would wait for one
+      forever.
     """
     args = dict(profile.engine_args)
     if vision_tokens:
         args["mm_processor_kwargs"] = {**args.get("mm_processor_kwargs", {}), "max_soft_tokens": vision_tokens}
     if thinking and structured_output:
-        args["structured_outputs_config"] = {**args.get("structured_outputs_config", {}), "reasoning_parser": "gemma4"}
+        args["structured_outputs_config"] = {
+            **args.get("structured_outputs_config", {}),
+            "reasoning_parser": GEMMA4_THINKING_REASONER,
+            "reasoning_parser_plugin": GEMMA4_THINKING_PLUGIN,
+        }
     return args
