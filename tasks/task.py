@@ -25,10 +25,10 @@ import string
 from typing import Any, Mapping, Optional, Sequence
 
 from engine.api import EngineRequest, EngineSettings
-from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
+from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, THOUGHT_START, Sampling
 from library.metadata import ItemValues
 from schemas.records import ParsedAnswer, TaskCompletion
-from tasks.answers import AnswerError, CutOffAnswer, cut_off_position, split_answer
+from tasks.answers import AnswerError, CutOffAnswer, ThoughtUsedAllTokens, cut_off_position, split_answer
 from tasks.kinds import TEXT, OutputKind
 from tasks.kinds.base import RetryRung
 
@@ -133,8 +133,15 @@ class Task:
         """The completion with its thought split off and its answer parsed: `parsed`, or the AnswerError in `parse_error`."""
         answer = split_answer(completion.text)
         info = completion.info
+        truncated = completion.finish_reason == "length"
         try:
-            parsed = self.parse(answer.text, info.width, info.height, completion.finish_reason == "length")
+            if truncated and not answer.text and THOUGHT_START in completion.text:
+                # Any kind, text too: an empty answer here is no answer, not an empty page.
+                raise ThoughtUsedAllTokens(
+                    f"the thought used all max_tokens={self.max_tokens} output tokens before any answer; raise this "
+                    f"task's max_tokens (--max_tokens {self.name}=N, or max_tokens in the task file)"
+                )
+            parsed = self.parse(answer.text, info.width, info.height, truncated)
         except AnswerError as exc:
             return dataclasses.replace(completion, thought=answer.thought, parse_error=exc)
         return dataclasses.replace(completion, thought=answer.thought, parsed=parsed)
