@@ -430,12 +430,29 @@ def resolve(
         raise ValueError(f"unknown engine profile {name!r}; choose from {sorted(PROFILES)}")
     profile = fit_to_cpu(PROFILES[name], (overrides or {}).get("dtype"))
     if checkpoint is not None:
-        profile = fit_to_checkpoint(profile, checkpoint)
+        profile = with_num_soft_tokens(fit_to_checkpoint(profile, checkpoint), checkpoint)
     elif profile.limits is not None and profile.limits.size_from_memory:
         raise ValueError(f"engine profile {name} is sized from the checkpoint's config.json; it needs the checkpoint")
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})
+
+
+def with_num_soft_tokens(profile: EngineProfile, checkpoint: CheckpointShape) -> EngineProfile:
+    """The profile with the unified (12B) checkpoint's missing `vision_config.num_soft_tokens` supplied.
+
+    vLLM 0.32 reads that key unguarded at start-up (`CheckpointShape.lacks_num_soft_tokens`); the value is
+    the image budget the checkpoint's processor documents (its processor_config.json, else the processor
+    class's default), given to vLLM as `hf_overrides` (vllm/config/model.py applies a nested dict to the
+    sub-config). An `--engine_arg hf_overrides=...` of the job replaces it.
+    """
+    if not checkpoint.lacks_num_soft_tokens:
+        return profile
+    _LOG.warning("the checkpoint's config.json has no vision_config.num_soft_tokens (vLLM needs it for Gemma 4 12B); "
+                 "using its processor's image budget, %s", checkpoint.vision_tokens)
+    overrides = dict(profile.engine_args.get("hf_overrides") or {})
+    overrides["vision_config"] = {**overrides.get("vision_config", {}), "num_soft_tokens": checkpoint.vision_tokens}
+    return dataclasses.replace(profile, engine_args={**profile.engine_args, "hf_overrides": overrides})
 
 
 def fit_to_cpu(profile: EngineProfile, dtype: Optional[str] = None, cpu: Optional[CpuInfo] = None) -> EngineProfile:
