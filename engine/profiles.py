@@ -53,12 +53,19 @@ class EngineProfile:
     # process has its own engine (placed by engine_core_process). The least the engine needs to be fed:
     # on Dataflow, launch/job.py runs one process per vCPU where this is above 1.
     host_feeders: int = 1
+    # The image budget of the built-in tasks that read a whole page's text (tasks.builtin.PAGE_TASKS: ocr,
+    # markdown, layout) when the job sets none (--vision_tokens, --task_vision_tokens); None: the job's.
+    page_vision_tokens: Optional[int] = None
 
 
 # vLLM's gemma4 reasoning parser built for thinking mode, registered by engine/gemma4_reasoning.py (a module name
 # vLLM imports in the engine core; not imported here: it imports vLLM). The name is that module's GEMMA4_THINKING.
 GEMMA4_THINKING_REASONER = "gemma4_thinking"
 GEMMA4_THINKING_PLUGIN = "engine.gemma4_reasoning"
+
+# The image budget of page-reading tasks on the accelerator profiles: Gemma 4's largest (engine/prompts.py
+# VISION_TOKEN_BUDGETS), for the fine print of dense pages.
+PAGE_VISION_TOKENS = 1120
 
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
 _ACCELERATOR_MM_CACHE_GB = 2
@@ -132,10 +139,19 @@ def _tpu_profile(
         # No structured output for Gemma 4 on TPU (Trillium recipe, "Known Limitations"): detection JSON is
         # parsed and repaired.
         structured_output=False,
-        # 280 is Gemma 4's default budget, and tpu-inference's Gemma 4 batches its vision encoder for the checkpoint's
-        # vision_config.default_output_length (280) tokens per image and cuts each image's features to that many
-        # (tpu_inference/models/jax/gemma4_mm.py, postprocess_encoder_output): a larger budget is not served whole.
-        vision_tokens=280,
+        # The checkpoint's default (Gemma 4: 280). Larger budgets are served whole on vllm-tpu: tpu-inference's Gemma 4
+        # (vllm-project/tpu-inference tpu_inference/models/jax/gemma4_mm.py) encodes each image eagerly
+        # (embed_multimodal -> get_single_image_embedding) on the processed pixel_values/pixel_position_ids, so its
+        # output length follows the processed grid of the request's budget. Only its encoder-JIT path
+        # (postprocess_encoder_output, batching for vision_config.default_output_length) cuts features to the
+        # checkpoint's default, and that path runs only with compilation_config.cudagraph_mm_encoder
+        # (tpu_inference/runner/mm_encoder_jit_manager.py, maybe_create_mm_encoder_jit_manager), off by default in
+        # vLLM 0.32 (vllm/config/compilation.py) and in these profiles: launch/profiles.py refuses the combination.
+        vision_tokens=None,
+        # Dense pages want 560-1120 soft tokens (Gemma 4 model card: the budgets' trade-off, higher for OCR and
+        # documents); one 1,120-token image plus its prompt fits max_num_batched_tokens (>= 2,048) in one step, and
+        # `python -m launch.plan` shows the KV memory fit of the longest page request for each launch profile.
+        page_vision_tokens=PAGE_VISION_TOKENS,
         # The TPU computes while the host's vCPUs preprocess the next images on Beam's threads; on the
         # step-loop thread every image would pause stepping for its preprocessing.
         preprocess_on_step_thread=False,
@@ -178,6 +194,8 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
         structured_output=True,
         # The checkpoint's default (280); GPUs have no reported truncation above it.
         vision_tokens=None,
+        # As on TPU: pages read at the budget dense pages need (the KV fit: `python -m launch.plan`).
+        page_vision_tokens=PAGE_VISION_TOKENS,
         # The worker's vCPUs preprocess while the GPU steps.
         preprocess_on_step_thread=False,
         engine_core_process=ACCELERATOR_ENGINE_CORE_PROCESS,
@@ -429,6 +447,8 @@ def resolve(
     if name not in PROFILES:
         raise ValueError(f"unknown engine profile {name!r}; choose from {sorted(PROFILES)}")
     profile = fit_to_cpu(PROFILES[name], (overrides or {}).get("dtype"))
+    if (overrides or {}).get("max_model_len"):  # what the checkpoint's KV is sized for (fit_to_checkpoint)
+        profile = dataclasses.replace(profile, engine_args={**profile.engine_args, "max_model_len": overrides["max_model_len"]})
     if checkpoint is not None:
         profile = with_num_soft_tokens(fit_to_checkpoint(profile, checkpoint), checkpoint)
     elif profile.limits is not None and profile.limits.size_from_memory:
