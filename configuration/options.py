@@ -644,8 +644,8 @@ def _check_kv_pool(profile: engine_profiles.EngineProfile, checkpoint: Optional[
     if one > pool:
         raise UsageError(
             f"engine profile {profile.name}: one {length}-token sequence of this checkpoint needs {one / 2**20:.0f} MiB of "
-            f"KV, its pool holds {pool / 2**20:.0f} MiB; lower --max_tokens TASK=N, or raise --engine_arg "
-            f"kv_cache_memory_bytes={-(-one // 2**20)}MiB in bytes (or --engine_arg max_model_len=N)"
+            f"KV, its pool holds {pool / 2**20:.0f} MiB; lower --max_tokens TASK=N, or raise the pool "
+            f"(--engine_arg kv_cache_memory_bytes={one} at least)"
         )
 
 

@@ -121,7 +121,8 @@ def _tpu_profile(
             # text benchmark, which shares no prefixes).
             "enable_prefix_caching": True,
             # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048). The recipe's
-            # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
+            # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile. The job raises
+            # it to hold its own longest request (configuration/options.py, plan_engine: markdown, layout, thinking).
             "max_model_len": 4096,
             "max_num_seqs": max_num_seqs,
             # Each image preprocessed once for all its tasks (engine.local.VisionEngine._render):
@@ -177,7 +178,8 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
             # vLLM's Gemma 4 guide: "--gpu-memory-utilization 0.90 to 0.95 to maximize KV cache capacity";
             # 0.90 leaves room for the Beam worker's own CUDA context.
             "gpu_memory_utilization": 0.90,
-            # Prompt (< 500 tokens) + the longest task output (OCR 2,048); a profile may raise it.
+            # Prompt (< 500 tokens) + the longest task output (OCR 2,048); a profile may raise it, and the job
+            # raises it to hold its own longest request (configuration/options.py, plan_engine).
             "max_model_len": 4096,
             # The point of [system][image][task]: follow-up tasks of an image reuse its KV.
             "enable_prefix_caching": True,
