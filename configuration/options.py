@@ -38,14 +38,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from engine import profiles as engine_profiles
 from engine.api import START_TIMEOUT_S, EngineSettings
-from engine.checkpoint_shape import CheckpointShape
-from engine.prompts import VISION_TOKEN_BUDGETS, prompt_version
+from engine.checkpoint_shape import CheckpointShape, dtype_bytes
+from engine.prompts import THINKING_BUDGET, VISION_TOKEN_BUDGETS, prompt_token_bound, prompt_version
 from library import storage
 from library.formats import DecodeLimits
 from library.shards import ShardSettings
 from schemas.records import RunInfo
 from schemas.uris import canonical_uri, is_uri
-from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
+from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, PAGE_TASKS, select_tasks
 from tasks.kinds import KINDS
 from tasks.task import Task, with_overrides
 from tasks.task_file import load_task_file
@@ -563,6 +563,20 @@ class EnginePlan:
         """vLLM plans memory and the encoder budget for the engine-level budget: the largest any request carries."""
         return max([self.profile.vision_tokens or 0, *(task.vision_tokens or 0 for task in self.tasks)]) or None
 
+    def describe(self) -> list[str]:
+        """The resolved engine, in the words an operator checks before paying for a job (launch.submit --dry-run)."""
+        args = engine_profiles.request_engine_args(self.profile, self.largest_vision_tokens, self.thinking, self.structured_output)
+        needed, why = context_needed(self.tasks)
+        budgets = ", ".join(f"{task.name} {task.vision_tokens or 'the checkpoint default'}" for task in self.tasks)
+        return [
+            f"engine profile {self.profile.name}: max_model_len {args['max_model_len']} (needed {needed}: {why}"
+            + (", thinking's budget included)" if self.thinking else ")"),
+            f"image budgets: {budgets}; the engine is planned for {self.largest_vision_tokens or 'the checkpoint default'}",
+            f"host_feeders {self.profile.host_feeders}; max_in_flight {self.max_in_flight} per worker process; "
+            f"structured output {'on' if self.structured_output else 'off'}; thinking {'on' if self.thinking else 'off'}",
+            f"engine_args {json.dumps(args, sort_keys=True, default=str)}",
+        ]
+
     def settings(self, model_path: str) -> EngineSettings:
         profile = self.profile
         return EngineSettings(
@@ -596,11 +610,20 @@ def plan_engine(
     Raises UsageError naming the option, profile or checkpoint refused.
     """
     opts = request.opts
+    planned = engine_profiles.PROFILES[opts.engine_profile]
+    page_budget = None if opts.vision_tokens else planned.page_vision_tokens  # a job's own budget holds for every task
+    tasks = tuple(
+        dataclasses.replace(task, vision_tokens=page_budget)
+        if page_budget and task.name in PAGE_TASKS and not task.vision_tokens else task
+        for task in request.tasks
+    )
+    tasks, vision_tokens = _with_job_budget(tasks, opts.vision_tokens or planned.vision_tokens, checkpoint)
+    engine_args = _with_context_length(request, tasks, checkpoint)
     with usage_errors():
-        profile = engine_profiles.resolve(opts.engine_profile, request.engine_args, checkpoint)
+        profile = engine_profiles.resolve(opts.engine_profile, engine_args, checkpoint)
         wanted = profile.host_feeders if opts.host_feeders is None else opts.host_feeders
         profile = engine_profiles.shared_by_feeders(profile, feeders(wanted))
-    tasks, vision_tokens = _with_job_budget(request.tasks, opts.vision_tokens or profile.vision_tokens, checkpoint)
+    _check_kv_pool(profile, checkpoint)
     return EnginePlan(
         profile=dataclasses.replace(profile, vision_tokens=vision_tokens),
         tasks=tasks,
@@ -611,6 +634,65 @@ def plan_engine(
         xla_cache_required=opts.xla_cache_required,
         start_timeout_s=opts.engine_start_timeout_s,
     )
+
+
+# The engine's context length is planned in whole steps of this many tokens (fewer distinct lengths
+# to compile on TPU; the profiles' own values are multiples of it).
+CONTEXT_STEP = 1024
+
+
+def context_needed(tasks: Sequence[Task], checkpoint: Optional[CheckpointShape] = None) -> tuple[int, str]:
+    """(tokens, why): the longest prompt of the job's tasks (system + image budget + instruction, bounded
+    without the tokenizer: `prompt_token_bound`) plus the largest `max_tokens` (thinking's budget included)."""
+    default_budget = (checkpoint and checkpoint.vision_tokens) or GEMMA4_DEFAULT_VISION_TOKENS
+    prompts = {task.name: prompt_token_bound(task.instruction, task.vision_tokens or default_budget) for task in tasks}
+    longest_prompt = max(prompts, key=prompts.__getitem__)
+    longest_answer = max(tasks, key=lambda task: task.max_tokens)
+    why = (f"the longest prompt, {longest_prompt}'s (at most {prompts[longest_prompt]} tokens with its image), plus the "
+           f"largest max_tokens, {longest_answer.name}'s {longest_answer.max_tokens}")
+    return prompts[longest_prompt] + longest_answer.max_tokens, why
+
+
+def _with_context_length(request: JobRequest, tasks: Sequence[Task], checkpoint: Optional[CheckpointShape]) -> dict[str, Any]:
+    """The job's engine-argument overrides with a `max_model_len` that holds its longest request.
+
+    The profile's value when it is long enough; else raised to the next CONTEXT_STEP; a length the
+    user set (`--engine_arg max_model_len=N`) that is too short is refused, naming the options.
+    vLLM would otherwise stop each long answer at the length limit and keep it as an ordinary row.
+    """
+    needed, why = context_needed(tasks, checkpoint)
+    needed_why = why + (f" (thinking's {THINKING_BUDGET} included)" if request.thinking else "")
+    given = request.engine_args.get("max_model_len")
+    if given is not None:
+        if not isinstance(given, int) or given < needed:
+            raise UsageError(
+                f"--engine_arg max_model_len={given}: this job needs up to {needed} tokens per request: {needed_why}. "
+                f"Raise max_model_len to at least {needed}, or lower --max_tokens TASK=N or the image budget "
+                "(--vision_tokens, --task_vision_tokens)"
+            )
+        return dict(request.engine_args)
+    planned = engine_profiles.PROFILES[request.opts.engine_profile].engine_args["max_model_len"]
+    if planned >= needed:
+        return dict(request.engine_args)
+    return {**request.engine_args, "max_model_len": -(-needed // CONTEXT_STEP) * CONTEXT_STEP}
+
+
+def _check_kv_pool(profile: engine_profiles.EngineProfile, checkpoint: Optional[CheckpointShape]) -> None:
+    """A fixed KV pool (cpu-tiny) must hold one sequence of the planned length, or vLLM refuses at start."""
+    args = profile.engine_args
+    pool = args.get("kv_cache_memory_bytes")
+    if checkpoint is None or not pool:
+        return
+    length = args["max_model_len"]
+    one = checkpoint.kv_bytes_per_sequence(
+        length, dtype_bytes(args.get("dtype")), windowed=not args.get("disable_hybrid_kv_cache_manager", False)
+    )
+    if one > pool:
+        raise UsageError(
+            f"engine profile {profile.name}: one {length}-token sequence of this checkpoint needs {one / 2**20:.0f} MiB of "
+            f"KV, its pool holds {pool / 2**20:.0f} MiB; lower --max_tokens TASK=N, or raise the pool "
+            f"(--engine_arg kv_cache_memory_bytes={one} at least)"
+        )
 
 
 class _StrictParser(_BeamArgumentParser):

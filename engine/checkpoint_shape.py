@@ -15,6 +15,9 @@ from typing import Any, Mapping, Optional
 from apache_beam.io.filesystems import FileSystems
 
 SLIDING = "sliding_attention"
+# The image budget Gemma 4's unified processor uses when its processor_config.json gives none (transformers
+# src/transformers/models/gemma4_unified/image_processing_gemma4_unified.py: Gemma4UnifiedImageProcessor.max_soft_tokens).
+UNIFIED_PROCESSOR_SOFT_TOKENS = 280
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -45,6 +48,10 @@ class CheckpointShape:
     # (vision-tower models, read by vllm gemma4_mm.py) or num_soft_tokens (the unified 12B); None if absent.
     vision_tokens: Optional[int] = None
     stored_dtype_bytes: int = 2  # bytes per weight in the files (config "dtype"; Gemma 4 ships bfloat16)
+    # A unified (encoder-free, 12B) config without vision_config.num_soft_tokens: vLLM 0.32 reads that key
+    # unguarded (vllm/model_executor/models/gemma4_unified.py, get_mm_max_tokens_per_item and
+    # _compute_num_soft_tokens), and transformers' converter does not write it.
+    lacks_num_soft_tokens: bool = False
 
     def weight_bytes_at(self, dtype_bytes: int) -> int:
         """What the weights take in memory once loaded at `dtype_bytes` per weight (vLLM casts on load)."""
@@ -63,13 +70,25 @@ class CheckpointShape:
         return total
 
     @staticmethod
-    def from_config(config: Mapping[str, Any], weight_bytes: int) -> "CheckpointShape":
-        """From a Gemma 4 `config.json` (tower or unified): per-layer head sizes and KV heads as vLLM reads them."""
+    def from_config(
+        config: Mapping[str, Any], weight_bytes: int, processor: Optional[Mapping[str, Any]] = None
+    ) -> "CheckpointShape":
+        """From a Gemma 4 `config.json` (tower or unified): per-layer head sizes and KV heads as vLLM reads them.
+
+        Both spellings of the full-attention layers' shape are read: Google's own `config.json`
+        (`global_head_dim`, `num_global_key_value_heads`) and transformers' re-serialisation
+        (`per_layer_config`). `processor`: the checkpoint's `processor_config.json`, for the image
+        budget its processor documents.
+        """
         text = config.get("text_config", config)
         vision = config.get("vision_config") or {}
         layer_types = list(text["layer_types"])
         shared = int(text.get("num_kv_shared_layers") or 0)
-        overrides = {int(index): values for index, values in (text.get("per_layer_config") or {}).items()}
+        overrides = {int(index): values for index, values in (text.get("per_layer_config") or _global_layers(text)).items()}
+        processor_tokens = ((processor or {}).get("image_processor") or processor or {}).get("max_soft_tokens")
+        unified = "unified" in str(config.get("model_type", "")) or any(
+            "Unified" in name for name in config.get("architectures") or ()
+        )
         cached = tuple(
             LayerKV(
                 kv_heads=int(overrides.get(index, {}).get("num_key_value_heads", text["num_key_value_heads"])),
@@ -86,8 +105,10 @@ class CheckpointShape:
             bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
             per_layer_embeddings=int(text.get("hidden_size_per_layer_input") or 0) > 0,
             weight_bytes=weight_bytes,
-            vision_tokens=vision.get("default_output_length") or vision.get("num_soft_tokens"),
+            vision_tokens=vision.get("default_output_length") or vision.get("num_soft_tokens") or processor_tokens
+            or (UNIFIED_PROCESSOR_SOFT_TOKENS if unified else None),
             stored_dtype_bytes=dtype_bytes(config.get("dtype") or config.get("torch_dtype")),
+            lacks_num_soft_tokens=unified and not vision.get("num_soft_tokens"),
         )
 
     @staticmethod
@@ -96,6 +117,24 @@ class CheckpointShape:
         root = model_path.rstrip("/")
         with FileSystems.open(f"{root}/config.json") as handle:
             config = json.loads(handle.read())
+        processor = None
+        if FileSystems.exists(f"{root}/processor_config.json"):
+            with FileSystems.open(f"{root}/processor_config.json") as handle:
+                processor = json.loads(handle.read())
         [matched] = FileSystems.match([f"{root}/*.safetensors"])
-        return CheckpointShape.from_config(config, sum(meta.size_in_bytes for meta in matched.metadata_list))
+        return CheckpointShape.from_config(config, sum(meta.size_in_bytes for meta in matched.metadata_list), processor)
+
+
+def _global_layers(text: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """The full-attention layers' head size and KV heads from Google's raw keys, as transformers derives them.
+
+    transformers src/transformers/models/gemma4/configuration_gemma4.py (and gemma4_unified's),
+    Gemma4TextConfig.__post_init__: without `per_layer_config`, every `full_attention` layer gets
+    `head_dim = global_head_dim` (default 512) and, when `attention_k_eq_v`, `num_key_value_heads =
+    num_global_key_value_heads` (when given).
+    """
+    layer: dict[str, Any] = {"head_dim": text.get("global_head_dim", 512)}
+    if text.get("attention_k_eq_v", False) and text.get("num_global_key_value_heads") is not None:
+        layer["num_key_value_heads"] = text["num_global_key_value_heads"]
+    return {index: layer for index, kind in enumerate(text["layer_types"]) if kind == "full_attention"}
 

@@ -52,7 +52,19 @@ class EngineProfile:
     # Worker processes of one host that feed one shared engine core (engine/host.py); 1: each
     # process has its own engine (placed by engine_core_process). 1 in every profile: unverified on Dataflow.
     host_feeders: int = 1
+    # The image budget of the built-in tasks that read a whole page's text (tasks.builtin.PAGE_TASKS: ocr,
+    # markdown, layout) when the job sets none (--vision_tokens, --task_vision_tokens); None: the job's.
+    page_vision_tokens: Optional[int] = None
 
+
+# vLLM's gemma4 reasoning parser built for thinking mode, registered by engine/gemma4_reasoning.py (a module name
+# vLLM imports in the engine core; not imported here: it imports vLLM). The name is that module's GEMMA4_THINKING.
+GEMMA4_THINKING_REASONER = "gemma4_thinking"
+GEMMA4_THINKING_PLUGIN = "engine.gemma4_reasoning"
+
+# The image budget of page-reading tasks on the accelerator profiles: Gemma 4's largest (engine/prompts.py
+# VISION_TOKEN_BUDGETS), for the fine print of dense pages.
+PAGE_VISION_TOKENS = 1120
 
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
 _ACCELERATOR_MM_CACHE_GB = 2
@@ -108,7 +120,8 @@ def _tpu_profile(
             # text benchmark, which shares no prefixes).
             "enable_prefix_caching": True,
             # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048). The recipe's
-            # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile.
+            # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile. The job raises
+            # it to hold its own longest request (configuration/options.py, plan_engine: markdown, layout, thinking).
             "max_model_len": 4096,
             "max_num_seqs": max_num_seqs,
             # Each image preprocessed once for all its tasks (engine.local.VisionEngine._render):
@@ -126,10 +139,19 @@ def _tpu_profile(
         # No structured output for Gemma 4 on TPU (Trillium recipe, "Known Limitations"): detection JSON is
         # parsed and repaired.
         structured_output=False,
-        # 280 is Gemma 4's default budget, and tpu-inference's Gemma 4 batches its vision encoder for the checkpoint's
-        # vision_config.default_output_length (280) tokens per image and cuts each image's features to that many
-        # (tpu_inference/models/jax/gemma4_mm.py, postprocess_encoder_output): a larger budget is not served whole.
-        vision_tokens=280,
+        # The checkpoint's default (Gemma 4: 280). Larger budgets are served whole on vllm-tpu: tpu-inference's Gemma 4
+        # (vllm-project/tpu-inference tpu_inference/models/jax/gemma4_mm.py) encodes each image eagerly
+        # (embed_multimodal -> get_single_image_embedding) on the processed pixel_values/pixel_position_ids, so its
+        # output length follows the processed grid of the request's budget. Only its encoder-JIT path
+        # (postprocess_encoder_output, batching for vision_config.default_output_length) cuts features to the
+        # checkpoint's default, and that path runs only with compilation_config.cudagraph_mm_encoder
+        # (tpu_inference/runner/mm_encoder_jit_manager.py, maybe_create_mm_encoder_jit_manager), off by default in
+        # vLLM 0.32 (vllm/config/compilation.py) and in these profiles: launch/profiles.py refuses the combination.
+        vision_tokens=None,
+        # Dense pages want 560-1120 soft tokens (Gemma 4 model card: the budgets' trade-off, higher for OCR and
+        # documents); one 1,120-token image plus its prompt fits max_num_batched_tokens (>= 2,048) in one step, and
+        # `python -m launch.plan` shows the KV memory fit of the longest page request for each launch profile.
+        page_vision_tokens=PAGE_VISION_TOKENS,
         # The TPU computes while the host's vCPUs preprocess the next images on Beam's threads; on the
         # step-loop thread every image would pause stepping for its preprocessing.
         preprocess_on_step_thread=False,
@@ -155,7 +177,8 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
             # vLLM's Gemma 4 guide: "--gpu-memory-utilization 0.90 to 0.95 to maximize KV cache capacity";
             # 0.90 leaves room for the Beam worker's own CUDA context.
             "gpu_memory_utilization": 0.90,
-            # Prompt (< 500 tokens) + the longest task output (OCR 2,048); a profile may raise it.
+            # Prompt (< 500 tokens) + the longest task output (OCR 2,048); a profile may raise it, and the job
+            # raises it to hold its own longest request (configuration/options.py, plan_engine).
             "max_model_len": 4096,
             # The point of [system][image][task]: follow-up tasks of an image reuse its KV.
             "enable_prefix_caching": True,
@@ -172,6 +195,8 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
         structured_output=True,
         # The checkpoint's default (280); GPUs have no reported truncation above it.
         vision_tokens=None,
+        # As on TPU: pages read at the budget dense pages need (the KV fit: `python -m launch.plan`).
+        page_vision_tokens=PAGE_VISION_TOKENS,
         # The worker's vCPUs preprocess while the GPU steps.
         preprocess_on_step_thread=False,
         engine_core_process=ACCELERATOR_ENGINE_CORE_PROCESS,
@@ -426,13 +451,32 @@ def resolve(
     if name not in PROFILES:
         raise ValueError(f"unknown engine profile {name!r}; choose from {sorted(PROFILES)}")
     profile = fit_to_cpu(PROFILES[name], (overrides or {}).get("dtype"))
+    if (overrides or {}).get("max_model_len"):  # what the checkpoint's KV is sized for (fit_to_checkpoint)
+        profile = dataclasses.replace(profile, engine_args={**profile.engine_args, "max_model_len": overrides["max_model_len"]})
     if checkpoint is not None:
-        profile = fit_to_checkpoint(profile, checkpoint)
+        profile = with_num_soft_tokens(fit_to_checkpoint(profile, checkpoint), checkpoint)
     elif profile.limits is not None and profile.limits.size_from_memory:
         raise ValueError(f"engine profile {name} is sized from the checkpoint's config.json; it needs the checkpoint")
     if not overrides:
         return profile
     return dataclasses.replace(profile, engine_args={**profile.engine_args, **overrides})
+
+
+def with_num_soft_tokens(profile: EngineProfile, checkpoint: CheckpointShape) -> EngineProfile:
+    """The profile with the unified (12B) checkpoint's missing `vision_config.num_soft_tokens` supplied.
+
+    vLLM 0.32 reads that key unguarded at start-up (`CheckpointShape.lacks_num_soft_tokens`); the value is
+    the image budget the checkpoint's processor documents (its processor_config.json, else the processor
+    class's default), given to vLLM as `hf_overrides` (vllm/config/model.py applies a nested dict to the
+    sub-config). An `--engine_arg hf_overrides=...` of the job replaces it.
+    """
+    if not checkpoint.lacks_num_soft_tokens:
+        return profile
+    _LOG.warning("the checkpoint's config.json has no vision_config.num_soft_tokens (vLLM needs it for Gemma 4 12B); "
+                 "using its processor's image budget, %s", checkpoint.vision_tokens)
+    overrides = dict(profile.engine_args.get("hf_overrides") or {})
+    overrides["vision_config"] = {**overrides.get("vision_config", {}), "num_soft_tokens": checkpoint.vision_tokens}
+    return dataclasses.replace(profile, engine_args={**profile.engine_args, "hf_overrides": overrides})
 
 
 def fit_to_cpu(profile: EngineProfile, dtype: Optional[str] = None, cpu: Optional[CpuInfo] = None) -> EngineProfile:
@@ -568,13 +612,18 @@ def request_engine_args(profile: EngineProfile, vision_tokens: Optional[int], th
       not for the per-request value, so the job's budget is set here too.
     - thinking with structured output: the grammar must wait for the end of
       the thought channel, or it would forbid the thought; vLLM's `gemma4`
-      reasoning parser tells it where the thought ends. Not set without
-      thinking: E2B/E4B prompts then hold no channel marker, and the grammar
-      would wait for one forever.
+      reasoning parser, built for thinking mode (engine/gemma4_reasoning.py),
+      tells it where the thought ends. Not set without thinking: E2B/E4B
+      prompts then hold no channel marker, and the grammar would wait for one
+      forever.
     """
     args = dict(profile.engine_args)
     if vision_tokens:
         args["mm_processor_kwargs"] = {**args.get("mm_processor_kwargs", {}), "max_soft_tokens": vision_tokens}
     if thinking and structured_output:
-        args["structured_outputs_config"] = {**args.get("structured_outputs_config", {}), "reasoning_parser": "gemma4"}
+        args["structured_outputs_config"] = {
+            **args.get("structured_outputs_config", {}),
+            "reasoning_parser": GEMMA4_THINKING_REASONER,
+            "reasoning_parser_plugin": GEMMA4_THINKING_PLUGIN,
+        }
     return args

@@ -38,6 +38,25 @@ SYSTEM_PROMPT = (
 )
 
 
+# Chat-template tokens around a prompt's text: <bos>, the system and user turns' markers, <|image> and <image|>
+# around the soft tokens, the model turn's opening, <|think|> (thinking on) or the empty thought channel
+# (thinking off, large models), with their newlines: Google's Gemma 4 templates (tests/fixtures/gemma4_templates/).
+# Counted generously: an upper bound is what the engine's context length is planned with.
+TEMPLATE_TOKENS = 32
+
+
+def prompt_token_bound(instruction: str, vision_tokens: int) -> int:
+    """At most how many tokens `[system][image][instruction]` takes, without the checkpoint's tokenizer.
+
+    Gemma's tokenizer falls back to bytes, so no text token covers less than one UTF-8
+    byte: the byte count bounds the text (real text takes about a quarter of it). The
+    image takes its soft-token budget. Placeholders are counted as written; the values an
+    item fills in are not known before the run (a prompt too long for the engine is that
+    item's error row).
+    """
+    return len(SYSTEM_PROMPT.encode()) + len(instruction.encode()) + vision_tokens + TEMPLATE_TOKENS
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How a task's answer is sampled. Greedy (temperature 0) unless a task or a retry rung says otherwise."""

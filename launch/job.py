@@ -205,12 +205,12 @@ def xla_cache_path(deployment: Deployment, profile: LaunchProfile, engine: engin
 def profile_pipeline_args(
     profile: LaunchProfile, deployment: Deployment, user_args: Sequence[str]
 ) -> tuple[list[str], EnginePlan]:
-    """The user's pipeline options plus what the launch profile decides (engine profile, image budget, TPU cache),
-    and the engine the workers will run."""
+    """The user's pipeline options plus what the launch profile decides (engine profile, feeders, TPU cache),
+    and the engine the workers will run. Image budgets are the workers' own plan of the same options
+    (page tasks at the profile's page budget unless the job sets --vision_tokens)."""
     base = [f"--engine_profile={profile.engine_profile}", *user_args]
     engine = effective_engine(profile, base)
-    decided = [f"--vision_tokens={engine.profile.vision_tokens}"] if engine.profile.vision_tokens else []
-    decided.append(f"--host_feeders={engine.profile.host_feeders}")
+    decided = [f"--host_feeders={engine.profile.host_feeders}"]
     if profile.platform == TPU:
         # XLA programs compiled at engine start (~30 min for 26B/31B): reused from GCS (VLLM_XLA_CACHE_PATH).
         decided.append(f"--xla_cache_path={xla_cache_path(deployment, profile, engine.profile)}")

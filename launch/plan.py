@@ -20,11 +20,15 @@ import pathlib
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-from configuration.options import GEMMA4_DEFAULT_VISION_TOKENS, parse_key_values
+from configuration.options import (
+    GEMMA4_DEFAULT_VISION_TOKENS, context_needed, parse_command_line, parse_key_values, plan_engine, validate,
+)
 from engine import profiles as engine_profiles
 from engine.prompts import SYSTEM_PROMPT
 from launch.accelerators import PRICES_AS_OF, TPU
-from launch.capacity import EngineShape, Efficiency, Estimate, Hardware, TaskLoad, Workload, estimates
+from launch.capacity import (
+    BF16_BYTES, HBM_UTILIZATION, EngineShape, Efficiency, Estimate, Hardware, TaskLoad, Workload, estimates, weight_bytes,
+)
 from launch.model_shapes import SHAPES
 from launch.profiles import PROFILES, LaunchProfile, get_profile
 from tasks.builtin import DEFAULT_TASKS, select_tasks
@@ -103,6 +107,31 @@ def engine_shape(profile: LaunchProfile, vision_tokens: Optional[int]) -> Engine
         kv_bytes=1 if str(args.get("kv_cache_dtype", "auto")).startswith("fp8") else 2,
         # Where the profile leaves it to the checkpoint: Gemma 4's default, as the job resolves it.
         vision_tokens=vision_tokens or engine.vision_tokens or GEMMA4_DEFAULT_VISION_TOKENS,
+    )
+
+
+def memory_fit(profile: LaunchProfile, tasks: str, thinking: bool) -> str:
+    """How the job's longest request fits the worker's memory, as the workers plan their engine (`plan_engine`)."""
+    request = validate(parse_command_line([
+        "--input=gs://bucket/in/*", "--output=gs://bucket/out", f"--engine_profile={profile.engine_profile}",
+        f"--tasks={tasks}", f"--thinking={'on' if thinking else 'off'}",
+    ]), local_paths=False)
+    plan = plan_engine(request)
+    shape, engine = SHAPES[profile.model], engine_shape(profile, None)
+    hardware = profile.worker
+    length = plan.profile.engine_args["max_model_len"]
+    needed, why = context_needed(plan.tasks)
+    per_sequence = shape.kv_bytes_read(length, engine.kv_bytes)
+    resident = weight_bytes(shape, engine, shape.experts) + shape.vision_params * BF16_BYTES
+    free = hardware.chip.hbm_bytes * hardware.chips * HBM_UTILIZATION - resident
+    fits = max(0, math.floor(free / per_sequence))
+    budgets = ", ".join(f"{t.name} {t.vision_tokens or engine.vision_tokens}" for t in plan.tasks)
+    return (
+        f"- memory fit: max_model_len {length:,} ({why}{', thinking on' if thinking else ''}: {needed:,} tokens); one "
+        f"full-length sequence keeps {per_sequence / 1e9:.2f} GB of KV; the {free / 1e9:.1f} GB of HBM left after the "
+        f"weights ({HBM_UTILIZATION:g} of {hardware.chips} x {hardware.chip.hbm_bytes / 1e9:.0f} GB) hold {fits} of them "
+        f"at full length (max_num_seqs {engine.max_num_seqs})" + ("" if fits else ": DOES NOT FIT, lower --max_tokens")
+        + f"; image budgets {budgets}"
     )
 
 
@@ -222,6 +251,7 @@ def report(args: argparse.Namespace) -> str:
         f"not overlapped, pipeline efficiency {realistic.pipeline_efficiency:.2f} ({source})",
         f"- start-up per worker {startup_min:g} min ({'cold XLA cache' if args.cold_cache else 'warm XLA cache'}); "
         "images spread evenly over workers",
+        memory_fit(profile, args.tasks, args.thinking),
         *published_comparison(profile, load, pair),
     ]
     return "\n".join(lines)
@@ -243,6 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--hbm-efficiency", type=float, default=DEFAULT_HBM_EFFICIENCY)
     parser.add_argument("--price-per-chip-hour", type=float, default=None)
     parser.add_argument("--cold-cache", action="store_true", help="TPU workers compile (no warm XLA cache)")
+    parser.add_argument("--thinking", action="store_true", help="plan the memory fit with thinking's output budget")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_FILE, help="benchmark results JSON")
     print(report(parser.parse_args(argv)))
     return 0

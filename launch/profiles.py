@@ -21,9 +21,10 @@ from engine import profiles as engine_profiles
 from launch.accelerators import TPU, WorkerShape, harness_threads
 from launch.workers import PROFILE_WORKERS
 
-# Per-request image budgets above 280 soft tokens are not served whole on TPU: tpu-inference's Gemma 4 cuts each
-# image's features to vision_config.default_output_length (tpu_inference/models/jax/gemma4_mm.py).
-TPU_MAX_VISION_TOKENS = 280
+# tpu-inference's Gemma 4 encoder-JIT path (compilation_config.cudagraph_mm_encoder) cuts each image's features to
+# vision_config.default_output_length, Gemma 4's 280 (tpu_inference/models/jax/gemma4_mm.py,
+# postprocess_encoder_output); its default eager path serves every budget whole (engine/profiles.py, _tpu_profile).
+TPU_JIT_ENCODER_MAX_VISION_TOKENS = 280
 
 
 def check_engine_fits(worker: WorkerShape, engine: engine_profiles.EngineProfile) -> None:
@@ -42,10 +43,15 @@ def check_engine_fits(worker: WorkerShape, engine: engine_profiles.EngineProfile
             "(tpu-inference dtype support matrix: v5e/v6e compute int8, int4, bf16); serve bf16"
         )
     if worker.chip.platform == TPU:
-        if engine.vision_tokens is None or engine.vision_tokens > TPU_MAX_VISION_TOKENS:
+        jit_encoder = (args.get("compilation_config") or {}).get("cudagraph_mm_encoder")
+        cut = ((args.get("hf_overrides") or {}).get("vision_config") or {}).get(
+            "default_output_length", TPU_JIT_ENCODER_MAX_VISION_TOKENS)
+        if jit_encoder and (engine.vision_tokens or 0) > cut:
             raise ValueError(
-                f"{engine.name}: vision_tokens {engine.vision_tokens}; at most {TPU_MAX_VISION_TOKENS} on TPU "
-                "(larger budgets look truncated)"
+                f"{engine.name}: vision_tokens {engine.vision_tokens} with compilation_config.cudagraph_mm_encoder: "
+                f"tpu-inference's encoder-JIT path cuts each image to {cut} soft tokens "
+                "(vision_config.default_output_length); drop cudagraph_mm_encoder, or add --engine_arg "
+                f"'hf_overrides={{\"vision_config\": {{\"default_output_length\": {engine.vision_tokens}}}}}'"
             )
         if not args.get("disable_chunked_mm_input"):
             raise ValueError(f"{engine.name}: vllm-tpu needs disable_chunked_mm_input for images")

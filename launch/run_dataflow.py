@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
 from configuration.options import JobConfig, VisionBatchOptions
+from engine.checkpoint_shape import CheckpointShape
 from engine.model_staging import is_remote
 from launch import canary, image
 from pipelines import output_safety
@@ -52,7 +53,11 @@ def job_config(options: PipelineOptions, check_model: bool) -> JobConfig:
         raise ValueError("Dataflow jobs need --model gs://BUCKET/PATH: a Gemma 4 checkpoint staged in GCS")
     if check_model:
         model = resolve_model(opts.model, opts.model_id, opts.tiny_preset)
-        return JobConfig.from_options(options, model.path, model.model_id, model.is_random)
+        # The checkpoint's shape, as a local run reads it: its config.json may need fixing before vLLM starts
+        # (engine/profiles.py with_num_soft_tokens).
+        return JobConfig.from_options(
+            options, model.path, model.model_id, model.is_random, checkpoint=CheckpointShape.read(model.path)
+        )
     path = opts.model.rstrip("/")
     return JobConfig.from_options(options, path, opts.model_id or path, model_is_random=False)
 

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 from launch import flex_launch, run_dataflow, warmup
 from launch.accelerators import TPU
 from launch.deployment import Deployment, add_deployment_args, deployment_from_args
-from launch.job import Workers, plan_launch, timestamped_job_name
+from launch.job import Workers, effective_engine, plan_launch, timestamped_job_name
 from launch.profiles import NOT_OFFERED, PROFILES, LaunchProfile, get_profile
 from launch.shell import command_text
 from schemas.uris import mask_credentials
@@ -76,8 +76,10 @@ def job_inputs(
     return args.input, args.output, Workers.batch(args.max_workers or profile.max_workers)
 
 
-def print_dry_run(args: argparse.Namespace, deployment: Deployment, dataflow_args: Sequence[str], body: Optional[dict]) -> None:
-    """What would be launched; credentials in any URI masked (the deployment's locations too)."""
+def print_dry_run(
+    args: argparse.Namespace, deployment: Deployment, dataflow_args: Sequence[str], body: Optional[dict], engine: Sequence[str]
+) -> None:
+    """What would be launched, and the engine the workers will resolve; credentials in any URI masked."""
     lines = []
     if args.warmup:
         files = ", ".join(path.name for path in warmup.sample_files())
@@ -87,6 +89,7 @@ def print_dry_run(args: argparse.Namespace, deployment: Deployment, dataflow_arg
     else:
         lines.append(json.dumps(body, indent=2))
         lines.append(command_text(flex_launch.gcloud_run_command(deployment.project, deployment.region, body)))
+    lines.extend(f"# workers' engine: {line}" for line in engine)
     lines.append("# dry run: nothing was staged or submitted")
     print(mask_credentials("\n".join(lines)))
 
@@ -118,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.template is not None:
         body = flex_launch.launch_body(launch.settings, args.template or deployment.template_path(), launch.pipeline_args)
     if args.dry_run:
-        print_dry_run(args, deployment, dataflow_args, body)
+        print_dry_run(args, deployment, dataflow_args, body, effective_engine(profile, launch.pipeline_args).describe())
         return 0
 
     if args.warmup:

@@ -29,6 +29,8 @@ from schemas.records import Detection, ParsedAnswer
 _CODE_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _JSON_START = re.compile(r"[\[{]")
 _BOX_LIST_START = re.compile(r"\[\s*\{")
+# The thought channel's role label, as Google's templates open it (`<|channel>thought\n`): never a thought itself.
+THOUGHT_LABEL = "thought"
 
 
 class AnswerError(ValueError):
@@ -49,6 +51,10 @@ class SchemaMismatch(AnswerError):
 
 class CutOffAnswer(AnswerError):
     """An answer that its output limit (`max_tokens`) cut off before it held a usable document."""
+
+
+class ThoughtUsedAllTokens(CutOffAnswer):
+    """A completion whose thought took every output token, leaving no answer."""
 
 
 class NoJSONFound(ValueError):
@@ -87,7 +93,9 @@ def split_answer(raw: str) -> Answer:
         again = parse_thinking_output(block if THOUGHT_END in block else block + THOUGHT_END)
         thoughts.append(again["thinking"])
         answer = " ".join(part for part in (head, again["answer"] or "") if part)
-    thought = "\n\n".join(t for t in thoughts if t)
+    # vLLM strips the channel's `thought\n` label only when text follows it: an empty channel
+    # (`<|channel>thought<channel|>`, or one cut off right after its label) leaves the bare label.
+    thought = "\n\n".join(t for t in thoughts if t and t != THOUGHT_LABEL)
     return Answer(text=answer, thought=thought or None)
 
 

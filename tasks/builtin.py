@@ -89,6 +89,9 @@ BUILTIN_TASKS: Mapping[str, Task] = {
 }
 
 DEFAULT_TASKS: tuple[str, ...] = ("ocr", "caption", "detect")
+# The tasks that read a whole page's text: an engine profile may give them a larger image budget
+# (engine/profiles.py, EngineProfile.page_vision_tokens).
+PAGE_TASKS: tuple[str, ...] = ("ocr", "markdown", "layout")
 
 
 def select_tasks(names: Optional[str], file_tasks: Sequence[Task] = ()) -> tuple[Task, ...]:

@@ -25,12 +25,12 @@ import string
 from typing import Any, Mapping, Optional, Sequence
 
 from engine.api import EngineRequest, EngineSettings
-from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, Sampling
+from engine.prompts import PROMPT_VERSION, SYSTEM_PROMPT, THINKING_BUDGET, THOUGHT_START, Sampling
 from library.text_layer import READER_VERSION as LAYER_READER_VERSION
 from tasks.text_layer import ANCHOR_PROMPT_VERSION, LAYER_USES
 from library.metadata import ItemValues
 from schemas.records import ItemInfo, ParsedAnswer, TaskCompletion
-from tasks.answers import AnswerError, CutOffAnswer, boxes_on_source, cut_off_position, split_answer
+from tasks.answers import AnswerError, CutOffAnswer, ThoughtUsedAllTokens, boxes_on_source, cut_off_position, split_answer
 from tasks.kinds import TEXT, OutputKind
 from tasks.kinds.base import RetryRung
 
@@ -148,8 +148,15 @@ class Task:
         answer = split_answer(completion.text)
         info = completion.info
         width, height = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+        truncated = completion.finish_reason == "length"
         try:
-            parsed = self.parse(answer.text, width, height, completion.finish_reason == "length")
+            if truncated and not answer.text and THOUGHT_START in completion.text:
+                # Any kind, text too: an empty answer here is no answer, not an empty page.
+                raise ThoughtUsedAllTokens(
+                    f"the thought used all max_tokens={self.max_tokens} output tokens before any answer; raise this "
+                    f"task's max_tokens (--max_tokens {self.name}=N, or max_tokens in the task file)"
+                )
+            parsed = self.parse(answer.text, width, height, truncated)
         except AnswerError as exc:
             return dataclasses.replace(completion, thought=answer.thought, parse_error=exc)
         parsed = boxes_on_source(parsed, info.rotation, info.width, info.height)

@@ -142,7 +142,7 @@ def test_the_chosen_vision_budget_reaches_the_engines_memory_planning():
 
 def test_thinking_waits_for_the_thought_before_constraining_json():
     on = config("--thinking", "on").engine
-    assert on.thinking and on.engine_args["structured_outputs_config"]["reasoning_parser"] == "gemma4"
+    assert on.thinking and on.engine_args["structured_outputs_config"]["reasoning_parser"] == "gemma4_thinking"
     assert "reasoning_parser" not in config().engine.engine_args["structured_outputs_config"]
     assert "structured_outputs_config" not in config("--thinking", "on", "--engine_profile", "tpu-v6e-4-gemma4-26b-a4b").engine.engine_args
     assert config("--thinking", "on").run.prompt_version.endswith("+thinking")

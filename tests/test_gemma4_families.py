@@ -112,7 +112,7 @@ def test_thinking_on_the_cpu_profile_keeps_thoughts_out_of_answers(tmp_path, pri
     assert_complete(summary, rows, DEFAULT_PRESET, thinking=True)
     config = summary["config"]
     assert config["thinking"] is True
-    assert config["engine_args"]["structured_outputs_config"]["reasoning_parser"] == "gemma4"
+    assert config["engine_args"]["structured_outputs_config"]["reasoning_parser"] == "gemma4_thinking"
     assert 1 <= config["engine_args"]["max_num_seqs"] <= 64 and config["engine_args"]["kv_cache_memory_bytes"] > 0
     assert config["engine_args"]["disable_hybrid_kv_cache_manager"] is False  # KV-shared layers need it
     assert all(row["generated_tokens"] <= config["max_tokens"][row["task"]] for row in rows)

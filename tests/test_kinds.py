@@ -192,3 +192,20 @@ def test_a_layout_row_has_blocks_and_its_markdown_as_text():
                                       "box_px": {"ymin": 20, "xmin": 200, "ymax": 80, "xmax": 1800}}
     assert [region["label"] for region in LAYOUT.regions(read_back)] == ["title", "text", "table", "footer"]  # type: ignore[union-attr]
     assert BOXES.regions({"detections": None}) == []
+
+
+# ---------------------------------------------------------------- thoughts that leave no answer
+
+
+@pytest.mark.parametrize("task", list(BUILTIN_TASKS))
+def test_an_answer_left_empty_by_a_thought_that_ran_out_of_tokens_is_an_error_row(task):
+    definition = BUILTIN_TASKS[task]
+    cut = completion(task, "<|channel>thought\nFirst I list the lines: one, two", finish="length")
+    read = definition.read(cut)
+    assert read.parsed is None and isinstance(read.parse_error, CutOffAnswer)
+    assert read.thought == "First I list the lines: one, two"
+    [error] = ParseCompletions([definition], RUN).process(read)
+    assert f"--max_tokens {task}=N" in error.value.message and "thought" in error.value.message
+    # Only the length limit makes an empty answer an error: a finished empty answer is an empty page.
+    if not definition.output.validated:
+        assert definition.read(completion(task, "<|channel>thought\nnothing here<channel|>")).parsed.text == ""

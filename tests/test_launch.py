@@ -70,11 +70,12 @@ def test_every_profile_parses_into_the_dataflow_options_it_promises(name):
 
     pipeline = options.view_as(VisionBatchOptions)
     assert pipeline.engine_profile == profile.engine_profile
+    # The image budgets are the workers' own plan of the job's options (page tasks at the profile's page budget).
+    assert pipeline.vision_tokens is None
     if profile.platform == TPU:
-        assert pipeline.vision_tokens == 280
         assert pipeline.xla_cache_path.startswith(f"gs://{BUCKET}/vision-batch/xla-cache/0.1.0-{profile.worker.name}/")
-    else:  # GPUs: the checkpoint's image budget, and no XLA cache to keep
-        assert pipeline.vision_tokens is None and pipeline.xla_cache_path is None
+    else:  # GPUs: no XLA cache to keep
+        assert pipeline.xla_cache_path is None
 
 
 @pytest.mark.parametrize("worker", [*TPU_WORKERS, *GPU_WORKERS], ids=lambda w: w.machine_type)
@@ -150,9 +151,10 @@ def test_tpu_engine_profiles_follow_the_recipe(name):
     assert args["disable_chunked_mm_input"] is True
     assert args["tensor_parallel_size"] == profile.worker.chips
     assert args["block_size"] == 256
-    assert args["max_num_batched_tokens"] >= engine.vision_tokens
+    # One page image at the largest budget and its prompt in one step (images are never chunked).
+    assert args["max_num_batched_tokens"] >= engine.page_vision_tokens == 1120
     assert engine.structured_output is False and "structured_outputs_config" not in args
-    assert engine.vision_tokens <= 280
+    assert not (args.get("compilation_config") or {}).get("cudagraph_mm_encoder")  # the eager encoder: budgets served whole
     assert engine.max_in_flight >= args["max_num_seqs"]
 
 
@@ -188,8 +190,11 @@ def test_every_quantised_profile_names_an_online_method_vllm_accepts_for_a_bf16_
     "profile, extra, message",
     [
         ("tpu-v6e-4", ["--engine_arg", "tensor_parallel_size=8"], "does not use the 4 chips"),
-        ("tpu-v6e-4", ["--vision_tokens", "560"], "vision_tokens 560; at most 280"),
-        ("tpu-v6e-4", ["--task_vision_tokens", "ocr=1120"], "vision_tokens 1120; at most 280"),  # a task's own budget
+        # tpu-inference's encoder-JIT path cuts images to the checkpoint's default budget (launch/profiles.py).
+        ("tpu-v6e-4", ["--vision_tokens", "560", "--engine_arg", 'compilation_config={"cudagraph_mm_encoder": true}'],
+         "cuts each image to 280 soft tokens"),
+        ("tpu-v6e-4", ["--task_vision_tokens", "ocr=1120", "--engine_arg", 'compilation_config={"cudagraph_mm_encoder": true}'],
+         "vision_tokens 1120 with compilation_config.cudagraph_mm_encoder"),  # a task's own budget
         ("tpu-v6e-1", ["--engine_arg", "quantization=fp8"], "no fp8 matmuls"),
         ("tpu-v6e-1", ["--engine_arg", "quantization=fp8_per_tensor"], "no fp8 matmuls"),
         ("tpu-v6e-4", ["--engine_profile", "cpu-tiny"], "choose the worker shape with --profile"),
@@ -201,8 +206,9 @@ def test_overrides_that_break_the_worker_shape_are_refused(profile, extra, messa
         plan_launch(PROFILES[profile], DEPLOYMENT, Workers.batch(1), "j", [*USER_ARGS, *extra])
 
 
-def test_a_gpu_profile_may_raise_the_image_budget():
-    launch = plan_launch(PROFILES["gpu-h100"], DEPLOYMENT, Workers.batch(1), "j", [*USER_ARGS, "--vision_tokens=1120"])
+@pytest.mark.parametrize("profile", ["gpu-h100", "tpu-v6e-1"])
+def test_every_profile_may_raise_the_image_budget(profile):
+    launch = plan_launch(PROFILES[profile], DEPLOYMENT, Workers.batch(1), "j", [*USER_ARGS, "--vision_tokens=1120"])
     assert PipelineOptions(list(launch.pipeline_args)).view_as(VisionBatchOptions).vision_tokens == 1120
 
 
@@ -255,7 +261,8 @@ def test_dry_run_builds_the_dataflow_graph_offline_and_prints_the_command(monkey
         (["--max_token", "ocr=512"], "unknown option --max_token; did you mean --max_tokens?"),
         (["--vision_tokens", "100"], "--vision_tokens: invalid choice: 100"),
         (["--tasks", "captions"], "unknown task 'captions'"),
-        (["--vision_tokens", "560"], "vision_tokens 560; at most 280"),  # the launch profile's own refusal
+        (["--vision_tokens", "560", "--engine_arg", 'compilation_config={"cudagraph_mm_encoder": true}'],
+         "cuts each image to 280 soft tokens"),  # the launch profile's own refusal
         (["--profile", "tpu-v6e-9"], "unknown launch profile 'tpu-v6e-9'"),
     ],
 )

@@ -40,12 +40,13 @@ JOB_ID = "2026-01-02_03_04_05-9876543210987654321"
 
 @pytest.fixture(scope="module")
 def staged_model(gcs):
-    """A checkpoint location the launcher accepts (resolve_model checks config.json exists)."""
+    """A checkpoint location the launcher accepts: a 12B's config.json as Google publishes it (the launcher reads
+    its shape: resolve_model checks it exists, engine/checkpoint_shape.py reads it)."""
+    from tests.test_raw_checkpoint_configs import RAW
+
     client = gcs.client()
     bucket = client.bucket(BUCKET) if client.lookup_bucket(BUCKET) else client.create_bucket(BUCKET)
-    bucket.blob(f"{MODEL[len(f'gs://{BUCKET}/'):]}/config.json").upload_from_string(
-        json.dumps({"architectures": ["Gemma4UnifiedForConditionalGeneration"]})
-    )
+    bucket.blob(f"{MODEL[len(f'gs://{BUCKET}/'):]}/config.json").upload_from_string(json.dumps(RAW["12B"]))
     return MODEL
 
 

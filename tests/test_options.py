@@ -25,9 +25,9 @@ def test_list_options_accept_repeats_and_commas():
 
 
 def test_engine_overrides_and_structured_output():
-    job = config("--input", "a", "--engine_arg", "max_model_len=512", "--engine_arg", 'limit_mm_per_prompt={"image": 2}',
+    job = config("--input", "a", "--engine_arg", "max_model_len=16384", "--engine_arg", 'limit_mm_per_prompt={"image": 2}',
                  "--structured_output", "off")
-    assert job.engine.engine_args["max_model_len"] == 512
+    assert job.engine.engine_args["max_model_len"] == 16384
     assert job.engine.engine_args["limit_mm_per_prompt"] == {"image": 2}
     assert job.engine.engine_args["block_size"] == 32  # untouched profile value
     assert job.engine.structured_output is False

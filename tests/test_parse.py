@@ -62,6 +62,13 @@ def test_zero_area_boxes_are_dropped():
         ("<|channel>thought\na<channel|>noise<channel|>12", "a\n\nnoise", "12"),
         # Plain answers are untouched, including the word "thought" elsewhere.
         ("I thought so.\nYes.", None, "I thought so.\nYes."),
+        # An empty thought channel (the large models' prompt with thinking off, or a model's own):
+        # no thought, never the bare channel label.
+        ("<|channel>thought\n<channel|>A cat.", None, "A cat."),
+        ("<|channel>thought<channel|>A cat.<turn|>", None, "A cat."),
+        ("<|channel>thought\n", None, ""),  # cut off right after the label
+        ("<|channel>thought\nthought<channel|>A cat.", None, "A cat."),
+        ("<|channel>thought\nthought about it<channel|>A cat.", "thought about it", "A cat."),
     ],
 )
 def test_thought_and_end_markers_are_split_off(raw, thought, answer):

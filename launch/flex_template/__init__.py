@@ -20,15 +20,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 from configuration.options import VisionBatchOptions
 from launch.canary import CanaryOptions
-from launch.profiles import PROFILES, TPU_MAX_VISION_TOKENS
+from launch.profiles import PROFILES
 from tasks.task import TASK_NAME
 
 METADATA_PATH = pathlib.Path(__file__).resolve().parent / "metadata.json"
 _GCS = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$"  # gs://BUCKET[/PATH], bucket naming rules
 _TASK = TASK_NAME.pattern.strip("^$")  # built-in tasks and a task file's (checked against both at launch)
 # Gemma 4's image budgets (huggingface/transformers src/transformers/models/gemma4/image_processing_gemma4.py,
-# _SUPPORTED_SOFT_TOKENS). One template serves TPU and GPU profiles: launch.submit and
-# launch.schedule refuse budgets above TPU_MAX_VISION_TOKENS for TPU profiles.
+# _SUPPORTED_SOFT_TOKENS). One template serves TPU and GPU profiles: both serve every budget whole.
 _VISION_BUDGETS = ["70", "140", "280", "560", "1120"]
 
 
@@ -56,9 +55,7 @@ PARAMETER_UI: Mapping[str, ParameterUI] = {
     "engine_profile": ParameterUI(
         "vLLM engine profile", [f"^({'|'.join(sorted({p.engine_profile for p in PROFILES.values()}))})$"]
     ),
-    "vision_tokens": ParameterUI(
-        f"Image soft-token budget (TPU: at most {TPU_MAX_VISION_TOKENS})", [f"^({'|'.join(_VISION_BUDGETS)})$"]
-    ),
+    "vision_tokens": ParameterUI("Image soft-token budget", [f"^({'|'.join(_VISION_BUDGETS)})$"]),
     "xla_cache_path": ParameterUI("Persistent XLA compile cache", [_GCS], "GCS_WRITE_FOLDER"),
     "engine_arg": ParameterUI("vLLM engine argument override (one KEY=VALUE)", [r"^[a-z_]+=.+$"]),
     "max_tokens": ParameterUI("Output token limit override (one TASK=N)", [rf"^({_TASK})=[0-9]+$"]),
