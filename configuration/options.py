@@ -166,6 +166,12 @@ class VisionBatchOptions(PipelineOptions):
             help="Error budget: the run fails (exit code 1, state FAILED) when more than this fraction of its task "
                  "outcomes are errors (an item that fails before the engine counts for all its tasks).",
         )
+        _add_flag(
+            outputs, "--count_flagged_as_errors",
+            "Count results still degenerate after their retry ladder (quality_flags truncated, looped or empty) "
+            "against --max_error_fraction, as if they were errors. Off by default: they are answers, kept and "
+            "flagged (a page cut at max_tokens keeps most of its text); run_summary.json counts them either way.",
+        )
         outputs.add_argument(
             "--num_output_shards", type=int, default=0,
             help="Files per output table; 0 lets the runner write one per bundle. Set it for large runs "
@@ -714,6 +720,7 @@ class JobConfig:
     run: RunInfo
     model_is_random: bool
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    count_flagged_as_errors: bool = False  # degenerate results count against the error budget
     # The summary step raises when the run failed, so the job itself ends failed (Dataflow, flex
     # templates: what Cloud Scheduler and Composer see). A caller that waits and reports the
     # outcome itself (a local run through pipelines.vision_batch) turns it off.
@@ -771,6 +778,7 @@ class JobConfig:
             run=run,
             model_is_random=model_is_random,
             max_error_fraction=opts.max_error_fraction,
+            count_flagged_as_errors=bool(opts.count_flagged_as_errors),
         )
 
     @staticmethod
@@ -785,6 +793,7 @@ class JobConfig:
     def summary_config(self) -> SummaryConfig:
         return SummaryConfig(
             run=self.run, output=self.output, tasks_per_item=len(self.tasks), max_error_fraction=self.max_error_fraction,
+            count_flagged_as_errors=self.count_flagged_as_errors,
             warnings=self.warnings, model_is_random=self.model_is_random, fail_job_on_failure=self.fail_job_on_failure,
             fields=self._summary_fields(),
         )
@@ -813,4 +822,5 @@ class JobConfig:
             "decode_limits": dataclasses.asdict(self.limits),
             "shards": dataclasses.asdict(self.shards),
             "max_error_fraction": self.max_error_fraction,
+            "count_flagged_as_errors": self.count_flagged_as_errors,
         }

@@ -62,6 +62,9 @@ class EngineSettings:
     # is built; a variable the user already exported wins). Reasons are in engine/profiles.py.
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    # Ask for the sampled tokens' log-probabilities (the `confidence` column). False only for the
+    # benchmark that measures what asking costs (BENCHMARKS.md, "Confidence").
+    logprobs: bool = True
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
@@ -86,6 +89,9 @@ class EngineResult:
     generated_tokens: int
     cached_tokens: int
     latency_s: float
+    # The sum of the generated tokens' log-probabilities (vLLM's cumulative_logprob, asked for with
+    # SamplingParams(logprobs=0)); None when the engine returned none. tasks.quality.confidence reads it.
+    logprob_sum: Optional[float] = None
 
 
 class Preprocessing(NamedTuple):

@@ -154,6 +154,12 @@ class TaskCompletion:
     # columns, or the AnswerError its task's validation raised. Both None: not read yet.
     parsed: Optional["ParsedAnswer"] = None
     parse_error: Optional[Exception] = None
+    # How far the answer can be trusted (tasks.quality): its flags (`truncated`, `looped`, `empty`,
+    # `retried`; other stages add theirs, e.g. `blank`, `rotated`), the geometric-mean probability of
+    # its tokens, and the language of a prose answer (ISO 639-1; None: too short to tell, or not prose).
+    quality_flags: tuple[str, ...] = ()
+    confidence: Optional[float] = None
+    language: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

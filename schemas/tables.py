@@ -66,6 +66,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("instruction", pa.string()),  # as sent: the task's instruction with the item's values filled in
         pa.field("task_fingerprint", pa.string()),  # task definition + item values: part of incremental-run keys
+        # Why to look at the answer (tasks/quality.py): truncated, looped, empty, retried, ...; [] when none.
+        pa.field("quality_flags", pa.list_(pa.string())),
+        pa.field("confidence", pa.float32()),  # geometric-mean probability of the answer's tokens, 0-1
+        pa.field("language", pa.string()),  # ISO 639-1 of a text answer; null when too short to tell
     ]
     + _RUN_FIELDS
 )
@@ -147,6 +151,9 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         attempts=completion.attempts,
         instruction=completion.instruction,
         task_fingerprint=completion.task_fingerprint,
+        quality_flags=list(completion.quality_flags),
+        confidence=completion.confidence,
+        language=completion.language,
     )
     row.update(_run_columns(run))
     return row

@@ -13,7 +13,7 @@ from configuration.options import JobConfig, UsageError, parse_args
 from engine.api import Constraint, EngineSettings
 from engine.profiles import LARGEST_CONTEXT
 from engine.profiles import PROFILES as ENGINE_PROFILES
-from engine.prompts import THINKING_BUDGET, Sampling
+from engine.prompts import THINKING_BUDGET, Sampling, sampling_kwargs
 from library.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
 from tasks import task_file
 from tasks.answers import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
@@ -94,7 +94,22 @@ def test_validated_kinds_climb_a_ladder_that_restates_the_format():
     assert JSON_FORMAT in strict.instruction and json.loads(strict.instruction.split("\n")[-1]) == INVOICE_SCHEMA
     detect = BUILTIN_TASKS["detect"]
     assert len(detect.retries) == 2 and '"box_2d"' in detect.request(ItemValues(None), 2).instruction
-    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].output.validated
+    assert not BUILTIN_TASKS["ocr"].output.validated and BUILTIN_TASKS["ocr"].output.prose
+
+
+def test_text_tasks_climb_a_guarded_ladder_whose_last_rung_has_room_as_far_as_the_context_allows():
+    ocr = BUILTIN_TASKS["ocr"]
+    first, sampled, longer = (ocr.request(ItemValues(None), attempt, room=3000) for attempt in (0, 1, 2))
+    assert first.sampling.repetition_penalty is None and first.max_tokens == ocr.max_tokens == 2048
+    assert sampled.sampling.temperature > 0 and sampled.sampling.repetition_penalty > 1 and sampled.max_tokens == 2048
+    assert longer.sampling.temperature == 0 and longer.sampling.repetition_penalty > 1
+    assert longer.max_tokens == 3000  # twice 2048, cut to what the context leaves
+    assert ocr.request(ItemValues(None), 2).max_tokens == 4096  # context unknown: twice
+    assert ocr.request(ItemValues(None), 2, room=100).max_tokens == 2048  # never below the task's own
+    assert sampling_kwargs(longer.sampling, longer.max_tokens)["repetition_penalty"] == longer.sampling.repetition_penalty
+    assert "repetition_penalty" not in sampling_kwargs(first.sampling, first.max_tokens)
+    for name in ("caption", "markdown"):
+        assert BUILTIN_TASKS[name].retries == ocr.retries
 
 
 def test_a_retry_instruction_may_not_ask_for_values_the_task_does_not():
@@ -221,7 +236,7 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
     assert from_yaml == from_json
     invoice, answer = from_yaml
     assert (invoice.output, invoice.schema, invoice.max_tokens, invoice.placeholders) == (JSON, INVOICE_SCHEMA, 256, ())
-    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (TEXT, 64, ("question",), ())
+    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (TEXT, 64, ("question",), TEXT.retries("", None))
 
 
 @pytest.mark.parametrize(
