@@ -63,7 +63,7 @@ def plain_texts(limit_chars: int = 60_000) -> Iterator[tuple[str, str]]:
             text = data.decode("utf-8")
         except (UnicodeDecodeError, OSError, EOFError, gzip.BadGzipFile):
             continue
-        if len(text) > 500:
+        if len(text) > 500 and "\x00" not in text:  # not text: a binary file that happens to decode
             yield str(path), text[:limit_chars]
 
 
