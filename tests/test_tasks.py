@@ -19,6 +19,7 @@ from tasks import task_file
 from tasks.answers import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from tasks.kinds import JSON, TEXT
+from tasks.kinds.base import RetryRung
 from tasks.kinds.json import JSON_FORMAT
 from tasks.task import Task, TaskFingerprints, Template, with_overrides
 from tasks.task_file import TaskFileError, parse_task_file
@@ -95,6 +96,14 @@ def test_validated_kinds_climb_a_ladder_that_restates_the_format():
     detect = BUILTIN_TASKS["detect"]
     assert len(detect.retries) == 2 and '"box_2d"' in detect.request(ItemValues(None), 2).instruction
     assert not BUILTIN_TASKS["ocr"].output.validated and BUILTIN_TASKS["ocr"].output.prose
+
+
+def test_a_text_task_file_may_replace_or_drop_the_degenerate_answer_ladder():
+    [own, none] = parse_task_file(
+        "tasks: [{name: a, instruction: x, retries: [{temperature: 0.3, repetition_penalty: 1.2, max_tokens_scale: 3}]},"
+        " {name: b, instruction: y, retries: []}]", "tasks.yaml")
+    assert own.retries == (RetryRung(0.3, None, 1.2, 3),) and none.retries == ()
+    assert own.request(ItemValues(None), 1).max_tokens == 3 * own.max_tokens
 
 
 def test_text_tasks_climb_a_guarded_ladder_whose_last_rung_has_room_as_far_as_the_context_allows():
@@ -256,7 +265,7 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
         ("tasks: [{name: a, instruction: 'Q: {q!r}'}]", ["task 'a' (tasks[0]), field instruction: placeholder {q!r} is not a metadata key"]),
         ("tasks: [{name: a, instruction: x, vision_tokens: 300}]", ["field vision_tokens: 300 is not allowed; choose 70, 140, 280, 560, 1120"]),
         ("tasks: [{name: a, instruction: x, max_tokens: '64'}]", ["field max_tokens: expected an integer, got '64'"]),
-        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5}]}]", ["field retries: only boxes, json and layout answers are validated"]),
+        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5, max_tokens_scale: 9}]}]", ["field retries[0].max_tokens_scale: 9 is greater than the maximum of 4"]),
         ("tasks: [{name: a, instruction: x, top_p: 0}]", ["field top_p: 0 is less than or equal to the minimum of 0"]),
         ("- name: a\n  instruction: x\n", ["the file: expected an object, got [{'name': 'a', 'instruction': 'x'}]"]),
         ("tasks: []", ["field tasks: [] should be non-empty"]),
