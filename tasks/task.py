@@ -154,7 +154,6 @@ class Task:
         return dataclasses.replace(read, parsed=parsed)
 
 
-
 def with_overrides(
     task: Task, max_tokens: Optional[int] = None, vision_tokens: Optional[int] = None, thinking: bool = False
 ) -> Task:
