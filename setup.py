@@ -28,6 +28,8 @@ setup(
         # --task_file: YAML task files, and JSON Schemas that check them and every json answer.
         "pyyaml>=6,<7",
         "jsonschema>=4.18,<5",
+        # The `language` column (tasks/language.py): a language-ID model shipped in the package (4.5 MB).
+        "py3langid>=0.4,<0.5",
     ],
     extras_require={
         # Same vLLM 0.32 Python API on all three: code tested on CPU is the code that runs on TPU and GPU.

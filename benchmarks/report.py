@@ -23,6 +23,8 @@ RESULTS_FILES = {  # what BENCHMARKS.md is rendered from, each written by its ow
     "incremental": REPO / "benchmarks" / "incremental.json",  # python -m benchmarks.incremental
     "budgets": REPO / "benchmarks" / "budgets.json",  # python -m benchmarks.budgets
     "text_layer": REPO / "benchmarks" / "text_layer.json",  # python -m benchmarks.text_layer
+    "loop_rule": REPO / "benchmarks" / "loop_rule.json",  # python -m benchmarks.loop_rule
+    "confidence": REPO / "benchmarks" / "confidence.json",  # python -m benchmarks.confidence
 }
 
 # name -> (what is compared, threshold, "min" = the figure must be at least the threshold)
@@ -381,8 +383,71 @@ def write_benchmarks_md() -> None:
     """BENCHMARKS.md from the stored results of every benchmark command."""
     stored = {name: json.loads(path.read_text()) if path.exists() else None for name, path in RESULTS_FILES.items()}
     (REPO / "BENCHMARKS.md").write_text(
-        markdown(stored["throughput"], stored["tuning"], stored["incremental"], stored["budgets"], stored["text_layer"])
+        markdown(stored["throughput"], stored["tuning"], stored["incremental"], stored["budgets"], stored["text_layer"],
+                 stored["loop_rule"], stored["confidence"])
     )
+
+
+def loop_rule_markdown(document: Optional[Mapping[str, Any]]) -> str:
+    """The loop rule section of BENCHMARKS.md from benchmarks/loop_rule.json."""
+    if not document:
+        return "(no benchmarks/loop_rule.json: run `python -m benchmarks.loop_rule`)"
+    real = "\n".join(f"| {corpus} | {r['documents']:,} | {r['cuts']:,} | {r['flagged']:,} |" for corpus, r in document["real"].items())
+    copies = list(next(iter(document["synthetic"].values())))
+    synthetic = "\n".join(
+        f"| {kind} | " + " | ".join(f"{r[c]['caught'] / r[c]['loops']:.2f} ({r[c]['loop_chars_mean']:,})" for c in copies) + " |"
+        for kind, r in document["synthetic"].items()
+    )
+    flagged = "\n".join(f"- `{fp['source']}` at {fp['at']:,}: {fp['copies']} copies of {json.dumps(fp['span'][:60])}"
+                         for fp in document["false_positives"][:6])
+    return f"""The rule of `tasks/quality.py` (`repeated_tail`: 8+ copies over 320+ characters, or 5+ copies of a
+span of 60+ characters), measured by `python -m benchmarks.loop_rule` ({document['wall_s']:,} s; the rule took
+{document['rule_ms_mean']} ms per call on average, on this shared machine). Real text, none written for this, cut
+at every 97th character and whole (an answer cut by max_tokens ends anywhere); a flagged cut is a false positive:
+
+| corpus | documents | cuts | flagged |
+|---|---:|---:|---:|
+{real}
+
+Flagged real cuts (first few): text that does repeat itself (a log repeating one line) or is not text (a tar file):
+
+{flagged}
+
+Synthetic loops: 200 per cell, a span of the same text repeated after a real prefix and cut inside its last
+copy. Fraction caught (mean loop length in characters) by copies:
+
+| span | {' | '.join(copies)} |
+|---|{'---:|' * len(copies)}
+{synthetic}
+
+Loops shorter than 320 characters are not claimed; a looping answer that runs to max_tokens leaves thousands.
+Spans over 2,000 characters (a few paragraphs) are not looked for. Measured with a 6,000-character tail window,
+since widened to 12,000 so that 5 copies of a 2,000-character span fit (it adds only spans of 1,200-2,000 characters)."""
+
+
+def confidence_markdown(document: Optional[Mapping[str, Any]]) -> str:
+    """The confidence-cost section of BENCHMARKS.md from benchmarks/confidence.json."""
+    if not document:
+        return "(no benchmarks/confidence.json: run `python -m benchmarks.confidence`)"
+    rows = "\n".join(
+        f"| {number + 1} | {w['tasks_per_s']} | {wo['tasks_per_s']} | {ratio_:.3f} | {w['generated_tokens']:,} / {wo['generated_tokens']:,} |"
+        for number, (w, wo, ratio_) in enumerate(zip(document["rounds"]["with"], document["rounds"]["without"], document["ratio_per_round"]))
+    )
+    m = document["machine"]
+    return f"""What asking vLLM for the sampled tokens' log-probabilities (`SamplingParams(logprobs=0, flat_logprobs=True)`,
+the `confidence` column) costs, measured by `python -m benchmarks.confidence`: one `vllm.LLM` with the pipeline's
+engine arguments, the `bench` model, {document['items']} generated images x 3 tasks ({document['requests']} requests, greedy,
+prefix caching off so that repeated prompts are not served from the cache), generated with and without, alternated
+over rounds (the order flips each round). Machine: {m['cores']} cores, shared; 1-minute load average
+{document['load_average_at_start']} at the start: expect ±10 % noise per round.
+
+| round | tasks/s with logprobs | tasks/s without | ratio | generated tokens with / without |
+|---:|---:|---:|---:|---:|
+{rows}
+
+Median ratio (with / without): **{document['ratio_median']}**. The cost is a log-softmax over the vocabulary
+(262,144 tokens for Gemma 4) per generated token and a float per token carried back; on an accelerator the model
+step is far larger next to it than this tiny random model's on a CPU."""
 
 
 def host_markdown(document: Mapping[str, Any]) -> str:
@@ -423,6 +488,8 @@ def markdown(
     incremental: Optional[Mapping[str, Any]] = None,
     budgets: Optional[Mapping[str, Any]] = None,
     text_layer: Optional[Mapping[str, Any]] = None,
+    loop_rule: Optional[Mapping[str, Any]] = None,
+    confidence: Optional[Mapping[str, Any]] = None,
 ) -> str:
     from benchmarks.analysis import ANALYSIS, CPU_DTYPE, DEFINITIONS
 
@@ -502,6 +569,14 @@ One knob at a time from the profile's values, on the bench model: engine knobs o
 ## Born-digital PDFs: the text layer against the model
 
 {text_layer_markdown(text_layer)}
+
+## Loop rule
+
+{loop_rule_markdown(loop_rule)}
+
+## Confidence
+
+{confidence_markdown(confidence)}
 
 {DEFINITIONS}
 """

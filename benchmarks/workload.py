@@ -171,7 +171,10 @@ def decode_files(paths: Sequence[pathlib.Path], limits: DecodeLimits = DecodeLim
 
 
 def task_specs(max_tokens: Mapping[str, int], names: Sequence[str] = DEFAULT_TASKS) -> tuple[Task, ...]:
-    return tuple(with_overrides(BUILTIN_TASKS[name], max_tokens.get(name)) for name in names)
+    """The built-in tasks without the prose tasks' degenerate-answer ladders: the bench model's random answers
+    all run to max_tokens, and the designs compared must send the same requests (the peers do not retry)."""
+    tasks = (with_overrides(BUILTIN_TASKS[name], max_tokens.get(name)) for name in names)
+    return tuple(dataclasses.replace(task, retries=()) if task.output.prose else task for task in tasks)
 
 
 def instruction(task: Task) -> str:

@@ -167,6 +167,12 @@ class VisionBatchOptions(PipelineOptions):
             help="Error budget: the run fails (exit code 1, state FAILED) when more than this fraction of its task "
                  "outcomes are errors (an item that fails before the engine counts for all its tasks).",
         )
+        _add_flag(
+            outputs, "--count_flagged_as_errors",
+            "Count results still degenerate after their retry ladder (quality_flags truncated, looped or empty) "
+            "against --max_error_fraction, as if they were errors. Off by default: they are answers, kept and "
+            "flagged (a page cut at max_tokens keeps most of its text); run_summary.json counts them either way.",
+        )
         outputs.add_argument(
             "--num_output_shards", type=int, default=0,
             help="Files per output table; 0 lets the runner write one per bundle. Set it for large runs "
@@ -843,6 +849,7 @@ class JobConfig:
     model_is_random: bool
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
     text_layer: TextLayerSettings = TextLayerSettings()  # --text_layer, --text_layer_check
+    count_flagged_as_errors: bool = False  # degenerate results count against the error budget
     # The summary step raises when the run failed, so the job itself ends failed (Dataflow, flex
     # templates: what Cloud Scheduler and Composer see). A caller that waits and reports the
     # outcome itself (a local run through pipelines.vision_batch) turns it off.
@@ -903,6 +910,7 @@ class JobConfig:
             model_is_random=model_is_random,
             max_error_fraction=opts.max_error_fraction,
             text_layer=TextLayerSettings(opts.text_layer, opts.text_layer_check),
+            count_flagged_as_errors=bool(opts.count_flagged_as_errors),
         )
 
     @staticmethod
@@ -917,6 +925,7 @@ class JobConfig:
     def summary_config(self) -> SummaryConfig:
         return SummaryConfig(
             run=self.run, output=self.output, tasks_per_item=len(self.tasks), max_error_fraction=self.max_error_fraction,
+            count_flagged_as_errors=self.count_flagged_as_errors,
             warnings=self.warnings, model_is_random=self.model_is_random, fail_job_on_failure=self.fail_job_on_failure,
             fields=self._summary_fields(),
         )
@@ -946,4 +955,5 @@ class JobConfig:
             "shards": dataclasses.asdict(self.shards),
             "max_error_fraction": self.max_error_fraction,
             "text_layer": dataclasses.asdict(self.text_layer),
+            "count_flagged_as_errors": self.count_flagged_as_errors,
         }

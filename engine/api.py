@@ -75,6 +75,9 @@ class EngineSettings:
     # The warm-up job (launch.submit --warmup): an engine start that leaves the persistent compile cache
     # (xla_cache_path) empty fails, instead of a job that succeeded and saved no compile (engine.compile_cache).
     xla_cache_required: bool = False
+    # Ask for the sampled tokens' log-probabilities (the `confidence` column). False only for the
+    # benchmark that measures what asking costs (BENCHMARKS.md, "Confidence").
+    logprobs: bool = True
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
@@ -99,6 +102,9 @@ class EngineResult:
     generated_tokens: int
     cached_tokens: int
     latency_s: float
+    # The sum of the generated tokens' log-probabilities (vLLM's cumulative_logprob, asked for with
+    # SamplingParams(logprobs=0)); None when the engine returned none. tasks.quality.confidence reads it.
+    logprob_sum: Optional[float] = None
 
 
 class Preprocessing(NamedTuple):

@@ -93,6 +93,12 @@ def sampling_params(
         structured_outputs=structured,
         logit_bias=bias,
         output_kind=RequestOutputKind.FINAL_ONLY,  # no per-token output objects: we only use the final text
+        # The sampled token's own log-probability (0 alternatives: "the API will always return the log
+        # probability of the sampled token", vllm/sampling_params.py) summed into cumulative_logprob,
+        # for the answer's confidence (tasks/quality.py). Flat: one array per request instead of a dict
+        # per token ("GC costs of FlatLogprobs is significantly smaller", ibid.). Its cost: BENCHMARKS.md.
+        logprobs=0 if settings.logprobs else None,
+        flat_logprobs=settings.logprobs,
         # Keep <|channel>/<channel|>/<turn|> in the text: vLLM's default (True) deletes them, and a
         # thought the model emits could then no longer be told from its answer (transforms/parse.py).
         skip_special_tokens=False,
@@ -529,6 +535,7 @@ class VisionEngine:
                 generated_tokens=len(completion.token_ids),
                 cached_tokens=int(output.num_cached_tokens or 0),
                 latency_s=time.monotonic() - request.submitted_at,
+                logprob_sum=None if completion.cumulative_logprob is None else float(completion.cumulative_logprob),
             )
         )
         self._release()

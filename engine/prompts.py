@@ -64,6 +64,10 @@ class Sampling:
     temperature: float = 0.0
     top_k: Optional[int] = None  # None: the checkpoint's own (generation_config.json) when sampling
     top_p: Optional[float] = None
+    # vLLM's repetition_penalty (vllm/sampling_params.py: "values > 1 encourage the model to use new
+    # tokens"; it divides the logits of tokens already in the prompt or the output). None: off (1.0).
+    # The text kind's retry rungs set it against loops (tasks/kinds/text.py).
+    repetition_penalty: Optional[float] = None
 
 
 def build_messages(instruction: str, image_first: bool = True) -> list[dict[str, Any]]:
@@ -134,4 +138,6 @@ def sampling_kwargs(
                 value = model_defaults.get(key)
             if value is not None:
                 kwargs[key] = value
+    if sampling.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = sampling.repetition_penalty
     return kwargs

@@ -17,6 +17,7 @@ from reporting.images import SourceImage, data_uri, draw_detections, label_colou
 from reporting.run import ErrorGroup, RunData, SampledItem, TaskStats
 from reporting.text import safe
 from tasks.kinds import kind_of
+from tasks.quality import DEGENERATE_FLAGS
 from tasks.task import Template
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -186,6 +187,11 @@ def _cards(summary: Mapping[str, Any], tasks: Sequence[TaskStats]) -> str:
         ))
     truncated = counts.get("truncated_outputs")
     cards.append(_card("Truncated outputs", _n(truncated), "finish_reason = length", "warn" if truncated else ""))
+    if "flagged_results" in counts:
+        flagged = counts["flagged_results"]
+        by_flag = " · ".join(f"{flag} {count}" for flag, count in (counts.get("quality_flags") or {}).items())
+        cards.append(_card("Flagged results", _n(flagged), _e(by_flag or "still degenerate after retries"),
+                           "warn" if flagged else "good"))
     cards.append(_card("Detections", _n(counts.get("detections")), "boxes in the results"))
     if counts.get("skipped_items") or counts.get("skipped_tasks"):
         cards.append(_card("Skipped (incremental)", _n(counts.get("skipped_items")),
@@ -239,13 +245,13 @@ def _tasks_section(tasks: Sequence[TaskStats]) -> str:
     if not tasks:
         return "<h2>Tasks</h2><p>No result rows.</p>"
     rows = [
-        [f"<b>{_e(t.task)}</b>", _n(t.rows), _n(t.truncated), _n(t.detections),
+        [f"<b>{_e(t.task)}</b>", _n(t.rows), _n(t.truncated), _n(t.flagged), _n(t.mean_confidence, 3), _n(t.detections),
          _n(t.prompt_tokens), _n(t.generated_tokens), _n(t.cached_tokens), _n(t.mean_latency_ms)]
         for t in tasks
     ]
-    header = ["task", "result rows", "truncated", "detections", "prompt tokens", "generated tokens", "cached tokens",
-              "mean latency ms"]
-    return "<h2>Tasks</h2>" + _table(header, rows, [False] + [True] * 7)
+    header = ["task", "result rows", "truncated", "flagged", "mean confidence", "detections", "prompt tokens",
+              "generated tokens", "cached tokens", "mean latency ms"]
+    return "<h2>Tasks</h2>" + _table(header, rows, [False] + [True] * 9)
 
 
 def _errors_section(groups: Sequence[ErrorGroup], anchors: Mapping[str, str]) -> str:
@@ -272,6 +278,10 @@ def _task_stats_line(row: Mapping[str, Any]) -> str:
              f"generated {_n(row.get('generated_tokens'))}", f"cached {_n(row.get('cached_tokens'))}"]
     if row.get("latency_ms") is not None:
         parts.append(f"{_n(float(row['latency_ms']), 0)} ms")
+    if row.get("confidence") is not None:  # geometric-mean token probability (tasks/quality.py)
+        parts.append(f"confidence {_n(float(row['confidence']), 3)}")
+    if row.get("language"):
+        parts.append(f"language {_e(row['language'])}")
     return f'<p class="stats">{" · ".join(parts)}</p>'
 
 
@@ -321,7 +331,8 @@ def _panel(
                               f'<pre class="text">{_e(e.get("message") or "")}</pre>' for e in errors)
             return f'<section class="panel failed{lead}"><h4>{title}</h4>{_question({}, errors, definition)}{reasons}</section>'
         return f'<section class="panel{lead}"><h4>{title}</h4><p class="empty">no result</p></section>'
-    flags = ' <span class="pill warn">truncated</span>' if row.get("truncated") else ""
+    shown = list(row.get("quality_flags") or ()) or (["truncated"] if row.get("truncated") else [])
+    flags = "".join(" " + _pill(flag, "warn" if flag in DEGENERATE_FLAGS else "") for flag in shown)
     text = row.get("text") or ""
     kind = kind_of(row)
     regions, document = kind.regions(row), kind.document(row)

@@ -20,13 +20,14 @@ from apache_beam.io.filesystems import FileSystems
 from evaluation.storage import matching_files, read_text
 from schemas.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from tasks.builtin import DEFAULT_TASKS
+from tasks.quality import DEGENERATE_FLAGS
 
 SAMPLE_ORDERS = ("item_id", "errors_first", "spread")
 EXAMPLES_PER_ERROR = 3
 
 _STAT_COLUMNS = (
     "item_id", "task", "truncated", "prompt_tokens", "generated_tokens", "cached_tokens", "latency_ms",
-    "detections", "model_id", "prompt_version", "run_id",
+    "detections", "model_id", "prompt_version", "run_id", "quality_flags", "confidence",
 )
 _ERROR_COLUMNS = ("item_id", "task", "stage", "error_type", "message", "model_id", "prompt_version", "run_id")
 
@@ -41,6 +42,8 @@ class TaskStats:
     generated_tokens: int
     cached_tokens: int
     mean_latency_ms: Optional[float]
+    flagged: int = 0  # results still truncated, looped or empty after the retry ladder (tasks.quality)
+    mean_confidence: Optional[float] = None  # of the results that carry one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +121,18 @@ def _task_order(tasks: Iterable[str]) -> list[str]:
     return known + sorted(set(tasks) - set(known))
 
 
+def _flagged(results: pa.Table) -> list[int]:
+    """Indexes of the rows still degenerate after their retry ladder (a quality flag of DEGENERATE_FLAGS)."""
+    return [index for index, flags in enumerate(results.column("quality_flags").to_pylist())
+            if any(flag in DEGENERATE_FLAGS for flag in flags or ())]
+
+
 def task_stats(results: pa.Table) -> list[TaskStats]:
     stats = []
     for task in _task_order(_distinct(results, "task")):
         rows = results.filter(pc.equal(results.column("task"), task))
         latency = pc.mean(rows.column("latency_ms")).as_py()
+        confidence = pc.mean(rows.column("confidence")).as_py()
         stats.append(TaskStats(
             task=task,
             rows=rows.num_rows,
@@ -132,6 +142,8 @@ def task_stats(results: pa.Table) -> list[TaskStats]:
             generated_tokens=_sum(rows.column("generated_tokens")),
             cached_tokens=_sum(rows.column("cached_tokens")),
             mean_latency_ms=round(latency, 1) if latency is not None else None,
+            flagged=len(_flagged(rows)),
+            mean_confidence=round(confidence, 3) if confidence is not None else None,
         ))
     return stats
 
@@ -191,7 +203,7 @@ def choose_sample(item_ids: Sequence[str], concern: Mapping[str, int], size: int
     """A deterministic sample of `size` ids out of sorted `item_ids`.
 
     `item_id`: the first ones; `errors_first`: by `concern` (0 items with an
-    error row, 1 with a truncated output, absent: the rest), then by id;
+    error row, 1 with a truncated or flagged output, absent: the rest), then by id;
     `spread`: evenly spaced over the sorted ids (one folder does not fill a
     large run's sample).
     """
@@ -236,7 +248,8 @@ def load_run(location: str, sample_size: int = 24, sample_order: str = "item_id"
     errors = read_columns(errors_files, ERRORS_SCHEMA, _ERROR_COLUMNS)
     item_ids = set(_distinct(results, "item_id")) | set(_distinct(errors, "item_id"))
     truncated = _distinct(results.filter(pc.fill_null(results.column("truncated"), False)), "item_id")
-    concern = {**dict.fromkeys(truncated, 1), **dict.fromkeys(_distinct(errors, "item_id"), 0)}
+    flagged = _distinct(results.take(pa.array(_flagged(results), pa.int64())), "item_id")
+    concern = {**dict.fromkeys(truncated + flagged, 1), **dict.fromkeys(_distinct(errors, "item_id"), 0)}
     stats = task_stats(results)
     summary = read_summary(location)
     chosen = choose_sample(sorted(item_ids), concern, sample_size, sample_order)

@@ -175,6 +175,12 @@ class TaskCompletion:
     parse_error: Optional[Exception] = None
     text_source: str = "model"  # "text_layer": answered from the PDF page's text layer, no engine request
     layer_cer: Optional[float] = None  # the answer's CER against the page's text layer, where both read it
+    # How far the answer can be trusted (tasks.quality): its flags (`truncated`, `looped`, `empty`,
+    # `retried`; other stages add theirs, e.g. `blank`, `rotated`), the geometric-mean probability of
+    # its tokens, and the language of a prose answer (ISO 639-1; None: too short to tell, or not prose).
+    quality_flags: tuple[str, ...] = ()
+    confidence: Optional[float] = None
+    language: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

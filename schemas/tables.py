@@ -70,7 +70,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("text_layer_verdict", pa.string()),  # PDF pages: trusted, partial, garbled, ocr_layer or none
         pa.field("text_layer_cer", pa.float64()),  # the model's answer against the page's text layer (agreement)
         pa.field("rotation", pa.int32()),  # clockwise degrees the page was turned upright before the model saw it
-        pa.field("quality_flags", pa.list_(pa.string())),  # what to look at: blank, rotated, ... (README, "Output")
+        # Why to look at the answer (tasks/quality.py): truncated, looped, empty, retried, blank, rotated; [] when none.
+        pa.field("quality_flags", pa.list_(pa.string())),
+        pa.field("confidence", pa.float32()),  # geometric-mean probability of the answer's tokens, 0-1
+        pa.field("language", pa.string()),  # ISO 639-1 of a text answer; null when too short to tell
     ]
     + _RUN_FIELDS
 )
@@ -156,7 +159,9 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         text_layer_verdict=None if info.layer is None else info.layer.verdict,
         text_layer_cer=None if completion.layer_cer is None else round(completion.layer_cer, 6),
         rotation=info.rotation,
-        quality_flags=list(info.quality_flags),
+        quality_flags=list(info.quality_flags) + list(completion.quality_flags),
+        confidence=completion.confidence,
+        language=completion.language,
     )
     row.update(_run_columns(run))
     return row

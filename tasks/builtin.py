@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-from tasks.kinds import BOXES, LAYOUT
+from tasks.kinds import BOXES, LAYOUT, TEXT
 from tasks.kinds.layout import CATEGORIES
 from tasks.task import Task
 
@@ -56,12 +56,14 @@ BUILTIN_TASKS: Mapping[str, Task] = {
             max_tokens=2048,  # a dense A4 page at 150 dpi is ~1,000-1,500 tokens of text
             text_layer="answer",  # --text_layer auto/anchor: a trusted PDF page's own text is its transcription
             # Greedy (the default): transcription has one right answer and must be reproducible.
+            retries=TEXT.retries("", None),  # for degenerate answers (tasks/quality.py)
         ),
         Task(
             name="caption",
             instruction="Describe the image in one or two sentences.",
             max_tokens=128,
             # Greedy: reproducible nightly reruns; diversity has no value in a batch caption.
+            retries=TEXT.retries("", None),
         ),
         Task(
             name="detect",
@@ -77,6 +79,7 @@ BUILTIN_TASKS: Mapping[str, Task] = {
             # pipes, HTML cells, LaTeX): twice ocr's budget, as a truncated page loses its end.
             max_tokens=4096,
             text_layer="anchor",  # --text_layer anchor: the layer's text in the prompt (the markup is the model's)
+            retries=TEXT.retries(_MARKDOWN, None),
         ),
         Task(
             name="layout",

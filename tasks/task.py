@@ -33,6 +33,7 @@ from schemas.records import ItemInfo, ParsedAnswer, TaskCompletion
 from tasks.answers import AnswerError, CutOffAnswer, ThoughtUsedAllTokens, boxes_on_source, cut_off_position, split_answer
 from tasks.kinds import TEXT, OutputKind
 from tasks.kinds.base import RetryRung
+from tasks.quality import RETRIED, degenerate_flags
 
 # Task names end up in columns, metric names (`retries_<task>`) and command lines.
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -106,20 +107,29 @@ class Task:
         """The metadata keys the task's instruction names (its retry rungs name no others)."""
         return Template(self.instruction).placeholders
 
-    def request(self, values: ItemValues, attempt: int = 0) -> EngineRequest:
+    def request(self, values: ItemValues, attempt: int = 0, room: Optional[int] = None) -> EngineRequest:
         """The engine request of `attempt` (0: the first; n: rung n of the ladder) for an item's `values`.
 
+        `room`: the output tokens the context leaves after this item's prompt
+        (max_model_len - prompt tokens), when known: a rung's larger budget
+        stops there, and never goes below the task's own.
         Raises MissingValue/AmbiguousValue (`library.metadata.PromptError`)
         when the item lacks a value the instruction names.
         """
-        instruction, sampling = self.instruction, self.sampling
+        instruction, sampling, max_tokens = self.instruction, self.sampling, self.max_tokens
         if attempt:
             rung = self.retries[attempt - 1]
             instruction = rung.instruction or instruction
-            sampling = dataclasses.replace(sampling, temperature=rung.temperature)
+            sampling = dataclasses.replace(
+                sampling, temperature=rung.temperature,
+                repetition_penalty=rung.repetition_penalty or sampling.repetition_penalty,
+            )
+            if rung.max_tokens_scale > 1:
+                larger = self.max_tokens * rung.max_tokens_scale
+                max_tokens = max(self.max_tokens, larger if room is None else min(larger, room))
         return EngineRequest(
             instruction=Template(instruction).fill(values),
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
             sampling=sampling,
             constraint=self.output.constraint(self.schema),
             vision_tokens=self.vision_tokens,
@@ -140,7 +150,8 @@ class Task:
             ) from exc
 
     def read(self, completion: TaskCompletion) -> TaskCompletion:
-        """The completion with its thought split off and its answer parsed: `parsed`, or the AnswerError in `parse_error`.
+        """The completion with its thought split off, its answer parsed (`parsed`, or the AnswerError in
+        `parse_error`) and its quality flags (`tasks.quality`: degenerate flags, and `retried` past attempt 1).
 
         The model saw the page turned `info.rotation` degrees (upright): its boxes are read in that
         page's frame and moved back to the source's (`boxes_on_source`).
@@ -149,6 +160,9 @@ class Task:
         info = completion.info
         width, height = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
         truncated = completion.finish_reason == "length"
+        flags = degenerate_flags(answer.text, completion.finish_reason, self.output.prose)
+        flags += (RETRIED,) if completion.attempts > 1 else ()
+        read = dataclasses.replace(completion, thought=answer.thought, quality_flags=flags)
         try:
             if truncated and not answer.text and THOUGHT_START in completion.text:
                 # Any kind, text too: an empty answer here is no answer, not an empty page.
@@ -158,9 +172,9 @@ class Task:
                 )
             parsed = self.parse(answer.text, width, height, truncated)
         except AnswerError as exc:
-            return dataclasses.replace(completion, thought=answer.thought, parse_error=exc)
+            return dataclasses.replace(read, parse_error=exc)
         parsed = boxes_on_source(parsed, info.rotation, info.width, info.height)
-        return dataclasses.replace(completion, thought=answer.thought, parsed=parsed)
+        return dataclasses.replace(read, parsed=parsed)
 
     def blank(self, info: ItemInfo, instruction: str, fingerprint: str) -> TaskCompletion:
         """The answer for a blank page (`info.blank`), made without the engine: its kind's empty answer, no attempt."""
@@ -226,6 +240,11 @@ class TaskFingerprints:
         constraint = task.output.constraint(task.schema)
         # text_layer is left out: it changes no model request (its routes have fingerprints of their own, `of`).
         fields = {key: value for key, value in dataclasses.asdict(task).items() if key != "text_layer"}
+        # Fields added later, at their defaults, are left out: a task that does not use them keeps its fingerprint.
+        for later, default in (("repetition_penalty", None), ("max_tokens_scale", 1)):
+            for part in (fields["sampling"], *fields["retries"]):
+                if part.get(later, default) == default:
+                    part.pop(later, None)
         return {
             **fields,
             "output": f"OutputKind.{task.output.name.upper()}",

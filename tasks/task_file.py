@@ -15,7 +15,7 @@ Fields of a task (`TASK_FIELDS`): `name` and `instruction` are required;
 `output` names an output kind (`tasks.kinds.KINDS`: `text`, the default,
 `boxes`, `json`, `layout`), which decides the defaults and the rest: `schema`
 (a JSON Schema) is required for kinds that need one (`json`) and only for
-them, `retries` only for kinds whose answers are validated; `max_tokens`,
+them; `retries` (answers that fail validation, and degenerate `text` answers, climb it), `max_tokens`,
 `temperature`, `top_k`, `top_p`, `vision_tokens` and `text_layer` are optional (`text_layer`: what a
 PDF page's text layer does for the task under `--text_layer auto|anchor`: `none`, the default; `answer`,
 text tasks only: trusted pages are answered by the layer; `anchor`: the layer's text goes into the prompt); `max_tokens` is bounded
@@ -67,7 +67,12 @@ TASK_FIELDS: Mapping[str, Mapping[str, Any]] = {
             "type": "object",
             "required": ["temperature"],
             "additionalProperties": False,
-            "properties": {"temperature": _SAMPLING["temperature"], "instruction": {"type": "string", "minLength": 1}},
+            "properties": {
+                "temperature": _SAMPLING["temperature"], "instruction": {"type": "string", "minLength": 1},
+                # vLLM's bounds are (0, inf) (vllm/sampling_params.py); past 2 a guard garbles any text.
+                "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+                "max_tokens_scale": {"type": "integer", "minimum": 1, "maximum": 4},
+            },
         },
     },
 }
@@ -177,8 +182,6 @@ def _entry_mistakes(entry: Mapping[str, Any], where: str, seen: set[str], max_to
     if output is not None and output.column is not None and entry.get("text_layer") == "answer":
         mistakes.append(f"{where}, field text_layer: only text tasks can be answered by a PDF page's text layer; "
                         "use anchor to give the model the layer's text")
-    if output is not None and not output.validated and "retries" in entry:
-        mistakes.append(f"{where}, field retries: only {_kinds(lambda kind: kind.validated)} answers are validated, so only they are retried")
     max_tokens = entry.get("max_tokens")
     if max_tokens_limit is not None and isinstance(max_tokens, int) and max_tokens > max_tokens_limit:
         mistakes.append(f"{where}, field max_tokens: {max_tokens} is more than any engine profile's context holds "
@@ -202,7 +205,10 @@ def _task(entry: Mapping[str, Any]) -> Task:
     output = KINDS[entry.get("output", "text")]
     schema = entry.get("schema")  # only kinds that need one have one (_entry_mistakes)
     retries = (
-        tuple(RetryRung(rung["temperature"], rung.get("instruction")) for rung in entry["retries"])
+        tuple(
+            RetryRung(rung["temperature"], rung.get("instruction"), rung.get("repetition_penalty"), rung.get("max_tokens_scale", 1))
+            for rung in entry["retries"]
+        )
         if "retries" in entry
         else output.retries(entry["instruction"], schema)
     )

@@ -22,13 +22,15 @@ def test_unparseable_detections_climb_the_retry_ladder_then_become_errors(tmp_pa
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
     results = pq.read_table(tmp_path / "out" / "results").to_pylist()
     assert sorted(r["task"] for r in results) == ["caption", "caption"]
-    assert all(r["attempts"] == 1 for r in results)
+    # Captions climb the text ladder only when degenerate (the random model's often run to max_tokens).
+    assert all((r["attempts"] > 1) == ("retried" in r["quality_flags"]) for r in results)
     assert [(e["task"], e["stage"]) for e in errors] == [("detect", "parse")] * 2
     # Which of the two depends on whether the random model stopped before max_tokens (CPU-dependent).
     assert {e["error_type"] for e in errors} <= {"DetectionParseError", "CutOffAnswer"}
     for error in errors:
         assert "after 3 attempts" in error["message"] and error["raw_output"]
-    assert summary["counts"]["retries"] == 2 * 2 and summary["accounting"]["balanced"]
+    caption_retries = sum(r["attempts"] - 1 for r in results)
+    assert summary["counts"]["retries"] == 2 * 2 + caption_retries and summary["accounting"]["balanced"]
 
 
 def test_engine_failure_mid_bundle_is_retried_without_duplicates_or_gaps(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 from engine.prompts import prompt_version
 from schemas.tables import RESULTS_SCHEMA
 from tasks.builtin import DEFAULT_TASKS
+from tasks.kinds.text import LONGER_ANSWER_SCALE
 from tests.conftest import SAMPLES, run_pipeline
 from tiny_model.checkpoint import DEFAULT_PRESET
 
@@ -115,4 +116,6 @@ def test_thinking_on_the_cpu_profile_keeps_thoughts_out_of_answers(tmp_path, pri
     assert config["engine_args"]["structured_outputs_config"]["reasoning_parser"] == "gemma4_thinking"
     assert 1 <= config["engine_args"]["max_num_seqs"] <= 64 and config["engine_args"]["kv_cache_memory_bytes"] > 0
     assert config["engine_args"]["disable_hybrid_kv_cache_manager"] is False  # KV-shared layers need it
-    assert all(row["generated_tokens"] <= config["max_tokens"][row["task"]] for row in rows)
+    # Within the task's budget; a degenerate text answer's last rung had up to twice it (tasks/kinds/text.py).
+    assert all(row["generated_tokens"] <= config["max_tokens"][row["task"]] * (LONGER_ANSWER_SCALE if row["attempts"] == 3 else 1)
+               for row in rows)

@@ -51,9 +51,15 @@ def test_every_registered_kind_implements_every_hook(name):
     schema = SCHEMA if kind.needs_schema else None
     constraint = kind.constraint(schema)
     assert constraint is None or constraint.json_schema is not None
-    # A validated kind has a ladder whose last rung restates the format; an unvalidated one never retries.
+    # A validated kind has a ladder whose last rung restates the format; a prose kind's guards against
+    # repetition and its last rung has a larger budget (for degenerate answers); any other never retries.
     ladder = kind.retries("Look.", schema)
-    assert (len(ladder) == 2 and ladder[-1].instruction.startswith("Look.\n\n")) if kind.validated else ladder == ()
+    if kind.validated:
+        assert len(ladder) == 2 and ladder[-1].instruction.startswith("Look.\n\n")
+    elif kind.prose:
+        assert ladder and all(rung.repetition_penalty for rung in ladder) and ladder[-1].max_tokens_scale > 1
+    else:
+        assert ladder == ()
     parsed = kind.parse(ANSWERS[name], schema, INFO.width, INFO.height, False)
     row = result_row(completion(f"t_{name}", ANSWERS[name]), RUN, parsed)
     pa.Table.from_pylist([row], schema=RESULTS_SCHEMA)  # the row fits the table

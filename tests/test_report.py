@@ -197,16 +197,17 @@ def hostile_location(root: str, image_uri: str) -> None:
     run = RunInfo(run_id="hand-made", model_id="hostile-model", prompt_version="v0")
     info = ItemInfo(ref=ItemRef.make(image_uri), width=400, height=300, content_hash="0" * 64)
 
-    def completion(task: str, text: str, thought: str | None = None, instruction: str | None = None) -> TaskCompletion:
+    def completion(task: str, text: str, thought: str | None = None, instruction: str | None = None, **quality) -> TaskCompletion:
         return TaskCompletion(info=info, task=task, text=text, finish_reason="stop", prompt_tokens=300,
                               generated_tokens=12, cached_tokens=256, latency_s=0.25, thought=thought,
-                              instruction=instruction)
+                              instruction=instruction, **quality)
 
     ymin, xmin, ymax, xmax = SQUARE
     square = Detection(label=HOSTILE_LABEL, box_1000=tuple(round(v * 1000) for v in SQUARE), box_norm=SQUARE,
                        box_px=(round(ymin * 300), round(xmin * 400), round(ymax * 300), round(xmax * 400)))
     results = [
-        result_row(completion("ocr", HOSTILE_OCR), run, ParsedAnswer(HOSTILE_OCR)),
+        result_row(completion("ocr", HOSTILE_OCR, quality_flags=("looped", "retried"), confidence=0.42, language="en"),
+                   run, ParsedAnswer(HOSTILE_OCR)),
         result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run, ParsedAnswer(HOSTILE_CAPTION)),
         result_row(completion("detect", DETECT_ANSWER), run, ParsedAnswer(DETECT_ANSWER, (square,))),
         result_row(completion("invoice", json.dumps(HOSTILE_DATA), instruction="Extract."), run,
@@ -238,6 +239,9 @@ def assert_hostile_text_is_text(page: str) -> None:
     assert f'<p class="question">{html.escape(HOSTILE_QUESTION)}</p>' in page
     # A layout answer: its blocks listed by category, its Markdown collapsed beside them.
     assert "Layout (1)" in page and '<span class="lbl">title</span>' in page and html.escape(f"# {HOSTILE_CAPTION}") in page
+    # An answer's quality: its flags (degenerate ones as warnings), confidence and language; the tasks table's.
+    assert '<span class="pill warn">looped</span>' in page and '<span class="pill ">retried</span>' in page
+    assert "confidence 0.420" in page and "language en" in page and "mean confidence" in page
 
 
 def test_model_output_is_shown_as_text(tmp_path):

@@ -7,6 +7,8 @@ tests/test_engine_isolation.py.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 import time
 from typing import Any, Iterable, Sequence
@@ -33,6 +35,7 @@ from tasks.builtin import BUILTIN_TASKS
 from tasks.task import Task
 from transforms.parse import ParseCompletions
 from transforms.run_tasks import RunTasks, image_key
+from transforms.summary import TallyFn, outcome, tally_result
 
 SETTINGS = EngineSettings(model_path="/models/fake", engine_args={}, max_in_flight=8, structured_output=True)
 TASKS = [BUILTIN_TASKS["caption"], BUILTIN_TASKS["detect"]]
@@ -58,11 +61,14 @@ def item(number: int, tasks: Sequence[str] = ()) -> ImageItem:
 class DrivenStage:
     """One RunTasks with its own registry of fake engines, driven as a runner drives a DoFn."""
 
-    def __init__(self, engine_script: Script, tasks=TASKS, registry: EngineRegistry | None = None, **engine_args: Any):
+    def __init__(
+        self, engine_script: Script, tasks=TASKS, registry: EngineRegistry | None = None,
+        settings: EngineSettings = SETTINGS, **engine_args: Any,
+    ):
         if registry is None:
             registry = EngineRegistry(lambda settings: FakeEngine(engine_script, **engine_args), idle_s=0)
         self.registry = registry
-        self.dofn = RunTasks(SETTINGS, tasks, progress_interval_s=0, engines=lambda: self.registry)
+        self.dofn = RunTasks(settings, tasks, progress_interval_s=0, engines=lambda: self.registry)
         self.dofn.setup()
 
     @property
@@ -284,3 +290,57 @@ def test_a_layout_answer_climbs_the_ladder_and_lands_as_blocks_read_back_from_pa
         (0, "title", "Annual report"), (1, "text", "Revenue grew.")]
     assert back["blocks"][1]["box_px"] == {"xmin": 0, "ymin": 6, "xmax": 64, "ymax": 43}  # 0-1000 -> 64 x 48 pixels
     assert back["text"] == "# Annual report\n\nRevenue grew." and back["detections"] is None
+
+
+LOOP = "Chapter 1\n" + "the " * 300  # a greedy loop, cut by max_tokens
+PAGE = "Valgrind is an instrumentation framework for building dynamic analysis tools.\n"
+
+
+def test_a_degenerate_text_answer_climbs_the_guarded_ladder_and_what_stays_degenerate_is_kept_flagged(tmp_path):
+    """ocr: looped and cut, then empty, then a sound answer on the longer rung; caption: looped on every rung.
+    Through the parse stage to Parquet: flags, confidence and language as written, and the summary's counts."""
+    ocr, caption = BUILTIN_TASKS["ocr"], BUILTIN_TASKS["caption"]
+    tokens = {"prompt_tokens": 1000, "cached_tokens": 992}
+    settings = dataclasses.replace(SETTINGS, engine_args={"max_model_len": 4096})
+    stage = DrivenStage(script(
+        ocr=[Answer(LOOP, "length", generated_tokens=2048, logprob_sum=-2048 * 0.05, **tokens),
+             Answer("", "stop", generated_tokens=1, logprob_sum=-0.1, **tokens),
+             Answer(PAGE, "stop", generated_tokens=16, logprob_sum=16 * math.log(0.8), **tokens)],
+        caption=Answer(LOOP, "length", generated_tokens=128, logprob_sum=-128 * 0.02, **tokens),
+    ), tasks=[ocr, caption], settings=settings)
+    during, at_end = stage.bundle([item(1)])
+    done = {value.task: value for value in during + at_end}
+    assert (done["ocr"].text, done["ocr"].attempts, done["ocr"].quality_flags) == (PAGE, 3, ("retried",))
+    assert done["ocr"].confidence == pytest.approx(0.8)
+    assert (done["caption"].attempts, done["caption"].quality_flags) == (3, ("truncated", "looped", "retried"))
+    # Every retry went out as its own admission of the same image: the rung's request.
+    ocr_requests = [requests[0] for _, requests in stage.engine.groups if requests[0].instruction == ocr.instruction]
+    first, sampled, longer = ocr_requests
+    assert first.sampling.repetition_penalty is None and sampled.sampling.temperature > 0
+    assert sampled.sampling.repetition_penalty > 1 and sampled.max_tokens == ocr.max_tokens
+    assert longer.sampling.temperature == 0 and longer.max_tokens == 4096 - 1000  # what the context leaves
+    assert all(key == image_key(item(1)) for key, _ in stage.engine.groups)
+
+    parse = ParseCompletions([ocr, caption], RunInfo("run-1", "model-x", "v1"))
+    rows = [row for task in ("ocr", "caption") for row in parse.process(done[task])]
+    path = tmp_path / "results.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), path)
+    back = {row["task"]: row for row in pq.read_table(path).to_pylist()}
+    assert back["ocr"]["quality_flags"] == ["retried"] and back["ocr"]["language"] == "en"
+    assert back["ocr"]["confidence"] == pytest.approx(0.8, abs=1e-6) and back["ocr"]["truncated"] is False
+    assert back["caption"]["quality_flags"] == ["truncated", "looped", "retried"] and back["caption"]["text"] == LOOP.strip()
+    assert back["caption"]["confidence"] == pytest.approx(math.exp(-0.02), abs=1e-6)
+
+    tally = TallyFn().add_input(TallyFn().create_accumulator(), tally_result(back["ocr"]))
+    tally = TallyFn().add_input(tally, tally_result(back["caption"]))
+    assert (tally["flagged_results"], tally["quality_flag_retried"], tally["quality_flag_looped"]) == (1, 2, 1)
+    counted = {flagged: outcome(1, 1, 2, 0, 0, 0, True, 0.25, flagged_results=flagged) for flagged in (0, 1)}
+    assert counted[0]["state"] == "SUCCEEDED"  # flagged answers are kept, not failed (the default)
+    assert counted[1]["state"] == "FAILED" and counted[1]["error_budget"]["failed_task_outcomes"] == 1  # --count_flagged_as_errors
+
+
+def test_an_empty_answer_of_another_kind_is_no_degenerate_retry():
+    """An empty boxes list is an answer: only prose answers climb the ladder for being degenerate."""
+    stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer("[]")))
+    during, _ = stage.bundle([item(1)])
+    assert {value.task: (value.attempts, value.quality_flags) for value in during} == {"caption": (1, ()), "detect": (1, ())}

@@ -13,12 +13,13 @@ from configuration.options import JobConfig, UsageError, parse_args
 from engine.api import Constraint, EngineSettings
 from engine.profiles import LARGEST_CONTEXT
 from engine.profiles import PROFILES as ENGINE_PROFILES
-from engine.prompts import THINKING_BUDGET, Sampling
+from engine.prompts import THINKING_BUDGET, Sampling, sampling_kwargs
 from library.metadata import AmbiguousValue, ItemValues, MissingValue, encode, merge
 from tasks import task_file
 from tasks.answers import CutOffAnswer, DetectionParseError, NoJSONDocument, SchemaMismatch
 from tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, select_tasks
 from tasks.kinds import JSON, TEXT
+from tasks.kinds.base import RetryRung
 from tasks.kinds.json import JSON_FORMAT
 from tasks.task import Task, TaskFingerprints, Template, with_overrides
 from tasks.task_file import TaskFileError, parse_task_file
@@ -94,7 +95,30 @@ def test_validated_kinds_climb_a_ladder_that_restates_the_format():
     assert JSON_FORMAT in strict.instruction and json.loads(strict.instruction.split("\n")[-1]) == INVOICE_SCHEMA
     detect = BUILTIN_TASKS["detect"]
     assert len(detect.retries) == 2 and '"box_2d"' in detect.request(ItemValues(None), 2).instruction
-    assert not BUILTIN_TASKS["ocr"].retries and not BUILTIN_TASKS["ocr"].output.validated
+    assert not BUILTIN_TASKS["ocr"].output.validated and BUILTIN_TASKS["ocr"].output.prose
+
+
+def test_a_text_task_file_may_replace_or_drop_the_degenerate_answer_ladder():
+    [own, none] = parse_task_file(
+        "tasks: [{name: a, instruction: x, retries: [{temperature: 0.3, repetition_penalty: 1.2, max_tokens_scale: 3}]},"
+        " {name: b, instruction: y, retries: []}]", "tasks.yaml")
+    assert own.retries == (RetryRung(0.3, None, 1.2, 3),) and none.retries == ()
+    assert own.request(ItemValues(None), 1).max_tokens == 3 * own.max_tokens
+
+
+def test_text_tasks_climb_a_guarded_ladder_whose_last_rung_has_room_as_far_as_the_context_allows():
+    ocr = BUILTIN_TASKS["ocr"]
+    first, sampled, longer = (ocr.request(ItemValues(None), attempt, room=3000) for attempt in (0, 1, 2))
+    assert first.sampling.repetition_penalty is None and first.max_tokens == ocr.max_tokens == 2048
+    assert sampled.sampling.temperature > 0 and sampled.sampling.repetition_penalty > 1 and sampled.max_tokens == 2048
+    assert longer.sampling.temperature == 0 and longer.sampling.repetition_penalty > 1
+    assert longer.max_tokens == 3000  # twice 2048, cut to what the context leaves
+    assert ocr.request(ItemValues(None), 2).max_tokens == 4096  # context unknown: twice
+    assert ocr.request(ItemValues(None), 2, room=100).max_tokens == 2048  # never below the task's own
+    assert sampling_kwargs(longer.sampling, longer.max_tokens)["repetition_penalty"] == longer.sampling.repetition_penalty
+    assert "repetition_penalty" not in sampling_kwargs(first.sampling, first.max_tokens)
+    for name in ("caption", "markdown"):
+        assert BUILTIN_TASKS[name].retries == ocr.retries
 
 
 def test_a_retry_instruction_may_not_ask_for_values_the_task_does_not():
@@ -221,7 +245,7 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
     assert from_yaml == from_json
     invoice, answer = from_yaml
     assert (invoice.output, invoice.schema, invoice.max_tokens, invoice.placeholders) == (JSON, INVOICE_SCHEMA, 256, ())
-    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (TEXT, 64, ("question",), ())
+    assert (answer.output, answer.max_tokens, answer.placeholders, answer.retries) == (TEXT, 64, ("question",), TEXT.retries("", None))
 
 
 @pytest.mark.parametrize(
@@ -241,7 +265,7 @@ def test_the_issues_task_file_in_yaml_and_as_json_defines_the_same_tasks():
         ("tasks: [{name: a, instruction: 'Q: {q!r}'}]", ["task 'a' (tasks[0]), field instruction: placeholder {q!r} is not a metadata key"]),
         ("tasks: [{name: a, instruction: x, vision_tokens: 300}]", ["field vision_tokens: 300 is not allowed; choose 70, 140, 280, 560, 1120"]),
         ("tasks: [{name: a, instruction: x, max_tokens: '64'}]", ["field max_tokens: expected an integer, got '64'"]),
-        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5}]}]", ["field retries: only boxes, json and layout answers are validated"]),
+        ("tasks: [{name: a, instruction: x, retries: [{temperature: 0.5, max_tokens_scale: 9}]}]", ["field retries[0].max_tokens_scale: 9 is greater than the maximum of 4"]),
         ("tasks: [{name: a, instruction: x, top_p: 0}]", ["field top_p: 0 is less than or equal to the minimum of 0"]),
         ("- name: a\n  instruction: x\n", ["the file: expected an object, got [{'name': 'a', 'instruction': 'x'}]"]),
         ("tasks: []", ["field tasks: [] should be non-empty"]),

@@ -6,6 +6,7 @@ carries the outcome here; this stage routes it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
@@ -14,6 +15,7 @@ from library import metrics
 from library.errors import task_failure
 from schemas.records import RunInfo, Stage, TaskCompletion
 from schemas.tables import result_row
+from tasks.language import language
 from tasks.task import Task
 
 
@@ -42,6 +44,10 @@ class ParseCompletions(beam.DoFn):
             return
         parsed = completion.parsed
         assert parsed is not None
+        if self._tasks[completion.task].output.prose:
+            completion = dataclasses.replace(completion, language=language(parsed.text))
+        for flag in completion.quality_flags:
+            metrics.count(f"quality_flag_{flag}")
         if parsed.detections is not None:
             metrics.count("detections", len(parsed.detections))
         yield result_row(completion, self._run, parsed)

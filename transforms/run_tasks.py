@@ -26,6 +26,7 @@ from library.errors import task_failure
 from library.metadata import ItemValues, PromptError
 from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
+from tasks.quality import DEGENERATE_FLAGS, confidence
 from tasks.task import Task, TaskFingerprints
 from tasks.text_layer import ANCHOR, MODEL
 from transforms.text_layer import anchored_request, with_agreement
@@ -49,8 +50,10 @@ def image_key(item: ImageItem) -> str:
 
 
 def needs_retry(task: Task, completion: TaskCompletion) -> bool:
-    """An answer (read: `Task.read`) that failed its task's validation, with retry rungs left."""
-    return completion.parse_error is not None and completion.attempts <= len(task.retries)
+    """An answer (read: `Task.read`) that failed its task's validation, or a degenerate prose answer
+    (`tasks.quality`: truncated, looped, empty), with retry rungs left."""
+    degenerate = task.output.prose and any(flag in DEGENERATE_FLAGS for flag in completion.quality_flags)
+    return (completion.parse_error is not None or degenerate) and completion.attempts <= len(task.retries)
 
 
 class RunTasks(beam.DoFn):
@@ -148,6 +151,11 @@ class RunTasks(beam.DoFn):
                 if output is not None:
                     yield output
 
+    def _room(self, prompt_tokens: int) -> Optional[int]:
+        """Output tokens the context leaves after a prompt, when the engine's max_model_len is known."""
+        context = self._settings.engine_args.get("max_model_len")
+        return None if context is None else max(0, int(context) - prompt_tokens)
+
     def _settle(self, pending: _Pending) -> Any:
         """The output for a finished request, or None when it was resubmitted on the retry ladder."""
         info = pending.item.info
@@ -175,6 +183,7 @@ class RunTasks(beam.DoFn):
             generated_tokens=result.generated_tokens,
             cached_tokens=result.cached_tokens,
             latency_s=result.latency_s,
+            confidence=confidence(result.logprob_sum, result.generated_tokens),
             attempts=pending.attempt + 1,
             instruction=pending.request.instruction,
             task_fingerprint=pending.fingerprint,
@@ -183,7 +192,9 @@ class RunTasks(beam.DoFn):
             assert self._engine is not None
             attempt = pending.attempt + 1
             # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
-            request = anchored_request(pending.item, pending.task, pending.values, attempt)
+            # The retry goes out now, while the image's prefix is still in the prefix cache (the first
+            # attempt's blocks are freed to the cache's LRU queue only when it finishes, moments ago).
+            request = anchored_request(pending.item, pending.task, pending.values, attempt, self._room(result.prompt_tokens))
             metrics.count(f"retries_{pending.task.name}")
             [future] = self._engine.submit(pending.item.image, image_key(pending.item), [request])
             self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))

@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import DecodeUnit, ImageItem, LayerAnswers, RunInfo, SkippedItem, SourceFile, Stage
 from schemas.uris import mask_credentials
+from tasks.quality import DEGENERATE_FLAGS
 from transforms.sinks import SUMMARY_FILE, WrittenFile
 
 ITEM_STAGES = tuple(stage.value for stage in Stage if not stage.per_task)  # errors that stop an item before the engine
@@ -120,6 +121,9 @@ def tally_result(row: Mapping[str, Any]) -> Tally:
         "truncated_outputs": int(bool(row["truncated"])),
         "detections": len(row["detections"] or ()),
         "retries": max(0, (row["attempts"] or 1) - 1),
+        # Results still degenerate after their ladder (tasks.quality), and every flag of every result.
+        "flagged_results": int(any(flag in DEGENERATE_FLAGS for flag in row["quality_flags"] or ())),
+        **{f"quality_flag_{flag}": 1 for flag in row["quality_flags"] or ()},
         "latency_ms_sum": latency,
         "latency_ms_min": latency,
         "latency_ms_max": latency,
@@ -169,20 +173,23 @@ def outcome(
     task_errors: int,
     balanced: bool,
     max_error_fraction: float,
+    flagged_results: int = 0,
 ) -> dict[str, Any]:
     """The run's state (SUCCEEDED or FAILED), the reason in one sentence, and the error budget's numbers.
 
     Task outcomes are what the run owed: one per task of every item not answered
     by an earlier run. An item that failed before the engine lost all its tasks.
+    `flagged_results`: degenerate results counted as failed outcomes (--count_flagged_as_errors; 0 otherwise).
     """
     expected = (items_ok + item_errors) * tasks_per_item - skipped_tasks
-    failed = item_errors * tasks_per_item + task_errors
+    failed = item_errors * tasks_per_item + task_errors + flagged_results
     fraction = failed / expected if expected else 0.0
     budget = {
         "max_error_fraction": max_error_fraction,
         "error_fraction": round(fraction, 6),
         "failed_task_outcomes": failed,
         "task_outcomes": expected,
+        "flagged_results_counted": flagged_results,
     }
     share = f"{failed} of {expected} task outcomes failed ({fraction:.1%})"
     if not balanced:
@@ -222,6 +229,7 @@ class SummaryConfig:
     model_is_random: bool
     fail_job_on_failure: bool
     fields: Mapping[str, Any]  # the job's settings, the summary's "config" section
+    count_flagged_as_errors: bool = False  # degenerate results count against the error budget
 
 
 def _prefixed(tally: Mapping[str, float], prefix: str) -> dict[str, int]:
@@ -256,7 +264,7 @@ def build_summary(
     )
     verdict = outcome(
         items_ok + item_errors, items_ok, tasks_per_item, skipped_tasks, item_errors, task_errors, balanced,
-        config.max_error_fraction,
+        config.max_error_fraction, count("flagged_results") if config.count_flagged_as_errors else 0,
     )
     warnings = list(config.warnings) + ([RANDOM_MODEL_WARNING] if config.model_is_random else [])
     summary: dict[str, Any] = {
@@ -295,6 +303,9 @@ def build_summary(
             "error_rows_by_type": _prefixed(tally, "error_type_"),
             "retries": count("retries"),
             "truncated_outputs": count("truncated_outputs"),
+            # Results still truncated, looped or empty after their retry ladder, and each flag's results.
+            "flagged_results": count("flagged_results"),
+            "quality_flags": _prefixed(tally, "quality_flag_"),
             "detections": count("detections"),
             "blank_pages": count("blank_pages"),  # answered without the engine (--skip_blank_pages)
             "rotated_pages": count("rotated_pages"),  # turned upright before the model saw them (--upright_pages)

@@ -100,9 +100,11 @@ def layer_completion(info: ItemInfo, task: str) -> TaskCompletion:
 
 
 
-def anchored_request(item: ImageItem, task: Task, values: ItemValues, attempt: int = 0) -> EngineRequest:
+def anchored_request(
+    item: ImageItem, task: Task, values: ItemValues, attempt: int = 0, room: Optional[int] = None
+) -> EngineRequest:
     """`task`'s request for `item` (`Task.request`), its instruction anchored when the item's plan says so."""
-    request = task.request(values, attempt)
+    request = task.request(values, attempt, room)
     if task.name not in item.anchored or item.info.layer is None:
         return request
     return dataclasses.replace(request, instruction=anchored_instruction(request.instruction, item.info.layer.text))

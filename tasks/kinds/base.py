@@ -34,6 +34,8 @@ class RetryRung:
 
     temperature: float
     instruction: Optional[str] = None  # a template replacing the task's instruction when set
+    repetition_penalty: Optional[float] = None  # a repetition guard (engine.prompts.Sampling); None: the task's
+    max_tokens_scale: int = 1  # the task's max_tokens times this, as far as the context leaves room (Task.request)
 
 
 def escape_braces(text: str) -> str:
@@ -55,6 +57,9 @@ class OutputKind(abc.ABC):
     max_tokens: ClassVar[int]  # a task file's default `max_tokens`
     needs_schema: ClassVar[bool] = False  # a task file's `schema` is required (and allowed only then)
     validated: ClassVar[bool]  # answers can fail `parse`, so climb the retry ladder (task files may set `retries`)
+    # Answers are free text: a degenerate one (tasks.quality: truncated, looped, empty) climbs the retry
+    # ladder as a failed parse does, and its language is identified (the `language` column).
+    prose: ClassVar[bool] = False
 
     @abc.abstractmethod
     def constraint(self, schema: Optional[Mapping[str, Any]]) -> Optional[Constraint]:
