@@ -335,3 +335,5 @@ interleaved A B A B in one call per condition, whole-process wall time, median o
   AVX-512 box is only a partial stand-in for an AVX2 CPU (vLLM's own kernels and PyTorch's
   still use AVX-512 there), which is why its gap (1.24x) is smaller than on the real AVX2-only
   EPYC (~2.6x). Both say the same: float32 where bf16 is not native."""
+
+SHARING_ANALYSIS = """What the figures say: (to be written from the run)"""
