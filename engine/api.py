@@ -86,6 +86,9 @@ class EngineResult:
     generated_tokens: int
     cached_tokens: int
     latency_s: float
+    # Prompt tokens shared with the first request of its prefix group (same image, same budget: what it could
+    # take from the prefix cache); 0 for that first request and for a request alone.
+    shared_prefix_tokens: int = 0
 
 
 class Preprocessing(NamedTuple):

@@ -36,6 +36,7 @@ class Answer:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     cached_tokens: int = 0
+    shared_prefix_tokens: int = 0
     delay_s: float = 0.0  # from submission until the request settles (0: settled within submit)
     error: Optional[Exception] = None  # the request fails alone with this
     kill: bool = False  # the engine dies: this and every outstanding request fail with EngineDeadError
@@ -116,6 +117,7 @@ class FakeEngine:
             future.set_result(EngineResult(
                 text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
                 generated_tokens=answer.generated_tokens, cached_tokens=answer.cached_tokens, latency_s=answer.delay_s,
+                shared_prefix_tokens=answer.shared_prefix_tokens,
             ))
 
     def prompt_for(self, instruction: str) -> str:

@@ -59,6 +59,17 @@ class _Request:
     params: Any  # vllm.SamplingParams
     future: concurrent.futures.Future
     submitted_at: float = 0.0
+    leader_prompt: Sequence[int] = ()  # a held request: its group's leader's prompt token ids, once released
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two prompts have in common."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
 
 
 def prefix_groups(requests: Sequence[EngineRequest]) -> list[list[int]]:
@@ -499,7 +510,9 @@ class VisionEngine:
                 if running:
                     released = []
                     for output in self._engine.step():
-                        released += self._prefix_groups.released(output.request_id)
+                        for request in self._prefix_groups.released(output.request_id):
+                            request.leader_prompt = output.prompt_token_ids or ()
+                            released.append(request)
                         if output.finished and output.request_id in running:
                             self._finish(running.pop(output.request_id), output)
                     for index, request in enumerate(released):  # a leader's prefill is computed: its blocks are cached
@@ -519,14 +532,16 @@ class VisionEngine:
 
     def _finish(self, request: _Request, output: Any) -> None:
         completion = output.outputs[0]
+        prompt = output.prompt_token_ids or ()
         request.future.set_result(
             EngineResult(
                 text=completion.text,
                 finish_reason=str(completion.finish_reason),
-                prompt_tokens=len(output.prompt_token_ids or ()),
+                prompt_tokens=len(prompt),
                 generated_tokens=len(completion.token_ids),
                 cached_tokens=int(output.num_cached_tokens or 0),
                 latency_s=time.monotonic() - request.submitted_at,
+                shared_prefix_tokens=common_prefix_length(prompt, request.leader_prompt),
             )
         )
         self._release()

@@ -154,6 +154,9 @@ class TaskCompletion:
     # columns, or the AnswerError its task's validation raised. Both None: not read yet.
     parsed: Optional["ParsedAnswer"] = None
     parse_error: Optional[Exception] = None
+    # Prompt tokens shared with the first task of its prefix group (same image, same budget): what it could take
+    # from the prefix cache (engine.api.EngineResult); 0 for the group's first task and a task alone.
+    shared_prefix_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
