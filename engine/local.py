@@ -60,6 +60,7 @@ class _Request:
     future: concurrent.futures.Future
     submitted_at: float = 0.0
     leader_prompt: Sequence[int] = ()  # a held request: its group's leader's prompt token ids, once released
+    image_tokens: int = 0  # its image budget (soft tokens); 0: the model's default, unknown here
 
 
 def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
@@ -85,21 +86,49 @@ def prefix_groups(requests: Sequence[EngineRequest]) -> list[list[int]]:
 
 
 class PrefixGroups:
-    """Which requests of an admission the step loop hands vLLM now, and which once a leader's prefill is computed.
+    """Which requests the step loop hands vLLM, and when: prefix groups led by their first request.
 
     vLLM's scheduler looks a request up in the prefix cache only when it first
-    schedules it; a request it starts before the image's blocks are cached
-    computes the image again (docs/architecture.md, "Prefix sharing"). So the
-    first request of a prefix group (its *leader*) goes alone, asking vLLM for
-    its outputs as they come (`RequestOutputKind.CUMULATIVE`: the first one
-    says its prefill is computed; the last is its whole answer, as
-    FINAL_ONLY's); the group's other requests wait here until `released`
-    sees any output of the leader. A leader vLLM rejects hands the lead to
-    the next request of its group (`rejected`). Step-loop thread only.
+    schedules it (docs/architecture.md, "Prefix sharing in vLLM's scheduler"):
+
+    - The first request of a prefix group (its *leader*) goes alone, asking vLLM
+      for its outputs as they come (`RequestOutputKind.CUMULATIVE`: the first
+      says its prefill is computed; the last is its whole answer, as
+      FINAL_ONLY's). The group's other requests wait here until `released`
+      sees any output of the leader: then its blocks are cached. A leader vLLM
+      rejects hands the lead to the next request of its group (`rejected`).
+    - Leaders in prefill hold at most one step of vLLM's encoder budget
+      (`encoder_tokens`: max(max_num_batched_tokens, the image), vllm/v1/core/
+      encoder_cache_manager.py `compute_mm_encoder_budget`) of image tokens;
+      further groups wait (`next_group`). A leader past that budget would start
+      on its text alone and take the encoder cache in a later step from the
+      released siblings of another image, whose hits end inside their image and
+      still need its encoder output (evicted: the encoder runs again for each).
+
+    Step-loop thread only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, encoder_tokens: Optional[int]) -> None:
+        self._encoder_tokens = encoder_tokens  # None: no limit
+        self._waiting: collections.deque[list[_Request]] = collections.deque()  # groups not yet led
         self._held: dict[str, list[_Request]] = {}  # leader's request id -> the rest of its group
+        self._prefilling: dict[str, int] = {}  # leader's request id -> its image tokens, until its first output
+
+    def queue(self, groups: Sequence[list[_Request]]) -> None:
+        """An image's prefix groups, to be led in order."""
+        self._waiting.extend(groups)
+
+    def next_group(self, running: Mapping[str, Any]) -> Optional[list[_Request]]:
+        """The next group to lead now, if its image fits beside the leaders in prefill (any, if none is)."""
+        for leader in [leader for leader in self._prefilling if leader not in running]:
+            del self._prefilling[leader]  # ended without an output (aborted)
+        if not self._waiting:
+            return None
+        tokens = self._waiting[0][0].image_tokens
+        prefilling = sum(self._prefilling.values())
+        if prefilling and self._encoder_tokens is not None and prefilling + tokens > max(self._encoder_tokens, tokens):
+            return None
+        return self._waiting.popleft()
 
     def lead(self, group: list[_Request]) -> _Request:
         """Take `group`'s first request as its leader and hold the others; the leader is to be added now."""
@@ -109,21 +138,27 @@ class PrefixGroups:
         if rest:
             leader.params.output_kind = RequestOutputKind.CUMULATIVE
             self._held[leader.request_id] = rest
+            self._prefilling[leader.request_id] = leader.image_tokens
         return leader
 
     def rejected(self, leader: _Request) -> list[_Request]:
         """vLLM refused `leader`: the rest of its group (the next one leads)."""
+        self._prefilling.pop(leader.request_id, None)
         return self._held.pop(leader.request_id, [])
 
     def released(self, request_id: str) -> list[_Request]:
         """An output of `request_id` came: the requests it led (its prefill is computed), now to be added."""
+        self._prefilling.pop(request_id, None)
         return self._held.pop(request_id, [])
 
     def drain(self) -> list[_Request]:
-        """Every held request (the engine stopped or failed: their futures are to fail)."""
-        held = [request for rest in self._held.values() for request in rest]
+        """Every request not handed to vLLM (the engine stopped or failed: their futures are to fail)."""
+        pending = [request for rest in self._held.values() for request in rest]
+        pending += [request for group in self._waiting for request in group]
         self._held.clear()
-        return held
+        self._waiting.clear()
+        self._prefilling.clear()
+        return pending
 
 
 def sampling_params(
@@ -318,7 +353,7 @@ class VisionEngine:
         self._prompts_lock = threading.Lock()
         # One image's prefix groups per admission; None: close.
         self._admissions: "queue.SimpleQueue[Optional[list[list[_Request]]]]" = queue.SimpleQueue()
-        self._prefix_groups = PrefixGroups()
+        self._prefix_groups = PrefixGroups(settings.engine_args.get("max_num_batched_tokens"))
         self._capacity = threading.Condition()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -410,7 +445,8 @@ class VisionEngine:
                     future.set_exception(exc)
                     continue
                 params = sampling_params(request, self.settings, self._model_defaults, self._thought_marker_ids)
-                group.append(_Request(f"r{next(self._ids)}", prompt, params, future))
+                group.append(_Request(f"r{next(self._ids)}", prompt, params, future,
+                                      image_tokens=request.vision_tokens or self.settings.vision_tokens or 0))
             if group:
                 groups.append(group)
         count = sum(len(group) for group in groups)
@@ -452,18 +488,18 @@ class VisionEngine:
             self._capacity.notify_all()
 
     def _admit(self, groups: list[list[_Request]], running: dict[str, _Request]) -> None:
-        """Add each prefix group's leader to vLLM (`PrefixGroups`); the group's others wait for its prefill."""
+        """Queue an image's prefix groups to be led (`PrefixGroups`), and lead those that fit now."""
         now = time.monotonic()
         for request in (request for group in groups for request in group):
-            request.submitted_at = now  # latency counts the wait for the leader's prefill
-        for index, group in enumerate(groups):
-            try:
-                while group and not self._add(self._prefix_groups.lead(group), running):
-                    group = self._prefix_groups.rejected(group[0])
-            except BaseException:
-                # Unadmitted groups are in no queue any more: left out, their futures would never end.
-                running.update((rest.request_id, rest) for rest in (r for g in groups[index + 1:] for r in g))
-                raise
+            request.submitted_at = now  # latency counts the wait for the lead and for the leader's prefill
+        self._prefix_groups.queue(groups)
+        self._lead(running)
+
+    def _lead(self, running: dict[str, _Request]) -> None:
+        """Add the leader of every queued group that fits now; the group's others wait for its prefill."""
+        while (group := self._prefix_groups.next_group(running)) is not None:
+            while group and not self._add(self._prefix_groups.lead(group), running):
+                group = self._prefix_groups.rejected(group[0])
 
     def _add(self, request: _Request, running: dict[str, _Request]) -> bool:
         """Hand one request to vLLM; False if vLLM rejected it (its own future fails, nothing else)."""
@@ -492,7 +528,7 @@ class VisionEngine:
                     self._fail_all(running, EngineStopped(self._stop_reason))
                 return
             try:
-                if not running:
+                if not running:  # then no group waits either: every _lead call leads one while none is in prefill
                     group = self._admissions.get()  # idle: block until work arrives
                     if group is None:  # close()
                         return
@@ -521,6 +557,7 @@ class VisionEngine:
                         except BaseException:
                             running.update((rest.request_id, rest) for rest in released[index + 1:])
                             raise
+                    self._lead(running)  # after the released: vLLM schedules waiting requests in order
                 now = time.monotonic()
                 self.busy_seconds += now - busy_since
                 busy_since = now

@@ -13,11 +13,11 @@ from transforms.summary import prefix_sharing, tally_result
 from transforms.summary import TallyFn
 
 
-def _request(name: str) -> _Request:
+def _request(name: str, image_tokens: int = 1120) -> _Request:
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     return _Request(name, prompt={}, params=SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY),
-                    future=concurrent.futures.Future())
+                    future=concurrent.futures.Future(), image_tokens=image_tokens)
 
 
 def test_an_images_requests_form_one_prefix_group_per_budget_in_submission_order():
@@ -28,7 +28,7 @@ def test_an_images_requests_form_one_prefix_group_per_budget_in_submission_order
 def test_a_groups_leader_goes_alone_and_streams_and_its_siblings_wait_for_its_first_output():
     from vllm.sampling_params import RequestOutputKind
 
-    groups = PrefixGroups()
+    groups = PrefixGroups(2048)
     ocr, caption, detect = (_request(name) for name in ("ocr", "caption", "detect"))
     assert groups.lead([ocr, caption, detect]) is ocr
     assert ocr.params.output_kind == RequestOutputKind.CUMULATIVE  # its first output says its prefill is computed
@@ -41,7 +41,7 @@ def test_a_groups_leader_goes_alone_and_streams_and_its_siblings_wait_for_its_fi
 def test_a_rejected_leader_hands_the_lead_on_and_a_lone_request_is_not_held():
     from vllm.sampling_params import RequestOutputKind
 
-    groups = PrefixGroups()
+    groups = PrefixGroups(2048)
     ocr, caption, detect = (_request(name) for name in ("ocr", "caption", "detect"))
     groups.lead([ocr, caption, detect])
     rest = groups.rejected(ocr)
@@ -49,7 +49,33 @@ def test_a_rejected_leader_hands_the_lead_on_and_a_lone_request_is_not_held():
     alone = _request("alone")
     assert groups.lead([alone]) is alone and alone.params.output_kind == RequestOutputKind.FINAL_ONLY
     groups.lead([ocr, caption])
-    assert groups.drain() == [caption] and groups.released("ocr") == []
+    groups.queue([[detect]])
+    assert groups.drain() == [caption, detect] and groups.released("ocr") == [] and groups.next_group({}) is None
+
+
+def test_leaders_in_prefill_hold_at_most_one_step_of_the_encoder_budget():
+    """vLLM encodes max(max_num_batched_tokens, image) image tokens per step: 2048 -> one 1,120-token image, seven of 280."""
+    groups = PrefixGroups(2048)
+    images = [[_request(f"{image}-{task}") for task in ("ocr", "caption")] for image in "abc"]
+    groups.queue(images)
+    running: dict = {}
+    first = groups.next_group(running)
+    assert first is images[0] and groups.lead(first).request_id == "a-ocr"
+    running["a-ocr"] = first[0]
+    assert groups.next_group(running) is None  # b's image would start on its text alone
+    assert groups.released("a-ocr") == [images[0][1]]  # a's prefill computed: its sibling goes, then b leads
+    assert groups.next_group(running) is images[1]
+    groups.lead(images[1])
+    assert groups.next_group({}) is images[2]  # a leader gone without an output (aborted) holds nothing
+    small = PrefixGroups(2048)
+    small.queue([[_request(f"{image}-{task}", 280) for task in ("ocr", "caption")] for image in "abcdefgh"])
+    led = []
+    while (group := small.next_group({request_id: None for request_id in led})) is not None:
+        led.append(small.lead(group).request_id)
+    assert len(led) == 7  # 7 x 280 <= 2048
+    lone = PrefixGroups(None)  # no budget known: no limit
+    lone.queue(images)
+    assert [lone.lead(g).request_id for g in iter(lambda: lone.next_group({"a-ocr": 0, "b-ocr": 0}), None)] == ["a-ocr", "b-ocr", "c-ocr"]
 
 
 def test_common_prefix_length():
