@@ -345,7 +345,8 @@ tasks/s over one-280's in the same repeat (configurations run interleaved).
 def sharing_table(document: Mapping[str, Any]) -> str:
     """benchmarks/sharing.json as a table: one row per budget and tasks per image, before and after side by side."""
     runs = {(run["budget"], run["tasks"], run["code"]): run for run in document["runs"]}
-    columns = (("prefix reuse", "prefix_reuse_ratio"), ("computed prompt tok / image", "computed_prompt_tokens_per_image"),
+    columns = (("prefix reuse", "prefix_reuse_ratio"), ("of block-aligned", "prefix_reuse_of_block_aligned"),
+               ("computed prompt tok / image", "computed_prompt_tokens_per_image"), ("CPU s / task", "cpu_s_per_task"),
                ("tasks/s", "tasks_per_s"))
     lines = ["| budget | tasks / image | " + " | ".join(f"{title} before | after" for title, _ in columns) + " |",
              "|---:|---:|" + "---:|" * (2 * len(columns))]

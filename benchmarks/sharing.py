@@ -45,6 +45,8 @@ def measure(raw: Mapping[str, Any], suffix_tokens: Mapping[str, int], tasks: int
     figures = result.figures()
     return {
         "prefix_reuse_ratio": figures["prefix_reuse_ratio"] if tasks > 1 else None,  # one task: nothing to share
+        # The same against each prefix rounded down to whole cache blocks (hits come in blocks).
+        "prefix_reuse_of_block_aligned": figures["prefix_reuse_of_block_aligned"] if tasks > 1 else None,
         "computed_prompt_tokens_per_image": round(figures["computed_prompt_tokens"] / raw["items"], 1),
         "tasks_per_s": figures["tasks_per_s"],
         "cpu_s_per_task": figures["cpu_s_per_task"],
