@@ -335,3 +335,35 @@ interleaved A B A B in one call per condition, whole-process wall time, median o
   AVX-512 box is only a partial stand-in for an AVX2 CPU (vLLM's own kernels and PyTorch's
   still use AVX-512 there), which is why its gap (1.24x) is smaller than on the real AVX2-only
   EPYC (~2.6x). Both say the same: float32 where bf16 is not native."""
+
+SHARING_ANALYSIS = """What the figures say (one run per cell on a box whose 1-minute load ran 6-28 during the run:
+the token counts are exact, CPU s / task moves less with the load than tasks/s, tasks/s only as a direction):
+
+- **At 1,120 tokens the images after the first computed their prefix once per task before**:
+  the encoder budget (2,048 = `max_num_batched_tokens`) takes one 1,120-token image per step,
+  and the other images' tasks started on their text alone, never to look up the prefix cache
+  again (docs/architecture.md, "Prefix sharing in vLLM's scheduler"). Reuse 0.36, 2,895 prompt
+  tokens computed per image with three tasks (2,013 with two). After: the leader computes the
+  image, its siblings only their task suffixes: reuse 0.98, 1,444 tokens per image (1,287 with
+  two); CPU s / task 9.9 -> 6.9 (two tasks 12.7 -> 12.2), tasks/s 0.050 -> 0.075 (two: 0.041 ->
+  0.053).
+- **At 280 and 560 nothing changes for this model, and nothing is lost**: the encoder budget
+  holds all three images in a step, and the `bench` model has no sliding-window KV groups
+  (cpu-tiny turns the hybrid manager off for it), so those tasks shared before too: same reuse,
+  same computed tokens. tasks/s at 280: 0.053 -> 0.061 with three tasks, 0.189 -> 0.424 with
+  two; at 560 the figures go both ways (three tasks 0.072 -> 0.100, two 0.161 -> 0.110) within
+  this box's noise on runs of 6-9 tasks.
+- **The reuse of 0.932 at 280 is block rounding**: of each shared prefix rounded down to whole
+  32-token blocks, every task after the first took all (1.000 "of block-aligned"); these three
+  images' prefixes end past a block boundary by more than the average (the 40-image run in
+  "Results": 0.969).
+- **The sliding-window half of the fix does not show on this model**: measured on `tiny-e2b`
+  (hybrid KV manager, 512-token window) in tests/test_prefix_sharing.py: one image x 3 tasks
+  at 1,120, cached 64 / 64 / 1,152 before, 0 / 1,152 / 1,152 after.
+- **Why leaders are bounded by the encoder budget**: an earlier version of the change (leaders
+  of every image admitted at once, siblings after their leader's prefill) reached the same
+  reuse at 1,120 x 3 (0.98, 1,444 tokens per image) but cost 12.3 CPU s / task against 9.3
+  before in that run: each sibling ran the vision encoder again, the leader's output having
+  been evicted from vLLM's encoder cache by the next image's leader.
+- **One task per image** (no group to share, the admission as before): the same tokens; the
+  tasks/s (1,120: 0.064 and 0.155, the same code path) say how far this box's noise reaches."""

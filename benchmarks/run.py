@@ -90,8 +90,9 @@ VARIANTS: tuple[Variant, ...] = (
 
 
 def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: dict[str, Any],
-              environment: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Run one variant in a fresh process (with `environment` added to ours); its JSON result, or {"error": ...}."""
+              environment: Optional[dict[str, str]] = None, tree: pathlib.Path = report.REPO) -> dict[str, Any]:
+    """Run one variant in a fresh process (with `environment` added to ours) on the code of `tree` (default: this
+    repository; another commit's snapshot compares before and after); its JSON result, or {"error": ...}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"workload": {**dataclasses.asdict(workload), "images": str(workload.images)}, "out_dir": str(out_dir),
             "options": options}
@@ -99,8 +100,8 @@ def run_child(variant: str, workload: Workload, out_dir: pathlib.Path, options: 
     command = [sys.executable, "-m", "benchmarks.variants", variant, str(out_dir / "spec.json"), str(out_dir / "result.json")]
     started = time.monotonic()
     with open(out_dir / "log.txt", "w") as log:
-        code = subprocess.run(command, cwd=report.REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **(environment or {})}).returncode
+        code = subprocess.run(command, cwd=tree, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(tree), **(environment or {})}).returncode
     _LOG.info("%s finished in %.0f s (exit %d)", variant, time.monotonic() - started, code)
     if code != 0:
         return {"error": f"exit {code}; see {out_dir / 'log.txt'}"}

@@ -105,6 +105,9 @@ class EngineResult:
     # The sum of the generated tokens' log-probabilities (vLLM's cumulative_logprob, asked for with
     # SamplingParams(logprobs=0)); None when the engine returned none. tasks.quality.confidence reads it.
     logprob_sum: Optional[float] = None
+    # Prompt tokens shared with the first request of its prefix group (same image, same budget: what it could
+    # take from the prefix cache); 0 for that first request and for a request alone.
+    shared_prefix_tokens: int = 0
 
 
 class Preprocessing(NamedTuple):

@@ -37,6 +37,7 @@ class Answer:
     generated_tokens: int = 0
     cached_tokens: int = 0
     logprob_sum: Optional[float] = None  # the answer's tokens' summed log-probabilities (confidence)
+    shared_prefix_tokens: int = 0
     delay_s: float = 0.0  # from submission until the request settles (0: settled within submit)
     error: Optional[Exception] = None  # the request fails alone with this
     kill: bool = False  # the engine dies: this and every outstanding request fail with EngineDeadError
@@ -118,6 +119,7 @@ class FakeEngine:
                 text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
                 generated_tokens=answer.generated_tokens, cached_tokens=answer.cached_tokens, latency_s=answer.delay_s,
                 logprob_sum=answer.logprob_sum,
+                shared_prefix_tokens=answer.shared_prefix_tokens,
             ))
 
     def prompt_for(self, instruction: str) -> str:

@@ -6,8 +6,9 @@ front end `vllm serve --api-server-count N` runs in each API process),
 behind the synchronous surface `engine.local.VisionEngine` drives an
 `LLMEngine` through: `add_request` raises for a request the front end
 rejects (that request's own error), `step` blocks until requests finish and
-returns their `RequestOutput`s, and raises `EngineDeadError` once the core is
-gone. So VisionEngine's submit/futures, back-pressure, per-request error
+returns their `RequestOutput`s (and the first output of a request that streams
+its outputs: a prefix group's leader, `engine.local.PrefixGroups`), and raises
+`EngineDeadError` once the core is gone. So VisionEngine's submit/futures, back-pressure, per-request error
 isolation and shared preprocessing work unchanged; only the engine behind
 its step loop differs.
 
@@ -134,12 +135,13 @@ class HostEngineClient:
 
     async def _collect(self, stream: Any) -> None:
         try:
-            self._finished.put(await vllm_internals.final_output(stream))
+            async for output in vllm_internals.first_and_final_outputs(stream):
+                self._finished.put(output)
         except BaseException as exc:  # noqa: BLE001 - the output handler failed: the engine is gone for all requests
             self._finished.put(exc)
 
     def step(self) -> list[Any]:
-        """The requests finished since the last call (waits for at least one); raises once the engine is gone."""
+        """The outputs since the last call: requests finished, leaders' first outputs (waits for at least one); raises once the engine is gone."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         while True:

@@ -9,8 +9,14 @@ answers is `transforms.run_tasks`.
   it finishes. Any number of threads submit concurrently; none waits for
   another's batch, so the engine never idles at a batch tail.
 - Back-pressure: `submit` blocks while `max_in_flight` requests are admitted
-  and unfinished. All requests of one image are admitted as one group, so
-  they start in the same step and share the image's prefix.
+  and unfinished. All requests of one image are admitted as one group.
+- Prefix sharing (`PrefixGroups`): the tasks of one image at one budget share
+  its prefix (system prompt + image) through vLLM's prefix cache. The first
+  request of each such prefix group is handed to vLLM alone; the others once
+  its prefill is computed (its first output), so that they find its blocks in
+  the cache instead of starting beside it and computing the image again.
+  Other images' requests keep the engine busy meanwhile. Why vLLM's
+  scheduler needs this: docs/architecture.md, "Prefix sharing".
 - A request the engine rejects (prompt too long, bad image) fails only its
   own future. A failure of the engine itself (its engine-core process
   killed included) fails every outstanding request with `EngineDeadError`.
@@ -58,6 +64,106 @@ class _Request:
     params: Any  # vllm.SamplingParams
     future: concurrent.futures.Future
     submitted_at: float = 0.0
+    leader_prompt: Sequence[int] = ()  # a held request: its group's leader's prompt token ids, once released
+    image_tokens: int = 0  # its image budget (soft tokens); 0: the model's default, unknown here
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two prompts have in common."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def prefix_groups(requests: Sequence[EngineRequest]) -> list[list[int]]:
+    """The indices of one image's requests by prefix group, in submission order: one group per image budget.
+
+    The image's multimodal id carries its budget (`engine_prompt`), so only
+    requests of the same budget can share the image's KV.
+    """
+    groups: dict[Optional[int], list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.vision_tokens, []).append(index)
+    return list(groups.values())
+
+
+class PrefixGroups:
+    """Which requests the step loop hands vLLM, and when: prefix groups led by their first request.
+
+    vLLM's scheduler looks a request up in the prefix cache only when it first
+    schedules it (docs/architecture.md, "Prefix sharing in vLLM's scheduler"):
+
+    - The first request of a prefix group (its *leader*) goes alone, asking vLLM
+      for its outputs as they come (`RequestOutputKind.CUMULATIVE`: the first
+      says its prefill is computed; the last is its whole answer, as
+      FINAL_ONLY's). The group's other requests wait here until `released`
+      sees any output of the leader: then its blocks are cached. A leader vLLM
+      rejects hands the lead to the next request of its group (`rejected`).
+    - Leaders in prefill hold at most one step of vLLM's encoder budget
+      (`encoder_tokens`: max(max_num_batched_tokens, the image), vllm/v1/core/
+      encoder_cache_manager.py `compute_mm_encoder_budget`) of image tokens;
+      further groups wait (`next_group`). A leader past that budget would start
+      on its text alone and take the encoder cache in a later step from the
+      released siblings of another image, whose hits end inside their image and
+      still need its encoder output (evicted: the encoder runs again for each).
+
+    Step-loop thread only.
+    """
+
+    def __init__(self, encoder_tokens: Optional[int]) -> None:
+        self._encoder_tokens = encoder_tokens  # None: no limit
+        self._waiting: collections.deque[list[_Request]] = collections.deque()  # groups not yet led
+        self._held: dict[str, list[_Request]] = {}  # leader's request id -> the rest of its group
+        self._prefilling: dict[str, int] = {}  # leader's request id -> its image tokens, until its first output
+
+    def queue(self, groups: Sequence[list[_Request]]) -> None:
+        """An image's prefix groups, to be led in order."""
+        self._waiting.extend(groups)
+
+    def next_group(self, running: Mapping[str, Any]) -> Optional[list[_Request]]:
+        """The next group to lead now, if its image fits beside the leaders in prefill (any, if none is)."""
+        for leader in [leader for leader in self._prefilling if leader not in running]:
+            del self._prefilling[leader]  # ended without an output (aborted)
+        if not self._waiting:
+            return None
+        tokens = self._waiting[0][0].image_tokens
+        prefilling = sum(self._prefilling.values())
+        if prefilling and self._encoder_tokens is not None and prefilling + tokens > max(self._encoder_tokens, tokens):
+            return None
+        return self._waiting.popleft()
+
+    def lead(self, group: list[_Request]) -> _Request:
+        """Take `group`'s first request as its leader and hold the others; the leader is to be added now."""
+        from vllm.sampling_params import RequestOutputKind
+
+        leader, rest = group[0], group[1:]
+        if rest:
+            leader.params.output_kind = RequestOutputKind.CUMULATIVE
+            self._held[leader.request_id] = rest
+            self._prefilling[leader.request_id] = leader.image_tokens
+        return leader
+
+    def rejected(self, leader: _Request) -> list[_Request]:
+        """vLLM refused `leader`: the rest of its group (the next one leads)."""
+        self._prefilling.pop(leader.request_id, None)
+        return self._held.pop(leader.request_id, [])
+
+    def released(self, request_id: str) -> list[_Request]:
+        """An output of `request_id` came: the requests it led (its prefill is computed), now to be added."""
+        self._prefilling.pop(request_id, None)
+        return self._held.pop(request_id, [])
+
+    def drain(self) -> list[_Request]:
+        """Every request not handed to vLLM (the engine stopped or failed: their futures are to fail)."""
+        pending = [request for rest in self._held.values() for request in rest]
+        pending += [request for group in self._waiting for request in group]
+        self._held.clear()
+        self._waiting.clear()
+        self._prefilling.clear()
+        return pending
 
 
 def sampling_params(
@@ -258,7 +364,9 @@ class VisionEngine:
         self._shutdown: Callable[[], None]  # set with _engine, by connect
         self._prompts: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # instruction -> prompt text
         self._prompts_lock = threading.Lock()
-        self._admissions: "queue.SimpleQueue[Optional[list[_Request]]]" = queue.SimpleQueue()  # None: close
+        # One image's prefix groups per admission; None: close.
+        self._admissions: "queue.SimpleQueue[Optional[list[list[_Request]]]]" = queue.SimpleQueue()
+        self._prefix_groups = PrefixGroups(settings.engine_args.get("max_num_batched_tokens"))
         self._capacity = threading.Condition()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -402,34 +510,41 @@ class VisionEngine:
         instead of hashing the pixels for every task, as the multimodal part
         of prefix-cache keys. Equal keys for different images would make one
         image's answers come from another's KV. Requests with different image
-        budgets form separate prefix groups, admitted together.
+        budgets form separate prefix groups, admitted together; within each,
+        the first request goes to vLLM first and the others once its prefill
+        is computed (`PrefixGroups`).
         """
         if self._stop_reason is not None:
             raise EngineStopped(self._stop_reason)
         if self._failure is not None:
             raise EngineDeadError("vLLM engine failed earlier") from self._failure
-        futures, group = [], []
-        for request in requests:
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            futures.append(future)
-            try:
-                prompt = engine_prompt(self.prompt_for(request.instruction), image, image_key, request.vision_tokens)
-                if not self.settings.preprocess_on_step_thread:
-                    prompt = self._renderer.render(prompt)
-            except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
-                future.set_exception(exc)
-                continue
-            params = sampling_params(request, self.settings, self._model_defaults, self._thought_marker_ids)
-            group.append(_Request(f"r{next(self._ids)}", prompt, params, future))
-        if not group:
+        futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in requests]
+        groups = []
+        for indices in prefix_groups(requests):
+            group = []
+            for index in indices:
+                request, future = requests[index], futures[index]
+                try:
+                    prompt = engine_prompt(self.prompt_for(request.instruction), image, image_key, request.vision_tokens)
+                    if not self.settings.preprocess_on_step_thread:
+                        prompt = self._renderer.render(prompt)
+                except Exception as exc:  # noqa: BLE001 - an image the processor rejects fails its own tasks only
+                    future.set_exception(exc)
+                    continue
+                params = sampling_params(request, self.settings, self._model_defaults, self._thought_marker_ids)
+                group.append(_Request(f"r{next(self._ids)}", prompt, params, future,
+                                      image_tokens=request.vision_tokens or self.settings.vision_tokens or 0))
+            if group:
+                groups.append(group)
+        count = sum(len(group) for group in groups)
+        if not count:
             return futures
         with self._capacity:
-            # The group is admitted whole (never split across waits) so its
-            # requests start in the same step and share the image prefix.
-            limit = max(self._in_flight_limit(), len(group))
-            self._capacity.wait_for(lambda: self._in_flight + len(group) <= limit or self.failed)
-            self._in_flight += len(group)
-        self._admissions.put(group)
+            # The image is admitted whole (never split across waits): its held requests count as in flight.
+            limit = max(self._in_flight_limit(), count)
+            self._capacity.wait_for(lambda: self._in_flight + count <= limit or self.failed)
+            self._in_flight += count
+        self._admissions.put(groups)
         return futures
 
     def _in_flight_limit(self) -> int:
@@ -469,23 +584,36 @@ class VisionEngine:
             self._in_flight -= count
             self._capacity.notify_all()
 
-    def _admit(self, group: list[_Request], running: dict[str, _Request]) -> None:
-        for index, request in enumerate(group):
-            request.submitted_at = time.monotonic()
-            try:
-                prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
-                self._engine.add_request(request.request_id, prompt, request.params)
-            except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
-                if _engine_is_dead(exc):
-                    # Not the request's fault: the step loop fails everything outstanding, this group's
-                    # unadmitted rest included (it is in no queue any more: left out, its futures would
-                    # never end, and its bundle would wait forever).
-                    running.update((rest.request_id, rest) for rest in group[index:])
-                    raise
-                request.future.set_exception(exc)
-                self._release()
-                continue
-            running[request.request_id] = request
+    def _admit(self, groups: list[list[_Request]], running: dict[str, _Request]) -> None:
+        """Queue an image's prefix groups to be led (`PrefixGroups`), and lead those that fit now."""
+        now = time.monotonic()
+        for request in (request for group in groups for request in group):
+            request.submitted_at = now  # latency counts the wait for the lead and for the leader's prefill
+        self._prefix_groups.queue(groups)
+        self._lead(running)
+
+    def _lead(self, running: dict[str, _Request]) -> None:
+        """Add the leader of every queued group that fits now; the group's others wait for its prefill."""
+        while (group := self._prefix_groups.next_group(running)) is not None:
+            while group and not self._add(self._prefix_groups.lead(group), running):
+                group = self._prefix_groups.rejected(group[0])
+
+    def _add(self, request: _Request, running: dict[str, _Request]) -> bool:
+        """Hand one request to vLLM; False if vLLM rejected it (its own future fails, nothing else)."""
+        try:
+            prompt = self._renderer.render(request.prompt) if self.settings.preprocess_on_step_thread else request.prompt
+            self._engine.add_request(request.request_id, prompt, request.params)
+        except Exception as exc:  # noqa: BLE001 - rejected request: its own element fails, nothing else
+            if _engine_is_dead(exc):
+                # Not the request's fault: the step loop fails everything outstanding, this request and the
+                # ones it leads included.
+                running[request.request_id] = request
+                raise
+            request.future.set_exception(exc)
+            self._release()
+            return False
+        running[request.request_id] = request
+        return True
 
     def _step_loop(self) -> None:
         running: dict[str, _Request] = {}
@@ -497,7 +625,7 @@ class VisionEngine:
                     self._fail_all(running, EngineStopped(self._stop_reason))
                 return
             try:
-                if not running:
+                if not running:  # then no group waits either: every _lead call leads one while none is in prefill
                     group = self._admissions.get()  # idle: block until work arrives
                     if group is None:  # close()
                         return
@@ -513,9 +641,20 @@ class VisionEngine:
                         break
                     self._admit(group, running)
                 if running:
+                    released = []
                     for output in self._engine.step():
+                        for request in self._prefix_groups.released(output.request_id):
+                            request.leader_prompt = output.prompt_token_ids or ()
+                            released.append(request)
                         if output.finished and output.request_id in running:
                             self._finish(running.pop(output.request_id), output)
+                    for index, request in enumerate(released):  # a leader's prefill is computed: its blocks are cached
+                        try:
+                            self._add(request, running)
+                        except BaseException:
+                            running.update((rest.request_id, rest) for rest in released[index + 1:])
+                            raise
+                    self._lead(running)  # after the released: vLLM schedules waiting requests in order
                 now = time.monotonic()
                 self.busy_seconds += now - busy_since
                 busy_since = now
@@ -527,25 +666,27 @@ class VisionEngine:
 
     def _finish(self, request: _Request, output: Any) -> None:
         completion = output.outputs[0]
+        prompt = output.prompt_token_ids or ()
         request.future.set_result(
             EngineResult(
                 text=completion.text,
                 finish_reason=str(completion.finish_reason),
-                prompt_tokens=len(output.prompt_token_ids or ()),
+                prompt_tokens=len(prompt),
                 generated_tokens=len(completion.token_ids),
                 cached_tokens=int(output.num_cached_tokens or 0),
                 latency_s=time.monotonic() - request.submitted_at,
                 logprob_sum=None if completion.cumulative_logprob is None else float(completion.cumulative_logprob),
+                shared_prefix_tokens=common_prefix_length(prompt, request.leader_prompt),
             )
         )
         self._release()
 
     def _fail_all(self, running: dict[str, _Request], exc: BaseException) -> None:
         dead = exc if isinstance(exc, EngineStopped) else EngineDeadError(f"vLLM engine failed: {exc!r}")
-        pending = list(running.values())
+        pending = list(running.values()) + self._prefix_groups.drain()
         while True:
             try:
-                pending.extend(self._admissions.get_nowait() or ())
+                pending.extend(request for group in self._admissions.get_nowait() or () for request in group)
             except queue.Empty:
                 break
         for request in pending:

@@ -68,6 +68,17 @@ PAGE_VISION_TOKENS = 1120
 
 # Processed-image cache of the accelerator profiles (reason at _tpu_profile's mm_processor_cache_gb).
 _ACCELERATOR_MM_CACHE_GB = 2
+# Every profile: sliding-window layers keep their prefix-cache blocks at every block boundary, so
+# the tasks of an image find its KV at the end of the image (where their prompts part), not only
+# the task that pinned that point. vLLM 0.32's default (0, vllm/config/cache.py
+# `prefix_cache_retention_interval`) caches a sliding-window group's blocks only at the tail of
+# the request's own prompt and at shared-prefix junctions found by a later request
+# (vllm/v1/core/single_type_kv_cache_manager.py `SlidingWindowManager.reachable_block_mask`):
+# once a prompt outgrows the window (tiny-e2b: 512 tokens, so a 560- or 1,120-token image) the
+# image's second task missed and only the third hit. None caches densely; the blocks are in the
+# pool either way (only their hashes are kept). Measured: tiny-e2b, one image x 3 tasks at 1,120:
+# cached 64 / 64 / 1,152 -> 0 / 1,152 / 1,152 (docs/architecture.md, "Prefix sharing").
+_SHARED_PREFIX_ARGS: Mapping[str, Any] = {"prefix_cache_retention_interval": None}
 # Engine-core placement of the accelerator profiles: in its own process (vLLM's V1 multiprocessing,
 # the layout `vllm serve` runs on TPU and GPU: that process alone opens the device). On an accelerator
 # the Beam process is host-bound, and its GIL is the ceiling on items/s: everything Python in it
@@ -119,6 +130,7 @@ def _tpu_profile(
             # passes on TPU: tpu-inference docs/includes/core_features.md; the Ironwood recipe turns it off for its
             # text benchmark, which shares no prefixes).
             "enable_prefix_caching": True,
+            **_SHARED_PREFIX_ARGS,
             # Prompt (< 500 tokens with a 280-token image) + the longest task output (OCR 2,048). The recipe's
             # 16,384 serves chat; a shorter limit means fewer sequence-length buckets to compile. The job raises
             # it to hold its own longest request (configuration/options.py, plan_engine: markdown, layout, thinking).
@@ -182,6 +194,7 @@ def _cuda_profile(name: str, description: str, shape_args: Mapping[str, Any]) ->
             "max_model_len": 4096,
             # The point of [system][image][task]: follow-up tasks of an image reuse its KV.
             "enable_prefix_caching": True,
+            **_SHARED_PREFIX_ARGS,
             # Each image preprocessed once for all its tasks (as on TPU).
             "mm_processor_cache_gb": _ACCELERATOR_MM_CACHE_GB,
             # One image per prompt; no audio/video (the guide: skips the audio encoder's memory).
@@ -214,6 +227,7 @@ _CPU_ENGINE_ARGS: Mapping[str, Any] = {
     "block_size": 32,
     # The point of [system][image][task]: the 2nd and 3rd task of an image reuse its KV.
     "enable_prefix_caching": True,
+    **_SHARED_PREFIX_ARGS,
     # Each image preprocessed once for all its tasks, not once per task: VisionEngine renders
     # through vLLM's processor-only cache, which holds the processed image under its uuid in this
     # process (no sender/receiver pair a rejected request could desynchronise; tests/

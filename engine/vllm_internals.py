@@ -14,7 +14,7 @@ there, in the fast tier, and not in a worker.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 READ_FROM = "0.32.0"
 
@@ -52,7 +52,7 @@ USED: tuple[Internal, ...] = (
     Internal("v1/engine/utils.py", "EngineZmqAddresses", "outputs"),
     Internal("v1/engine/utils.py", "CoreEngineLaunch", "engine_manager"),
     Internal("v1/engine/utils.py", "CoreEngineProcManager", "shutdown"),
-    # add_request, final_output
+    # add_request, first_and_final_outputs
     Internal("v1/engine/async_llm.py", "AsyncLLM", "add_request"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get_nowait"),
@@ -144,17 +144,27 @@ def launch_engine_core(vllm_config: Any, inputs: Sequence[str], outputs: Sequenc
 async def add_request(async_llm: Any, request_id: str, prompt: Any, params: Any) -> Any:
     """Hand one rendered request to an `AsyncLLM`; raises at once for a request its front end rejects.
 
-    Returns the request's output stream for `final_output`: `AsyncLLM.generate`
+    Returns the request's output stream for `first_and_final_outputs`: `AsyncLLM.generate`
     (vllm/v1/engine/async_llm.py) does the same, but raises a rejection only
     once its caller starts reading outputs.
     """
     return await async_llm.add_request(request_id, prompt, params)
 
 
-async def final_output(stream: Any) -> Any:
-    """The finished `RequestOutput` of a stream from `add_request`, read as `AsyncLLM.generate` reads it."""
+async def first_and_final_outputs(stream: Any) -> AsyncIterator[Any]:
+    """The first `RequestOutput` of a stream from `add_request` and its finished one (once, when they are one),
+    read as `AsyncLLM.generate` reads them.
+
+    A request asking for outputs as they come (`RequestOutputKind.CUMULATIVE`)
+    has a first output once its prefill is computed; a FINAL_ONLY request has
+    only its finished one.
+    """
+    first = True
     while True:
         output = stream.get_nowait() or await stream.get()
+        if first or output.finished:
+            yield output
+        first = False
         if output.finished:
-            return output
+            return
 

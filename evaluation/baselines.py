@@ -112,7 +112,7 @@ def _ocr_row(engine: OcrEngine, item: ImageItem, run: RunInfo) -> dict:
         prompt_tokens=0, generated_tokens=0, cached_tokens=0, latency_s=time.perf_counter() - started,
     )
     row = result_row(completion, run, ParsedAnswer(text))
-    row.update(prompt_tokens=None, generated_tokens=None, cached_tokens=None)  # no tokens: not a language model
+    row.update(prompt_tokens=None, generated_tokens=None, cached_tokens=None, shared_prefix_tokens=None)  # no tokens: not a language model
     return row
 
 

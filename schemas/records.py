@@ -182,6 +182,9 @@ class TaskCompletion:
     confidence: Optional[float] = None
     language: Optional[str] = None
 
+    # Prompt tokens shared with the first task of its prefix group (same image, same budget): what it could take
+    # from the prefix cache (engine.api.EngineResult); 0 for the group's first task and a task alone.
+    shared_prefix_tokens: int = 0
 
 @dataclasses.dataclass(frozen=True)
 class LayerAnswers:

@@ -62,6 +62,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int32()),
         pa.field("generated_tokens", pa.int32()),
         pa.field("cached_tokens", pa.int32()),
+        # Prompt tokens shared with the first task of its prefix group (same image and budget): cached_tokens
+        # near it means the task took the image from the prefix cache; 0 for a group's first task.
+        pa.field("shared_prefix_tokens", pa.int32()),
         pa.field("latency_ms", pa.float64()),
         pa.field("attempts", pa.int32()),
         pa.field("instruction", pa.string()),  # as sent: the task's instruction with the item's values filled in
@@ -151,6 +154,7 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         prompt_tokens=completion.prompt_tokens,
         generated_tokens=completion.generated_tokens,
         cached_tokens=completion.cached_tokens,
+        shared_prefix_tokens=completion.shared_prefix_tokens,
         latency_ms=round(completion.latency_s * 1000.0, 3),
         attempts=completion.attempts,
         instruction=completion.instruction,

@@ -182,6 +182,7 @@ class RunTasks(beam.DoFn):
             prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens,
             cached_tokens=result.cached_tokens,
+            shared_prefix_tokens=result.shared_prefix_tokens,
             latency_s=result.latency_s,
             confidence=confidence(result.logprob_sum, result.generated_tokens),
             attempts=pending.attempt + 1,

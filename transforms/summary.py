@@ -107,17 +107,30 @@ def tally_skipped(item: SkippedItem) -> Tally:
     return {"items": 1, "pages": int(item.ref.page is not None)}
 
 
+# A task that took less than this share of the prefix it shares with its group's first task computed the
+# image again (a hit short of the whole prefix by a partial cache block is still a hit).
+PREFIX_MISS_BELOW = 0.5
+# The run summary warns when the tasks that share a prefix took less than this share of it from the cache.
+PREFIX_REUSE_WARN_BELOW = 0.9
+
+
 def tally_result(row: Mapping[str, Any]) -> Tally:
     if row.get("text_source") == "text_layer":  # no request: no tokens, and no latency to average in
         return {"result_rows": 1, f"result_rows_{row['task']}": 1}
     latency = float(row["latency_ms"] or 0.0)
+    cached, shared = row["cached_tokens"] or 0, row.get("shared_prefix_tokens") or 0
     return {
         "result_rows": 1,
         "request_rows": 1,
         f"result_rows_{row['task']}": 1,
         "prompt_tokens": row["prompt_tokens"] or 0,
         "generated_tokens": row["generated_tokens"] or 0,
-        "cached_tokens": row["cached_tokens"] or 0,
+        "cached_tokens": cached,
+        # Every task after the first of its prefix group (each image at each budget): what it shares, what it took.
+        "prefix_sharing_tasks": int(shared > 0),
+        "prefix_shared_tokens": shared,
+        "prefix_reused_tokens": min(cached, shared),
+        "prefix_misses": int(shared > 0 and cached < PREFIX_MISS_BELOW * shared),
         "truncated_outputs": int(bool(row["truncated"])),
         "detections": len(row["detections"] or ()),
         "retries": max(0, (row["attempts"] or 1) - 1),
@@ -266,7 +279,14 @@ def build_summary(
         items_ok + item_errors, items_ok, tasks_per_item, skipped_tasks, item_errors, task_errors, balanced,
         config.max_error_fraction, count("flagged_results") if config.count_flagged_as_errors else 0,
     )
+    sharing = prefix_sharing(tally)
     warnings = list(config.warnings) + ([RANDOM_MODEL_WARNING] if config.model_is_random else [])
+    if sharing["reuse"] is not None and sharing["reuse"] < PREFIX_REUSE_WARN_BELOW:
+        warnings.append(
+            f"Prefix sharing fell short: the tasks that share an image's prefix with the first task of their group "
+            f"took {sharing['reuse']:.0%} of it from the prefix cache ({sharing['misses']} of {sharing['tasks']} "
+            f"computed the image again): see tokens.prefix_sharing and docs/architecture.md, 'Prefix sharing'."
+        )
     summary: dict[str, Any] = {
         "run_id": config.run.run_id,
         "state": verdict["state"],
@@ -323,6 +343,7 @@ def build_summary(
             "generated": count("generated_tokens"),
             "cached": cached_tokens,
             "cached_fraction_of_prompt": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else 0.0,
+            "prefix_sharing": sharing,
         },
         "request_latency_ms": {
             "count": count("request_rows"),
@@ -338,6 +359,25 @@ def build_summary(
     if config.model_is_random:
         summary["warning"] = RANDOM_MODEL_WARNING  # the report's banner reads this key
     return summary
+
+
+def prefix_sharing(tally: Mapping[str, float]) -> dict[str, Any]:
+    """How well the tasks of each prefix group (an image at one budget) shared it, over every group of the run.
+
+    `tasks`: tasks after the first of their group; `shared_tokens`: the prompt
+    tokens they share with it; `reused_tokens`: those they took from the prefix
+    cache; `reuse`: the ratio (None when no group had two tasks; just under 1
+    at best, as hits come in whole cache blocks); `misses`: tasks that
+    computed the image again (took less than PREFIX_MISS_BELOW of it).
+    """
+    shared, reused = int(tally.get("prefix_shared_tokens", 0)), int(tally.get("prefix_reused_tokens", 0))
+    return {
+        "tasks": int(tally.get("prefix_sharing_tasks", 0)),
+        "shared_tokens": shared,
+        "reused_tokens": reused,
+        "reuse": round(reused / shared, 4) if shared else None,
+        "misses": int(tally.get("prefix_misses", 0)),
+    }
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
