@@ -224,13 +224,14 @@ def gcs_deployment(gcs):
     return Deployment(project="my-project", region="us-east5", temp_location=f"gs://{TEST_BUCKET}/tmp", zone="us-east5-b")
 
 
-def test_the_flex_launcher_writes_the_canary_job_with_its_probe(gcs, gcs_deployment, tmp_path):
+def test_the_flex_launcher_writes_the_canary_job_with_its_probe(gcs, gcs_deployment, tiny_checkpoint, tmp_path):
     """The canary through the template's own entry point (launch/run_dataflow.py), as Dataflow's launcher runs it."""
     import datetime
 
     bucket = gcs.client().bucket(TEST_BUCKET)
     model = f"gs://{TEST_BUCKET}/vision-batch/preflight/models/tiny"
-    bucket.blob("vision-batch/preflight/models/tiny/config.json").upload_from_string("{}")
+    # The tiny checkpoint's config.json, as the preflight stages it: the launcher reads the checkpoint's shape.
+    bucket.blob("vision-batch/preflight/models/tiny/config.json").upload_from_filename(str(tiny_checkpoint / "config.json"))
     planned = preflight.plan_canary(PROFILES["tpu-v6e-1"], gcs_deployment, model, 2, [],
                                     datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc))
     body = flex_launch.launch_body(planned.launch.settings, gcs_deployment.template_path(), planned.launch.pipeline_args)

@@ -186,7 +186,7 @@ def test_a_blank_page_makes_no_engine_request_and_a_sideways_page_is_turned_upri
 
     limits = DecodeLimits()
     with beam.Pipeline() as pipeline:
-        items = pipeline | beam.Create([unit]) | beam.ParDo(DecodeUnits(limits, ShardSettings(), [t.name for t in TASKS]))
+        items = pipeline | beam.Create([unit]) | beam.ParDo(DecodeUnits(limits, ShardSettings(), TASKS))
         completions = items | beam.ParDo(RunTasks(SETTINGS, TASKS, progress_interval_s=0, engines=_engines))
         rows = completions | beam.ParDo(ParseCompletions(TASKS, run))
         assert_that(rows, check)
@@ -199,7 +199,7 @@ def test_with_both_checks_off_every_page_goes_to_the_engine_as_it_is(tmp_path):
     path = _two_page_pdf(tmp_path / "scan.pdf")
     unit = DecodeUnit(uri=str(path), kind=UnitKind.PDF, first_page=0, end_page=2, page_count=2)
     off = DecodeLimits(skip_blank_pages=False, upright_pages=False)
-    items = [item for item in DecodeUnits(off, ShardSettings(), ["caption"]).process(unit) if isinstance(item, ImageItem)]
+    items = [item for item in DecodeUnits(off, ShardSettings(), [BUILTIN_TASKS["caption"]]).process(unit) if isinstance(item, ImageItem)]
     assert [(item.info.blank, item.info.rotation, item.info.quality_flags) for item in items] == [(False, 0, ())] * 2
     assert items[1].image.size == (items[1].info.width, items[1].info.height)  # not turned
 

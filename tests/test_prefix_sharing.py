@@ -85,7 +85,7 @@ def test_common_prefix_length():
 
 def _row(cached: int, shared: int) -> dict:
     return {"task": "t", "latency_ms": 1.0, "prompt_tokens": 1300, "generated_tokens": 4, "cached_tokens": cached,
-            "shared_prefix_tokens": shared, "truncated": False, "detections": None, "attempts": 1}
+            "shared_prefix_tokens": shared, "truncated": False, "detections": None, "attempts": 1, "quality_flags": []}
 
 
 def test_the_summarys_prefix_sharing_covers_every_group_and_counts_the_misses():
