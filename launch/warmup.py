@@ -24,7 +24,7 @@ SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "data" / "samples"
 WARMUP_WORKERS = Workers(initial=1, maximum=1, autoscaling="NONE")
 # The warm-up's own pipeline options: its engine start fails when the compile cache is still empty after it
 # (engine.compile_cache), so a warm-up that saved nothing fails its job instead of succeeding.
-PIPELINE_ARGS = ("--xla_cache_required",)
+PIPELINE_ARGS = ("--xla_cache_required=true",)  # KEY=VALUE: it is also a flex template parameter
 
 
 def samples_location(deployment: Deployment) -> str:

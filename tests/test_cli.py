@@ -65,7 +65,8 @@ def test_exit_codes_and_state_per_outcome(cli, tmp_path, capsys):
     assert cli("--input", str(bad), "--output", str(tmp_path / "over"), *CAPTION) == 1
     over = summary_of(tmp_path / "over")
     assert over["state"] == "FAILED" and over["state_reason"].startswith("error budget exceeded: 1 of 2 task outcomes")
-    assert over["error_budget"] == {"max_error_fraction": 0.05, "error_fraction": 0.5, "failed_task_outcomes": 1, "task_outcomes": 2}
+    assert over["error_budget"] == {"max_error_fraction": 0.05, "error_fraction": 0.5, "failed_task_outcomes": 1, "task_outcomes": 2,
+                                     "flagged_results_counted": 0}
     assert "FAILED: error budget exceeded" in capsys.readouterr().out
     from pipelines import report  # the run report says so too
 
