@@ -18,7 +18,7 @@ stage (`transforms.decode`) and measured by `benchmarks/page_checks.py`:
 
 Which items are checked (`is_document`): PDF pages and TIFF frames (scans,
 faxes) always; other images only when they look like a page (mostly an even,
-light background) and carry no camera EXIF (a photo: its EXIF orientation
+light, near-neutral background) and carry no camera EXIF (a photo: its EXIF orientation
 already turned it, `library.formats.decode_image_frame`).
 """
 from __future__ import annotations
@@ -110,6 +110,10 @@ _EXIF_CAMERA_TAGS = (0x010F, 0x0110, 0x0112)  # Make, Model, Orientation (EXIF 2
 _PAGE_BACKGROUND = 0.5  # of the pixels within _PAGE_SPREAD levels of one light level: paper
 _PAGE_SPREAD = 24
 _LIGHT = 128
+# Paper is near-neutral: the median pixel's chroma (max - min of R, G, B) stays under this. A scanner's
+# paper tint (benchmarks/page_checks.py `scan_like`: each channel scaled by 0.88-1.0, at most ~31
+# levels on white) is well below it; a plain coloured picture (yellow 250,250,0: 250) far above.
+_PAPER_CHROMA = 48
 
 
 def has_camera_exif(data: bytes) -> bool:
@@ -122,19 +126,25 @@ def has_camera_exif(data: bytes) -> bool:
     return any(tag in exif for tag in _EXIF_CAMERA_TAGS)
 
 
-def looks_like_page(grey: Image.Image) -> bool:
-    """Most of the image is one even, light level: paper (a scan, a screenshot of a document), not a scene."""
+def looks_like_page(image: Image.Image, grey: Image.Image) -> bool:
+    """Most of the image is one even, light, near-neutral level: paper (a scan, a screenshot of a document),
+    not a scene, and not a coloured surface (a plain yellow picture is a picture: its question goes to the model)."""
     counts = np.bincount(np.asarray(grey).ravel(), minlength=256)
     level = _LIGHT + int(np.argmax(counts[_LIGHT:]))
     near = counts[max(0, level - _PAGE_SPREAD): level + _PAGE_SPREAD + 1].sum()
-    return near >= _PAGE_BACKGROUND * counts.sum()
+    if near < _PAGE_BACKGROUND * counts.sum():
+        return False
+    small = image.convert("RGB")
+    small.thumbnail((CHECK_MAX_SIDE // 8, CHECK_MAX_SIDE // 8))
+    rgb = np.asarray(small, dtype=np.int16)
+    return float(np.median(rgb.max(axis=2) - rgb.min(axis=2))) <= _PAPER_CHROMA
 
 
-def is_document(fmt: Format, data: bytes, grey: Image.Image) -> bool:
+def is_document(fmt: Format, data: bytes, image: Image.Image, grey: Image.Image) -> bool:
     """Whether the page checks apply: PDF pages and TIFF frames; other images that look like a page and are no photo."""
     if fmt in (Format.PDF, Format.TIFF):
         return True
-    return looks_like_page(grey) and not has_camera_exif(data)
+    return looks_like_page(image, grey) and not has_camera_exif(data)
 
 
 # --- orientation ----------------------------------------------------------------------------------
@@ -262,7 +272,7 @@ def check_page(image: Image.Image, fmt: Format, data: bytes, skip_blank: bool, u
     if not (skip_blank or upright):
         return image, PageCheck()
     grey = checked_grey(image)
-    if not is_document(fmt, data, grey):
+    if not is_document(fmt, data, image, grey):
         return image, PageCheck()
     if skip_blank and is_blank(grey):
         return image, PageCheck(blank=True)

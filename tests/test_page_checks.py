@@ -120,11 +120,17 @@ def test_pages_and_scans_are_checked_photos_are_not():
     grey = checked_grey(page)
     camera = Image.Exif()
     camera[0x010F] = "Pixel"  # Make
-    assert is_document(Format.PDF, b"", grey) and is_document(Format.TIFF, b"", grey)
-    assert is_document(Format.IMAGE, _jpeg(page), grey)  # a scan saved as JPEG
-    assert not is_document(Format.IMAGE, _jpeg(page, camera), grey)  # a camera's: a photo
+    assert is_document(Format.PDF, b"", page, grey) and is_document(Format.TIFF, b"", page, grey)
+    assert is_document(Format.IMAGE, _jpeg(page), page, grey)  # a scan saved as JPEG
+    tinted = Image.new("RGB", (400, 300), (250, 238, 224))  # paper a scanner tinted (scan_like: up to 12 % per channel)
+    assert is_document(Format.IMAGE, _jpeg(tinted), tinted, checked_grey(tinted))
+    assert not is_document(Format.IMAGE, _jpeg(page, camera), page, grey)  # a camera's: a photo
     scene = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    assert not is_document(Format.IMAGE, _jpeg(scene), checked_grey(scene))
+    assert not is_document(Format.IMAGE, _jpeg(scene), scene, checked_grey(scene))
+    # A plain light-coloured picture is no paper: a question about it goes to the model, not the blank check.
+    yellow = Image.new("RGB", (96, 64), (250, 250, 0))
+    assert not is_document(Format.IMAGE, _jpeg(yellow), yellow, checked_grey(yellow))
+    assert not check_page(yellow, Format.IMAGE, _jpeg(yellow), True, True)[1].blank
     # A photo is neither called blank nor turned, whatever it shows.
     assert check_page(page, Format.IMAGE, _jpeg(page, camera), True, True)[1] == check_page(page, Format.PDF, b"", False, False)[1]
     assert is_blank(grey) and check_page(page, Format.PDF, b"", True, True)[1].blank

@@ -92,11 +92,16 @@ def test_a_unified_config_without_num_soft_tokens_gets_its_processors_budget(pro
 
 @pytest.mark.engine
 def test_vllm_starts_a_unified_checkpoint_whose_config_lacks_num_soft_tokens(tmp_path, private_model_cache):
-    """The tiny 12B with the key removed, as transformers' converter writes it: vLLM starts with the supplied value."""
-    from vllm import LLM, SamplingParams
+    """The tiny 12B with the key removed, as transformers' converter writes it: vLLM starts with the supplied value.
 
-    from engine.api import EngineSettings
-    from engine.process import prepare_process
+    Through the engine registry, as a job starts it (a raw `vllm.LLM` here would tear down the process's
+    distributed groups when collected, under the session's other in-process engines: engine.local).
+    """
+    from PIL import Image
+
+    from engine.api import EngineRequest, EngineSettings
+    from engine.prompts import Sampling
+    from engine.registry import ENGINES
     from tiny_model.checkpoint import ensure_checkpoint
 
     model = shutil.copytree(ensure_checkpoint("tiny-12b-unified"), tmp_path / "model")
@@ -106,7 +111,11 @@ def test_vllm_starts_a_unified_checkpoint_whose_config_lacks_num_soft_tokens(tmp
     shape = CheckpointShape.read(str(model))
     assert shape.lacks_num_soft_tokens and shape.vision_tokens == budget  # the tiny processor's documented budget
     args = resolve("cpu-tiny", checkpoint=shape).engine_args
-    prepare_process(EngineSettings(model_path=str(model), engine_args=args, max_in_flight=1, structured_output=False))
-    llm = LLM(model=str(model), **args)
-    assert llm.llm_engine.model_config.hf_config.vision_config.num_soft_tokens == budget
-    assert llm.generate(["<bos>hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    assert args["hf_overrides"]["vision_config"]["num_soft_tokens"] == budget
+    engine = ENGINES.acquire(EngineSettings(model_path=str(model), engine_args=args, max_in_flight=1, structured_output=False))
+    try:  # without the override, vLLM 0.32 fails at start: 'Gemma4UnifiedVisionConfig' object has no attribute 'num_soft_tokens'
+        [answer] = engine.submit(Image.new("RGB", (64, 48), "white"), "lacks-num-soft-tokens",
+                                 [EngineRequest("Describe the image.", 2, Sampling())])
+        assert answer.result(timeout=600).generated_tokens > 0
+    finally:
+        ENGINES.release(engine)
