@@ -159,6 +159,12 @@ class _Segment:
     def extend(self, box: Box) -> None:
         self.box = (min(self.box[0], box[0]), min(self.box[1], box[1]), max(self.box[2], box[2]), max(self.box[3], box[3]))
 
+    def end(self, raw, textpage, index: int, rect) -> None:
+        """A word ends at character `index`: the segment reaches its right edge (its height came with its first)."""
+        raw.FPDFText_GetLooseCharBox(textpage, index, rect)
+        if rect.right > self.box[2]:
+            self.box = (self.box[0], self.box[1], rect.right, self.box[3])
+
 
 def _loose_box(raw, textpage, index: int, rect) -> Box:
     """A character's loose box (FPDFText_GetLooseCharBox: its advance across the font's ascent to descent)."""
@@ -214,7 +220,7 @@ def _read_page(document, index: int) -> PageLayer:
                 char = chr(code) if code < 0x110000 else "\ufffd"
                 if char.isspace() or raw.FPDFText_IsGenerated(textpage.raw, i) == 1:
                     if word_end >= 0:
-                        segments[-1].extend(_loose_box(raw, textpage.raw, word_end, rect))
+                        segments[-1].end(raw, textpage.raw, word_end, rect)
                         word_end = -1
                     if segments:
                         segments[-1].text.append(char)
@@ -240,7 +246,7 @@ def _read_page(document, index: int) -> PageLayer:
                 if modes[address] == raw.FPDF_TEXTRENDERMODE_INVISIBLE:
                     invisible += 1
             if word_end >= 0:
-                segments[-1].extend(_loose_box(raw, textpage.raw, word_end, rect))
+                segments[-1].end(raw, textpage.raw, word_end, rect)
             order = reading_order([segment.box for segment in segments])
             if order is not None:
                 text = _ordered_text(segments, order)
