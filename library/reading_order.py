@@ -25,8 +25,11 @@ MIN_COLUMN_GAP_EMS = 1.0
 # columns (R-data.pdf's ftable output, page 18) are no columns of text and stay as written. A third admits
 # two-column layouts (each column about half); three or more narrow columns stay in content-stream order.
 MIN_COLUMN_FRACTION = 1 / 3
-# ... and when both sides hold at least this many line segments: one line's wide justified word space is no gutter.
+# ... and when both sides hold at least this many line segments: one line's wide justified word space is no gutter ...
 MIN_COLUMN_LINES = 3
+# ... and run down at least this fraction of the page's text height: code with comments aligned after wide spaces
+# (fullrefman.pdf's `pipeOp` and `Sys.localeconv` examples) is a few lines, columns of text most of a page.
+MIN_COLUMN_HEIGHT_FRACTION = 0.25
 
 
 def _widest_gap(spans: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -41,33 +44,40 @@ def _widest_gap(spans: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return best, position
 
 
-def _column_cut(boxes: Sequence[Box], indices: list[int], min_gap: float, min_width: float) -> Optional[tuple[float, float]]:
+def _column_cut(boxes: Sequence[Box], indices: list[int], min_gap: float, min_size: tuple[float, float]) -> Optional[tuple[float, float]]:
     """(width, position) of the widest vertical gap crossing the region when it cuts it into two real columns."""
     spans = [(boxes[i][0], boxes[i][2]) for i in indices]
     width, position = _widest_gap(spans)
     if width < min_gap:
         return None
+    min_width, min_height = min_size
+    for side in ([boxes[i] for i in indices if boxes[i][2] <= position], [boxes[i] for i in indices if boxes[i][0] >= position]):
+        if max(box[3] for box in side) - min(box[1] for box in side) < min_height:
+            return None
     left_width = max(s[1] for s in spans if s[1] <= position) - min(s[0] for s in spans)
     right_width = max(s[1] for s in spans) - min(s[0] for s in spans if s[0] >= position)
     lines = min(sum(s[1] <= position for s in spans), sum(s[0] >= position for s in spans))
     return (width, position) if lines >= MIN_COLUMN_LINES and min(left_width, right_width) >= min_width else None
 
 
-def _cut(boxes: Sequence[Box], indices: list[int], min_gap: float, min_width: float, columns: list[int]) -> list[int]:
+def _cut(boxes: Sequence[Box], indices: list[int], min_gap: float, min_size: tuple[float, float], columns: list[int]) -> list[int]:
     if len(indices) < 2:
         return indices
     row_gap, row_at = _widest_gap([(boxes[i][1], boxes[i][3]) for i in indices])
-    column = _column_cut(boxes, indices, min_gap, min_width)
-    if column is not None and column[0] > row_gap:  # the wider gap is the higher-level cut
+    column = _column_cut(boxes, indices, min_gap, min_size)
+    above = [i for i in indices if boxes[i][1] >= row_at] if row_gap > 0 else indices
+    below = [i for i in indices if boxes[i][1] < row_at] if row_gap > 0 else []
+    # A line or two set off by a line's height or more (a running head, a footer) is cut off first, whatever the
+    # gutter's width: it is read before (after) the columns. Otherwise the wider gap is the higher-level cut.
+    head_or_foot = row_gap >= min_gap and min(len(above), len(below)) < MIN_COLUMN_LINES
+    if column is not None and column[0] > row_gap and not head_or_foot:
         column_at = column[1]
         columns.append(1)
         left = [i for i in indices if boxes[i][2] <= column_at]
         right = [i for i in indices if boxes[i][2] > column_at]
-        return _cut(boxes, left, min_gap, min_width, columns) + _cut(boxes, right, min_gap, min_width, columns)
+        return _cut(boxes, left, min_gap, min_size, columns) + _cut(boxes, right, min_gap, min_size, columns)
     if row_gap > 0:
-        above = [i for i in indices if boxes[i][1] >= row_at]
-        below = [i for i in indices if boxes[i][1] < row_at]
-        return _cut(boxes, above, min_gap, min_width, columns) + _cut(boxes, below, min_gap, min_width, columns)
+        return _cut(boxes, above, min_gap, min_size, columns) + _cut(boxes, below, min_gap, min_size, columns)
     return indices  # no gap crosses the region: as written
 
 
@@ -78,7 +88,8 @@ def reading_order(boxes: Sequence[Box]) -> Optional[list[int]]:
         return None
     heights = sorted(box[3] - box[1] for box in boxes)
     min_gap = MIN_COLUMN_GAP_EMS * heights[len(heights) // 2]
-    min_width = MIN_COLUMN_FRACTION * (max(box[2] for box in boxes) - min(box[0] for box in boxes))
+    min_size = (MIN_COLUMN_FRACTION * (max(box[2] for box in boxes) - min(box[0] for box in boxes)),
+                MIN_COLUMN_HEIGHT_FRACTION * (max(box[3] for box in boxes) - min(box[1] for box in boxes)))
     columns: list[int] = []  # one entry per column cut made
-    order = _cut(boxes, list(range(len(boxes))), min_gap, min_width, columns)
+    order = _cut(boxes, list(range(len(boxes))), min_gap, min_size, columns)
     return order if columns else None
