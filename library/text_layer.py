@@ -7,8 +7,10 @@ inside a figure (allenai/olmocr#118). `read_layers` measures, per page, the
 signals that tell these apart (`LayerSignals`) from PDFium's text page and
 page objects, without rendering a pixel, and `verdict` turns them into one
 of the `Verdict`s with the thresholds stated beside them. The text itself
-(`PageLayer.text`) is PDFium's extraction in the content stream's order,
-with the line breaks and spaces PDFium infers from glyph positions.
+(`PageLayer.text`) is PDFium's extraction, with the line breaks and spaces
+PDFium infers from glyph positions, in reading order: the page's line
+segments ordered by recursive XY-cut (library/reading_order.py) where it
+finds columns, the content stream's order where it finds none.
 
 Only pypdfium2 (already the renderer) and its raw PDFium API: no Beam.
 """
@@ -22,11 +24,12 @@ import unicodedata
 from typing import Iterator, Optional, Sequence
 
 from library.formats import PDFIUM_LOCK, open_pdf
+from library.reading_order import MIN_COLUMN_GAP_EMS, Box, reading_order
 
 
 # Part of the fingerprint of every text-layer answer (tasks.task.TaskFingerprints): bump it when the
 # extraction or the verdict rules change, and incremental runs read the affected pages' layers again.
-READER_VERSION = 1
+READER_VERSION = 2  # 2: reading order (XY-cut over columns)
 
 
 class Verdict(enum.Enum):
@@ -145,6 +148,59 @@ def _image_coverage(raw, page, box: tuple[float, float, float, float]) -> float:
     return len(covered) / (_COVERAGE_GRID * _COVERAGE_GRID)
 
 
+@dataclasses.dataclass
+class _Segment:
+    """A run of one line's characters with no wide gap: its box (the union of the characters' loose boxes,
+    which span the font's ascent to descent) and its text, the whitespace that followed it included."""
+
+    box: Box
+    text: list[str]
+
+    def extend(self, box: Box) -> None:
+        self.box = (min(self.box[0], box[0]), min(self.box[1], box[1]), max(self.box[2], box[2]), max(self.box[3], box[3]))
+
+    def end(self, raw, textpage, index: int, rect) -> None:
+        """A word ends at character `index`: the segment reaches its right edge (its height came with its first)."""
+        raw.FPDFText_GetLooseCharBox(textpage, index, rect)
+        if rect.right > self.box[2]:
+            self.box = (self.box[0], self.box[1], rect.right, self.box[3])
+
+
+def _loose_box(raw, textpage, index: int, rect) -> Box:
+    """A character's loose box (FPDFText_GetLooseCharBox: its advance across the font's ascent to descent)."""
+    raw.FPDFText_GetLooseCharBox(textpage, index, rect)
+    return (rect.left, rect.bottom, rect.right, rect.top)
+
+
+def _continues(previous: Box, box: Box) -> bool:
+    """Whether a character's box continues the line segment that ends with `previous`: on the same line
+    (half its height shared), not behind it, and no column gap (`MIN_COLUMN_GAP_EMS`) in between."""
+    height = max(min(previous[3] - previous[1], box[3] - box[1]), 1e-3)
+    shared = min(previous[3], box[3]) - max(previous[1], box[1])
+    gap = box[0] - previous[2]
+    return shared >= 0.5 * height and -height <= gap <= MIN_COLUMN_GAP_EMS * height
+
+
+_HYPHEN_JOIN = "\x02"  # FPDFText_GetUnicode's code for a hyphen PDFium joins across a line break
+
+
+def _ordered_text(segments: list[_Segment], order: list[int]) -> str:
+    """The segments' text in `order`: segments that follow each other as written keep the whitespace
+    between them (a space at least), every other join is a line break."""
+    pieces: list[str] = []
+    for position, index in enumerate(order):
+        if position:
+            previous = "".join(segments[order[position - 1]].text)
+            trail = previous[len(previous.rstrip()):]
+            if index != order[position - 1] + 1:
+                pieces.append("\n")
+            elif not previous.endswith(_HYPHEN_JOIN):
+                pieces.append(trail or " ")
+        pieces.append("".join(segments[index].text).rstrip())
+    # PDFium's mark of a word hyphenated at a line's end is U+0002 per character, U+FFFE in its text: `_normalised` joins both.
+    return "".join(pieces)
+
+
 def _read_page(document, index: int) -> PageLayer:
     import pypdfium2.raw as raw
 
@@ -156,11 +212,28 @@ def _read_page(document, index: int) -> PageLayer:
             text = textpage.get_text_range()
             chars = bad = implausible = invisible = 0
             modes: dict[int, int] = {}  # text object address -> its render mode
+            segments: list[_Segment] = []
+            # Boxes are read at words' ends only (a word's characters go with its first): a third of the calls.
+            rect, broken, word_end = raw.FS_RECTF(), False, -1  # word_end: the word being read's last character so far
             for i in range(textpage.count_chars()):
                 code = raw.FPDFText_GetUnicode(textpage.raw, i)
                 char = chr(code) if code < 0x110000 else "\ufffd"
                 if char.isspace() or raw.FPDFText_IsGenerated(textpage.raw, i) == 1:
+                    if word_end >= 0:
+                        segments[-1].end(raw, textpage.raw, word_end, rect)
+                        word_end = -1
+                    if segments:
+                        segments[-1].text.append(char)
+                    broken = broken or char in "\r\n"
                     continue
+                if word_end < 0:  # a word's first character: the segment goes on with it, or a new one starts
+                    box = _loose_box(raw, textpage.raw, i, rect)
+                    if segments and not broken and _continues(segments[-1].box, box):
+                        segments[-1].extend(box)
+                    else:
+                        segments.append(_Segment(box, []))
+                segments[-1].text.append(char)
+                word_end, broken = i, False
                 chars += 1
                 if _bad(char) or raw.FPDFText_HasUnicodeMapError(textpage.raw, i) == 1:
                     bad += 1
@@ -172,6 +245,11 @@ def _read_page(document, index: int) -> PageLayer:
                     modes[address] = raw.FPDFTextObj_GetTextRenderMode(obj) if address else -1
                 if modes[address] == raw.FPDF_TEXTRENDERMODE_INVISIBLE:
                     invisible += 1
+            if word_end >= 0:
+                segments[-1].end(raw, textpage.raw, word_end, rect)
+            order = reading_order([segment.box for segment in segments])
+            if order is not None:
+                text = _ordered_text(segments, order)
         finally:
             textpage.close()
         coverage = _image_coverage(raw, page.raw, page.get_cropbox())
@@ -184,7 +262,7 @@ def _read_page(document, index: int) -> PageLayer:
 def _normalised(text: str) -> str:
     """PDFium's text with Unix line ends, hyphenated words joined and trailing spaces gone: what a reader expects."""
     # PDFium joins a word hyphenated at a line's end and marks the join with U+FFFE; the word is whole.
-    lines = text.replace("\ufffe", "").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = text.replace("\ufffe", "").replace(_HYPHEN_JOIN, "").replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return "\n".join(line.rstrip() for line in lines).strip("\n")
 
 

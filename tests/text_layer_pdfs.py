@@ -10,7 +10,8 @@ independent extraction). Each function writes one derived PDF:
   *another* page's text, as a bad scanner OCR would;
 - `without_tounicode`: the fonts' ToUnicode maps removed (PDFium falls back to glyph names);
 - `private_use_tounicode`: the ToUnicode maps pointing every glyph into the private use area;
-- `with_figure`: the original pages with a picture of another page's text laid over half of each.
+- `with_figure`: the original pages with a picture of another page's text laid over half of each;
+- `two_columns`: the manual's sentences set in two columns, written interleaved across the gutter.
 """
 from __future__ import annotations
 
@@ -42,6 +43,38 @@ def scanned(out: Path, pages: Sequence[int]) -> Path:
     return out
 
 
+def _write(document: pdfium.PdfDocument, page: pdfium.PdfPage, font, line: str, x: float, y: float,
+           invisible: bool = False) -> None:
+    """One line of 9 pt text at (x, y), appended to the page's content stream."""
+    obj = raw.FPDFPageObj_CreateTextObj(document.raw, font, ctypes.c_float(9.0))
+    text = ctypes.create_string_buffer((line + "\0").encode("utf-16-le"))  # FPDF_WIDESTRING: UTF-16LE
+    raw.FPDFText_SetText(obj, ctypes.cast(text, ctypes.POINTER(ctypes.c_ushort)))
+    if invisible:
+        raw.FPDFTextObj_SetTextRenderMode(obj, raw.FPDF_TEXTRENDERMODE_INVISIBLE)
+    raw.FPDFPageObj_Transform(obj, 1, 0, 0, 1, x, y)
+    raw.FPDFPage_InsertObject(page.raw, obj)
+
+
+def two_columns(out: Path, left: Sequence[str], right: Sequence[str], header: str, footer: str) -> Path:
+    """A US-letter page of two 9 pt Helvetica columns (`left` and `right`, one line each) under a full-width
+    `header` and over a centred `footer`, written in the worst order for a reader: the footer first, then
+    the columns' lines interleaved across the gutter (left 1, right 1, left 2, ...), the header last."""
+    document = pdfium.PdfDocument.new()
+    page = document.new_page(612, 792)
+    font = raw.FPDFText_LoadStandardFont(document.raw, b"Helvetica")
+    _write(document, page, font, footer, 300, 40)
+    for number in range(max(len(left), len(right))):
+        for x, lines in ((50, left), (326, right)):
+            if number < len(lines):
+                _write(document, page, font, lines[number], x, 720 - 11 * number)
+    _write(document, page, font, header, 50, 750)
+    page.gen_content()
+    buffer = io.BytesIO()
+    document.save(buffer)
+    out.write_bytes(buffer.getvalue())
+    return out
+
+
 def sandwich(out: Path, pages: Sequence[int], wrong_text: str) -> Path:
     """The scans of `pages`, each with `wrong_text` as an invisible text layer over it."""
     document = pdfium.PdfDocument(str(scanned(out.with_suffix(".scan.pdf"), pages)))
@@ -50,12 +83,7 @@ def sandwich(out: Path, pages: Sequence[int], wrong_text: str) -> Path:
         page = document[index]
         height = page.get_height()
         for line_number, line in enumerate(wrong_text.splitlines()[:60]):
-            obj = raw.FPDFPageObj_CreateTextObj(document.raw, font, ctypes.c_float(9.0))
-            text = ctypes.create_string_buffer((line + "\0").encode("utf-16-le"))  # FPDF_WIDESTRING: UTF-16LE
-            raw.FPDFText_SetText(obj, ctypes.cast(text, ctypes.POINTER(ctypes.c_ushort)))
-            raw.FPDFTextObj_SetTextRenderMode(obj, raw.FPDF_TEXTRENDERMODE_INVISIBLE)
-            raw.FPDFPageObj_Transform(obj, 1, 0, 0, 1, 40, height - 40 - 11 * line_number)
-            raw.FPDFPage_InsertObject(page.raw, obj)
+            _write(document, page, font, line, 40, height - 40 - 11 * line_number, invisible=True)
         page.gen_content()
     buffer = io.BytesIO()
     document.save(buffer)
