@@ -9,8 +9,7 @@ import pytest
 from engine.api import EngineRequest
 from engine.local import PrefixGroups, _Request, common_prefix_length, prefix_groups
 from engine.prompts import Sampling
-from transforms.summary import prefix_sharing, tally_result
-from transforms.summary import TallyFn
+from transforms.summary import TallyFn, prefix_sharing, prefix_sharing_warning, tally_result
 
 
 def _request(name: str, image_tokens: int = 1120) -> _Request:
@@ -96,6 +95,11 @@ def test_the_summarys_prefix_sharing_covers_every_group_and_counts_the_misses():
     assert prefix_sharing(tally) == {"tasks": 2, "shared_tokens": 2320, "reused_tokens": 1216, "reuse": round(1216 / 2320, 4),
                                      "misses": 1}
     assert prefix_sharing({})["reuse"] is None  # no group of two tasks: nothing to share
+    assert "1 of the 2 tasks" in prefix_sharing_warning(prefix_sharing(tally))
+    # Every task shared, its hit short by a partial cache block (reuse ~0.8 on short prefixes): no warning.
+    whole = [_row(0, 0), _row(256, 316), _row(256, 316)]
+    clean = fn.extract_output(fn.merge_accumulators([fn.add_input(fn.create_accumulator(), tally_result(r)) for r in whole]))
+    assert prefix_sharing(clean)["reuse"] < 0.9 and prefix_sharing_warning(prefix_sharing(clean)) is None
 
 
 @pytest.mark.engine
