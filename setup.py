@@ -30,6 +30,8 @@ setup(
         "jsonschema>=4.18,<5",
         # The `language` column (tasks/language.py): a language-ID model shipped in the package (4.5 MB).
         "py3langid>=0.4,<0.5",
+        # The text layer's agreement with the model (library/text_layer.py): Levenshtein distance in C++.
+        "rapidfuzz>=3,<4",
     ],
     extras_require={
         # Same vLLM 0.32 Python API on all three: code tested on CPU is the code that runs on TPU and GPU.

@@ -21,18 +21,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sacrebleu.metrics import CHRF
 
+from library.text_layer import comparable as normalize_text  # NFKC, whitespace runs as one space
+
 # COCO's default cap of 100 detections per image would silently drop most
 # word boxes of a dense text page; the cap is raised to the densest item.
 COCO_DEFAULT_MAX_DETS = 100
-
-
-def normalize_text(text: str) -> str:
-    """NFKC and whitespace runs -> one space: layout and ligatures are not what OCR is scored on.
-
-    A PDF text layer spells "ﬁ" as one ligature character and breaks lines
-    where the model may not; neither is a reading error.
-    """
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 _FENCE = re.compile(r"^\s*```.*$", re.MULTILINE)

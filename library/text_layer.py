@@ -23,6 +23,8 @@ import math
 import unicodedata
 from typing import Iterator, Optional, Sequence
 
+from rapidfuzz.distance import Levenshtein
+
 from library.formats import PDFIUM_LOCK, open_pdf
 from library.reading_order import MIN_COLUMN_GAP_EMS, Box, reading_order
 
@@ -277,37 +279,14 @@ def read_layers(data: bytes, pages: Sequence[int]) -> list[PageLayer]:
 
 
 def comparable(text: str) -> str:
-    """NFKC with whitespace runs as one space: what two readings of a page are compared on (as
-    `evaluation.metrics.normalize_text` scores OCR: layout and ligatures are not reading errors)."""
+    """NFKC with whitespace runs as one space: what two readings of a page are compared on, and what the
+    evaluation scores OCR on (`evaluation.metrics` imports it): layout and ligatures ("ﬁ" as one
+    character, line breaks where the model has none) are not reading errors."""
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance, bit-parallel (Myers 1999, in Hyyrö's 2001 formulation): O(len(a) * len(b) / word)."""
-    if not a or not b:
-        return len(a) + len(b)
-    if len(a) < len(b):
-        a, b = b, a  # the bit vectors run over the shorter string
-    masks: dict[str, int] = {}
-    for i, char in enumerate(b):
-        masks[char] = masks.get(char, 0) | (1 << i)
-    full, top = (1 << len(b)) - 1, 1 << (len(b) - 1)
-    positive, negative, distance = full, 0, len(b)
-    for char in a:
-        eq = masks.get(char, 0)
-        xv = eq | negative
-        xh = (((eq & positive) + positive) ^ positive) | eq
-        ph = negative | ~(xh | positive) & full
-        mh = positive & xh
-        if ph & top:
-            distance += 1
-        elif mh & top:
-            distance -= 1
-        ph = ((ph << 1) | 1) & full
-        mh = (mh << 1) & full
-        positive = mh | ~(xv | ph) & full
-        negative = ph & xv
-    return distance
+# Levenshtein distance (rapidfuzz's C++ implementation: a page's two readings are thousands of characters).
+edit_distance = Levenshtein.distance
 
 
 def disagreement(layer: str, model: str) -> Optional[float]:
