@@ -21,6 +21,20 @@ their program's hash, so a copy only adds the files the other side lacks;
 processes of one VM sharing the local directory write each file through a
 temporary name.
 
+Before anything else (before the checkpoint is staged or an engine built), a
+remote cache is proven usable: one small object is written, read back and
+deleted under it with the same filesystems and credentials the sync uses.
+A warm-up (`--xla_cache_required`) whose worker cannot do that stops there
+with one line naming the bucket, the worker's service account and the fix,
+instead of after its ~30-minute compile, and each of Dataflow's retries of
+the failed bundle (a batch work item is tried 4 times: Dataflow docs
+"Troubleshoot Dataflow errors", "Pipeline errors") stops as fast. Without
+`--xla_cache_required` the same line is a WARNING and the job goes on: its
+workers compile what the cache cannot give them. Every save is checked
+afterwards by listing the cache again: each local file must be there at its
+size, and one line says how many files were written and how many the cache
+holds.
+
 A local `--xla_cache_path` is used directly.
 """
 from __future__ import annotations
@@ -29,19 +43,35 @@ import hashlib
 import logging
 import os
 import pathlib
+import socket
 import tempfile
+import time
 from typing import Optional
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from engine.api import EngineSettings
+from library.storage import ROUND_TRIP_STEPS, one_line, round_trip, service_account
 
 _LOG = logging.getLogger(__name__)
 
 
 class CompileCacheEmpty(RuntimeError):
     """The engine started, and the persistent compile cache still holds no compiled program."""
+
+
+class CompileCacheUnusable(RuntimeError):
+    """This worker cannot write, read back and delete an object where the persistent compile cache lives."""
+
+
+class CompileCacheUnsaved(RuntimeError):
+    """Files the engine compiled are missing from the persistent compile cache after they were copied there."""
+
+
+# The probe object's name starts with this; the sync never copies such a name (a probe left behind by a worker
+# that could write but not delete must not count as a compiled program, nor travel to other workers).
+PROBE_PREFIX = ".vision-batch-probe-"
 
 
 def is_remote(uri: str) -> bool:
@@ -57,7 +87,10 @@ def _remote_files(uri: str) -> dict[str, int]:
     """Relative name -> size of every file under `uri`."""
     base = uri.rstrip("/") + "/"
     result = FileSystems.match([base + "**"])[0]
-    return {meta.path[len(base):]: meta.size_in_bytes for meta in result.metadata_list if not meta.path.endswith("/")}
+    return {
+        meta.path[len(base):]: meta.size_in_bytes for meta in result.metadata_list
+        if not meta.path.endswith("/") and not meta.path[len(base):].startswith(PROBE_PREFIX)
+    }
 
 
 def _local_files(directory: pathlib.Path) -> dict[str, int]:
@@ -113,12 +146,39 @@ class CompileCache:
             self.directory = pathlib.Path(uri)
 
     def before_start(self) -> None:
-        """Fill the local directory from the persistent cache and point the engine at it (before vLLM reads it)."""
+        """Prove the persistent cache usable, fill the local directory from it and point the engine at it (before
+        vLLM reads it)."""
+        if is_remote(self.uri):
+            self.check_usable()
         self.directory.mkdir(parents=True, exist_ok=True)
         if is_remote(self.uri):
             copied = download(self.uri, self.directory)
             _LOG.info("XLA compile cache: %d file(s) from %s in %s", copied, self.uri, self.directory)
         os.environ["VLLM_XLA_CACHE_PATH"] = str(self.directory)
+
+    def check_usable(self) -> None:
+        """Write, read back and delete one small object under the cache (see the module docstring); with `required`,
+        raise `CompileCacheUnusable` when a step fails, else log the same line as a WARNING."""
+        probe = f"{self.uri.rstrip('/')}/{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+        done, error = round_trip(probe, f"vision-batch compile-cache probe {time.time()}".encode())
+        if error is None:
+            _LOG.info("XLA compile cache: %s is writable (probe written, read back and deleted)", self.uri)
+            return
+        bucket = self.uri.split("://", 1)[1].split("/", 1)[0]
+        account = service_account()
+        who = f"service account {account}" if account else "this worker's credentials (service account not known here)"
+        member = f"serviceAccount:{account}" if account else "serviceAccount:WORKER_SERVICE_ACCOUNT"
+        step = ROUND_TRIP_STEPS[len(done)].replace("_", " ")
+        message = (
+            f"the XLA compile cache {self.uri} is not usable by this worker: the {step} of a probe object in bucket "
+            f"{bucket} failed as {who}: {one_line(error)}. Fix: create the bucket gs://{bucket} if it does not exist, "
+            f"and give the workers' service account (--service_account_email) roles/storage.objectAdmin on it: gcloud "
+            f"storage buckets add-iam-policy-binding gs://{bucket} --member={member} --role=roles/storage.objectAdmin; "
+            "or point --xla_cache_path at a bucket it may write."
+        )
+        if self.required:
+            raise CompileCacheUnusable(message)
+        _LOG.warning("%s This job goes on; its workers compile what the cache cannot give them.", message)
 
     def after_start(self) -> None:
         """Save what the engine compiled while it started; with `required`, fail when the cache is still empty."""
@@ -146,9 +206,20 @@ class CompileCache:
             _LOG.exception("XLA compile cache: saving to %s failed", self.uri)
 
     def _save(self, when: str) -> None:
-        if is_remote(self.uri):
-            copied = upload(self.directory, self.uri)
-            _LOG.info("XLA compile cache: %d new file(s) saved to %s %s", copied, self.uri, when)
+        """Copy new files to the persistent cache, then list it again: every local file must be there at its size."""
+        if not is_remote(self.uri):
+            return
+        copied = upload(self.directory, self.uri)
+        local, remote = _local_files(self.directory), _remote_files(self.uri)
+        missing = sorted(name for name, size in local.items() if remote.get(name) != size)
+        if missing:
+            raise CompileCacheUnsaved(
+                f"XLA compile cache: {len(missing)} of the {len(local)} compiled file(s) in {self.directory} are not in "
+                f"{self.uri} at their size after saving them {when} (first: {missing[0]})"
+            )
+        _LOG.info("XLA compile cache: %d new file(s) saved to %s %s; verified by listing: all %d local file(s) are "
+                  "there at their size (%d file(s), %.1f MB in the cache)", copied, self.uri, when, len(local),
+                  len(remote), sum(remote.values()) / 1e6)
 
 
 class _NoCache:

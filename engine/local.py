@@ -359,6 +359,10 @@ class VisionEngine:
         self.settings = settings
         started = time.monotonic()
         _LOG.info("starting the vLLM engine for %s", settings.model_path)
+        # With a host's shared engine core, the process that starts the core keeps its cache (engine.host).
+        # First of all: a cache the worker cannot use stops a warm-up here, before the checkpoint copy and the
+        # compile (engine.compile_cache).
+        self._cache = compile_cache.open_cache(settings) if settings.host_feeders == 1 else compile_cache.NO_CACHE
         local_model = stage_checkpoint(settings.model_path)
         self._engine: Any = None
         self._shutdown: Callable[[], None]  # set with _engine, by connect
@@ -381,8 +385,6 @@ class VisionEngine:
             EngineOutput(output_file("vllm-engine-core"), "engine core")
             if settings.engine_core_process and settings.host_feeders == 1 else None
         )
-        # With a host's shared engine core, the process that starts the core keeps its cache (engine.host).
-        self._cache = compile_cache.open_cache(settings) if settings.host_feeders == 1 else compile_cache.NO_CACHE
         # Guards the hand-over between the step-loop thread (engine built) and this one (start timed out).
         self._start_lock = threading.Lock()
         self._abandoned = False

@@ -33,7 +33,6 @@ import pathlib
 import re
 import socket
 import time
-import urllib.request
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -43,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from engine.api import EngineSettings
 from engine.model_staging import stage_checkpoint
 from engine.registry import process_engines
+from library.storage import ROUND_TRIP_STEPS, round_trip, service_account
 
 _LOG = logging.getLogger("launch.canary")
 # Imported by every worker process before any bundle (--beam_plugins): it calls `install`.
@@ -60,9 +60,6 @@ SDK_HARNESS_MODULE = "apache_beam.runners.worker.sdk_worker_main"
 ACCELERATOR_DEVICES = ("/dev/vfio/[0-9]*", "/dev/accel[0-9]*", "/dev/nvidia[0-9]*")
 # The engine's start-up line (engine/local.py: "vLLM engine for %s ready in %.1f s").
 _READY = re.compile(r"\bready in ([0-9]+(?:\.[0-9]+)?) s\b")
-# Where a Compute Engine VM names its service account; GCE_METADATA_HOST overrides it as in google-auth
-# (google/auth/compute_engine/_metadata.py). The IP avoids a DNS lookup off Google Cloud.
-_METADATA_ACCOUNT = "/computeMetadata/v1/instance/service-accounts/default/email"
 
 
 class CanaryOptions(PipelineOptions):
@@ -215,33 +212,12 @@ def xla_cache(path: Optional[str]) -> Optional[dict[str, Any]]:
         return {"path": path, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def service_account(timeout_s: float = 2.0) -> Optional[str]:
-    """The VM's service account from the metadata server; None off Google Cloud."""
-    host = os.environ.get("GCE_METADATA_HOST", "169.254.169.254")
-    request = urllib.request.Request(f"http://{host}{_METADATA_ACCOUNT}", headers={"Metadata-Flavor": "Google"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
-            return answer.read().decode().strip()
-    except Exception:  # noqa: BLE001 - no metadata server: not on a Google Cloud VM
-        return None
-
-
 def bucket_round_trip(prefix: str, name: str) -> dict[str, Any]:
     """Write, read back and delete one object under `prefix` with this process's credentials."""
     uri = f"{prefix.rstrip('/')}/{name}"
-    payload = f"vision-batch preflight {name} {time.time()}".encode()
-    facts: dict[str, Any] = {"uri": uri, "write": False, "read_back": False, "delete": False, "error": None}
-    try:
-        with FileSystems.create(uri) as handle:
-            handle.write(payload)
-        facts["write"] = True
-        with FileSystems.open(uri) as handle:
-            facts["read_back"] = handle.read() == payload
-        FileSystems.delete([uri])
-        facts["delete"] = True
-    except Exception as exc:  # noqa: BLE001 - the finding is which step failed
-        facts["error"] = f"{type(exc).__name__}: {exc}"
-    return facts
+    done, error = round_trip(uri, f"vision-batch preflight {name} {time.time()}".encode())
+    return {"uri": uri, **{step: step in done for step in ROUND_TRIP_STEPS},
+            "error": f"{type(error).__name__}: {error}" if error is not None else None}
 
 
 def model_staged(model_path: str) -> dict[str, Any]:

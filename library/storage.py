@@ -43,11 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import urllib.parse
+import urllib.request
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp import gcsio, gcsio_retry
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions
 from google.api_core.retry import (
@@ -367,3 +370,45 @@ def install() -> None:
     gcsio_retry.get_retry = beam_retry
     gcsio.BeamBlobReader = _BudgetedBlobReader
     gcsio.BeamBlobWriter = _NamingBlobWriter
+
+
+# -- proving a location usable before paying for the work behind it ------------
+
+# Where a Compute Engine VM (a Dataflow worker) names its service account; GCE_METADATA_HOST overrides it as in
+# google-auth (google/auth/compute_engine/_metadata.py). The IP avoids a DNS lookup off Google Cloud.
+_METADATA_ACCOUNT = "/computeMetadata/v1/instance/service-accounts/default/email"
+
+ROUND_TRIP_STEPS = ("write", "read_back", "delete")
+
+
+def service_account(timeout_s: float = 2.0) -> Optional[str]:
+    """The VM's service account from the metadata server (on Dataflow: the job's worker account); None off Google Cloud."""
+    host = os.environ.get("GCE_METADATA_HOST", "169.254.169.254")
+    request = urllib.request.Request(f"http://{host}{_METADATA_ACCOUNT}", headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.read().decode().strip()
+    except Exception:  # noqa: BLE001 - no metadata server: not on a Google Cloud VM
+        return None
+
+
+def round_trip(uri: str, payload: bytes) -> tuple[tuple[str, ...], Optional[Exception]]:
+    """Write `payload` to `uri`, read it back and delete it through Beam's filesystems: the client, credentials and
+    retry budget every other object of the job uses. Returns the steps of `ROUND_TRIP_STEPS` that succeeded, in
+    order, and the error that stopped the next one (None when all three did)."""
+    done: list[str] = []
+    try:
+        with FileSystems.create(uri, mime_type="application/octet-stream",
+                                compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.write(payload)
+        done.append("write")
+        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            read = handle.read()
+        if read != payload:
+            raise IOError(f"read back {len(read)} bytes that differ from the {len(payload)} written")
+        done.append("read_back")
+        FileSystems.delete([uri])
+        done.append("delete")
+    except Exception as exc:  # noqa: BLE001 - the finding is which step failed, and why
+        return tuple(done), exc
+    return tuple(done), None

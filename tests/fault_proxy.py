@@ -4,6 +4,9 @@ Storage that fails the way the real service does, on a deterministic schedule:
 
 - `429` / `503`: the proxy answers with GCS's JSON error body; the request
   never reaches the emulator (throttling, a busy frontend).
+- `403`: the same, as GCS answers a caller whose IAM role lacks the
+  permission (a worker that may read a bucket but not write it); the
+  emulator has no IAM of its own.
 - `reset`: the connection is reset before the request is forwarded.
 - `lost`: the request is forwarded and takes effect, then the connection is
   reset instead of the answer: the client cannot tell it happened. This is
@@ -46,7 +49,7 @@ from typing import Iterator, Optional, Sequence
 _LOG = logging.getLogger("fault_proxy")
 
 OPERATIONS = ("list", "stat", "read", "write", "write-start", "write-chunk", "copy", "delete", "bucket", "other")
-FAULTS = ("429", "503", "reset", "lost", "cut", "slow")
+FAULTS = ("429", "503", "403", "reset", "lost", "cut", "slow")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 _OBJECT_PATH = re.compile(r"/b/(?P<bucket>[^/?\s]+)/o/(?P<name>[^?\s]+?)(?:/(?P<verb>copyTo|rewriteTo)/b/(?P<dbucket>[^/?\s]+)/o/(?P<dname>[^?\s]+))?(?:\?|\s|$)")
 _LIST_PATH = re.compile(r"/b/(?P<bucket>[^/?\s]+)/o(?:\?|$)")
@@ -246,7 +249,7 @@ class FaultProxy:
         request = classify(handler.command, handler.path, body, self._uploads)
         decision = self._decide(request)
         fault = decision[1] if decision else None
-        if fault and fault.fault in ("429", "503"):
+        if fault and fault.fault in ("429", "503", "403"):
             _send(handler, int(fault.fault), {"Content-Type": "application/json"}, _error_body(int(fault.fault)))
             return
         if fault and fault.fault == "reset":
@@ -318,7 +321,7 @@ def _read_chunks(handler: http.server.BaseHTTPRequestHandler) -> Iterator[bytes]
 
 def _error_body(status: int) -> bytes:
     """GCS's JSON API error shape, so client libraries parse it as they would the real one."""
-    reason = {429: "rateLimitExceeded", 503: "backendError"}[status]
+    reason = {429: "rateLimitExceeded", 503: "backendError", 403: "forbidden"}[status]
     message = f"{http.client.responses[status]} (injected by the test's fault proxy)"
     return json.dumps({"error": {"code": status, "message": message, "errors": [{"reason": reason, "message": message}]}}).encode()
 

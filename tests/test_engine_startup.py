@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -146,7 +147,7 @@ def test_a_start_longer_than_its_timeout_fails_with_one_clear_error_not_a_hang(t
 # ---------------------------------------------------------------- 3. the compile cache
 
 
-def test_the_compile_cache_round_trips_through_gcs(gcs, tmp_path, monkeypatch):
+def test_the_compile_cache_round_trips_through_gcs(gcs, tmp_path, monkeypatch, caplog):
     """jax never sees gs:// (it would write a local folder named `gs:`): the engine compiles into a local copy,
     which is saved after the start and restored on the next worker, here through the GCS emulator."""
     from engine.compile_cache import CompileCache
@@ -158,7 +159,11 @@ def test_the_compile_cache_round_trips_through_gcs(gcs, tmp_path, monkeypatch):
     assert os.environ["VLLM_XLA_CACHE_PATH"] == str(first.directory) and not str(first.directory).startswith("gs:")
     (first.directory / "jit_step-0a1b-cache").write_bytes(b"\x00compiled" * 1000)  # what jax writes while compiling
     (first.directory / "jit_step-0a1b-atime").write_bytes(b"1")
+    caplog.set_level(logging.INFO, logger="engine.compile_cache")
     first.after_start()
+    saved = [r.getMessage() for r in caplog.records if "saved to" in r.getMessage()]
+    assert saved == [f"XLA compile cache: 2 new file(s) saved to {uri} after the engine started; verified by listing: "
+                     "all 2 local file(s) are there at their size (2 file(s), 0.0 MB in the cache)"], saved
 
     second = CompileCache(uri, required=True, root=tmp_path / "worker-2")
     second.before_start()
@@ -180,6 +185,94 @@ def test_a_warm_up_that_compiled_nothing_fails_loudly(gcs, tmp_path):
     with pytest.raises(CompileCacheEmpty, match="holds no compiled program"):
         cache.after_start()
     CompileCache(f"gs://{BUCKET}/xla-cache/empty", required=False, root=tmp_path).after_start()  # a job: a warning
+
+
+@pytest.fixture
+def cache_read_only(gcs, monkeypatch):
+    """The worker's storage as GCS answers a service account that may read the cache's bucket but not write it
+    (roles/storage.objectViewer): every upload under xla-cache/ is refused 403."""
+    from tests.fault_proxy import FaultProxy, Rule
+
+    rules = [Rule(op, "403", object_contains="/xla-cache/") for op in ("write", "write-start")]
+    with FaultProxy(("127.0.0.1", gcs.port), rules) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        yield proxy
+
+
+@pytest.mark.engine  # it constructs VisionEngine, which the fast tier refuses (tests/conftest.py); vLLM never starts
+def test_a_warm_up_whose_cache_it_cannot_write_fails_before_any_engine_is_built(cache_read_only, tmp_path, monkeypatch):
+    """A warm-up whose workers cannot write the cache fails at once, in one line naming the bucket and the fix,
+    instead of after its ~30-minute compile (and again after each of Dataflow's retries): no engine is built."""
+    from engine.compile_cache import CompileCacheUnusable
+    from engine.local import VisionEngine
+    from tests.gcs_emulator import BUCKET
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local cache copy lands here
+    connects: list[EngineSettings] = []
+
+    def connect(settings, local_model):  # noqa: ANN001, ANN202 - what building the vLLM engine (the compile) would be
+        connects.append(settings)
+        raise AssertionError("the engine was built")
+
+    (tmp_path / "model").mkdir()
+    settings = _settings(str(tmp_path / "model"), xla_cache_path=f"gs://{BUCKET}/xla-cache/image-1/profile-abc",
+                         xla_cache_required=True)
+    with pytest.raises(CompileCacheUnusable) as failure:
+        VisionEngine(settings, connect)
+    message = str(failure.value)
+    assert "\n" not in message, message
+    assert f"the write of a probe object in bucket {BUCKET} failed" in message and "403" in message, message
+    assert "roles/storage.objectAdmin" in message and f"gs://{BUCKET} --member=" in message, message
+    assert connects == []
+    assert [(i.fault, i.op) for i in cache_read_only.injected] == [("403", "write-start")]  # refused, not merely absent
+
+
+def test_an_unusable_cache_is_the_first_thing_a_warm_up_engine_start_meets(cache_read_only, gcs, tmp_path, monkeypatch):
+    """The fast tier's half of the test above: the cache VisionEngine opens first refuses a location it cannot
+    write (a read-only bucket, or one that does not exist), before it downloads anything."""
+    from engine.compile_cache import CompileCacheUnusable, open_cache
+    from tests.gcs_emulator import BUCKET
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for uri in (f"gs://{BUCKET}/xla-cache/read-only", "gs://vision-batch-no-such-bucket/xla-cache"):
+        settings = _settings("unused", xla_cache_path=uri, xla_cache_required=True)
+        with pytest.raises(CompileCacheUnusable, match="the write of a probe object in bucket "):
+            open_cache(settings)
+    assert not (tmp_path / "vision-batch-xla-cache").exists()  # nothing was downloaded or created
+
+
+def test_a_job_whose_cache_bucket_it_cannot_write_warns_and_goes_on(gcs, tmp_path, caplog):
+    """Only the warm-up requires the cache: a job's worker logs the same line as a WARNING, and compiles."""
+    from engine.compile_cache import CompileCache
+    from tests.gcs_emulator import BUCKET
+
+    # A bucket that exists but whose cache prefix the worker may not write cannot be made on the emulator (it
+    # has no IAM); a missing bucket fails the same first step.
+    cache = CompileCache("gs://vision-batch-no-such-bucket/xla-cache", required=False, root=tmp_path)
+    caplog.set_level(logging.INFO, logger="engine.compile_cache")
+    cache.check_usable()
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "vision-batch-no-such-bucket" in warning.getMessage() and "goes on" in warning.getMessage()
+
+    caplog.clear()
+    CompileCache(f"gs://{BUCKET}/xla-cache/usable", required=True, root=tmp_path).check_usable()
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert not list(gcs.client().bucket(BUCKET).list_blobs(prefix="xla-cache/usable/"))  # the probe is deleted
+
+
+def test_a_probe_left_behind_is_never_a_compiled_program(gcs, tmp_path):
+    """A worker that may write but not delete leaves its probe: it must not pass the warm-up's emptiness check."""
+    from engine.compile_cache import PROBE_PREFIX, CompileCache, CompileCacheEmpty
+    from tests.gcs_emulator import BUCKET
+
+    leftover = tmp_path / "probe"
+    leftover.write_bytes(b"probe")
+    gcs.upload(leftover, f"gs://{BUCKET}/xla-cache/leftover/{PROBE_PREFIX}worker-1-42")
+    cache = CompileCache(f"gs://{BUCKET}/xla-cache/leftover", required=True, root=tmp_path)
+    cache.before_start()
+    assert not any(cache.directory.iterdir())
+    with pytest.raises(CompileCacheEmpty):
+        cache.after_start()
 
 
 def test_the_warm_up_job_requires_its_cache_to_fill():
