@@ -266,8 +266,9 @@ class VisionBatchOptions(PipelineOptions):
         )
         _add_flag(
             engine, "--xla_cache_required",
-            "Fail the engine start when --xla_cache_path holds no compiled program after it (the warm-up job sets it: "
-            "a warm-up that saved nothing must not succeed).",
+            "Fail the engine start when this worker cannot write --xla_cache_path (checked first, before the "
+            "compile) or when it holds no compiled program after it (the warm-up job sets it: a warm-up that saved "
+            "nothing must not succeed).",
         )
         engine.add_argument(
             "--engine_start_timeout_s", type=float, default=START_TIMEOUT_S, metavar="S",

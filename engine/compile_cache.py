@@ -26,9 +26,12 @@ remote cache is proven usable: one small object is written, read back and
 deleted under it with the same filesystems and credentials the sync uses.
 A warm-up (`--xla_cache_required`) whose worker cannot do that stops there
 with one line naming the bucket, the worker's service account and the fix,
-instead of after its ~30-minute compile, and each of Dataflow's retries of
-the failed bundle (a batch work item is tried 4 times: Dataflow docs
-"Troubleshoot Dataflow errors", "Pipeline errors") stops as fast. Without
+instead of after its ~30-minute compile, and so does each of Dataflow's
+retries of the failed bundle ("bundles including a failing item are retried
+four times. The pipeline fails completely when a single bundle fails four
+times": Dataflow docs "Troubleshoot Dataflow errors",
+cloud.google.com/dataflow/docs/guides/common-errors): a broken warm-up used to
+cost four cold compiles before it was red. Without
 `--xla_cache_required` the same line is a WARNING and the job goes on: its
 workers compile what the cache cannot give them. Every save is checked
 afterwards by listing the cache again: each local file must be there at its
@@ -159,7 +162,7 @@ class CompileCache:
     def check_usable(self) -> None:
         """Write, read back and delete one small object under the cache (see the module docstring); with `required`,
         raise `CompileCacheUnusable` when a step fails, else log the same line as a WARNING."""
-        probe = f"{self.uri.rstrip('/')}/{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+        probe = f"{self.uri.rstrip('/')}/{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         done, error = round_trip(probe, f"vision-batch compile-cache probe {time.time()}".encode())
         if error is None:
             _LOG.info("XLA compile cache: %s is writable (probe written, read back and deleted)", self.uri)

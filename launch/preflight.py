@@ -51,8 +51,17 @@ TERMINAL_STATES = {"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", 
 LOGGING_URL = "https://logging.googleapis.com/v2/entries:list"
 LOGGING_SCOPE = "https://www.googleapis.com/auth/logging.read"
 # Worker log entries of a Dataflow job carry the monitored resource dataflow_step with the job's id as a label
-# (Dataflow docs, "Work with pipeline logs"; the Logs Explorer query the job page links to). A bare quoted string
-# in the Logging query language matches any field of the entry (Cloud Logging, "Logging query language").
+# (Dataflow docs, "Work with pipeline logs"; the Logs Explorer query the job page links to; apache/beam
+# runners/google-cloud-dataflow-java/worker/.../logging/DataflowWorkerLoggingHandler.java writes its entries so).
+# A bare quoted string in the Logging query language matches any field of the entry (Cloud Logging, "Logging
+# query language"), and the filter names no payload field on purpose: a Python record reaches Dataflow as a Fn API
+# LogEntry holding only severity, message (the record's text, plus its traceback: the handler has no formatter),
+# thread, log_location ("pathname:lineno"), timestamp, trace, instruction and transform ids (apache/beam
+# sdks/python/apache_beam/runners/worker/log_handler.py, FnApiLogRecordHandler.emit; sdk_worker_main.py installs
+# it on the root logger). The logger's name (`engine.output`, `launch.canary`) is not sent at all, and how Runner
+# v2's closed-source harness lays that entry out (jsonPayload.message, under log dataflow.googleapis.com/worker,
+# as Beam's Java worker and spotify/klio lib/src/klio/metrics/stackdriver.py's filters have it) is not public:
+# the text, which every layout carries, is what is searched. docs/operations.md gives operators this same filter.
 LOG_FILTER = 'resource.type="dataflow_step" AND resource.labels.job_id="{job_id}" AND "{marker}"'
 # Worker logs reach Cloud Logging seconds to a minute after they are written: look a few times.
 LOG_ATTEMPTS, LOG_WAIT_S = 6, 20.0

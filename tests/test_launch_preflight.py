@@ -130,7 +130,9 @@ def test_the_cloud_logging_query_finds_the_workers_marker_line():
         "logName": "projects/my-project/logs/dataflow.googleapis.com%2Fworker",
         "resource": {"type": "dataflow_step", "labels": {"job_id": JOB_ID, "step_id": "PreflightProbe",
                                                           "project_id": "my-project", "region": "us-east5"}},
-        "jsonPayload": {"message": LOG_LINE, "logger": "launch.canary"},
+        # Only the text is relied on: Beam sends no logger name (apache_beam/runners/worker/log_handler.py), and
+        # Dataflow's layout of the rest is not public (launch/preflight.py, LOG_FILTER).
+        "jsonPayload": {"message": LOG_LINE},
         "severity": "WARNING", "timestamp": "2026-01-02T03:20:00.123Z",
     }
     session = RecordedLogging([entry])
@@ -143,6 +145,13 @@ def test_the_cloud_logging_query_finds_the_workers_marker_line():
     silent = RecordedLogging([])
     assert preflight.find_log_line("my-project", JOB_ID, MARKER, session=silent, attempts=3, wait_s=0) is None
     assert len(silent.requests) == 3  # logs arrive late: asked again before giving up
+
+
+def test_the_operators_logs_explorer_query_is_the_preflights_filter():
+    """docs/operations.md tells operators to find the engine's lines with the very filter the preflight searches
+    Cloud Logging with: one form, whose reasons are cited once (launch/preflight.py, LOG_FILTER)."""
+    docs = (pathlib.Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    assert preflight.LOG_FILTER.format(job_id="JOB_ID", marker="[engine core]") in docs
 
 
 def test_accelerator_holders_are_read_from_proc(tmp_path):
