@@ -55,7 +55,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from engine.api import EngineSettings
-from library.storage import ROUND_TRIP_STEPS, one_line, round_trip, service_account
+from library.storage import ROUND_TRIP_STEPS, one_line, round_trip, service_account, service_message
 
 _LOG = logging.getLogger(__name__)
 
@@ -172,9 +172,11 @@ class CompileCache:
         who = f"service account {account}" if account else "this worker's credentials (service account not known here)"
         member = f"serviceAccount:{account}" if account else "serviceAccount:WORKER_SERVICE_ACCOUNT"
         step = ROUND_TRIP_STEPS[len(done)].replace("_", " ")
+        said = service_message(error)
+        cause = f"{one_line(error)} ({said})" if said else one_line(error)
         message = (
             f"the XLA compile cache {self.uri} is not usable by this worker: the {step} of a probe object in bucket "
-            f"{bucket} failed as {who}: {one_line(error)}. Fix: create the bucket gs://{bucket} if it does not exist, "
+            f"{bucket} failed as {who}: {cause}. Fix: create the bucket gs://{bucket} if it does not exist, "
             f"and give the workers' service account (--service_account_email) roles/storage.objectAdmin on it: gcloud "
             f"storage buckets add-iam-policy-binding gs://{bucket} --member={member} --role=roles/storage.objectAdmin; "
             "or point --xla_cache_path at a bucket it may write."

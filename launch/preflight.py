@@ -56,12 +56,13 @@ LOGGING_SCOPE = "https://www.googleapis.com/auth/logging.read"
 # A bare quoted string in the Logging query language matches any field of the entry (Cloud Logging, "Logging
 # query language"), and the filter names no payload field on purpose: a Python record reaches Dataflow as a Fn API
 # LogEntry holding only severity, message (the record's text, plus its traceback: the handler has no formatter),
-# thread, log_location ("pathname:lineno"), timestamp, trace, instruction and transform ids (apache/beam
+# thread, log_location ("pathname:lineno"), timestamp, trace, instruction and transform ids (apache/beam 2.77
 # sdks/python/apache_beam/runners/worker/log_handler.py, FnApiLogRecordHandler.emit; sdk_worker_main.py installs
 # it on the root logger). The logger's name (`engine.output`, `launch.canary`) is not sent at all, and how Runner
-# v2's closed-source harness lays that entry out (jsonPayload.message, under log dataflow.googleapis.com/worker,
-# as Beam's Java worker and spotify/klio lib/src/klio/metrics/stackdriver.py's filters have it) is not public:
-# the text, which every layout carries, is what is searched. docs/operations.md gives operators this same filter.
+# v2's harness (Dataflow's own, not in Beam's source) lays the entry out is not public: jsonPayload.message under
+# the log dataflow.googleapis.com/worker is how Beam's Java worker writes its own entries and what spotify/klio
+# lib/src/klio/metrics/stackdriver.py filters Python workers' lines by, not a documented guarantee. The text,
+# which every layout carries, is what is searched; docs/operations.md gives operators this same filter.
 LOG_FILTER = 'resource.type="dataflow_step" AND resource.labels.job_id="{job_id}" AND "{marker}"'
 # Worker logs reach Cloud Logging seconds to a minute after they are written: look a few times.
 LOG_ATTEMPTS, LOG_WAIT_S = 6, 20.0

@@ -392,6 +392,18 @@ def service_account(timeout_s: float = 2.0) -> Optional[str]:
         return None
 
 
+def service_message(error: BaseException) -> Optional[str]:
+    """GCS's own words for a refused request (its JSON error body: for a 403, which account lacks which permission),
+    where the client's exception does not repeat them: google-resumable-media's InvalidResponse, which Beam's
+    uploads raise, says only the status code."""
+    response = getattr(error, "response", None)
+    try:
+        message = response.json()["error"]["message"]  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - no response, or a body that is not GCS's error shape
+        return None
+    return message if isinstance(message, str) and message not in str(error) else None
+
+
 def round_trip(uri: str, payload: bytes) -> tuple[tuple[str, ...], Optional[Exception]]:
     """Write `payload` to `uri`, read it back and delete it through Beam's filesystems: the client, credentials and
     retry budget every other object of the job uses. Returns the steps of `ROUND_TRIP_STEPS` that succeeded, in

@@ -222,6 +222,7 @@ def test_a_warm_up_whose_cache_it_cannot_write_fails_before_any_engine_is_built(
     message = str(failure.value)
     assert "\n" not in message, message
     assert f"the write of a probe object in bucket {BUCKET} failed" in message and "403" in message, message
+    assert "(Forbidden (injected by the test's fault proxy))" in message, message  # GCS's own words, from its body
     assert "roles/storage.objectAdmin" in message and f"gs://{BUCKET} --member=" in message, message
     assert connects == []
     assert [(i.fault, i.op) for i in cache_read_only.injected] == [("403", "write-start")]  # refused, not merely absent
