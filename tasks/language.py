@@ -23,7 +23,7 @@ from typing import Any, Optional
 MIN_LETTERS = 16
 MIN_PROBABILITY = 0.5
 # Characters of the answer read: the language of a page shows in its first few thousand.
-_READ_CHARS = 4000
+READ_CHARS = 4000
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,16 +34,26 @@ def _identifier() -> Any:
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+def letters(text: str) -> int:
+    """The letters the rule counts: str.isalpha characters (a CJK ideograph is one)."""
+    return sum(ch.isalpha() for ch in text)
+
+
+def best_guess(text: str) -> tuple[str, float]:
+    """py3langid's most likely language of the text's first READ_CHARS characters, and its probability."""
+    code, probability = _identifier().classify(text[:READ_CHARS])
+    return code, float(probability)
+
+
 def language(text: str) -> Optional[str]:
     """The ISO 639-1 code of the text's language; None when too short to tell or unsure.
 
     py3langid names a few languages by ISO 639-3 codes ("ary", "pcm"),
     which have no ISO 639-1 code: None for them too.
     """
-    sample = text[:_READ_CHARS]
-    if sum(ch.isalpha() for ch in sample) < MIN_LETTERS:
+    if letters(text[:READ_CHARS]) < MIN_LETTERS:
         return None
-    code, probability = _identifier().classify(sample)
+    code, probability = best_guess(text)
     if probability < MIN_PROBABILITY or len(code) != 2:
         return None
     return code
