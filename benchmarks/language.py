@@ -35,7 +35,7 @@ import subprocess
 import time
 from typing import Iterator, Optional
 
-from tasks.language import MIN_LETTERS, MIN_PROBABILITY, READ_CHARS, best_guess, letters
+from tasks.language import MIN_LETTERS, MIN_PROBABILITY, READ_CHARS, best_guess, iso_639_1, letters
 
 MAN = pathlib.Path("/usr/share/man")
 LOCALE = pathlib.Path("/usr/share/locale")
@@ -131,8 +131,9 @@ def catalog_strings(directory: str) -> Iterator[tuple[str, str]]:
 
 
 def classify(text: str) -> tuple[str, float]:
+    """py3langid's best language as the column would name it (ISO 639-1; "" for none), and its probability."""
     code, probability = best_guess(text)
-    return code, round(probability, 4)
+    return iso_639_1(code) or "", round(probability, 4)
 
 
 def measure(pages_per_language: int, strings_per_language: int, seed: int = 0) -> dict:
@@ -179,7 +180,7 @@ def measure(pages_per_language: int, strings_per_language: int, seed: int = 0) -
 
 def answered(sample: dict, min_letters: int, min_probability: float) -> bool:
     """The rule of tasks.language.language over a stored classification."""
-    return sample["letters"] >= min_letters and sample["p"] >= min_probability and len(sample["code"]) == 2
+    return sample["letters"] >= min_letters and sample["p"] >= min_probability and sample["code"] != ""
 
 
 def tally(samples: list[dict], min_letters: int = MIN_LETTERS, min_probability: float = MIN_PROBABILITY) -> dict:

@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from tasks.language import language
+from tasks.language import MIN_PROBABILITY, best_guess, iso_639_1, language, letters
 from tasks.quality import (
     EMPTY, LOOP_LONG_SPAN, LOOP_LONG_SPAN_COPIES, LOOP_MIN_CHARS, LOOP_MIN_COPIES, LOOPED, TRUNCATED, confidence,
     degenerate_flags, field_confidence, repeated_tail,
@@ -88,8 +88,42 @@ def test_language_of_real_text_and_null_when_too_short():
     assert language(OCR_TEXT["valgrind_manual-page20.txt"]) == "en"
     assert language("Der schnelle braune Fuchs springt über den faulen Hund, jeden Tag.") == "de"
     assert language("Le renard brun rapide saute par-dessus le chien paresseux.") == "fr"
-    assert language("Total 12.50") is None  # too few letters to tell
-    assert language("") is None and language("2024-03-01 12:00 14:30") is None
+    assert language("Total 12.50") is None  # too little to tell: the best language scores 0.03
+    assert language("") is None and language("2024-03-01 12:00 14:30") is None  # no letter
+
+
+# Real translated messages of Debian's gettext catalogs (/usr/share/locale/LANG/LC_MESSAGES/DOMAIN.mo; the
+# measurement behind the rule: benchmarks/language.py, BENCHMARKS.md "Language").
+SHORT_AND_SURE = [  # under 16 letters, yet py3langid's best language scores 0.9 or more, and is right
+    ("zh", "不存在特定于模块的数据"),  # zh_CN, Linux-PAM
+    ("ja", "認証トークンの有効期限切れです"),  # ja, Linux-PAM
+    ("ru", "Есть новая почта."),  # ru, Linux-PAM
+    ("de", "Auszeit erreicht"),  # de, avahi
+    ("fr", "Fenêtre changée"),  # fr, bash
+    ("zh", "比較兩個版本號。"),  # zh_TW, appstream: py3langid says "yue" (Cantonese) at 0.75, a member of zh
+]
+CLOSE_PAIR_COIN_TOSSES = [  # 20+ letters, yet scored 0.5-0.7 and given the neighbouring language
+    ("hr", "Potreban je naziv repozitorija, parametar i vrijednost"),  # hr, PackageKit: "bs" at 0.64
+    ("id", "Otentikasi servis tidak mendapat kredential pengguna"),  # id, Linux-PAM: "ms" at 0.58
+    ("cs", "Vložte, prosím, správný nosič"),  # cs, PackageKit: "sk" at 0.52
+    ("pt", "A conta do utilizador expirou"),  # pt, Linux-PAM: "gl" at 0.50
+]
+
+
+@pytest.mark.parametrize("code, text", SHORT_AND_SURE)
+def test_a_short_answer_is_named_when_the_identifier_is_sure(code, text):
+    assert letters(text) < 16 and language(text) == code
+
+
+def test_labels_without_a_two_letter_code_become_their_macrolanguages_or_null():
+    assert [iso_639_1(code) for code in ("de", "yue", "wuu", "arz", "ary", "pcm", "zxx")] == ["de", "zh", "zh", "ar", "ar", None, None]
+
+
+@pytest.mark.parametrize("code, text", CLOSE_PAIR_COIN_TOSSES)
+def test_a_coin_toss_between_neighbouring_languages_is_null_not_the_wrong_one(code, text):
+    guess, probability = best_guess(text)
+    assert letters(text) >= 20 and guess != code and 0.5 <= probability < MIN_PROBABILITY
+    assert language(text) is None
 
 
 # Per-field confidence of a json answer (tasks.quality.field_confidence).
