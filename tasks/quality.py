@@ -1,4 +1,4 @@
-"""How far an answer can be trusted without reading it: degenerate answers, quality flags, confidence.
+"""How far an answer can be trusted without reading it: degenerate answers, quality flags, confidence (per field too).
 
 Pure functions of an answer's text, its `finish_reason` and its tokens'
 log-probabilities; no engine, no Beam. The engine stage reads every answer
