@@ -105,6 +105,11 @@ class EngineResult:
     # The sum of the generated tokens' log-probabilities (vLLM's cumulative_logprob, asked for with
     # SamplingParams(logprobs=0)); None when the engine returned none. tasks.quality.confidence reads it.
     logprob_sum: Optional[float] = None
+    # The generated tokens in order, each as vLLM decoded it alone (FlatLogprobs.decoded_tokens, byte-fallback
+    # pieces of one character mended: vllm/v1/engine/logprobs.py) with its sampled log-probability; joined,
+    # they spell `text` (and a stop token after it). None when no log-probabilities were asked for.
+    # tasks.quality.field_confidence reads it for a json answer's per-field confidence.
+    tokens: Optional[tuple[tuple[str, float], ...]] = None
     # Prompt tokens shared with the first request of its prefix group (same image, same budget: what it could
     # take from the prefix cache); 0 for that first request and for a request alone.
     shared_prefix_tokens: int = 0

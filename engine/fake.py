@@ -37,6 +37,7 @@ class Answer:
     generated_tokens: int = 0
     cached_tokens: int = 0
     logprob_sum: Optional[float] = None  # the answer's tokens' summed log-probabilities (confidence)
+    tokens: Optional[tuple[tuple[str, float], ...]] = None  # each token's text and log-probability (field confidence)
     shared_prefix_tokens: int = 0
     delay_s: float = 0.0  # from submission until the request settles (0: settled within submit)
     error: Optional[Exception] = None  # the request fails alone with this
@@ -118,7 +119,7 @@ class FakeEngine:
             future.set_result(EngineResult(
                 text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
                 generated_tokens=answer.generated_tokens, cached_tokens=answer.cached_tokens, latency_s=answer.delay_s,
-                logprob_sum=answer.logprob_sum,
+                logprob_sum=answer.logprob_sum, tokens=answer.tokens,
                 shared_prefix_tokens=answer.shared_prefix_tokens,
             ))
 

@@ -213,6 +213,20 @@ def sampling_params(
     )
 
 
+def sampled_tokens(logprobs: Any) -> Optional[tuple[tuple[str, float], ...]]:
+    """Each generated token's text and sampled log-probability, from a completion's FlatLogprobs; None without.
+
+    A position's entries start with the sampled token ("Sampler puts the sampled logprob in first",
+    vllm/v1/engine/logprobs.py); with logprobs=0 it is the only one.
+    """
+    if logprobs is None or not hasattr(logprobs, "start_indices"):
+        return None
+    decoded, values = logprobs.decoded_tokens, logprobs.logprobs
+    if any(decoded[start] is None for start in logprobs.start_indices):
+        return None  # no tokenizer to decode with (skip_tokenizer_init)
+    return tuple((decoded[start], float(values[start])) for start in logprobs.start_indices)
+
+
 def engine_prompt(prompt_text: str, image: Image.Image, image_key: str, vision_tokens: Optional[int]) -> dict[str, Any]:
     """The vLLM prompt of one task of one image (the benchmarks' peer designs send exactly these too).
 
@@ -678,6 +692,7 @@ class VisionEngine:
                 cached_tokens=int(output.num_cached_tokens or 0),
                 latency_s=time.monotonic() - request.submitted_at,
                 logprob_sum=None if completion.cumulative_logprob is None else float(completion.cumulative_logprob),
+                tokens=sampled_tokens(completion.logprobs),
                 shared_prefix_tokens=common_prefix_length(prompt, request.leader_prompt),
             )
         )

@@ -282,6 +282,8 @@ def _task_stats_line(row: Mapping[str, Any]) -> str:
         parts.append(f"confidence {_n(float(row['confidence']), 3)}")
     if row.get("language"):
         parts.append(f"language {_e(row['language'])}")
+    if row.get("field_confidence"):  # a json answer's fields, each with its value's confidence
+        parts.append("fields " + ", ".join(f"{_e(f['field'])} {_n(float(f['confidence']), 3)}" for f in row["field_confidence"]))
     return f'<p class="stats">{" · ".join(parts)}</p>'
 
 

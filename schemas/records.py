@@ -181,6 +181,9 @@ class TaskCompletion:
     quality_flags: tuple[str, ...] = ()
     confidence: Optional[float] = None
     language: Optional[str] = None
+    # A json answer's top-level fields, each with the geometric-mean probability of its value's tokens
+    # (tasks.quality.field_confidence), in the order written; None for other tasks or when not attributable.
+    field_confidence: Optional[tuple[tuple[str, float], ...]] = None
 
     # Prompt tokens shared with the first task of its prefix group (same image, same budget): what it could take
     # from the prefix cache (engine.api.EngineResult); 0 for the group's first task and a task alone.

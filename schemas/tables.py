@@ -28,6 +28,7 @@ _FRAMES = [
 ]
 DETECTION_TYPE = pa.struct([("label", pa.string())] + _FRAMES)
 # A layout block: reading-order index, category, text, and its box in the frames of a detection (null: no area).
+FIELD_CONFIDENCE_TYPE = pa.struct([("field", pa.string()), ("confidence", pa.float32())])
 BLOCK_TYPE = pa.struct([("index", pa.int32()), ("category", pa.string()), ("text", pa.string())] + _FRAMES)
 
 _ITEM_FIELDS = [
@@ -77,6 +78,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("quality_flags", pa.list_(pa.string())),
         pa.field("confidence", pa.float32()),  # geometric-mean probability of the answer's tokens, 0-1
         pa.field("language", pa.string()),  # ISO 639-1 of a text answer; null when too short to tell
+        # json answers: each top-level field's value and the geometric-mean probability of its tokens
+        pa.field("field_confidence", pa.list_(FIELD_CONFIDENCE_TYPE)),
     ]
     + _RUN_FIELDS
 )
@@ -166,6 +169,9 @@ def result_row(completion: TaskCompletion, run: RunInfo, parsed: ParsedAnswer) -
         quality_flags=list(info.quality_flags) + list(completion.quality_flags),
         confidence=completion.confidence,
         language=completion.language,
+        field_confidence=None if completion.field_confidence is None else [
+            {"field": key, "confidence": value} for key, value in completion.field_confidence
+        ],
     )
     row.update(_run_columns(run))
     return row

@@ -1,4 +1,4 @@
-"""How far an answer can be trusted without reading it: degenerate answers, quality flags, confidence.
+"""How far an answer can be trusted without reading it: degenerate answers, quality flags, confidence (per field too).
 
 Pure functions of an answer's text, its `finish_reason` and its tokens'
 log-probabilities; no engine, no Beam. The engine stage reads every answer
@@ -21,9 +21,12 @@ or failed validation). Other stages add their own flags to the same column
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
+import json
 import math
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
 TRUNCATED, LOOPED, EMPTY, RETRIED = "truncated", "looped", "empty", "retried"
 # The flags that say an answer is degenerate: they climb the ladder, and --count_flagged_as_errors
@@ -118,3 +121,93 @@ def confidence(logprob_sum: Optional[float], tokens: int) -> Optional[float]:
     if logprob_sum is None or tokens <= 0:
         return None
     return min(1.0, max(0.0, math.exp(logprob_sum / tokens)))
+
+
+def object_field_spans(text: str, document: Mapping[str, Any]) -> Optional[dict[str, tuple[int, int]]]:
+    """Where each top-level field's value of `document` stands in `text`: {key: (start, end)} character offsets.
+
+    The answer text is the model's raw output (thought channel, code fence,
+    prose around the JSON); the document is what the task read from it. Every
+    `{` is tried in order; the first JSON object there, read field by field
+    with the standard library's `raw_decode` (which returns where each value
+    ends), that equals the document gives the spans. None when no object in
+    the text is the document (it was salvaged from a cut-off list, say).
+    """
+    decoder = json.JSONDecoder(strict=False)  # strict=False as tasks.answers reads it: raw control characters in strings
+    start = text.find("{")
+    while start != -1:
+        spans = _object_spans(text, start, decoder)
+        if spans is not None and _document_of(text, spans, decoder) == dict(document):
+            return {key: span for key, span in spans}
+        start = text.find("{", start + 1)
+    return None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
+
+
+def _object_spans(text: str, start: int, decoder: json.JSONDecoder) -> Optional[list[tuple[str, tuple[int, int]]]]:
+    """The (key, value span) of each member of the JSON object opening at text[start] ("{"); None if it is not one."""
+    spans: list[tuple[str, tuple[int, int]]] = []
+    at = _skip_space(text, start + 1)
+    if text.startswith("}", at):
+        return spans
+    try:
+        while True:
+            key, at = decoder.raw_decode(text, at)
+            at = _skip_space(text, at)
+            if not isinstance(key, str) or not text.startswith(":", at):
+                return None
+            value_start = _skip_space(text, at + 1)
+            _, at = decoder.raw_decode(text, value_start)
+            spans.append((key, (value_start, at)))
+            at = _skip_space(text, at)
+            if text.startswith("}", at):
+                return spans
+            if not text.startswith(",", at):
+                return None
+            at = _skip_space(text, at + 1)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _document_of(text: str, spans: list[tuple[str, tuple[int, int]]], decoder: json.JSONDecoder) -> dict[str, Any]:
+    return {key: decoder.raw_decode(text, start)[0] for key, (start, _) in spans}
+
+
+def field_confidence(
+    tokens: Optional[Sequence[tuple[str, float]]], text: str, data: Optional[str],
+) -> Optional[tuple[tuple[str, float], ...]]:
+    """The confidence of each top-level field of a JSON answer: `confidence`'s formula over its value's tokens.
+
+    `tokens` are the generated tokens in order, each as its decoded text and
+    its sampled log-probability (engine.api.EngineResult.tokens); joined, they
+    spell the raw answer `text` (and the stop token vLLM leaves out of it), so
+    each token covers a known span of it. `data` is the document the task read
+    from the answer (the `data` column's JSON text). A field's figure is the
+    geometric-mean probability of the tokens that overlap its value's
+    characters (a token that also holds the `,` or `"` around it counts: the
+    model wrote both at once). Fields in the order the model wrote them. None
+    when the tokens are unknown or do not spell the text, when the document
+    is not an object, or when it is not found in the text as written (a
+    document salvaged from a cut-off list).
+    """
+    if not tokens or data is None or not "".join(piece for piece, _ in tokens).startswith(text):
+        return None
+    document = json.loads(data)
+    if not isinstance(document, dict):
+        return None
+    spans = object_field_spans(text, document)
+    if spans is None:
+        return None
+    ends = list(itertools.accumulate(len(piece) for piece, _ in tokens))
+    figures = []
+    for key, (start, end) in spans.items():
+        first = bisect.bisect_right(ends, start)  # the token holding the value's first character
+        last = bisect.bisect_left(ends, end)  # ... and its last
+        logprobs = [logprob for _, logprob in tokens[first: last + 1]]
+        figures.append((key, min(1.0, max(0.0, math.exp(math.fsum(logprobs) / len(logprobs))))))
+    return tuple(figures)

@@ -210,7 +210,8 @@ def hostile_location(root: str, image_uri: str) -> None:
                    run, ParsedAnswer(HOSTILE_OCR)),
         result_row(completion("caption", HOSTILE_CAPTION, thought=HOSTILE_THOUGHT), run, ParsedAnswer(HOSTILE_CAPTION)),
         result_row(completion("detect", DETECT_ANSWER), run, ParsedAnswer(DETECT_ANSWER, (square,))),
-        result_row(completion("invoice", json.dumps(HOSTILE_DATA), instruction="Extract."), run,
+        result_row(completion("invoice", json.dumps(HOSTILE_DATA), instruction="Extract.",
+                              field_confidence=(("<b>note", 0.97), ("total", 0.2))), run,
                    ParsedAnswer(json.dumps(HOSTILE_DATA), data=json.dumps(HOSTILE_DATA))),
         result_row(completion("answer", "yes", instruction=HOSTILE_QUESTION), run, ParsedAnswer("yes")),
         result_row(completion("layout", "[...]"), run, ParsedAnswer(
@@ -242,6 +243,7 @@ def assert_hostile_text_is_text(page: str) -> None:
     # An answer's quality: its flags (degenerate ones as warnings), confidence and language; the tasks table's.
     assert '<span class="pill warn">looped</span>' in page and '<span class="pill ">retried</span>' in page
     assert "confidence 0.420" in page and "language en" in page and "mean confidence" in page
+    assert "fields &lt;b&gt;note 0.970, total 0.200" in page  # a json answer's per-field confidence
 
 
 def test_model_output_is_shown_as_text(tmp_path):

@@ -344,3 +344,38 @@ def test_an_empty_answer_of_another_kind_is_no_degenerate_retry():
     stage = DrivenStage(script(caption=Answer("a cat"), detect=Answer("[]")))
     during, _ = stage.bundle([item(1)])
     assert {value.task: (value.attempts, value.quality_flags) for value in during} == {"caption": (1, ()), "detect": (1, ())}
+
+
+def test_a_json_answer_gets_a_confidence_per_field_through_to_parquet(tmp_path):
+    """The engine's tokens (text, log-probability) give each top-level field its own figure; a retry's answer is the
+    one scored; a text task and an answer without tokens get none."""
+    from tasks.kinds import JSON
+
+    schema = {"type": "object", "properties": {"number": {"type": "string"}, "total": {"type": "number"}}, "required": ["number", "total"]}
+    invoice = Task("invoice", "Extract the invoice.", JSON, schema=schema, retries=JSON.retries("Extract the invoice.", schema))
+    answer = 'Sure.\n```json\n{"number": "INV-7", "total": 12.5}\n```'
+    unsure_at = answer.index("12.5")
+    pieces = [answer[i:i + 4] for i in range(0, len(answer), 4)] + ["<turn|>"]  # the stop token, outside the text
+    tokens = tuple((piece, -1.5 if i * 4 < unsure_at + 4 and i * 4 + len(piece) > unsure_at else -0.02)
+                   for i, piece in enumerate(pieces))
+    stage = DrivenStage({
+        invoice.instruction: [  # the first rung re-asks the same instruction, sampled
+            Answer('{"number": 7}', tokens=(('{"number": 7}', -0.1),)),  # fails the schema: retried
+            Answer(answer, generated_tokens=len(tokens), logprob_sum=sum(lp for _, lp in tokens), tokens=tokens)],
+        **script(caption=Answer("a cat", tokens=(("a", -0.1), (" cat", -0.1)))),
+    }, tasks=[invoice, BUILTIN_TASKS["caption"]])
+    during, at_end = stage.bundle([item(1)])
+    done = {value.task: value for value in during + at_end}
+    assert done["invoice"].attempts == 2
+    assert done["invoice"].field_confidence == (("number", pytest.approx(math.exp(-0.02))), ("total", pytest.approx(math.exp(-1.5))))
+    assert done["caption"].field_confidence is None
+
+    parse = ParseCompletions([invoice, BUILTIN_TASKS["caption"]], RunInfo("run-1", "model-x", "v1"))
+    rows = [row for task in ("invoice", "caption") for row in parse.process(done[task])]
+    path = tmp_path / "results.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), path)
+    back = {row["task"]: row for row in pq.read_table(path).to_pylist()}
+    assert [(f["field"], round(f["confidence"], 4)) for f in back["invoice"]["field_confidence"]] == [
+        ("number", round(math.exp(-0.02), 4)), ("total", round(math.exp(-1.5), 4))]
+    assert back["invoice"]["data"] == '{"number":"INV-7","total":12.5}' and back["caption"]["field_confidence"] is None
+    assert pq.read_schema(path).field("field_confidence").type == pa.list_(pa.struct([("field", pa.string()), ("confidence", pa.float32())]))

@@ -26,7 +26,7 @@ from library.errors import task_failure
 from library.metadata import ItemValues, PromptError
 from library.progress import PROGRESS
 from schemas.records import ImageItem, Stage, TaskCompletion
-from tasks.quality import DEGENERATE_FLAGS, confidence
+from tasks.quality import DEGENERATE_FLAGS, confidence, field_confidence
 from tasks.task import Task, TaskFingerprints
 from tasks.text_layer import ANCHOR, MODEL
 from transforms.text_layer import anchored_request, with_agreement
@@ -201,4 +201,8 @@ class RunTasks(beam.DoFn):
             self._pending.append(dataclasses.replace(pending, attempt=attempt, request=request, future=future))
             return None
         metrics.count("tasks_done")
+        if completion.parsed is not None and completion.parsed.data is not None:
+            completion = dataclasses.replace(
+                completion, field_confidence=field_confidence(result.tokens, result.text, completion.parsed.data),
+            )
         return pending.at.with_value(with_agreement(pending.task, completion))
