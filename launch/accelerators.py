@@ -20,7 +20,7 @@ CUDA = "cuda"  # vLLM CUDA worker image (launch/Dockerfile, target cuda)
 class Chip:
     """One accelerator chip kind: what Dataflow calls it and what one chip can do."""
 
-    name: str  # "v6e", "l4", "h100": image tags, profile names, TPU_ACCELERATOR_TYPE prefix
+    name: str  # "v6e", "l4", "h100": image tags, profile names
     accelerator: str  # Dataflow's worker_accelerator type
     platform: str  # TPU or CUDA: which worker image and which engine rules apply
     peak_bf16_flops: float  # per chip, dense bf16 matmul peak
@@ -28,6 +28,12 @@ class Chip:
     hbm_bytes_per_s: float  # per chip
     price_per_chip_hour: float  # USD, indicative (see PRICES_AS_OF)
     native_fp8: bool  # fp8 matmuls in hardware: fp8 weights are only offered where this holds
+    # TPU only: Cloud TPU's AcceleratorType prefix, TPU_ACCELERATOR_TYPE = "<prefix>-<chips>". Not always the chip's
+    # name: v5e slices are "v5litepod-1/-4/-8" (Cloud TPU docs, "TPU v5e": AcceleratorType v5litepod-N <->
+    # ct5lp-hightpu-Nt), v6e slices "v6e-N". tpu-inference reads it to count cores per chip (vllm-project/tpu-inference
+    # tpu_inference/tpu_info.py get_num_cores_per_chip: one core for a type starting "v5litepod" or "v6e", two
+    # otherwise), so "v5e-4" would be taken for a two-core chip.
+    tpu_type_prefix: Optional[str] = None
 
 
 # TPU chip facts: Cloud TPU "TPU v6e" / "TPU v5e" system-architecture pages (per chip: v6e 918 TFLOP/s bf16,
@@ -41,8 +47,8 @@ class Chip:
 # for TPUs" page, Pricing); GPU jobs pay the GPU-hours plus the worker's vCPU, memory and disk (Dataflow
 # pricing page). The figures are indicative list prices; pass --price-per-chip-hour to the planner.
 PRICES_AS_OF = "indicative 2025 list prices (Cloud TPU / GPU pricing pages), not re-checkable offline"
-V6E = Chip("v6e", "tpu-v6e-slice", TPU, 918e12, 32e9, 1640e9, 2.70, native_fp8=False)
-V5E = Chip("v5e", "tpu-v5-lite-podslice", TPU, 197e12, 16e9, 819e9, 1.20, native_fp8=False)
+V6E = Chip("v6e", "tpu-v6e-slice", TPU, 918e12, 32e9, 1640e9, 2.70, native_fp8=False, tpu_type_prefix="v6e")
+V5E = Chip("v5e", "tpu-v5-lite-podslice", TPU, 197e12, 16e9, 819e9, 1.20, native_fp8=False, tpu_type_prefix="v5litepod")
 L4 = Chip("l4", "nvidia-l4", CUDA, 121e12, 24e9, 300e9, 0.56, native_fp8=True)
 H100 = Chip("h100", "nvidia-h100-80gb", CUDA, 989e12, 80e9, 3350e9, 9.80, native_fp8=True)
 CHIPS = (V6E, V5E, L4, H100)
@@ -60,7 +66,7 @@ class WorkerShape:
 
     @property
     def name(self) -> str:
-        """`v6e-4`, `l4-1`: the TPU accelerator type for TPUs; image tags and profile names."""
+        """`v6e-4`, `l4-1`: image tags and profile names (a TPU's runtime type is `tpu_accelerator_type`)."""
         return f"{self.chip.name}-{self.chips}"
 
     def service_option(self) -> str:
@@ -71,6 +77,13 @@ class WorkerShape:
         # Dataflow "Use NVIDIA L4 GPUs" / "Use GPUs": type, count, and Dataflow installs the driver.
         return f"worker_accelerator=type:{self.chip.accelerator};count:{self.chips};install-nvidia-driver"
 
+    @property
+    def tpu_accelerator_type(self) -> str:
+        """Cloud TPU's name for this single-host slice: `v6e-4`, `v5litepod-4` (TPU_ACCELERATOR_TYPE)."""
+        if self.chip.tpu_type_prefix is None:
+            raise ValueError(f"{self.name} is not a TPU worker")
+        return f"{self.chip.tpu_type_prefix}-{self.chips}"
+
     def image_env(self) -> Mapping[str, str]:
         """Runtime variables baked into the worker image for this shape (none for GPUs)."""
         if self.chip.platform != TPU:
@@ -79,9 +92,12 @@ class WorkerShape:
         # What the TPU runtime would otherwise read from a TPU VM's metadata server. With TPU_SKIP_MDS_QUERY it takes
         # the accelerator type, bounds, worker id and worker hostnames from these variables instead (pytorch/xla
         # torch_xla/_internal/tpu.py, "Try bootstrapping tpu env from env vars", commit f2cb76f), and a Dataflow
-        # worker VM is no TPU VM. A single host is worker 0 of a one-host slice named localhost, as Dataflow's TPU
-        # container example sets them (Dataflow docs, "Run a pipeline with TPUs"), and as Ray derives them for one
-        # host (ray.util.tpu.get_jax_env_vars: TPU_WORKER_ID defaults to 0 for a single host).
+        # worker VM is no TPU VM. A single host is worker 0 of a one-host slice named localhost: the same six
+        # variables and values as a Dataflow TPU flex-template example (rachelgagnon/gemma-flex-tpu-example Dockerfile:
+        # TPU_SKIP_MDS_QUERY=1, TPU_HOST_BOUNDS=1,1,1, TPU_WORKER_HOSTNAMES=localhost, TPU_WORKER_ID=0,
+        # TPU_ACCELERATOR_TYPE=v6e-1, TPU_CHIPS_PER_HOST_BOUNDS "update based on topology"), and as Ray derives them
+        # for one host (ray.util.tpu.get_jax_env_vars: TPU_WORKER_ID defaults to 0 for a single host). The Dockerfile
+        # of Dataflow docs' "Run a pipeline with TPUs" (its custom container section) is not quoted here: unverified.
         return {
             "TPU_SKIP_MDS_QUERY": "1",
             "TPU_WORKER_ID": "0",
@@ -90,7 +106,7 @@ class WorkerShape:
             "TPU_HOST_BOUNDS": "1,1,1",
             # The chips of this host, as x,y,z.
             "TPU_CHIPS_PER_HOST_BOUNDS": f"{rows},{columns},1",
-            "TPU_ACCELERATOR_TYPE": self.name,
+            "TPU_ACCELERATOR_TYPE": self.tpu_accelerator_type,
         }
 
 

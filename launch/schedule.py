@@ -109,13 +109,18 @@ def scheduler_command(
 
 # Cloud Monitoring alerting policies (REST JSON, projects.alertPolicies: AlertPolicy), one pair per nightly job.
 # 1. The night's Dataflow job failed, in the launcher or on the workers (a refused rerun of a finished night, an
-#    error budget exceeded, storage down past its budget): Dataflow's job/is_failed metric (BOOL gauge on the
-#    dataflow_job resource, "Has this job failed"; Cloud Monitoring "Google Cloud metrics", dataflow), for this
-#    night's fixed job name.
-# 2. The launch itself was refused, so no job exists to fail: Cloud Scheduler logs every attempt on the
-#    cloud_scheduler_job resource, a failed one (403, 409 while the last night still runs, ...) at severity ERROR
-#    (Cloud Scheduler docs, "View logs"). A log-based alerting policy (Cloud Monitoring, "Configure log-based
-#    alerting policies": conditionMatchedLog, which needs alertStrategy.notificationRateLimit) matches them.
+#    error budget exceeded, storage down past its budget): Dataflow's job/is_failed metric on the dataflow_job
+#    resource ("Has this job failed"; Cloud Monitoring "Google Cloud metrics", dataflow), for this night's fixed job
+#    name, aligned with ALIGN_MAX: a numeric gauge, 1 once the job failed. (The metric table's value-type row was not
+#    readable here; public alerting policies on this metric align it with ALIGN_MAX or ALIGN_SUM, which Monitoring
+#    accepts only for numeric values, so not BOOL; a wrong aligner is refused when the policy is created, not later.)
+# 2. The launch itself was refused, so no job exists to fail: Cloud Scheduler logs the start and the end of every
+#    execution on the cloud_scheduler_job resource (Cloud Scheduler docs, "Troubleshoot Cloud Scheduler", "View
+#    logs"), a failed one (403, 409 while the last night still runs, ...) at severity ERROR (that severity is not
+#    confirmed by the docs text available here: check it once with `gcloud scheduler jobs run` before trusting the
+#    alert, docs/operations.md step 12). A log-based alerting policy (Cloud Monitoring, "Configure log-based
+#    alerting policies": conditionMatchedLog; AlertStrategy.notificationRateLimit is "required for alert policies
+#    with a LogMatch condition", Monitoring API v3 reference) matches them.
 # A night run from Composer instead fails its task (launch/composer/vision_batch_launch.py) and still trips policy 1.
 ALERT_RATE_LIMIT = "3600s"  # at most one notification an hour per policy
 ALERT_AUTO_CLOSE = "604800s"  # an incident nobody closed closes after 7 days
@@ -136,7 +141,7 @@ def alert_policies(profile: LaunchProfile, deployment: Deployment) -> dict[str, 
                     "comparison": "COMPARISON_GT",
                     "thresholdValue": 0,
                     "duration": "0s",
-                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_COUNT_TRUE"}],
+                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_MAX"}],
                 },
             }],
             "alertStrategy": {"autoClose": ALERT_AUTO_CLOSE},
@@ -168,13 +173,16 @@ def alert_policies(profile: LaunchProfile, deployment: Deployment) -> dict[str, 
 def alert_commands(deployment: Deployment, policy_files: Sequence[str]) -> list[list[str]]:
     """A notification channel (e-mail), then one policy per file, notifying it."""
     project = f"--project={deployment.project}"
+    # Cloud SDK reference: `gcloud beta monitoring channels create` (--display-name, --type, --channel-labels);
+    # `gcloud monitoring policies create` (GA; --policy-from-file takes an AlertPolicy as JSON or YAML,
+    # --notification-channels the channels' resource names).
     commands = [[
         "gcloud", "beta", "monitoring", "channels", "create", "--display-name=vision-batch nightly", "--type=email",
         "--channel-labels=email_address=YOU@example.com", project,
     ]]
     for policy_file in policy_files:
         commands.append([
-            "gcloud", "alpha", "monitoring", "policies", "create", f"--policy-from-file={policy_file}",
+            "gcloud", "monitoring", "policies", "create", f"--policy-from-file={policy_file}",
             "--notification-channels=CHANNEL_ID", project,
         ])
     return commands

@@ -6,6 +6,7 @@ import datetime
 import json
 import pathlib
 import re
+import shlex
 
 import jinja2
 import pytest
@@ -223,7 +224,11 @@ def test_a_refused_or_failed_night_turns_the_airflow_task_red(monkeypatch, tmp_p
     go_offline(monkeypatch, tmp_path)
     arguments = vision_batch_launch.launch_arguments(json.dumps(nightly()))
     assert arguments["deferrable"] is True
-    assert arguments.get("wait_until_finished", True) is not False
+    # _validate_deferrable_params: deferrable with wait_until_finished=True raises ValueError when the DAG is parsed;
+    # left unset, the operator sets it False itself and waits in the trigger.
+    assert arguments.get("wait_until_finished") is None
+    # The deferred path succeeds on JOB_STATE_DONE only; an expected_terminal_state would not be read there.
+    assert "expected_terminal_state" not in arguments
     # The trigger polls on through JOB_STATE_CANCELLED; the timeout ends the wait before the next night is due.
     assert datetime.timedelta(hours=1) < arguments["execution_timeout"] < datetime.timedelta(days=1)
 
@@ -268,10 +273,21 @@ def test_schedule_writes_alert_policies_for_a_failed_night_and_a_refused_launch(
     [condition] = failed.conditions
     assert 'metric.type="dataflow.googleapis.com/job/is_failed"' in condition.condition_threshold.filter
     assert 'resource.labels.job_name="vision-batch-nightly-tpu-v6e-1"' in condition.condition_threshold.filter
+    # A numeric gauge (1 once failed): a numeric aligner, above 0. ALIGN_COUNT_TRUE is for BOOL metrics only.
+    [aggregation] = condition.condition_threshold.aggregations
+    assert aggregation.per_series_aligner == monitoring_v3.Aggregation.Aligner.ALIGN_MAX
+    assert condition.condition_threshold.comparison == monitoring_v3.ComparisonType.COMPARISON_GT
+    assert condition.condition_threshold.threshold_value == 0
     [condition] = refused.conditions
     assert 'resource.type="cloud_scheduler_job"' in condition.condition_matched_log.filter
     assert 'resource.labels.job_id="vision-batch-nightly-tpu-v6e-1"' in condition.condition_matched_log.filter
     assert refused.alert_strategy.notification_rate_limit.period.total_seconds() > 0  # log-based policies need one
-    for kind in ("job-failed", "launch-refused"):
-        assert f"--policy-from-file={tmp_path / 'cfg'}/alert-{kind}-tpu-v6e-1.json" in out
-    assert "gcloud beta monitoring channels create" in out
+    # Cloud SDK reference: `gcloud monitoring policies create --policy-from-file` is GA; channels are created with
+    # `gcloud beta monitoring channels create`.
+    commands = [shlex.split(command) for command in out.replace(" \\\n    ", " ").splitlines()
+                if command.startswith("gcloud ") and "monitoring" in command]
+    assert len(commands) == 3 and commands[0][:5] == ["gcloud", "beta", "monitoring", "channels", "create"]
+    for command, kind in zip(commands[1:], ("job-failed", "launch-refused")):
+        assert command[:4] == ["gcloud", "monitoring", "policies", "create"]
+        assert f"--policy-from-file={tmp_path / 'cfg'}/alert-{kind}-tpu-v6e-1.json" in command
+        assert "--notification-channels=CHANNEL_ID" in command

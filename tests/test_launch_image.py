@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from launch import image
+from launch.accelerators import TPU_WORKERS
 from launch.profiles import PROFILES
 
 LAUNCH = pathlib.Path(image.__file__).parent
@@ -59,16 +60,25 @@ def test_images_and_build_arguments_derive_from_the_pins():
     assert image.launcher_image("r", PINS) == f"r/vision-batch-launcher:{PINS.version}"
 
 
-@pytest.mark.parametrize("profile", ["tpu-v6e-1", "tpu-v6e-4", "tpu-v6e-8"])
-def test_tpu_images_set_the_runtime_variables_of_dataflows_tpu_container(profile):
-    """The six variables of Dataflow's TPU container example: with the metadata server skipped, the runtime reads the
-    worker id and hostnames from the environment too (a single host: worker 0, localhost)."""
-    worker = PROFILES[profile].worker
+# Every single-host TPU worker, with Cloud TPU's AcceleratorType for it (Cloud TPU docs, "TPU v5e": v5litepod-1/4/8 on
+# ct5lp-hightpu-1t/4t/8t; v6e-1/4/8 on ct6e-standard-1t/4t/8t) and its chips per host as x,y,z.
+TPU_RUNTIME = {
+    "ct6e-standard-1t": ("v6e-1", "1,1,1"), "ct6e-standard-4t": ("v6e-4", "2,2,1"), "ct6e-standard-8t": ("v6e-8", "2,4,1"),
+    "ct5lp-hightpu-1t": ("v5litepod-1", "1,1,1"), "ct5lp-hightpu-4t": ("v5litepod-4", "2,2,1"),
+    "ct5lp-hightpu-8t": ("v5litepod-8", "2,4,1"),
+}
+
+
+@pytest.mark.parametrize("worker", TPU_WORKERS, ids=lambda w: w.machine_type)
+def test_tpu_images_set_the_runtime_variables_of_dataflows_tpu_container(worker):
+    """The six variables of Dataflow TPU container examples: with the metadata server skipped, the runtime reads the
+    worker id and hostnames from the environment too (a single host: worker 0, localhost). TPU_ACCELERATOR_TYPE is
+    Cloud TPU's type name (v5e: v5litepod-N), not the profile's chip name: tpu-inference counts cores per chip from it."""
+    accelerator_type, chips_per_host = TPU_RUNTIME[worker.machine_type]
     env = worker.image_env()
-    rows, columns = worker.topology.split("x")
     assert env == {
         "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "localhost",
-        "TPU_HOST_BOUNDS": "1,1,1", "TPU_CHIPS_PER_HOST_BOUNDS": f"{rows},{columns},1", "TPU_ACCELERATOR_TYPE": worker.name,
+        "TPU_HOST_BOUNDS": "1,1,1", "TPU_CHIPS_PER_HOST_BOUNDS": chips_per_host, "TPU_ACCELERATOR_TYPE": accelerator_type,
     }
     dockerfile = (LAUNCH / "Dockerfile").read_text()
     for name in env:  # baked into the tpu stage's environment, not only passed as build arguments

@@ -65,9 +65,13 @@ def launch_arguments(body_text: str) -> dict[str, Any]:
         # The task follows the job to its end and fails (red) when the launch is refused (the launch call
         # raises), the launcher refuses the night (e.g. a rerun into a finished night's output: the job ends
         # JOB_STATE_FAILED in the launcher) or the job fails or is stopped. Deferred: the wait runs in Airflow's
-        # triggerer, not on a worker slot, for the hours the job runs (apache-airflow-providers-google
-        # operators/dataflow.py DataflowStartFlexTemplateOperator.execute -> TemplateJobStartTrigger;
-        # execute_complete raises AirflowException on an "error" or "stopped" event).
+        # triggerer, not on a worker slot, for the hours the job runs (apache/airflow
+        # providers/google/src/airflow/providers/google/cloud/operators/dataflow.py:
+        # DataflowStartFlexTemplateOperator.execute -> hook.launch_job_with_flex_template, which posts `body` as the
+        # flexTemplates:launch request, then defers to TemplateJobStartTrigger; execute_complete raises
+        # AirflowException on an "error" or "stopped" event). `wait_until_finished` stays unset: the operator
+        # refuses it True beside deferrable=True and sets it False itself (_validate_deferrable_params), and
+        # `expected_terminal_state` is not read on the deferred path (the trigger succeeds on JOB_STATE_DONE only).
         "deferrable": True,
         "execution_timeout": NIGHT_TIMEOUT,
     }
