@@ -208,6 +208,13 @@ class VisionBatchOptions(PipelineOptions):
                  + "; a task file's own (512 when it gives none).",
         )
         model.add_argument(
+            "--max_retries", type=int, default=None, metavar="N",
+            help="Re-ask an answer at most N times along its task's retry ladder (a failed parse or schema check, "
+                 "or a degenerate prose answer: truncated, looping, empty). Default: the whole ladder (2 rungs for "
+                 "the built-in tasks). 0 keeps every first answer, flagged; each re-ask reuses the image's cached "
+                 "prefix, so it costs the answer's tokens, not the image's.",
+        )
+        model.add_argument(
             "--task_vision_tokens", dest="task_vision_tokens", action="append", default=None, metavar="TASK=N",
             help="A task's own image budget (70/140/280/560/1120), e.g. ocr=1120,caption=140; tasks without one "
                  "use --vision_tokens. Tasks of an image with different budgets do not share its prefix. Repeatable.",
@@ -446,6 +453,7 @@ _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("num_output_shards", lambda v: v >= 0, "0 (runner decides) or a positive number of files"),
     ("progress_interval_s", lambda v: v >= 0 and math.isfinite(v), "seconds, 0 or more (0: no progress lines)"),
     ("max_in_flight", lambda v: v >= 1, "at least 1"),
+    ("max_retries", lambda v: v >= 0, "0 or more"),
     ("host_feeders", lambda v: v >= 1, "at least 1 (1: an engine per worker process)"),
     ("engine_start_timeout_s", lambda v: v > 0 and math.isfinite(v), "seconds, more than 0"),
     ("pdf_dpi", lambda v: 0 < v <= 1200 and math.isfinite(v), "a resolution above 0 and at most 1200"),
@@ -851,6 +859,7 @@ class JobConfig:
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
     text_layer: TextLayerSettings = TextLayerSettings()  # --text_layer, --text_layer_check
     count_flagged_as_errors: bool = False  # degenerate results count against the error budget
+    max_retries: Optional[int] = None  # --max_retries: re-asks per answer at most; None: each task's whole ladder
     # The summary step raises when the run failed, so the job itself ends failed (Dataflow, flex
     # templates: what Cloud Scheduler and Composer see). A caller that waits and reports the
     # outcome itself (a local run through pipelines.vision_batch) turns it off.
@@ -912,6 +921,7 @@ class JobConfig:
             max_error_fraction=opts.max_error_fraction,
             text_layer=TextLayerSettings(opts.text_layer, opts.text_layer_check),
             count_flagged_as_errors=bool(opts.count_flagged_as_errors),
+            max_retries=opts.max_retries,
         )
 
     @staticmethod
@@ -957,4 +967,5 @@ class JobConfig:
             "max_error_fraction": self.max_error_fraction,
             "text_layer": dataclasses.asdict(self.text_layer),
             "count_flagged_as_errors": self.count_flagged_as_errors,
+            "max_retries": self.max_retries,
         }

@@ -92,7 +92,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> beam.PCollecti
         decode.DecodeUnits(config.limits, config.shards, config.tasks, config.text_layer)
     ).with_outputs(ERRORS_TAG, decode.SKIPPED_TAG, decode.LAYER_TAG, main="items")
     completed = decoded.items | "RunTasks" >> beam.ParDo(
-        run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s)
+        run_tasks.RunTasks(config.engine, config.tasks, config.progress_interval_s, max_retries=config.max_retries)
     ).with_outputs(ERRORS_TAG, main="completions")
     # PDF pages' answers from their text layers join the engine's on the way to the parse stage.
     from_layer = decoded[decode.LAYER_TAG] | "LayerCompletions" >> beam.FlatMap(lambda answers: answers.completions)

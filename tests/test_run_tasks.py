@@ -63,12 +63,12 @@ class DrivenStage:
 
     def __init__(
         self, engine_script: Script, tasks=TASKS, registry: EngineRegistry | None = None,
-        settings: EngineSettings = SETTINGS, **engine_args: Any,
+        settings: EngineSettings = SETTINGS, max_retries: int | None = None, **engine_args: Any,
     ):
         if registry is None:
             registry = EngineRegistry(lambda settings: FakeEngine(engine_script, **engine_args), idle_s=0)
         self.registry = registry
-        self.dofn = RunTasks(settings, tasks, progress_interval_s=0, engines=lambda: self.registry)
+        self.dofn = RunTasks(settings, tasks, progress_interval_s=0, engines=lambda: self.registry, max_retries=max_retries)
         self.dofn.setup()
 
     @property
@@ -140,6 +140,19 @@ def test_an_answer_failing_every_rung_goes_on_with_its_last_attempt():
     ladder = BUILTIN_TASKS["detect"].retries
     assert (detect.text, detect.attempts) == (NOT_BOXES, len(ladder) + 1)
     assert detect.instruction == BUILTIN_TASKS["detect"].request(ItemValues(None), len(ladder)).instruction
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 5])
+def test_max_retries_cuts_every_ladder_and_the_last_answer_goes_on(max_retries):
+    """--max_retries N: a failing parse and a degenerate prose answer are re-asked at most N times (never
+    beyond the task's own ladder); the answer then goes on as it is (parse error row / flagged result)."""
+    stage = DrivenStage(script(caption=Answer(LOOP, "length", generated_tokens=128), detect=Answer(NOT_BOXES)), max_retries=max_retries)
+    during, at_end = stage.bundle([item(1)])
+    done = {value.task: value for value in during + at_end}
+    for task in ("caption", "detect"):
+        assert done[task].attempts == 1 + min(max_retries, len(BUILTIN_TASKS[task].retries)), task
+    assert sum(len(requests) for _, requests in stage.engine.groups) == sum(d.attempts for d in done.values())  # no request more
+    assert "truncated" in done["caption"].quality_flags and done["detect"].text == NOT_BOXES
 
 
 def test_a_request_the_engine_rejects_becomes_an_engine_error_row_for_that_task_only():

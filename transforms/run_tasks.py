@@ -49,11 +49,13 @@ def image_key(item: ImageItem) -> str:
     return f"{item.info.content_hash}:{item.image.width}x{item.image.height}"
 
 
-def needs_retry(task: Task, completion: TaskCompletion) -> bool:
+def needs_retry(task: Task, completion: TaskCompletion, max_retries: Optional[int] = None) -> bool:
     """An answer (read: `Task.read`) that failed its task's validation, or a degenerate prose answer
-    (`tasks.quality`: truncated, looped, empty), with retry rungs left."""
+    (`tasks.quality`: truncated, looped, empty), with retry rungs left: the task's ladder, cut to
+    `max_retries` rungs when given (`--max_retries`)."""
     degenerate = task.output.prose and any(flag in DEGENERATE_FLAGS for flag in completion.quality_flags)
-    return (completion.parse_error is not None or degenerate) and completion.attempts <= len(task.retries)
+    rungs = len(task.retries) if max_retries is None else min(len(task.retries), max_retries)
+    return (completion.parse_error is not None or degenerate) and completion.attempts <= rungs
 
 
 class RunTasks(beam.DoFn):
@@ -72,10 +74,12 @@ class RunTasks(beam.DoFn):
 
     def __init__(
         self, settings: EngineSettings, tasks: Sequence[Task], progress_interval_s: float = 30.0,
-        engines: Callable[[], EngineRegistry] = process_engines,
+        engines: Callable[[], EngineRegistry] = process_engines, max_retries: Optional[int] = None,
     ):
-        """`engines` names the worker process's engine registry (called in `setup`, in the worker)."""
+        """`engines` names the worker process's engine registry (called in `setup`, in the worker);
+        `max_retries` cuts every task's retry ladder to that many rungs (`--max_retries`; None: whole)."""
         self._settings = settings
+        self._max_retries = max_retries
         self._engines_of = engines
         self._tasks = {task.name: task for task in tasks}
         self._fingerprints = TaskFingerprints(tasks, settings)
@@ -189,7 +193,7 @@ class RunTasks(beam.DoFn):
             instruction=pending.request.instruction,
             task_fingerprint=pending.fingerprint,
         ))
-        if needs_retry(pending.task, completion):
+        if needs_retry(pending.task, completion, self._max_retries):
             assert self._engine is not None
             attempt = pending.attempt + 1
             # A rung names no value the task's instruction does not (Task checks): the first attempt found them all.
