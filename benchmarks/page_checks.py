@@ -2,6 +2,8 @@
 
     python -m benchmarks.page_checks [--pages 120] [--blanks 100] [--pdf PATH ...] [--json benchmarks/page_checks.json]
 
+(`--blanks 0` measures orientation only.)
+
 Pages come from PDFs this project did not write: Debian's R manuals
 (r-doc-pdf, /usr/share/doc/r-doc-pdf/manual/*.pdf) unless `--pdf` names
 others. Text pages (at least `MIN_TEXT_CHARS` characters in their text
@@ -12,8 +14,9 @@ pipeline renders them (`library.formats.render_pdf_page`), and:
   half of them made scan-like (`scan_like`), and given to
   `library.page_checks.detect_rotation`; right when it answers the turn that
   undoes ours. Its first look alone (OSD at ~150 dpi, the detector before
-  the second look was added) is scored on the same samples, side by side. CPU per page is this process's and Tesseract's (its child)
-  CPU time, so a shared machine's load inflates wall time but not this.
+  the second look was added) is scored on the same samples, side by side.
+  CPU per page is this process's and Tesseract's (its child) CPU time, so a
+  shared machine's load inflates wall time but not this.
 - **Blank pages**: scan-like empty pages (paper tint, uneven light, grain,
   dust, blur, JPEG, a scanner's dark border) should be called blank; pages
   holding only a little real content, cut from the same rendered pages,

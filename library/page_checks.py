@@ -164,9 +164,10 @@ OSD_MIN_CONFIDENCE = 2.0
 OSD_SURE_CONFIDENCE = 5.0
 # The second look: the page scaled up this many times (bicubic), about 300 dpi, the resolution
 # Tesseract is made for (tesseract-ocr.github.io/tessdoc/ImproveQuality: "at least 300 dpi").
-# Measured on 24 pages x 4 turns, half scan-like: OSD at 2x answered every one of the 96 right
-# (its confidence on scan-like pages about twice the first look's), against 91 at 150 dpi and
-# 92 at 1.5x; it costs about 4x the first look's CPU, so only unsure pages get it.
+# Measured on 24 pages x 4 turns, half scan-like (BENCHMARKS.md "Page checks"): OSD's answer at 2x
+# was right on all 96 whatever its confidence (on scan-like pages about twice the first look's),
+# against 89 at 150 dpi, 92 at 1.5x, and 61 on the page binarised first (`ink`: blurred strokes
+# break apart); it costs about 4x the first look's CPU, so only unsure pages get it.
 OSD_SECOND_LOOK_SCALE = 2
 # Text lines (`line_axis`): log of the row profile's roughness over the column profile's. Rendered
 # and scan-like text pages measured |2.5|-|3.9|, a page of R code and formulas 0.74; beyond this,
