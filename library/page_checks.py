@@ -167,7 +167,8 @@ OSD_SURE_CONFIDENCE = 5.0
 # Measured on 24 pages x 4 turns, half scan-like (BENCHMARKS.md "Page checks"): OSD's answer at 2x
 # was right on all 96 whatever its confidence (on scan-like pages about twice the first look's),
 # against 89 at 150 dpi, 92 at 1.5x, and 61 on the page binarised first (`ink`: blurred strokes
-# break apart); it costs about 4x the first look's CPU, so only unsure pages get it.
+# break apart). It costs about 1.5x the first look's CPU (1.1 CPU-s against 0.71 per page, 80-page run),
+# so only unsure pages get it.
 OSD_SECOND_LOOK_SCALE = 2
 # Text lines (`line_axis`): log of the row profile's roughness over the column profile's. Rendered
 # and scan-like text pages measured |2.5|-|3.9|, a page of R code and formulas 0.74; beyond this,
