@@ -11,8 +11,11 @@ stage (`transforms.decode`) and measured by `benchmarks/page_checks.py`:
 - `detect_rotation`: Tesseract's orientation and script detection (OSD,
   `tesseract --psm 0 -l osd`, Debian's tesseract-ocr and tesseract-ocr-osd),
   run as a subprocess so a crash on a strange page cannot take the worker
-  with it. It answers the clockwise turn (0, 90, 180, 270) that makes the
-  page upright, or 0 when it cannot tell.
+  with it; where it is unsure (blurred scans, small print), a second look
+  at twice the size, checked against the direction of the page's text
+  lines (`line_axis`, a projection profile of the ink). It answers the
+  clockwise turn (0, 90, 180, 270) that makes the page upright, or 0 when
+  it cannot tell.
 - `turn_upright` and `box_to_source`: the turn, and its inverse for boxes,
   so a box the model drew on the upright page lands on the source's pixels.
 
@@ -148,12 +151,30 @@ def is_document(fmt: Format, data: bytes, image: Image.Image, grey: Image.Image)
 
 
 # --- orientation ----------------------------------------------------------------------------------
-# Tesseract's OSD reads characters of a normal size: pages are given to it as `checked_grey`
+# Tesseract's OSD reads characters of a normal size: pages are given to it first as `checked_grey`
 # makes them (about 150 dpi, larger scans downscaled). At 100 dpi its confidence halved and at
 # 75 dpi it answered wrongly on a page of R-intro.pdf.
-# Below this "Orientation confidence" the answer is not acted on (the page stays as it is):
+# Below this "Orientation confidence" an answer is not acted on (the page stays as it is):
 # measured on Debian's manuals, BENCHMARKS.md "Page checks".
 OSD_MIN_CONFIDENCE = 2.0
+# At or above this confidence the first look (~150 dpi) is taken as it is. Measured
+# (benchmarks/page_checks.py, BENCHMARKS.md "Page checks"): its wrong answers reached 3.99 (a
+# scan-like page of R code, refman.pdf page 603, standing upright, answered 180) and 2.95, while
+# most right ones on clean pages are above 10; below it, the page gets a second look.
+OSD_SURE_CONFIDENCE = 5.0
+# The second look: the page scaled up this many times (bicubic), about 300 dpi, the resolution
+# Tesseract is made for (tesseract-ocr.github.io/tessdoc/ImproveQuality: "at least 300 dpi").
+# Measured on 24 pages x 4 turns, half scan-like (BENCHMARKS.md "Page checks"): OSD's answer at 2x
+# was right on all 96 whatever its confidence (on scan-like pages about twice the first look's),
+# against 89 at 150 dpi, 92 at 1.5x, and 61 on the page binarised first (`ink`: blurred strokes
+# break apart). It costs about 1.5x the first look's CPU (1.1 CPU-s against 0.71 per page, 80-page run),
+# so only unsure pages get it.
+OSD_SECOND_LOOK_SCALE = 2
+# Text lines (`line_axis`): log of the row profile's roughness over the column profile's. Rendered
+# and scan-like text pages measured |2.5|-|3.9|, a page of R code and formulas 0.74; beyond this,
+# the lines' direction is taken as known (a page whose OSD answers are too weak to act on, but
+# whose lines run up and down, is turned by OSD's answer of 90 or 270: it is not upright anyway).
+LINE_AXIS_SURE = 1.5
 OSD_TIMEOUT_S = 60.0
 _ROTATE = re.compile(r"^Rotate:\s*(\d+)", re.MULTILINE)
 _CONFIDENCE = re.compile(r"^Orientation confidence:\s*([-\d.]+)", re.MULTILINE)
@@ -164,9 +185,20 @@ class OrientationUnavailable(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class OsdLook:
+    """One answer of Tesseract's OSD: the page read at `scale` times `checked_grey`'s size."""
+
+    scale: int
+    rotation: int  # Tesseract's `Rotate`: clockwise degrees that turn the page upright
+    confidence: float  # its "Orientation confidence"
+
+
+@dataclasses.dataclass(frozen=True)
 class Orientation:
     rotation: int  # clockwise degrees that turn the page upright: 0, 90, 180 or 270
-    confidence: Optional[float]  # Tesseract's orientation confidence; None: it could not tell (too little text)
+    confidence: Optional[float]  # OSD's confidence in the answer acted on (or the last look's); None: no look could tell
+    looks: tuple[Optional[OsdLook], ...] = ()  # each OSD run in order (None: it refused the page, too little text)
+    line_axis: Optional[float] = None  # `line_axis` of the page, computed only when the looks were unsure
 
 
 def require_osd() -> None:
@@ -198,15 +230,15 @@ def parse_osd(output: str) -> Optional[tuple[int, float]]:
     return int(rotate.group(1)), float(confidence.group(1))
 
 
-def detect_rotation(grey: Image.Image, min_confidence: float = OSD_MIN_CONFIDENCE) -> Orientation:
-    """The clockwise turn that makes the page upright, by Tesseract's OSD; 0 when it cannot tell.
-
-    `grey`: the page as `checked_grey` gives it.
+def osd_look(grey: Image.Image, scale: int = 1) -> Optional[OsdLook]:
+    """Tesseract's OSD on `grey` scaled `scale` times; None when it cannot tell (too few characters, a crash, a timeout).
 
     Tesseract prints `Rotate: N`, the clockwise degrees that correct the
     page (tesseract src/api/baseapi.cpp, GetOsdText), and refuses pages with
-    too few characters (exit status 1): those stay as they are.
+    too few characters (exit status 1).
     """
+    if scale != 1:
+        grey = grey.resize((grey.width * scale, grey.height * scale), Image.Resampling.BICUBIC)
     # One OpenMP thread: pages are checked in parallel by the worker's threads and processes
     # (Tesseract's FAQ recommends OMP_THREAD_LIMIT=1 when running several at once).
     environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}
@@ -216,12 +248,68 @@ def detect_rotation(grey: Image.Image, min_confidence: float = OSD_MIN_CONFIDENC
             capture_output=True, timeout=OSD_TIMEOUT_S, env=environment,
         )
     except subprocess.TimeoutExpired:
-        return Orientation(0, None)
+        return None
     found = parse_osd(done.stdout.decode(errors="replace")) if done.returncode == 0 else None
-    if found is None:
-        return Orientation(0, None)
-    rotation, confidence = found
-    return Orientation(rotation if confidence >= min_confidence else 0, confidence)
+    return None if found is None else OsdLook(scale, *found)
+
+
+def _roughness(profile: np.ndarray) -> float:
+    """Mean squared step of an ink profile over its mean squared, within its inked span: high where lines and gaps alternate."""
+    inked = np.flatnonzero(profile)
+    if inked.size < 2:
+        return 0.0
+    span = profile[inked[0]: inked[-1] + 1].astype(np.float64)
+    return float(np.mean(np.diff(span) ** 2) / np.mean(span) ** 2)
+
+
+def line_axis(grey: Image.Image) -> float:
+    """Which way the page's text lines run: log(row profile's roughness / column profile's) of its ink.
+
+    Lines running across the page (upright or upside down) make the ink
+    per row swing between line and gap while the ink per column stays
+    even: positive. Lines running up and down (the page on its side):
+    negative. Near 0: no text lines to tell (a figure, scattered code).
+    """
+    mask = ink(grey)
+    rows, columns = _roughness(mask.sum(axis=1)), _roughness(mask.sum(axis=0))
+    if rows == 0.0 or columns == 0.0:
+        return 0.0
+    return float(np.log(rows / columns))
+
+
+def detect_rotation(grey: Image.Image, min_confidence: float = OSD_MIN_CONFIDENCE) -> Orientation:
+    """The clockwise turn that makes the page upright; 0 when the evidence is too weak to turn it.
+
+    `grey`: the page as `checked_grey` gives it. A first look by OSD at
+    that size is taken when it is sure (OSD_SURE_CONFIDENCE). Otherwise a
+    second look at OSD_SECOND_LOOK_SCALE times the size is taken when its
+    confidence reaches `min_confidence`, and its answer's axis does not
+    contradict the text lines (`line_axis`). When neither look is confident
+    enough, a page whose text lines clearly run up and down is turned by
+    the looks' answer of 90 or 270 (it cannot be upright). An upright page
+    is thus turned only on a confident OSD answer that its lines do not
+    contradict.
+    """
+    first = osd_look(grey)
+    if first is not None and first.confidence >= OSD_SURE_CONFIDENCE:
+        return Orientation(first.rotation, first.confidence, (first,))
+    second = osd_look(grey, OSD_SECOND_LOOK_SCALE)
+    looks = (first, second)
+    lines = line_axis(grey)
+    across = lines >= LINE_AXIS_SURE  # lines run across: the answer is 0 or 180
+    sideways = lines <= -LINE_AXIS_SURE  # lines run up and down: the answer is 90 or 270
+
+    def fits(look: OsdLook) -> bool:
+        return not ((across and look.rotation in (90, 270)) or (sideways and look.rotation in (0, 180)))
+
+    if second is not None and second.confidence >= min_confidence and fits(second):
+        return Orientation(second.rotation, second.confidence, looks, lines)
+    if sideways:
+        for look in (second, first):
+            if look is not None and look.rotation in (90, 270):
+                return Orientation(look.rotation, look.confidence, looks, lines)
+    last = second or first
+    return Orientation(0, None if last is None else last.confidence, looks, lines)
 
 
 def turn_upright(image: Image.Image, rotation: int) -> Image.Image:

@@ -21,6 +21,8 @@ from engine.fake import Answer, FakeEngine
 from engine.registry import EngineRegistry
 from library.formats import DecodeLimits, Format
 from library.page_checks import (
+    LINE_AXIS_SURE,
+    OSD_MIN_CONFIDENCE,
     ROTATIONS,
     box_to_source,
     check_page,
@@ -28,6 +30,8 @@ from library.page_checks import (
     detect_rotation,
     is_blank,
     is_document,
+    line_axis,
+    osd_look,
     parse_osd,
     turn_upright,
 )
@@ -56,6 +60,42 @@ def test_pages_of_real_pdfs_turned_every_way_are_turned_back():
     measured = bench.measure_orientation(pages)
     assert measured["samples"] == 16
     assert measured["accuracy"] >= 0.98, measured["wrong"]
+
+
+def _blurred_scan(seed: int) -> Image.Image:
+    """R-intro.pdf's page 36 made scan-like by `seed`: 18 draws a blur of radius 0.98 (scan_like's most is 1.0)."""
+    [pdf] = [pdf for pdf in PDFS if pdf.name == "R-intro.pdf"]
+    return bench.scan_like(bench.render(pdf, 35), np.random.default_rng(seed), border=False)
+
+
+def test_a_blurred_scan_on_its_side_that_osd_alone_leaves_is_turned_upright():
+    """At ~150 dpi OSD is unsure of this blurred page (confidence under 2: the page would stay on its side);
+    the second look at twice the size and the page's text lines find the turn."""
+    grey = checked_grey(turn_upright(_blurred_scan(18), 90))  # lying on its side: 270 degrees turns it back
+    first = osd_look(grey)
+    assert first is None or first.confidence < OSD_MIN_CONFIDENCE
+    found = detect_rotation(grey)
+    assert found.rotation == 270, found
+    assert len(found.looks) == 2 and found.line_axis <= -LINE_AXIS_SURE
+
+
+def test_the_same_blurred_scan_upright_is_not_turned():
+    found = detect_rotation(checked_grey(_blurred_scan(18)))
+    assert found.rotation == 0, found
+
+
+def test_a_clean_page_needs_one_look():
+    pdf, index = _pages(1)[0]
+    found = detect_rotation(checked_grey(turn_upright(bench.render(pdf, index), 180)))
+    assert (found.rotation, len(found.looks), found.line_axis) == (180, 1, None), found
+
+
+def test_text_lines_tell_across_from_up_and_down():
+    page = checked_grey(bench.render(*_pages(1)[0]))
+    assert line_axis(page) >= LINE_AXIS_SURE
+    assert line_axis(turn_upright(page, 90)) <= -LINE_AXIS_SURE
+    assert line_axis(turn_upright(page, 180)) >= LINE_AXIS_SURE
+    assert line_axis(Image.new("L", (600, 800), 255)) == 0.0  # no ink: no lines to tell
 
 
 def test_a_page_osd_cannot_read_stays_as_it_is():
