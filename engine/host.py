@@ -64,7 +64,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -81,7 +83,7 @@ from typing import Any, Iterator, Optional
 
 from engine import compile_cache, vllm_internals
 from engine.api import EngineSettings, EngineStartFailed, EngineStartTimeout
-from engine.output import TAIL_LINES, EngineOutput
+from engine.output import TAIL_LINES, EngineOutput, accelerator_in_use
 from engine.process import prepare_process
 from library import environment
 
@@ -103,6 +105,11 @@ MONITOR_INTERVAL_S = 0.5
 # the model's processor take ~10-20 s to import here) finds it still running instead of paying for a
 # new engine start (an XLA compile on TPU). A client that closes its engine releases its slot at once.
 _IDLE_GRACE_S = 30.0
+# The device files a TPU runtime opens, one process at a time: /dev/accelN, else /dev/vfio/N (openxla/xla
+# xla/stream_executor/tpu/tpu_initialize_util.cc `GetTpuDriverFile`). A VFIO group is open in one file at a time,
+# a second open gets EBUSY (torvalds/linux drivers/vfio/group.c `vfio_group_fops_open`: "Do we need multiple
+# instances of the group open?  Seems not.").
+_ACCELERATOR_DEVICES = ("/dev/vfio/[0-9]*", "/dev/accel[0-9]*")
 # How long a new generation waits for the old supervisor to shut its core down before killing it.
 _RETIRE_TIMEOUT_S = 30.0
 
@@ -405,9 +412,46 @@ def _retire_all(host: pathlib.Path) -> None:
         shutil.rmtree(generation, ignore_errors=True)
 
 
+def accelerators_held_elsewhere(patterns: tuple[str, ...] = _ACCELERATOR_DEVICES) -> list[str]:
+    """Accelerator device files that are open in a process this container cannot see.
+
+    Opened and closed at once (O_NONBLOCK): a device that refuses with EBUSY
+    while no visible process has it open belongs to an engine of another
+    container: processes that share no /tmp find neither this host's engine
+    state nor libtpu's lock file (/tmp/libtpu_lockfile, `TryAcquireTpuLock`
+    in the file cited at `_ACCELERATOR_DEVICES`), and meet only at the device.
+    """
+    held = []
+    for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and not visible_holders(path):
+                held.append(path)
+    return held
+
+
+def visible_holders(path: str) -> list[int]:
+    """The pids of the processes this one can see that have `path` open (as libtpu's `IsTpuUsed` looks: /proc/PID/fd)."""
+    holders = []
+    for fds in pathlib.Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == path for fd in fds.iterdir()):
+                holders.append(int(fds.parent.name))
+    return holders
+
+
 def _start_generation(host: pathlib.Path, settings: EngineSettings, local_model: str) -> CoreState:
     earlier = _generations(host)
     _retire_all(host)
+    # Before paying for a start (minutes; an XLA compile on TPU): a device another container's engine holds
+    # would fail this core's start with the runtime's own error.
+    held = accelerators_held_elsewhere()
+    if held:
+        raise HostEngineNotShared(
+            f"--host_feeders={settings.host_feeders}: "
+            + accelerator_in_use(f"{', '.join(held)} refused to open (busy) and no process of this container has it open")
+        )
     generation = host / f"g{int(earlier[-1].name[1:]) + 1 if earlier else 1}"
     generation.mkdir()
     slots = settings.host_feeders + SPARE_SLOTS
