@@ -44,6 +44,14 @@ launcher, is done by a per-host directory:
   aborts those still running in the core. The core has `N + SPARE_SLOTS`
   slots; a process that finds every slot held by a live process fails its
   engine start (`HostEngineFull`), which fails its bundles; Beam retries them.
+- One container: every feeder must see the same temp dir and PIDs. A core
+  recorded by another container stops a process (`HostEngineNotShared`).
+  Processes that share no temp dir cannot see each other's state, so
+  before starting a core a process checks the accelerator's device files
+  (`accelerators_held_elsewhere`: busy, yet held by no process it can see)
+  and stops with the same error; a second core that starts anyway fails
+  with its runtime's "device in use" message, which `engine.output.cause_of`
+  turns into the same one line naming the fix (`--host_feeders=1`).
 - Lifetime (a *generation* is one supervisor + its engine core):
   * a client process dies (killed, crashed): the other clients go on; its
     requests run in the core, their outputs dropped, until a new process
