@@ -562,10 +562,11 @@ def _serve(generation: pathlib.Path) -> int:
     )
     try:
         cache.after_start()  # the warm-up's check: a start that saved no compile fails here
+        greeter.keep()
     except BaseException:
         manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+        greeter.close()
         raise
-    greeter.keep()
     _write_atomic(generation / "core.json", state.to_json())
     serving.set()
     _LOG.info("host engine core ready: pid %d, %d client slots, %s", core.pid, slots, generation)

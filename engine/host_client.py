@@ -122,8 +122,10 @@ class HostEngineClient:
             return attach()
         with _replayed_greeting(self._slot):
             llm = attach()
-        vllm_internals.abort_unknown_requests(llm, self.strays)
         await self._await_core_connection(llm)
+        # Only now: an abort sent while the core is not yet routable would fail the output handler. The dead
+        # client's requests still running send outputs every step, so they are caught from here on.
+        vllm_internals.abort_unknown_requests(llm, self.strays)
         return llm
 
     async def _await_core_connection(self, llm: Any) -> None:

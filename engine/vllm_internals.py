@@ -219,7 +219,10 @@ def abort_unknown_requests(async_llm: Any, count: StrayCount) -> None:
             if running:
                 count.aborted.update(running)
                 _LOG.info("aborting %d request(s) of the dead client whose slot this process took over", len(running))
-                await client.abort_requests_async(running)
+                try:
+                    await client.abort_requests_async(running)
+                except Exception as exc:  # noqa: BLE001 - they run to their end instead; this client's own work goes on
+                    _LOG.warning("could not abort the dead client's requests %s: %r", running, exc)
         return outputs
 
     client.get_output_async = get_output_async

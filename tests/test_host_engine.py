@@ -182,8 +182,10 @@ def test_a_dead_processs_slot_is_reclaimed_by_a_new_process_while_a_live_one_kee
             crashed.wait()
             (state.parent / f"slot-{index}.json").write_text(json.dumps(claim))
         # The first peer dies with requests running in the core: no slot is free now, one live peer remains.
-        first.ask(cmd="submit", seed=7, key="orphaned", tasks=["ocr", "detect", "caption"], max_tokens=3000, unending=True)
-        # Give them a few seconds to reach the core and run (they cannot finish: 3,000 tokens each).
+        for seed in (7, 10):
+            first.ask(cmd="submit", seed=seed, key=f"orphaned-{seed}", tasks=["ocr", "detect", "caption"], max_tokens=3000,
+                      unending=True)
+        # Give them a few seconds to reach the core and run (they cannot finish: 3,000 tokens each, six side by side).
         assert {r["error"] for r in first.ask(cmd="collect", timeout=5)["results"]} == {"timeout"}
         first.kill()
         attached = third.ask(cmd="attach")
