@@ -145,7 +145,7 @@ class HostEngineClient:
         deadline = time.monotonic() + RECLAIM_TIMEOUT_S
         while True:
             try:
-                await llm.engine_core.abort_requests_async([_PROBE_REQUEST_ID])
+                await vllm_internals.abort_in_core(llm, [_PROBE_REQUEST_ID])
                 routed = True
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:

@@ -59,7 +59,8 @@ USED: tuple[Internal, ...] = (
     Internal("v1/engine/async_llm.py", "AsyncLLM", "add_request"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get_nowait"),
-    # client_input_socket, abort_unknown_requests
+    # client_input_socket, abort_in_core, abort_unknown_requests
+    Internal("v1/engine/async_llm.py", "AsyncLLM", "engine_core"),
     Internal("v1/engine/core_client.py", "MPClient", "input_socket"),
     Internal("v1/engine/async_llm.py", "AsyncLLM", "output_processor"),
     Internal("v1/engine/output_processor.py", "OutputProcessor", "request_states"),
@@ -182,6 +183,17 @@ async def first_and_final_outputs(stream: Any) -> AsyncIterator[Any]:
 def client_input_socket(async_llm: Any) -> Any:
     """The ZMQ ROUTER socket an `AsyncLLM` attached to an external engine core sends its requests on (vllm/v1/engine/core_client.py `MPClient.__init__`)."""
     return async_llm.engine_core.input_socket
+
+
+async def abort_in_core(async_llm: Any, request_ids: list[str]) -> None:
+    """Send an abort for `request_ids` to the engine core as they are, known to this front end or not.
+
+    `AsyncLLM.abort` first drops the ids its output processor does not know
+    (vllm/v1/engine/async_llm.py); this goes to its engine-core client directly
+    (vllm/v1/engine/core_client.py `AsyncMPClient.abort_requests_async`), and
+    raises what sending raises.
+    """
+    await async_llm.engine_core.abort_requests_async(request_ids)
 
 
 @dataclasses.dataclass
