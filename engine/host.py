@@ -24,17 +24,38 @@ launcher, is done by a per-host directory:
   The sockets are `ipc://` paths in the same directory, bound by each client
   (vLLM's clients bind, its engine core connects), so nothing is chosen
   twice and no port can be taken in between.
-- Slots are single-use: vLLM's engine core greets each client socket once,
-  at start, and a client waits for that greeting before it sends anything
-  (`MPClient.__init__`), so a dead client's slot cannot be taken over. The
-  core has `N + SPARE_SLOTS` slots, so that restarted processes can attach
-  (Beam's Python boot restarts a crashed SDK process up to 3 times in the
-  same container: apache/beam sdks/python/container/boot.go). A process that
-  finds no free slot while other clients live fails its engine start
-  (`HostEngineFull`), which fails its bundles; Beam retries them.
+- A slot whose process died (provably: `ProcessId.alive`, checked under the
+  lock) is taken over by the next process that finds no free slot. The core
+  connects its per-slot sockets to the client's bound `ipc://` paths
+  (vllm/v1/engine/core.py `process_input_sockets`: a DEALER, and
+  `process_output_sockets`: a PUSH, both `bind=False`), and ZeroMQ
+  reconnects a connecting socket by itself once a new peer binds its path.
+  What vLLM does not do is greet the new client: the core sends its ready
+  message to each input socket once, at start, and `MPClient.__init__`
+  (vllm/v1/engine/core_client.py) waits for it. So the supervisor keeps that
+  greeting (one extra input socket of its own, `greeting.json`), and a
+  reclaiming client (`engine.host_client`) is greeted with it on a private
+  input path, then points the slot's input path at that one (a symlink) and
+  waits, by sending with `ROUTER_MANDATORY`, until the core's DEALER is routable
+  (`RECLAIM_TIMEOUT_S`, then `HostEngineReclaimFailed`). Outputs of the dead
+  client's requests still queued for its socket reach the new client, whose
+  `OutputProcessor` skips request ids it does not know
+  (vllm/v1/engine/output_processor.py `process_outputs`); the new client
+  aborts those still running in the core. The core has `N + SPARE_SLOTS`
+  slots; a process that finds every slot held by a live process fails its
+  engine start (`HostEngineFull`), which fails its bundles; Beam retries them.
+- One container: every feeder must see the same temp dir and PIDs. A core
+  recorded by another container stops a process (`HostEngineNotShared`).
+  Processes that share no temp dir cannot see each other's state, so
+  before starting a core a process checks the accelerator's device files
+  (`accelerators_held_elsewhere`: busy, yet held by no process it can see)
+  and stops with the same error; a second core that starts anyway fails
+  with its runtime's "device in use" message, which `engine.output.cause_of`
+  turns into the same one line naming the fix (`--host_feeders=1`).
 - Lifetime (a *generation* is one supervisor + its engine core):
-  * a client process dies (killed, crashed): its requests run to their end
-    in the core and their outputs are dropped; the other clients go on;
+  * a client process dies (killed, crashed): the other clients go on; its
+    requests run in the core, their outputs dropped, until a new process
+    reclaims its slot and aborts them (or to their end, if none does);
   * the process that started the core dies: nothing changes, the supervisor
     does not belong to it;
   * the engine core or its supervisor dies: every client sees it within
@@ -51,7 +72,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -68,14 +91,21 @@ from typing import Any, Iterator, Optional
 
 from engine import compile_cache, vllm_internals
 from engine.api import EngineSettings, EngineStartFailed, EngineStartTimeout
-from engine.output import TAIL_LINES, EngineOutput
+from engine.output import TAIL_LINES, EngineOutput, accelerator_in_use
 from engine.process import prepare_process
 from library import environment
 
 _LOG = logging.getLogger(__name__)
 
-# Slots beyond host_feeders, for processes that replace crashed ones (see the module docstring).
+# Slots beyond host_feeders, for processes that start while the ones they replace still live, or before a
+# dead one's slot is seen dead (a dead client's slot is reclaimed: see the module docstring).
 SPARE_SLOTS = 4
+# How long a client reclaiming a dead client's slot waits for the core's socket to reconnect to it. ZeroMQ
+# retries a connecting socket every ZMQ_RECONNECT_IVL, 100 ms by default (zmq_setsockopt(3)); vLLM sets none.
+RECLAIM_TIMEOUT_S = 30.0
+# How long the supervisor waits for the core's greeting on its own input socket once the core is ready
+# (the core sends it before it reports ready: vllm/v1/engine/core.py `process_input_sockets`).
+_GREETING_TIMEOUT_S = 60.0
 # How often clients check that the engine core and its supervisor live, and how often the supervisor
 # checks its core and its clients: a dead core fails outstanding requests within this time.
 MONITOR_INTERVAL_S = 0.5
@@ -83,12 +113,21 @@ MONITOR_INTERVAL_S = 0.5
 # the model's processor take ~10-20 s to import here) finds it still running instead of paying for a
 # new engine start (an XLA compile on TPU). A client that closes its engine releases its slot at once.
 _IDLE_GRACE_S = 30.0
+# The device files a TPU runtime opens, one process at a time: /dev/accelN, else /dev/vfio/N (openxla/xla
+# xla/stream_executor/tpu/tpu_initialize_util.cc `GetTpuDriverFile`). A VFIO group is open in one file at a time,
+# a second open gets EBUSY (torvalds/linux drivers/vfio/group.c `vfio_group_fops_open`: "Do we need multiple
+# instances of the group open?  Seems not.").
+_ACCELERATOR_DEVICES = ("/dev/vfio/[0-9]*", "/dev/accel[0-9]*")
 # How long a new generation waits for the old supervisor to shut its core down before killing it.
 _RETIRE_TIMEOUT_S = 30.0
 
 
 class HostEngineFull(RuntimeError):
     """Every client slot of this host's engine core is taken by a live process."""
+
+
+class HostEngineReclaimFailed(RuntimeError):
+    """The host's engine core did not reconnect to the dead client's slot this process took over."""
 
 
 class HostEngineNotShared(RuntimeError):
@@ -201,14 +240,42 @@ class Slot:
 
     state: CoreState
     index: int
+    reclaimed: bool = False  # a dead client held it: the core greeted that one, not this one
 
     @property
     def claim(self) -> pathlib.Path:
         return _claim_path(pathlib.Path(self.state.generation_dir), self.index)
 
     def client_addresses(self) -> dict[str, str]:
-        """What `AsyncLLM(client_addresses=...)` takes for an engine launched elsewhere."""
-        return {"input_address": self.state.inputs[self.index], "output_address": self.state.outputs[self.index]}
+        """What `AsyncLLM(client_addresses=...)` takes for an engine launched elsewhere.
+
+        A reclaimed slot's input socket binds a path of this process's own (`point_core_here` then
+        points the slot's path at it), so the core cannot reach it before this client was greeted.
+        """
+        inputs = self.state.inputs[self.index]
+        return {"input_address": f"{inputs}.{os.getpid()}" if self.reclaimed else inputs,
+                "output_address": self.state.outputs[self.index]}
+
+    def greeting(self) -> tuple[bytes, bytes]:
+        """The core's ready message as every client received it at start: (the core's ZMQ identity, payload)."""
+        raw = json.loads((pathlib.Path(self.state.generation_dir) / "greeting.json").read_text())
+        return bytes.fromhex(raw["identity"]), bytes.fromhex(raw["payload"])
+
+    def point_core_here(self) -> None:
+        """Make the slot's input path (where the core's DEALER reconnects) lead to this process's input socket.
+
+        A Unix socket path is resolved like any path, so the core's next reconnect attempt follows the
+        link. Replaced atomically: the core never finds the path missing. An earlier reclaimer's own
+        path (a dead process's socket file) is removed.
+        """
+        path = pathlib.Path(self.state.inputs[self.index].removeprefix("ipc://"))
+        previous = os.readlink(path) if path.is_symlink() else None
+        link = path.with_name(path.name + f".link{os.getpid()}")
+        link.unlink(missing_ok=True)
+        os.symlink(f"{path.name}.{os.getpid()}", link)
+        os.replace(link, path)
+        if previous is not None and previous != f"{path.name}.{os.getpid()}":
+            (path.parent / previous).unlink(missing_ok=True)
 
     def release(self) -> None:
         """This process is done with its slot (the slot is not reused; the core may retire once all are)."""
@@ -268,8 +335,12 @@ def _claims(generation: pathlib.Path, slots: int) -> dict[int, dict[str, Any]]:
     return claims
 
 
+def _claim_process(claim: dict[str, Any]) -> ProcessId:
+    return ProcessId(claim["pid"], claim["started"])
+
+
 def _claim_live(claim: dict[str, Any]) -> bool:
-    return not claim.get("closed") and ProcessId(claim["pid"], claim["started"]).alive()
+    return not claim.get("closed") and _claim_process(claim).alive()
 
 
 def live_clients(state: CoreState) -> int:
@@ -301,22 +372,31 @@ def acquire_slot(settings: EngineSettings, local_model: str) -> Slot:
             free = next((index for index in range(state.slots) if index not in claims), None)
             if free is not None:
                 return _claim(state, free)
+            # Every slot was claimed once: take over one whose process is gone (not merely closed: a live
+            # process may still hold its sockets). Without the core's greeting no client can be greeted.
+            dead = sorted(index for index, claim in claims.items() if not _claim_process(claim).alive())
+            if dead and (generation / "greeting.json").exists():
+                return _claim(state, dead[0], reclaimed=True)
             live = sorted(claim["pid"] for claim in claims.values() if _claim_live(claim))
             if live:
                 raise HostEngineFull(
                     f"all {state.slots} client slots of this host's engine core ({state.generation_dir}) are taken, "
                     f"{len(live)} by live processes {live}: more worker processes feed this host than "
-                    f"--host_feeders={settings.host_feeders} (+{SPARE_SLOTS} spare slots for restarted processes)"
+                    f"--host_feeders={settings.host_feeders} (+{SPARE_SLOTS} spare slots)"
                 )
         state = _start_generation(host, settings, local_model)
         return _claim(state, 0)
 
 
-def _claim(state: CoreState, index: int) -> Slot:
+def _claim(state: CoreState, index: int, reclaimed: bool = False) -> Slot:
     me = ProcessId.of(os.getpid())
-    _write_atomic(_claim_path(pathlib.Path(state.generation_dir), index), json.dumps(dataclasses.asdict(me)))
+    path = _claim_path(pathlib.Path(state.generation_dir), index)
+    if reclaimed:
+        _LOG.warning("every client slot of the host's engine core (pid %d) is taken: reclaiming slot %d of %d, "
+                     "whose process (%s) is dead", state.core.pid, index, state.slots, json.loads(path.read_text()))
+    _write_atomic(path, json.dumps(dataclasses.asdict(me)))
     _LOG.info("attaching to the host's engine core (pid %d) as client %d of %d", state.core.pid, index, state.slots)
-    return Slot(state, index)
+    return Slot(state, index, reclaimed)
 
 
 def _generations(host: pathlib.Path) -> list[pathlib.Path]:
@@ -340,9 +420,46 @@ def _retire_all(host: pathlib.Path) -> None:
         shutil.rmtree(generation, ignore_errors=True)
 
 
+def accelerators_held_elsewhere(patterns: tuple[str, ...] = _ACCELERATOR_DEVICES) -> list[str]:
+    """Accelerator device files that are open in a process this container cannot see.
+
+    Opened and closed at once (O_NONBLOCK): a device that refuses with EBUSY
+    while no visible process has it open belongs to an engine of another
+    container: processes that share no /tmp find neither this host's engine
+    state nor libtpu's lock file (/tmp/libtpu_lockfile, `TryAcquireTpuLock`
+    in the file cited at `_ACCELERATOR_DEVICES`), and meet only at the device.
+    """
+    held = []
+    for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and not visible_holders(path):
+                held.append(path)
+    return held
+
+
+def visible_holders(path: str) -> list[int]:
+    """The pids of the processes this one can see that have `path` open (as libtpu's `IsTpuUsed` looks: /proc/PID/fd)."""
+    holders = []
+    for fds in pathlib.Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == path for fd in fds.iterdir()):
+                holders.append(int(fds.parent.name))
+    return holders
+
+
 def _start_generation(host: pathlib.Path, settings: EngineSettings, local_model: str) -> CoreState:
     earlier = _generations(host)
     _retire_all(host)
+    # Before paying for a start (minutes; an XLA compile on TPU): a device another container's engine holds
+    # would fail this core's start with the runtime's own error.
+    held = accelerators_held_elsewhere()
+    if held:
+        raise HostEngineNotShared(
+            f"--host_feeders={settings.host_feeders}: "
+            + accelerator_in_use(f"{', '.join(held)} refused to open (busy) and no process of this container has it open")
+        )
     generation = host / f"g{int(earlier[-1].name[1:]) + 1 if earlier else 1}"
     generation.mkdir()
     slots = settings.host_feeders + SPARE_SLOTS
@@ -425,7 +542,14 @@ def _serve(generation: pathlib.Path) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    manager = vllm_internals.launch_engine_core(vllm_config, inputs, outputs)
+    # One input socket more than there are slots, bound here: the core's greeting, kept for clients that
+    # reclaim a dead client's slot (see the module docstring). No request is ever sent on it.
+    greeter = _GreetingKeeper(generation)
+    try:
+        manager = vllm_internals.launch_engine_core(vllm_config, [*inputs, greeter.address], [*outputs, greeter.output_address])
+    except BaseException:
+        greeter.close()
+        raise
     (core,) = manager.processes
     state = CoreState(
         generation_dir=str(generation),
@@ -438,8 +562,10 @@ def _serve(generation: pathlib.Path) -> int:
     )
     try:
         cache.after_start()  # the warm-up's check: a start that saved no compile fails here
+        greeter.keep()
     except BaseException:
         manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+        greeter.close()
         raise
     _write_atomic(generation / "core.json", state.to_json())
     serving.set()
@@ -448,9 +574,37 @@ def _serve(generation: pathlib.Path) -> int:
         reason = _watch(generation, state, core, stop)
     finally:
         manager.shutdown(timeout=_RETIRE_TIMEOUT_S)
+        greeter.close()
         cache.after_close()
     _LOG.info("host engine core (generation %s) stopped: %s", generation.name, reason)
     return 1 if reason == "engine core died" else 0
+
+
+class _GreetingKeeper:
+    """The supervisor's own client socket on its core: receives the core's greeting and writes `greeting.json`."""
+
+    def __init__(self, generation: pathlib.Path):
+        import zmq
+
+        self._generation = generation
+        self.address = f"ipc://{generation}/in-greeting"
+        self.output_address = f"ipc://{generation}/out-greeting"  # never bound: the core sends nothing there
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.bind(self.address)
+
+    def keep(self) -> None:
+        """Write the greeting for reclaiming clients; without it, a dead client's slot stays unused (logged)."""
+        if not self._socket.poll(timeout=_GREETING_TIMEOUT_S * 1000):
+            _LOG.error("the engine core sent no greeting within %g s: dead clients' slots cannot be reclaimed",
+                       _GREETING_TIMEOUT_S)
+            return
+        identity, payload = self._socket.recv_multipart()
+        _write_atomic(self._generation / "greeting.json", json.dumps({"identity": identity.hex(), "payload": payload.hex()}))
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
 
 
 def _watch(generation: pathlib.Path, state: CoreState, core: Any, stop: threading.Event) -> str:

@@ -19,18 +19,51 @@ receives this client's outputs from the core and detokenizes them there
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 import queue
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Iterator, Optional
 
 from engine import vllm_internals
 from engine.api import EngineSettings
-from engine.host import MONITOR_INTERVAL_S, Slot, acquire_slot, client_engine_args, live_clients, output_tail
+from engine.host import (
+    MONITOR_INTERVAL_S, RECLAIM_TIMEOUT_S, HostEngineReclaimFailed, Slot, acquire_slot, client_engine_args, live_clients,
+    output_tail,
+)
 from engine.output import cause_of, route_vllm_logging
 
 _LOG = logging.getLogger(__name__)
+
+# The request id a reclaiming client aborts to find out whether the core's socket is routable yet: no
+# request has it (vLLM's own ids carry a random suffix: vllm/v1/engine/input_processor.py
+# `assign_request_id`), and the scheduler ignores unknown ids (vllm/v1/core/sched/scheduler.py `finish_requests`).
+_PROBE_REQUEST_ID = "vision-batch-reclaim-probe"
+
+
+@contextlib.contextmanager
+def _replayed_greeting(slot: Slot) -> Iterator[None]:
+    """Greet a reclaiming client as the core greeted the slot's first client (`Slot.greeting`).
+
+    A DEALER with the core's identity connects to the client's own input path (`Slot.client_addresses`)
+    and sends the core's ready message there; ZeroMQ delivers it once the client's ROUTER binds
+    (`MPClient.__init__` binds, then waits for it). Closed on leaving: the core takes the identity over.
+    """
+    import zmq
+
+    identity, payload = slot.greeting()
+    context = zmq.Context()
+    greeter = context.socket(zmq.DEALER)
+    greeter.setsockopt(zmq.IDENTITY, identity)
+    try:
+        greeter.connect(slot.client_addresses()["input_address"])
+        greeter.send(payload)
+        yield
+    finally:
+        greeter.close(linger=0)
+        context.term()
 
 
 class HostEngineClient:
@@ -45,6 +78,7 @@ class HostEngineClient:
         self._dead: Optional[BaseException] = None
         self._tasks: set[asyncio.Task] = set()
         self._closed = threading.Event()
+        self.strays = vllm_internals.StrayCount()  # on a reclaimed slot: the dead client's requests seen and aborted
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="host-engine-client", daemon=True)
         self._loop_thread.start()
@@ -61,8 +95,7 @@ class HostEngineClient:
         self.model_config = self._llm.model_config
         # The host's in-flight limit (host_feeders x the per-process share the settings carry) is shared by the
         # processes attached now, not by as many as --host_feeders says: fewer than planned get larger shares, and
-        # a dead client's share returns to the others (its socket pair stays unused: vLLM's core greets each
-        # client once, at start).
+        # a dead client's share returns to the others (until a new process reclaims its slot).
         self._host_in_flight = settings.max_in_flight * settings.host_feeders
         self.attached = max(1, live_clients(slot.state))
         threading.Thread(target=self._watch_core, name="host-engine-watch", daemon=True).start()
@@ -73,16 +106,67 @@ class HostEngineClient:
 
         route_vllm_logging()
 
-        # Built on the loop so that its output handler starts on it. Waits for the core's greeting.
-        return AsyncLLM(
-            vllm_config,
-            Executor.get_class(vllm_config),
-            log_stats=False,
-            log_requests=False,
-            client_addresses=self._slot.client_addresses(),
-            client_count=self._slot.state.slots,
-            client_index=self._slot.index,
-        )
+        def attach() -> Any:
+            # Built on the loop so that its output handler starts on it. Waits for the core's greeting.
+            return AsyncLLM(
+                vllm_config,
+                Executor.get_class(vllm_config),
+                log_stats=False,
+                log_requests=False,
+                client_addresses=self._slot.client_addresses(),
+                client_count=self._slot.state.slots,
+                client_index=self._slot.index,
+            )
+
+        if not self._slot.reclaimed:
+            return attach()
+        with _replayed_greeting(self._slot):
+            llm = attach()
+        await self._await_core_connection(llm)
+        # Only now: an abort sent while the core is not yet routable would fail the output handler. The dead
+        # client's requests still running send outputs every step, so they are caught from here on.
+        vllm_internals.abort_unknown_requests(llm, self.strays)
+        return llm
+
+    async def _await_core_connection(self, llm: Any) -> None:
+        """Point the reclaimed slot's input path at this client's socket; return once the core's DEALER is routable.
+
+        Its ROUTER drops a message for a peer it does not know (zmq_socket(3), ZMQ_ROUTER), so nothing
+        may be sent before the core has reconnected: probe with ZMQ_ROUTER_MANDATORY, which makes such
+        a send fail with EHOSTUNREACH instead. ZMQ_ROUTER_HANDOVER lets the core's connection take the
+        identity the replayed greeting's connection used (zmq_setsockopt(3)).
+        """
+        import zmq
+
+        socket = vllm_internals.client_input_socket(llm)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        pointed = False
+        deadline = time.monotonic() + RECLAIM_TIMEOUT_S
+        while True:
+            try:
+                await vllm_internals.abort_in_core(llm, [_PROBE_REQUEST_ID])
+                routed = True
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                routed = False
+            if routed and pointed:
+                break
+            if not routed and not pointed:
+                # The greeter's connection is gone: only the core can be routable from now on.
+                self._slot.point_core_here()
+                pointed = True
+            if time.monotonic() > deadline:
+                llm.shutdown()
+                raise HostEngineReclaimFailed(
+                    f"the host's engine core (pid {self._slot.state.core.pid}) did not reconnect to reclaimed client "
+                    f"slot {self._slot.index} within {RECLAIM_TIMEOUT_S:g} s "
+                    f"({'waited for its input socket' if pointed else 'waited for the replayed greeting to end'})"
+                )
+            await asyncio.sleep(0.01)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # vLLM's own behaviour from here on
+        _LOG.info("the host's engine core reconnected to reclaimed client slot %d", self._slot.index)
 
     def _call(self, coroutine: Any) -> Any:
         """Run `coroutine` on the client's loop and wait for it; EngineDeadError once the core is gone.

@@ -104,8 +104,54 @@ def level_of(line: str, previous: int = logging.INFO) -> int:
     return previous
 
 
+# What an accelerator runtime says when another process holds the device: a second engine core on one
+# accelerator, which on Dataflow means the VM's SDK processes cannot see each other (each in its own
+# container: "Each SDK process runs in its own Docker container", Dataflow docs "Dataflow support for GPUs").
+_ACCELERATOR_BUSY = (
+    # libtpu's one-process lock, /tmp/libtpu_lockfile (processes that share /tmp): openxla/xla
+    # xla/stream_executor/tpu/tpu_initialize_util.cc `TryAcquireTpuLock`: "The TPU is already in use by process
+    # with pid N. Not attempting to load libtpu.so in this process.", or, when the lock file cannot be opened,
+    # "The TPU is already in use by another process probably owned by another user. ..."
+    re.compile(r"The TPU is already in use by (?:process with pid \d+|another process)"),
+    # Processes that share no /tmp find no lock and meet at the device itself: "TPU initialization failed:
+    # open(/dev/vfio/0): Device or resource busy: Device or resource busy; Couldn't open iommu group /dev/vfio/0"
+    # (libtpu, as reported in marin-community/marin lib/iris/tests/cluster/worker/test_tpu_health.py, matched by its
+    # lib/iris/src/iris/cluster/worker/tpu_health.py). TPU VMs before v5e have /dev/accelN instead (xla's
+    # `GetTpuDriverFile`, same file as above).
+    re.compile(r"open\(/dev/(?:vfio/\d+|accel\d+)\): Device or resource busy"),
+    # CUDA's cudaErrorDevicesUnavailable, a GPU in exclusive-process compute mode held by another process:
+    # "CUDA-capable device(s) is/are busy or unavailable" (NVIDIA CUDA Runtime API, `cudaError` enum).
+    re.compile(r"CUDA-capable device\(s\) is/are busy or unavailable"),
+)
+
+
+def accelerator_in_use(evidence: str) -> str:
+    """The one-line error for an engine whose accelerator another process holds, naming the cause and the fix."""
+    return (
+        f"the accelerator is held by another process ({evidence}): a second engine core was started on one device. "
+        "On Dataflow the worker VM runs several SDK processes that cannot see each other (each in its own container, "
+        "no shared /tmp or PIDs), so each started its own engine core. Run with --host_feeders=1 and "
+        "--experiments=no_use_multiple_sdk_containers (one SDK process per worker VM; launch.submit adds the "
+        "experiment where --host_feeders is 1, a hand-written launch must add it)"
+    )
+
+
+def accelerator_busy_in(lines: list[str]) -> Optional[str]:
+    """`accelerator_in_use` when any of the engine's output lines is a runtime's own "device held by another process"."""
+    for line in lines:
+        for pattern in _ACCELERATOR_BUSY:
+            match = pattern.search(line)
+            if match:
+                return accelerator_in_use(f"the runtime says: {match.group(0)}")
+    return None
+
+
 def cause_of(lines: list[str]) -> Optional[str]:
-    """One line naming why the engine failed: the last exception line of its output, else its last ERROR line."""
+    """One line naming why the engine failed: the accelerator held by another process (`accelerator_busy_in`),
+    else the last exception line of its output, else its last ERROR line."""
+    busy = accelerator_busy_in(lines)
+    if busy is not None:
+        return busy
     stripped = [_PREFIX.sub("", line).strip() for line in lines]
     for line in reversed(stripped):
         if _EXCEPTION.match(line):

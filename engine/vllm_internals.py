@@ -14,9 +14,12 @@ there, in the fast tier, and not in a worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 READ_FROM = "0.32.0"
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,13 @@ USED: tuple[Internal, ...] = (
     Internal("v1/engine/async_llm.py", "AsyncLLM", "add_request"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get"),
     Internal("v1/engine/output_processor.py", "RequestOutputCollector", "get_nowait"),
+    # client_input_socket, abort_in_core, abort_unknown_requests
+    Internal("v1/engine/async_llm.py", "AsyncLLM", "engine_core"),
+    Internal("v1/engine/core_client.py", "MPClient", "input_socket"),
+    Internal("v1/engine/async_llm.py", "AsyncLLM", "output_processor"),
+    Internal("v1/engine/output_processor.py", "OutputProcessor", "request_states"),
+    Internal("v1/engine/core_client.py", "AsyncMPClient", "get_output_async"),
+    Internal("v1/engine/core_client.py", "AsyncMPClient", "abort_requests_async"),
 )
 
 
@@ -168,3 +178,63 @@ async def first_and_final_outputs(stream: Any) -> AsyncIterator[Any]:
         if output.finished:
             return
 
+
+
+def client_input_socket(async_llm: Any) -> Any:
+    """The ZMQ ROUTER socket an `AsyncLLM` attached to an external engine core sends its requests on (vllm/v1/engine/core_client.py `MPClient.__init__`)."""
+    return async_llm.engine_core.input_socket
+
+
+async def abort_in_core(async_llm: Any, request_ids: list[str]) -> None:
+    """Send an abort for `request_ids` to the engine core as they are, known to this front end or not.
+
+    `AsyncLLM.abort` first drops the ids its output processor does not know
+    (vllm/v1/engine/async_llm.py); this goes to its engine-core client directly
+    (vllm/v1/engine/core_client.py `AsyncMPClient.abort_requests_async`), and
+    raises what sending raises.
+    """
+    await async_llm.engine_core.abort_requests_async(request_ids)
+
+
+@dataclasses.dataclass
+class StrayCount:
+    """What `abort_unknown_requests` saw: outputs of requests this client never added, and requests it aborted."""
+
+    outputs: int = 0
+    aborted: set[str] = dataclasses.field(default_factory=set)  # request ids
+
+
+def abort_unknown_requests(async_llm: Any, count: StrayCount) -> None:
+    """Abort in the engine core every unfinished request whose output reaches `async_llm` but which it never added.
+
+    On a client socket taken over from a dead client (engine.host), the core
+    still sends that client's requests' outputs there. vLLM's `OutputProcessor`
+    skips outputs of request ids it does not know (vllm/v1/engine/output_processor.py
+    `process_outputs`: "Ignore output for already-aborted request"); this makes
+    the core stop computing them too. Wraps the client's `get_output_async`,
+    which AsyncLLM's output handler looks up on every iteration
+    (vllm/v1/engine/async_llm.py `_run_output_handler`). A request this client
+    adds is known before it is sent (`AsyncLLM._add_request` adds it to the
+    output processor first); a late output of its own aborted request is aborted once more, which
+    the scheduler ignores (vllm/v1/core/sched/scheduler.py `finish_requests`).
+    """
+    client = async_llm.engine_core
+    known = async_llm.output_processor.request_states
+    receive = client.get_output_async
+
+    async def get_output_async() -> Any:
+        outputs = await receive()
+        strays = [output for output in outputs.outputs if output.request_id not in known]
+        if strays:
+            count.outputs += len(strays)
+            running = [output.request_id for output in strays if not output.finished and output.request_id not in count.aborted]
+            if running:
+                count.aborted.update(running)
+                _LOG.info("aborting %d request(s) of the dead client whose slot this process took over", len(running))
+                try:
+                    await client.abort_requests_async(running)
+                except Exception as exc:  # noqa: BLE001 - they run to their end instead; this client's own work goes on
+                    _LOG.warning("could not abort the dead client's requests %s: %r", running, exc)
+        return outputs
+
+    client.get_output_async = get_output_async

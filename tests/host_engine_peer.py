@@ -3,7 +3,10 @@
 Run as `python -m tests.host_engine_peer CHECKPOINT`; reads one JSON command per
 line on stdin, writes one JSON answer per line on stdout:
 
-- {"cmd": "attach"} -> {"pid", "core_pid", "slot"}, or {"error"} when the engine cannot start
+- {"cmd": "import"} -> {} (imports vLLM's front end, so that a later attach is quick)
+- {"cmd": "attach"} -> {"pid", "core_pid", "slot", "reclaimed"}, or {"error"} when the engine cannot start
+- {"cmd": "strays"} -> {"outputs", "aborted"}: outputs of requests this process never sent (a dead client's, on a
+  reclaimed slot) that reached it, and how many of those requests it aborted in the core
 - {"cmd": "submit", "seed": S, "key": K, "tasks": [...], "max_tokens": N, "unending": B} -> {"submitted": n}
   (an image of noise from seed S, its tasks queued without waiting; `unending`: each answer is
   constrained to a 100,000-character string, so it runs to max_tokens whatever the random weights)
@@ -47,10 +50,15 @@ def main(checkpoint: str) -> None:
     pending: list[concurrent.futures.Future] = []
     for line in sys.stdin:
         command = json.loads(line)
-        if command["cmd"] == "attach":
+        if command["cmd"] == "import":
+            import vllm.v1.engine.async_llm  # noqa: F401
+
+            answer = {}
+        elif command["cmd"] == "attach":
             try:
                 client = ENGINES.acquire(engine_settings)._engine
-                answer = {"pid": os.getpid(), "core_pid": client.core_pid, "slot": client.slot.index}
+                answer = {"pid": os.getpid(), "core_pid": client.core_pid, "slot": client.slot.index,
+                          "reclaimed": client.slot.reclaimed}
             except RuntimeError as exc:  # the engine failed to start: say why
                 answer = {"error": f"{type(exc.__cause__).__name__}: {exc.__cause__}"}
         elif command["cmd"] == "submit":
@@ -62,6 +70,9 @@ def main(checkpoint: str) -> None:
             futures = ENGINES.acquire(engine_settings).submit(image, command["key"], requests)
             pending.extend(futures)
             answer = {"submitted": len(futures)}
+        elif command["cmd"] == "strays":
+            strays = ENGINES.acquire(engine_settings)._engine.strays
+            answer = {"outputs": strays.outputs, "aborted": len(strays.aborted)}
         elif command["cmd"] == "collect":
             done, _ = concurrent.futures.wait(pending, timeout=command["timeout"])
             answer = {"results": [_describe(future, future in done) for future in pending]}

@@ -165,6 +165,44 @@ def test_a_killed_process_and_the_starter_leave_the_core_serving_the_others(own_
     assert psutil.Process(core_pid).is_running() and second.ask(cmd="attach")["core_pid"] == core_pid
 
 
+def test_a_dead_processs_slot_is_reclaimed_by_a_new_process_while_a_live_one_keeps_working(own_peers, tiny_checkpoint):
+    first, second = own_peers
+    third = Peer(tiny_checkpoint)  # vLLM imported ahead, so that it attaches while the dead peer's requests still run
+    try:
+        third.ask(cmd="import")
+        core_pid = first.ask(cmd="attach")["core_pid"]
+        assert second.ask(cmd="attach")["core_pid"] == core_pid
+        [state] = [path for path in pathlib.Path(os.environ["VISION_BATCH_HOST_ENGINE_DIR"]).glob("*/g*/core.json")
+                   if json.loads(path.read_text())["core"]["pid"] == core_pid]
+        # The spare slots were taken by processes that have died since (as crashed workers' are).
+        for index in range(2, json.loads(state.read_text())["slots"]):
+            crashed = subprocess.Popen(["sleep", "600"])
+            claim = {"pid": crashed.pid, "started": psutil.Process(crashed.pid).create_time()}
+            crashed.kill()
+            crashed.wait()
+            (state.parent / f"slot-{index}.json").write_text(json.dumps(claim))
+        # The first peer dies with requests running in the core: no slot is free now, one live peer remains.
+        for seed in (7, 10):
+            first.ask(cmd="submit", seed=seed, key=f"orphaned-{seed}", tasks=["ocr", "detect", "caption"], max_tokens=3000,
+                      unending=True)
+        # Give them a few seconds to reach the core and run (they cannot finish: 3,000 tokens each, six side by side).
+        assert {r["error"] for r in first.ask(cmd="collect", timeout=5)["results"]} == {"timeout"}
+        first.kill()
+        attached = third.ask(cmd="attach")
+        assert {key: attached.get(key) for key in ("core_pid", "slot", "reclaimed", "error")} == {
+            "core_pid": core_pid, "slot": 0, "reclaimed": True, "error": None}, attached
+        # Both get answers from the one core, side by side.
+        third.ask(cmd="submit", seed=8, key="reclaimed-slot", tasks=["caption", "ocr", "detect"], max_tokens=4)
+        assert [r["ok"] for r in second.run(seed=9, key="still-working")] == [True, True, True]
+        assert [r["ok"] for r in third.ask(cmd="collect", timeout=_ANSWER_TIMEOUT_S)["results"]] == [True, True, True]
+        # The dead peer's outputs reached the new process, which dropped them and aborted its requests in the core.
+        strays = third.ask(cmd="strays")
+        assert strays["outputs"] >= 1 and strays["aborted"] >= 1, strays
+        assert psutil.Process(core_pid).is_running()
+    finally:
+        third.close()
+
+
 def test_a_killed_engine_core_fails_requests_instead_of_hanging_then_a_new_core_starts(own_peers):
     _, second = own_peers
     core_pid = second.ask(cmd="attach")["core_pid"]
