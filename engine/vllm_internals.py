@@ -179,7 +179,6 @@ async def first_and_final_outputs(stream: Any) -> AsyncIterator[Any]:
             return
 
 
-
 def client_input_socket(async_llm: Any) -> Any:
     """The ZMQ ROUTER socket an `AsyncLLM` attached to an external engine core sends its requests on (vllm/v1/engine/core_client.py `MPClient.__init__`)."""
     return async_llm.engine_core.input_socket

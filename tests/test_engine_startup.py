@@ -7,6 +7,7 @@ host's directory, the registry); the `engine` tests start vLLM's real engine cor
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -197,6 +198,10 @@ def cache_read_only(gcs, monkeypatch):
     with FaultProxy(("127.0.0.1", gcs.port), rules) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
         yield proxy
+        # An upload that failed leaves google-cloud-storage's BlobWriter unclosed, and its finalizer tries the
+        # upload again when it is collected: while the proxy still answers (403 again, at once), not in a later
+        # test against its closed port (connection refused, retried for the whole GCS retry budget, 120 s).
+        gc.collect()
 
 
 @pytest.mark.engine  # it constructs VisionEngine, which the fast tier refuses (tests/conftest.py); vLLM never starts
