@@ -116,13 +116,19 @@ def json_values(text: str) -> Iterator[Any]:
     control characters inside strings (seen in 2 of 3 constrained outputs),
     which strict JSON rejects.
     """
+    for _, value in json_values_at(text):
+        yield value
+
+
+def json_values_at(text: str) -> Iterator[tuple[int, Any]]:
+    """`json_values`, each with the offset in `text` where it starts."""
     decoder = json.JSONDecoder(strict=False)
     for match in _JSON_START.finditer(text):
         try:
             value, _ = decoder.raw_decode(text, match.start())
         except (json.JSONDecodeError, RecursionError):
             continue
-        yield value
+        yield match.start(), value
 
 
 def extract_json(text: str, accept: Callable[[Any], bool] = lambda value: True) -> Any:

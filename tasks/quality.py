@@ -28,6 +28,8 @@ import json
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+from tasks.answers import json_values_at
+
 TRUNCATED, LOOPED, EMPTY, RETRIED = "truncated", "looped", "empty", "retried"
 # The flags that say an answer is degenerate: they climb the ladder, and --count_flagged_as_errors
 # counts rows still carrying one against the error budget. `retried` is not one: the retry settled it.
@@ -127,20 +129,14 @@ def object_field_spans(text: str, document: Mapping[str, Any]) -> Optional[dict[
     """Where each top-level field's value of `document` stands in `text`: {key: (start, end)} character offsets.
 
     The answer text is the model's raw output (thought channel, code fence,
-    prose around the JSON); the document is what the task read from it. Every
-    `{` is tried in order; the first JSON object there, read field by field
-    with the standard library's `raw_decode` (which returns where each value
-    ends), that equals the document gives the spans. None when no object in
-    the text is the document (it was salvaged from a cut-off list, say).
+    prose around the JSON); the document is what the task read from it. The
+    first JSON value in the text (`tasks.answers.json_values_at`, the task's
+    own reading) that equals the document is read member by member with the
+    standard library's `raw_decode`, which returns where each value ends. None
+    when no value in the text is the document (it was salvaged from a cut-off list, say).
     """
-    decoder = json.JSONDecoder(strict=False)  # strict=False as tasks.answers reads it: raw control characters in strings
-    start = text.find("{")
-    while start != -1:
-        spans = _object_spans(text, start, decoder)
-        if spans is not None and _document_of(text, spans, decoder) == dict(document):
-            return {key: span for key, span in spans}
-        start = text.find("{", start + 1)
-    return None
+    start = next((at for at, value in json_values_at(text) if value == dict(document)), None)
+    return None if start is None else _object_spans(text, start, json.JSONDecoder(strict=False))
 
 
 def _skip_space(text: str, at: int) -> int:
@@ -149,9 +145,9 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
-def _object_spans(text: str, start: int, decoder: json.JSONDecoder) -> Optional[list[tuple[str, tuple[int, int]]]]:
-    """The (key, value span) of each member of the JSON object opening at text[start] ("{"); None if it is not one."""
-    spans: list[tuple[str, tuple[int, int]]] = []
+def _object_spans(text: str, start: int, decoder: json.JSONDecoder) -> Optional[dict[str, tuple[int, int]]]:
+    """The value span of each member of the JSON object opening at text[start] ("{"); None if it is not one."""
+    spans: dict[str, tuple[int, int]] = {}
     at = _skip_space(text, start + 1)
     if text.startswith("}", at):
         return spans
@@ -163,7 +159,7 @@ def _object_spans(text: str, start: int, decoder: json.JSONDecoder) -> Optional[
                 return None
             value_start = _skip_space(text, at + 1)
             _, at = decoder.raw_decode(text, value_start)
-            spans.append((key, (value_start, at)))
+            spans[key] = (value_start, at)
             at = _skip_space(text, at)
             if text.startswith("}", at):
                 return spans
@@ -172,10 +168,6 @@ def _object_spans(text: str, start: int, decoder: json.JSONDecoder) -> Optional[
             at = _skip_space(text, at + 1)
     except (json.JSONDecodeError, RecursionError):
         return None
-
-
-def _document_of(text: str, spans: list[tuple[str, tuple[int, int]]], decoder: json.JSONDecoder) -> dict[str, Any]:
-    return {key: decoder.raw_decode(text, start)[0] for key, (start, _) in spans}
 
 
 def field_confidence(
@@ -209,5 +201,5 @@ def field_confidence(
         first = bisect.bisect_right(ends, start)  # the token holding the value's first character
         last = bisect.bisect_left(ends, end)  # ... and its last
         logprobs = [logprob for _, logprob in tokens[first: last + 1]]
-        figures.append((key, min(1.0, max(0.0, math.exp(math.fsum(logprobs) / len(logprobs))))))
+        figures.append((key, confidence(math.fsum(logprobs), len(logprobs))))
     return tuple(figures)
